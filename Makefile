@@ -1,0 +1,41 @@
+# Two commands do everything from a fresh clone: `make run` and `make test`.
+# Only python3 (3.11+) and make are assumed; uv is bootstrapped into .tools/ if missing.
+SHELL := /bin/bash
+UV_VERSION := 0.13.8
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+RUN := $(UV) run --frozen
+SRC := tokentill ingest warehouse api dashboards
+
+.PHONY: run demo test lint typecheck pytest bench sync fake-upstream
+
+.tools/bin/uv:
+	python3 -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+sync: $(if $(findstring .tools,$(UV)),.tools/bin/uv)
+	$(UV) sync --frozen --quiet
+
+run: sync  ## the service on its embedded defaults (127.0.0.1:8787, data/, api.openai.com)
+	$(RUN) tokentill serve
+
+demo: sync  ## the service in front of the fake upstream, with traffic
+	$(RUN) tokentill demo
+
+fake-upstream: sync
+	$(RUN) tokentill fake-upstream --port 8788
+
+test: lint typecheck pytest
+
+lint: sync
+	$(RUN) ruff check $(SRC) tests bench
+	$(RUN) ruff format --check $(SRC) tests bench
+
+typecheck: sync
+	$(RUN) mypy
+
+pytest: sync
+	$(RUN) pytest -q $(PYTEST_ARGS)
+
+bench: sync  ## needs wrk (Debian package), installed here if missing
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+	$(RUN) python bench/proxy.py

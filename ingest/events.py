@@ -1,0 +1,156 @@
+"""The usage event: what the proxy records about one response, and nothing about its content.
+
+An event is journaled as one JSON line and later becomes (or updates) one row of
+`usage_events`. `kind` says which: a "create" inserts the row once (replays are
+no-ops), an "update" fills in a row whose response was still pending (a background
+response that finished, an interrupted stream whose outcome was fetched later).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pyarrow as pa
+
+EventKind = Literal["create", "update"]
+
+TERMINAL_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled", "error"})
+# Statuses a later event may still change.
+PENDING_STATUSES = frozenset({"queued", "in_progress", "interrupted"})
+
+
+@dataclass(slots=True)
+class UsageEvent:
+    kind: EventKind
+    event_id: str
+    endpoint: str
+    status: str
+    created_at_us: int
+    request_started_at_us: int
+    recorded_at_us: int
+    response_id: str | None = None
+    model: str | None = None
+    requested_model: str | None = None
+    http_status: int | None = None
+    user_id: str | None = None
+    user_source: str | None = None
+    metadata: str | None = None  # JSON text, as the client sent it
+    input_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    cache_write_30m_tokens: int | None = None
+    cache_write_12h_tokens: int | None = None
+    output_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    total_tokens: int | None = None
+    web_search_calls: int | None = None
+    image_gen_input_tokens: int | None = None
+    image_gen_input_image_tokens: int | None = None
+    image_gen_cached_tokens: int | None = None
+    image_gen_output_tokens: int | None = None
+    service_tier: str | None = None
+    previous_response_id: str | None = None
+    conversation_id: str | None = None
+    background: bool = False
+    streamed: bool = False
+    client_disconnected: bool = False
+    incomplete_reason: str | None = None
+    error_type: str | None = None
+    error_code: str | None = None
+    completed_at_us: int | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    key_fingerprint: str | None = None
+
+    @property
+    def is_pending(self) -> bool:
+        return self.status in PENDING_STATUSES
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> UsageEvent:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+
+def key_fingerprint(authorization: str | None) -> str | None:
+    """A short, non-reversible tag for the API key behind a request (never the key)."""
+    if not authorization:
+        return None
+    token = authorization.removeprefix("Bearer ").removeprefix("bearer ").strip()
+    if not token:
+        return None
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+_TS = pa.timestamp("us", tz="UTC")
+
+# Journal record field -> (usage_events column, Arrow type). The writer builds its
+# Arrow batches with exactly this schema.
+COLUMNS: dict[str, tuple[str, pa.DataType]] = {
+    "event_id": ("event_id", pa.string()),
+    "response_id": ("response_id", pa.string()),
+    "endpoint": ("endpoint", pa.string()),
+    "model": ("model", pa.string()),
+    "requested_model": ("requested_model", pa.string()),
+    "status": ("status", pa.string()),
+    "http_status": ("http_status", pa.int16()),
+    "user_id": ("user_id", pa.string()),
+    "user_source": ("user_source", pa.string()),
+    "metadata": ("metadata", pa.string()),
+    "input_tokens": ("input_tokens", pa.int64()),
+    "cached_input_tokens": ("cached_input_tokens", pa.int64()),
+    "cache_write_tokens": ("cache_write_tokens", pa.int64()),
+    "cache_write_30m_tokens": ("cache_write_30m_tokens", pa.int64()),
+    "cache_write_12h_tokens": ("cache_write_12h_tokens", pa.int64()),
+    "output_tokens": ("output_tokens", pa.int64()),
+    "reasoning_tokens": ("reasoning_tokens", pa.int64()),
+    "total_tokens": ("total_tokens", pa.int64()),
+    "web_search_calls": ("web_search_calls", pa.int32()),
+    "image_gen_input_tokens": ("image_gen_input_tokens", pa.int64()),
+    "image_gen_input_image_tokens": ("image_gen_input_image_tokens", pa.int64()),
+    "image_gen_cached_tokens": ("image_gen_cached_tokens", pa.int64()),
+    "image_gen_output_tokens": ("image_gen_output_tokens", pa.int64()),
+    "service_tier": ("service_tier", pa.string()),
+    "previous_response_id": ("previous_response_id", pa.string()),
+    "conversation_id": ("conversation_id", pa.string()),
+    "background": ("background", pa.bool_()),
+    "streamed": ("streamed", pa.bool_()),
+    "client_disconnected": ("client_disconnected", pa.bool_()),
+    "incomplete_reason": ("incomplete_reason", pa.string()),
+    "error_type": ("error_type", pa.string()),
+    "error_code": ("error_code", pa.string()),
+    "created_at_us": ("created_at", _TS),
+    "completed_at_us": ("completed_at", _TS),
+    "request_started_at_us": ("request_started_at", _TS),
+    "latency_ms": ("latency_ms", pa.float64()),
+    "ttft_ms": ("ttft_ms", pa.float64()),
+    "key_fingerprint": ("key_fingerprint", pa.string()),
+    "recorded_at_us": ("recorded_at", _TS),
+}
+
+# Columns an "update" may change: the outcome, never who asked or what they tagged.
+UPDATABLE_COLUMNS = (
+    "model",
+    "status",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "cache_write_30m_tokens",
+    "cache_write_12h_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "web_search_calls",
+    "image_gen_input_tokens",
+    "image_gen_input_image_tokens",
+    "image_gen_cached_tokens",
+    "image_gen_output_tokens",
+    "service_tier",
+    "incomplete_reason",
+    "error_type",
+    "error_code",
+    "completed_at",
+)

@@ -1,0 +1,518 @@
+"""The /v1 proxy: forwards every request to the upstream and meters the ones that cost money.
+
+The hot path forwards bytes and reads usage beside them; it never touches the
+database. Metered: `POST /v1/responses`, `POST /v1/chat/completions` (creations),
+and `GET /v1/responses/{id}` / `POST /v1/responses/{id}/cancel` (outcomes of
+responses created earlier). Everything else passes through unmetered.
+
+Streams are forwarded chunk by chunk as they arrive. A finished response's event is
+journaled before the client receives the chunk that completes it (for JSON answers:
+before any of the body is sent, since a garbled answer must become a 502).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+from starlette.types import Message, Receive, Scope, Send
+
+from ingest.capture import (
+    Endpoint,
+    JSONCapture,
+    RequestFacts,
+    StreamCapture,
+    error_event,
+    finalize,
+    now_us,
+)
+from ingest.errors import send_error
+from ingest.events import EventKind, key_fingerprint
+from ingest.poller import CREDENTIAL_HEADERS
+from ingest.recorder import Recorder
+from tokentill.metrics import Metrics
+from tokentill.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus what the transport recomputes.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+    }
+)
+USER_HEADER = b"x-tokentill-user"
+_MAX_USER_ID = 256
+_RETRIEVE = re.compile(r"^/v1/responses/([A-Za-z0-9_\-]+)(/cancel)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    label: str  # metrics label
+    endpoint: Endpoint | None  # None: not metered
+    kind: EventKind = "create"
+    response_id: str | None = None
+
+
+_OTHER = Route("other", None)
+
+
+def classify(method: str, path: str) -> Route:
+    if method == "POST" and path == "/v1/responses":
+        return Route("responses", "responses")
+    if method == "POST" and path == "/v1/chat/completions":
+        return Route("chat.completions", "chat.completions")
+    match = _RETRIEVE.match(path)
+    if match:
+        cancel = bool(match[2])
+        if (method == "POST" and cancel) or (method == "GET" and not cancel):
+            label = "responses.cancel" if cancel else "responses.retrieve"
+            return Route(label, "responses", "update", match[1])
+    return _OTHER
+
+
+class RequestRejectedError(Exception):
+    """The request is refused before reaching the upstream (answered in OpenAI's shape)."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+# A hook run before forwarding a metered creation (quotas plug in here).
+Admission = Callable[[RequestFacts, dict[str, Any] | None], Awaitable[None]]
+
+
+class Proxy:
+    """ASGI app for everything under /v1."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._upstream = settings.upstream
+        self._timeout = httpx.Timeout(
+            connect=settings.upstream_connect_timeout,
+            read=settings.upstream_read_timeout,
+            write=settings.upstream_read_timeout,
+            pool=settings.upstream_connect_timeout,
+        ).as_dict()
+        # Set by the lifespan once the resources exist.
+        self.client: httpx.AsyncClient | None = None
+        self.recorder: Recorder | None = None
+        self.admission: Admission | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started_perf = time.perf_counter()
+        started_us = now_us()
+        client, recorder = self.client, self.recorder
+        route = classify(scope["method"], scope["path"])
+        if client is None or recorder is None:
+            await send_error(
+                send, 503, "tokentill is starting or stopping", "server_error", "unavailable"
+            )
+            return
+        status = 500
+        try:
+            status = await self._handle(
+                scope, receive, send, route, client, recorder, started_perf, started_us
+            )
+        finally:
+            self._metrics.requests.labels(route.label, str(status)).inc()
+            self._metrics.upstream_latency.labels(route.label).observe(
+                time.perf_counter() - started_perf
+            )
+
+    async def _handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: Route,
+        client: httpx.AsyncClient,
+        recorder: Recorder,
+        started_perf: float,
+        started_us: int,
+    ) -> int:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        facts = None
+        if route.endpoint is not None:
+            facts = RequestFacts(
+                endpoint=route.endpoint,
+                kind=route.kind,
+                started_us=started_us,
+                started_perf=started_perf,
+                response_id=route.response_id,
+            )
+        try:
+            body = await self._read_body(receive)
+            header_user = _header(headers, USER_HEADER)
+            if header_user is not None and not 0 < len(header_user) <= _MAX_USER_ID:
+                raise RequestRejectedError(
+                    400,
+                    f"X-Tokentill-User must be 1 to {_MAX_USER_ID} characters.",
+                    "invalid_tokentill_user",
+                )
+            parsed: dict[str, Any] | None = None
+            if facts is not None and facts.kind == "create":
+                facts.key_fingerprint = key_fingerprint(_header(headers, b"authorization"))
+                parsed = _parse_json_object(body)
+                body = _learn_request(facts, parsed, header_user, body)
+                if self.admission is not None:
+                    await self.admission(facts, parsed)
+        except RequestRejectedError as exc:
+            if facts is not None and facts.kind == "create":
+                recorder.record(
+                    error_event(
+                        facts,
+                        exc.status,
+                        {"error": {"type": "invalid_request_error", "code": exc.code}},
+                    )
+                )
+            await send_error(
+                send, exc.status, exc.message, "invalid_request_error", exc.code, exc.param
+            )
+            return exc.status
+
+        request = httpx.Request(
+            scope["method"],
+            self._upstream
+            + scope["raw_path"].decode("latin-1")
+            + (("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else ""),
+            headers=[
+                (k, v)
+                for k, v in headers
+                if k not in _HOP_BY_HOP and not k.startswith(b"x-tokentill-")
+            ],
+            content=body,
+            extensions={"timeout": self._timeout},
+        )
+        try:
+            upstream = await client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            return await self._upstream_failed(
+                send,
+                facts,
+                recorder,
+                504,
+                "upstream_timeout",
+                f"The upstream did not answer in time ({type(exc).__name__}).",
+            )
+        except httpx.HTTPError as exc:
+            return await self._upstream_failed(
+                send,
+                facts,
+                recorder,
+                502,
+                "upstream_unreachable",
+                f"The upstream could not be reached ({type(exc).__name__}).",
+            )
+
+        try:
+            if facts is None:
+                await self._pass_through(upstream, receive, send)
+                return upstream.status_code
+            credentials = [
+                (k.decode("latin-1"), v.decode("latin-1"))
+                for k, v in headers
+                if k.decode("latin-1") in CREDENTIAL_HEADERS
+            ]
+            content_type = upstream.headers.get("content-type", "")
+            if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
+                return await self._stream(upstream, receive, send, facts, recorder, credentials)
+            return await self._json(upstream, send, facts, recorder, credentials)
+        finally:
+            await upstream.aclose()
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        limit = self._settings.max_request_bytes
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestRejectedError(
+                    400, "The client disconnected while sending the body.", "client_disconnected"
+                )
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestRejectedError(
+                    413, f"The request body is larger than {limit} bytes.", "request_too_large"
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _upstream_failed(
+        self,
+        send: Send,
+        facts: RequestFacts | None,
+        recorder: Recorder,
+        status: int,
+        code: str,
+        message: str,
+    ) -> int:
+        log.warning("upstream failed: %s", message)
+        if facts is not None and facts.kind == "create":
+            recorder.record(
+                error_event(facts, status, {"error": {"type": "upstream_error", "code": code}})
+            )
+        await send_error(send, status, message, "upstream_error", code)
+        return status
+
+    async def _pass_through(self, upstream: httpx.Response, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": upstream.status_code,
+                "headers": _response_headers(upstream, keep_length=True),
+            }
+        )
+        async for chunk in upstream.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _json(
+        self,
+        upstream: httpx.Response,
+        send: Send,
+        facts: RequestFacts,
+        recorder: Recorder,
+        credentials: list[tuple[str, str]],
+    ) -> int:
+        """A whole (non-stream) answer: read it, journal its event, then send it."""
+        limit = self._settings.max_parsed_response_bytes
+        chunks: list[bytes] = []
+        size = 0
+        ttft: float | None = None
+        try:
+            async for chunk in upstream.aiter_raw():
+                if ttft is None:
+                    ttft = (time.perf_counter() - facts.started_perf) * 1000
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    break
+        except httpx.HTTPError as exc:
+            code = (
+                "upstream_timeout"
+                if isinstance(exc, httpx.TimeoutException)
+                else "upstream_broken_answer"
+            )
+            return await self._upstream_failed(
+                send,
+                facts,
+                recorder,
+                504 if code == "upstream_timeout" else 502,
+                code,
+                f"The upstream's answer broke off ({type(exc).__name__}).",
+            )
+        body = b"".join(chunks)
+        status = upstream.status_code
+        if size > limit:
+            # Too big to read aside: forward untouched and say so in the record.
+            await self._send_head_and(upstream, send, body, stream_rest=True)
+            if facts.kind == "create":
+                event = facts.new_event()
+                event.status, event.error_type = "interrupted", "unparsed_answer_too_large"
+                recorder.record(finalize(event, facts, status), credentials)
+            return status
+
+        capture = JSONCapture(facts, upstream.headers.get("content-encoding"))
+        obj = capture.parse(body)
+        if status >= 400:
+            if facts.kind == "create":
+                recorder.record(error_event(facts, status, obj))
+            await self._send_head_and(upstream, send, body)
+            return status
+        if obj is None:
+            # A success status with a body that is not a JSON object: not OpenAI's.
+            return await self._upstream_failed(
+                send,
+                facts,
+                recorder,
+                502,
+                "upstream_bad_answer",
+                "The upstream answered with something that is not a valid OpenAI response.",
+            )
+        outcome = capture.event(obj, status)
+        if outcome is not None:
+            outcome.ttft_ms = None if ttft is None else round(ttft, 3)
+            recorder.record(outcome, credentials)
+        await self._send_head_and(upstream, send, body)
+        return status
+
+    async def _send_head_and(
+        self, upstream: httpx.Response, send: Send, body: bytes, *, stream_rest: bool = False
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": upstream.status_code,
+                "headers": _response_headers(upstream, keep_length=True),
+            }
+        )
+        if not stream_rest:
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        async for chunk in upstream.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _stream(
+        self,
+        upstream: httpx.Response,
+        receive: Receive,
+        send: Send,
+        facts: RequestFacts,
+        recorder: Recorder,
+        credentials: list[tuple[str, str]],
+    ) -> int:
+        """An SSE answer: forward each chunk as it comes, reading it on the way."""
+        capture = StreamCapture(
+            facts, upstream.headers.get("content-encoding"), upstream.status_code
+        )
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone))
+        recorded = False
+        drain_until: float | None = None
+        await send(
+            {
+                "type": "http.response.start",
+                "status": upstream.status_code,
+                "headers": _response_headers(upstream, keep_length=not facts.strip_chat_usage),
+            }
+        )
+        try:
+            async for chunk in upstream.aiter_raw():
+                if capture.event.ttft_ms is None:
+                    capture.event.ttft_ms = round(
+                        (time.perf_counter() - facts.started_perf) * 1000, 3
+                    )
+                out = capture.feed(chunk)
+                if capture.done and not recorded:
+                    recorded = True
+                    self._record_stream(capture, recorder, credentials, client_gone=gone.is_set())
+                if gone.is_set():
+                    # The client left: keep reading (bounded) to learn what the upstream billed.
+                    if drain_until is None:
+                        drain_until = time.monotonic() + self._settings.stream_drain_timeout
+                    if recorded or time.monotonic() > drain_until:
+                        break
+                    continue
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+        except httpx.HTTPError as exc:
+            log.info("stream from upstream broke off: %s", exc)
+        finally:
+            watcher.cancel()
+            if not recorded:
+                self._record_stream(capture, recorder, credentials, client_gone=gone.is_set())
+        tail = capture.flush_tail()
+        if tail:
+            await send({"type": "http.response.body", "body": tail, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return upstream.status_code
+
+    def _record_stream(
+        self,
+        capture: StreamCapture,
+        recorder: Recorder,
+        credentials: list[tuple[str, str]],
+        *,
+        client_gone: bool,
+    ) -> None:
+        if capture.facts.kind == "update" and not capture.done:
+            return  # a retrieve that did not see the end teaches nothing
+        recorder.record(capture.finish(client_disconnected=client_gone), credentials)
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    with contextlib.suppress(Exception):
+        while True:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+                return
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _response_headers(upstream: httpx.Response, *, keep_length: bool) -> list[tuple[bytes, bytes]]:
+    return [
+        (k, v)
+        for k, v in upstream.headers.raw
+        if (k.lower() not in _HOP_BY_HOP or (keep_length and k.lower() == b"content-length"))
+    ]
+
+
+def _parse_json_object(body: bytes) -> dict[str, Any] | None:
+    if not body:
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None  # forwarded as is: the upstream will say what is wrong with it
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _learn_request(
+    facts: RequestFacts, parsed: dict[str, Any] | None, header_user: str | None, body: bytes
+) -> bytes:
+    """Note who is asking and how; return the body to forward (changed only to ask a
+    Chat Completions stream for its usage)."""
+    if header_user is not None:
+        facts.user_id, facts.user_source = header_user, "header"
+    if parsed is None:
+        return body
+    facts.requested_model = _str_or_none(parsed.get("model"))
+    facts.stream = parsed.get("stream") is True
+    facts.background = parsed.get("background") is True
+    facts.store = parsed.get("store") is not False
+    facts.previous_response_id = _str_or_none(parsed.get("previous_response_id"))
+    metadata = parsed.get("metadata")
+    if isinstance(metadata, dict) and metadata:
+        facts.metadata = orjson.dumps(metadata).decode()
+    if facts.user_id is None:
+        for source in ("user", "safety_identifier"):
+            value = _str_or_none(parsed.get(source))
+            if value:
+                facts.user_id, facts.user_source = value[:_MAX_USER_ID], source
+                break
+    if facts.endpoint == "chat.completions" and facts.stream:
+        options = parsed.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            new_options = dict(options) if isinstance(options, dict) else {}
+            new_options["include_usage"] = True
+            parsed["stream_options"] = new_options
+            facts.strip_chat_usage = True
+            return orjson.dumps(parsed)
+    return body

@@ -1,0 +1,5 @@
+import sys
+
+from tokentill.cli import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""The composition root: `create_app(settings)` wires the proxy, the journal and writer,
+the poller and the HTTP surfaces. Nothing is wired at import time.
+
+Requests under /v1 go straight to the proxy (no framework routing on the hot path);
+everything else, and the lifespan, goes to the FastAPI app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Receive, Scope, Send
+
+from ingest.journal import Journal
+from ingest.poller import Poller
+from ingest.proxy import Proxy
+from ingest.recorder import Recorder
+from tokentill.metrics import Metrics
+from tokentill.settings import Settings
+from warehouse.db import open_warehouse
+from warehouse.writer import Writer
+
+log = logging.getLogger("tokentill")
+
+
+@dataclass
+class Runtime:
+    """What the lifespan builds; reachable from routes as `request.app.state.runtime`."""
+
+    settings: Settings
+    metrics: Metrics
+    journal: Journal
+    writer: Writer
+    recorder: Recorder
+    poller: Poller
+    client: httpx.AsyncClient
+    ready: bool = False
+
+
+class Tokentill:
+    """The ASGI app: /v1 to the proxy, the rest to FastAPI."""
+
+    def __init__(
+        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.proxy = Proxy(settings, self.metrics)
+        self.runtime: Runtime | None = None
+        self._transport = transport
+        self.api = self._build_api()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path.startswith("/v1/") or path == "/v1":
+                await self.proxy(scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+    def _build_api(self) -> FastAPI:
+        api = FastAPI(
+            title="tokentill",
+            lifespan=self._lifespan,
+            docs_url=None,
+            redoc_url=None,
+            openapi_url=None,
+        )
+
+        @api.get("/healthz", include_in_schema=False)
+        async def healthz() -> Response:
+            runtime = self.runtime
+            if runtime is None or not runtime.ready:
+                return JSONResponse({"status": "starting"}, status_code=503)
+            return JSONResponse(
+                {
+                    "status": "ok",
+                    "journal_backlog": runtime.writer.backlog,
+                    "writer_lag_seconds": round(runtime.writer.lag_seconds, 3),
+                }
+            )
+
+        @api.get("/metrics", include_in_schema=False)
+        async def metrics() -> Response:
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return api
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        settings = self.settings
+        conn = open_warehouse(settings.db)
+        journal = Journal(
+            settings.journal_path,
+            segment_bytes=settings.journal_segment_bytes,
+            fsync_interval=settings.journal_fsync_interval,
+        )
+        journal.lock()
+        writer = Writer(
+            conn,
+            journal,
+            batch_max=settings.writer_batch_max,
+            flush_interval=settings.writer_flush_interval,
+        )
+        replayed = writer.recover()
+        if replayed:
+            log.info("replaying %d journaled events not yet in DuckDB", replayed)
+        journal.start(writer.submit)
+        writer.start()
+        client = httpx.AsyncClient(
+            transport=self._transport,
+            limits=httpx.Limits(
+                max_connections=settings.upstream_max_connections,
+                max_keepalive_connections=settings.upstream_max_connections,
+                keepalive_expiry=30,
+            ),
+            timeout=httpx.Timeout(
+                settings.upstream_read_timeout, connect=settings.upstream_connect_timeout
+            ),
+            follow_redirects=False,
+        )
+        recorder = Recorder(journal, self.metrics)
+        poller = Poller(
+            upstream=settings.upstream,
+            record=recorder.record,
+            max_age=settings.background_poll_max,
+            min_interval=settings.background_poll_min_interval,
+            max_interval=settings.background_poll_max_interval,
+        )
+        recorder.poller = poller
+        poller_task = asyncio.create_task(poller.run(client), name="tokentill-poller")
+        self.metrics.bind(
+            backlog=lambda: writer.backlog,
+            lag=lambda: writer.lag_seconds,
+            written=lambda: writer.stats.events_written,
+            rejected=lambda: writer.stats.rejected,
+            pending=lambda: len(poller),
+        )
+        runtime = Runtime(settings, self.metrics, journal, writer, recorder, poller, client)
+        self.runtime = runtime
+        self.proxy.client, self.proxy.recorder = client, recorder
+        runtime.ready = True
+        log.info("tokentill ready: proxy -> %s, warehouse %s", settings.upstream, settings.db)
+        try:
+            yield
+        finally:
+            runtime.ready = False
+            self.proxy.client = self.proxy.recorder = None
+            poller_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller_task
+            if len(poller):
+                log.warning(
+                    "%d responses were still pending upstream; their rows keep their last "
+                    "known status until a client retrieves them through the proxy",
+                    len(poller),
+                )
+            await client.aclose()
+            # The whole shutdown stays under 10 s: uvicorn used up to `shutdown_grace` already.
+            drained = await asyncio.to_thread(writer.stop, max(1.0, 9.0 - settings.shutdown_grace))
+            journal.close()
+            if drained:
+                conn.close()
+                log.info("writer flushed: %d events written this run", writer.stats.events_written)
+            else:
+                log.error(
+                    "writer did not drain in time; the journal will be replayed at next start"
+                )
+
+
+def create_app(
+    settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+) -> Tokentill:
+    return Tokentill(settings, transport)

@@ -1,0 +1,74 @@
+"""`tokentill`: the command line. Each subcommand builds its settings and calls one factory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from tokentill.settings import Settings
+
+
+def _settings(args: argparse.Namespace, names: Sequence[str]) -> Settings:
+    given: dict[str, Any] = {
+        n: getattr(args, n) for n in names if getattr(args, n, None) is not None
+    }
+    return Settings(**given)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tokentill.app import create_app
+    from tokentill.server import serve
+    from warehouse.db import WarehouseBusyError
+
+    settings = _settings(args, ("db", "upstream", "host", "port"))
+    try:
+        app = create_app(settings)
+        ok = serve(app, settings.host, settings.port, graceful=settings.shutdown_grace)
+    except WarehouseBusyError as exc:
+        print(f"tokentill: {exc}", file=sys.stderr)
+        return 2
+    return 0 if ok else 1
+
+
+def _cmd_fake_upstream(args: argparse.Namespace) -> int:
+    from tokentill.fakeai import run_fake_upstream
+
+    run_fake_upstream(args.host, args.port, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokentill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy, the writer and the admin surfaces")
+    serve.add_argument("--db", help="DuckDB file (env TOKENTILL_DB; default data/tokentill.duckdb)")
+    serve.add_argument("--upstream", help="OpenAI base URL (env TOKENTILL_UPSTREAM)")
+    serve.add_argument("--host", help="bind address (env TOKENTILL_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (env TOKENTILL_PORT; default 8787)")
+    serve.set_defaults(func=_cmd_serve)
+
+    fake = sub.add_parser("fake-upstream", help="run the built-in fake OpenAI API")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8788)
+    fake.add_argument("--seed", type=int, default=None)
+    fake.set_defaults(func=_cmd_fake_upstream)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        result: int = args.func(args)
+    except ValidationError as exc:
+        print(f"tokentill: bad settings:\n{exc}", file=sys.stderr)
+        return 2
+    return result

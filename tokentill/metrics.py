@@ -1,0 +1,72 @@
+"""Prometheus metrics, one registry per app so tests can build several in one process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tokentill_proxy_requests",
+            "Requests through the proxy, by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "tokentill_upstream_latency_seconds",
+            "From receiving a request to the upstream's last byte.",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.events_captured = Counter(
+            "tokentill_events_captured",
+            "Usage events journaled by the proxy, by endpoint and status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.events_written = Gauge(
+            "tokentill_events_written",
+            "Usage events committed to DuckDB since start.",
+            registry=self.registry,
+        )
+        self.journal_backlog = Gauge(
+            "tokentill_journal_backlog_events",
+            "Events in the local journal not yet committed to DuckDB.",
+            registry=self.registry,
+        )
+        self.writer_lag = Gauge(
+            "tokentill_writer_lag_seconds",
+            "Age of the oldest event waiting for DuckDB.",
+            registry=self.registry,
+        )
+        self.writer_rejected = Gauge(
+            "tokentill_writer_rejected_events",
+            "Events DuckDB refused, kept in the journal's rejected.jsonl.",
+            registry=self.registry,
+        )
+        self.pending_responses = Gauge(
+            "tokentill_pending_responses",
+            "Background or interrupted responses being polled for their outcome.",
+            registry=self.registry,
+        )
+
+    def bind(
+        self,
+        *,
+        backlog: Callable[[], float],
+        lag: Callable[[], float],
+        written: Callable[[], float],
+        rejected: Callable[[], float],
+        pending: Callable[[], float],
+    ) -> None:
+        """Read live values at scrape time instead of updating gauges on the hot path."""
+        self.journal_backlog.set_function(backlog)
+        self.writer_lag.set_function(lag)
+        self.events_written.set_function(written)
+        self.writer_rejected.set_function(rejected)
+        self.pending_responses.set_function(pending)

@@ -1,0 +1,73 @@
+"""The one typed settings object. Built once (from flags, env and defaults), checked, passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """Everything tokentill can be told. Env vars are TOKENTILL_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENTILL_", extra="forbid", frozen=True)
+
+    db: Path = Path("data/tokentill.duckdb")
+    upstream: str = "https://api.openai.com"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8787
+    admin_token: SecretStr | None = None
+
+    # The capture journal: where finished responses are appended before the client
+    # gets its last byte. Defaults to `<db>.journal/` beside the database.
+    journal_dir: Path | None = None
+    # How often the journal is fsynced (group fsync). A kill -9 loses nothing
+    # (the bytes are in the kernel); a power cut loses at most this window.
+    journal_fsync_interval: Seconds = 0.05
+    journal_segment_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
+
+    writer_batch_max: Annotated[int, Field(ge=1)] = 20_000
+    writer_flush_interval: Seconds = 0.25
+
+    upstream_connect_timeout: Seconds = 10.0
+    upstream_read_timeout: Seconds = 600.0
+    upstream_max_connections: Annotated[int, Field(ge=1)] = 512
+    # Request bodies above this are refused with 413 before reaching the upstream.
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    # Non-streamed answers are copied aside for parsing up to this size.
+    max_parsed_response_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+
+    # After a client disconnects mid-stream, keep reading the upstream this long to
+    # learn the real usage (the upstream bills what it generated, not what we forwarded).
+    stream_drain_timeout: Seconds = 120.0
+    # Background responses (and interrupted streams) are polled until terminal, with
+    # the caller's credentials held in memory only, for at most this long.
+    background_poll_max: Seconds = 6 * 3600.0
+    background_poll_min_interval: Seconds = 1.0
+    background_poll_max_interval: Seconds = 60.0
+
+    # SIGTERM: in-flight requests get this long to finish; then the journal is
+    # flushed into DuckDB. The whole shutdown stays under 10 s.
+    shutdown_grace: Annotated[int, Field(ge=1, le=8)] = 5
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_is_http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("upstream must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _admin_token_is_strong(self) -> Settings:
+        token = self.admin_token
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("admin_token must be at least 16 characters")
+        return self
+
+    @property
+    def journal_path(self) -> Path:
+        return self.journal_dir or self.db.with_name(self.db.name + ".journal")

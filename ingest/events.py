@@ -8,12 +8,11 @@ response that finished, an interrupted stream whose outcome was fetched later).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-import pyarrow as pa
+import polars as pl
 
 EventKind = Literal["create", "update"]
 
@@ -69,11 +68,6 @@ class UsageEvent:
     def is_pending(self) -> bool:
         return self.status in PENDING_STATUSES
 
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> UsageEvent:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in known})
-
 
 def key_fingerprint(authorization: str | None) -> str | None:
     """A short, non-reversible tag for the API key behind a request (never the key)."""
@@ -85,49 +79,49 @@ def key_fingerprint(authorization: str | None) -> str | None:
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
-_TS = pa.timestamp("us", tz="UTC")
+_TS = pl.Datetime("us", "UTC")
 
-# Journal record field -> (usage_events column, Arrow type). The writer builds its
-# Arrow batches with exactly this schema.
-COLUMNS: dict[str, tuple[str, pa.DataType]] = {
-    "event_id": ("event_id", pa.string()),
-    "response_id": ("response_id", pa.string()),
-    "endpoint": ("endpoint", pa.string()),
-    "model": ("model", pa.string()),
-    "requested_model": ("requested_model", pa.string()),
-    "status": ("status", pa.string()),
-    "http_status": ("http_status", pa.int16()),
-    "user_id": ("user_id", pa.string()),
-    "user_source": ("user_source", pa.string()),
-    "metadata": ("metadata", pa.string()),
-    "input_tokens": ("input_tokens", pa.int64()),
-    "cached_input_tokens": ("cached_input_tokens", pa.int64()),
-    "cache_write_tokens": ("cache_write_tokens", pa.int64()),
-    "cache_write_30m_tokens": ("cache_write_30m_tokens", pa.int64()),
-    "cache_write_12h_tokens": ("cache_write_12h_tokens", pa.int64()),
-    "output_tokens": ("output_tokens", pa.int64()),
-    "reasoning_tokens": ("reasoning_tokens", pa.int64()),
-    "total_tokens": ("total_tokens", pa.int64()),
-    "web_search_calls": ("web_search_calls", pa.int32()),
-    "image_gen_input_tokens": ("image_gen_input_tokens", pa.int64()),
-    "image_gen_input_image_tokens": ("image_gen_input_image_tokens", pa.int64()),
-    "image_gen_cached_tokens": ("image_gen_cached_tokens", pa.int64()),
-    "image_gen_output_tokens": ("image_gen_output_tokens", pa.int64()),
-    "service_tier": ("service_tier", pa.string()),
-    "previous_response_id": ("previous_response_id", pa.string()),
-    "conversation_id": ("conversation_id", pa.string()),
-    "background": ("background", pa.bool_()),
-    "streamed": ("streamed", pa.bool_()),
-    "client_disconnected": ("client_disconnected", pa.bool_()),
-    "incomplete_reason": ("incomplete_reason", pa.string()),
-    "error_type": ("error_type", pa.string()),
-    "error_code": ("error_code", pa.string()),
+# Journal record field -> (usage_events column, type). The writer reads journal lines
+# with exactly this schema (timestamps travel as integer microseconds).
+COLUMNS: dict[str, tuple[str, pl.DataType]] = {
+    "event_id": ("event_id", pl.String()),
+    "response_id": ("response_id", pl.String()),
+    "endpoint": ("endpoint", pl.String()),
+    "model": ("model", pl.String()),
+    "requested_model": ("requested_model", pl.String()),
+    "status": ("status", pl.String()),
+    "http_status": ("http_status", pl.Int16()),
+    "user_id": ("user_id", pl.String()),
+    "user_source": ("user_source", pl.String()),
+    "metadata": ("metadata", pl.String()),
+    "input_tokens": ("input_tokens", pl.Int64()),
+    "cached_input_tokens": ("cached_input_tokens", pl.Int64()),
+    "cache_write_tokens": ("cache_write_tokens", pl.Int64()),
+    "cache_write_30m_tokens": ("cache_write_30m_tokens", pl.Int64()),
+    "cache_write_12h_tokens": ("cache_write_12h_tokens", pl.Int64()),
+    "output_tokens": ("output_tokens", pl.Int64()),
+    "reasoning_tokens": ("reasoning_tokens", pl.Int64()),
+    "total_tokens": ("total_tokens", pl.Int64()),
+    "web_search_calls": ("web_search_calls", pl.Int32()),
+    "image_gen_input_tokens": ("image_gen_input_tokens", pl.Int64()),
+    "image_gen_input_image_tokens": ("image_gen_input_image_tokens", pl.Int64()),
+    "image_gen_cached_tokens": ("image_gen_cached_tokens", pl.Int64()),
+    "image_gen_output_tokens": ("image_gen_output_tokens", pl.Int64()),
+    "service_tier": ("service_tier", pl.String()),
+    "previous_response_id": ("previous_response_id", pl.String()),
+    "conversation_id": ("conversation_id", pl.String()),
+    "background": ("background", pl.Boolean()),
+    "streamed": ("streamed", pl.Boolean()),
+    "client_disconnected": ("client_disconnected", pl.Boolean()),
+    "incomplete_reason": ("incomplete_reason", pl.String()),
+    "error_type": ("error_type", pl.String()),
+    "error_code": ("error_code", pl.String()),
     "created_at_us": ("created_at", _TS),
     "completed_at_us": ("completed_at", _TS),
     "request_started_at_us": ("request_started_at", _TS),
-    "latency_ms": ("latency_ms", pa.float64()),
-    "ttft_ms": ("ttft_ms", pa.float64()),
-    "key_fingerprint": ("key_fingerprint", pa.string()),
+    "latency_ms": ("latency_ms", pl.Float64()),
+    "ttft_ms": ("ttft_ms", pl.Float64()),
+    "key_fingerprint": ("key_fingerprint", pl.String()),
     "recorded_at_us": ("recorded_at", _TS),
 }
 

@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import orjson
 
@@ -39,7 +39,7 @@ class JournalLockedError(RuntimeError):
     """Another process is writing this journal."""
 
 
-Sink = Callable[[Position, UsageEvent], None]
+Sink = Callable[[Position, bytes], None]
 
 
 class Journal:
@@ -77,9 +77,9 @@ class Journal:
     def segments(self) -> list[int]:
         return sorted(int(e.stem) for e in self.directory.glob("*.jsonl") if e.stem.isdigit())
 
-    def replay(self, after: Position) -> Iterator[tuple[Position, dict[str, Any]]]:
-        """Every complete record past `after`, in order. A line that does not parse
-        (a torn write after a power cut) is counted, logged and skipped."""
+    def replay(self, after: Position) -> Iterator[tuple[Position, bytes]]:
+        """Every complete line past `after`, in order. A torn last line (a power cut
+        mid-write) is counted, logged and skipped; the writer vets the rest."""
         for segment in self.segments():
             if segment < after.segment:
                 continue
@@ -93,13 +93,7 @@ class Journal:
                         self.corrupt_lines += 1
                         log.warning("journal %s: torn last line skipped", segment)
                         break
-                    try:
-                        record = orjson.loads(line)
-                    except orjson.JSONDecodeError:
-                        self.corrupt_lines += 1
-                        log.error("journal %s@%s: unreadable line skipped", segment, offset)
-                        continue
-                    yield Position(segment, offset), record
+                    yield Position(segment, offset), line
 
     def start(self, sink: Sink) -> None:
         """Open a fresh segment for appends; every append is handed to `sink`."""
@@ -142,7 +136,7 @@ class Journal:
             if self._offset >= self._segment_bytes:
                 self._rotate()
         if self._sink is not None:
-            self._sink(position, event)
+            self._sink(position, line)
         return position
 
     # -- housekeeping --------------------------------------------------------------

@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
 import orjson
 
 from ingest.capture import JSONCapture, RequestFacts, now_us
 from ingest.events import UsageEvent
+from ingest.upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Poller:
     def forget(self, response_id: str) -> None:
         self._pending.pop(response_id, None)
 
-    async def run(self, client: httpx.AsyncClient) -> None:
+    async def run(self, client: Upstream) -> None:
         while True:
             due = self._due()
             for pending in due:
@@ -102,23 +102,27 @@ class Poller:
         soonest = min(p.next_poll_at for p in self._pending.values())
         return max(0.05, soonest - time.monotonic())
 
-    async def _poll(self, client: httpx.AsyncClient, pending: Pending) -> None:
+    async def _poll(self, client: Upstream, pending: Pending) -> None:
         url = f"{self._upstream}/v1/responses/{pending.response_id}"
         try:
-            answer = await client.get(url, headers=pending.credentials)
-        except httpx.HTTPError as exc:
+            answer = await client.send("GET", url, pending.credentials, None)
+            try:
+                status, content = answer.status, await answer.read()
+            finally:
+                answer.close()
+        except UpstreamError as exc:
             log.info("polling %s failed: %s", pending.response_id, exc)
             self._backoff(pending)
             return
-        if answer.status_code == 404:
+        if status == 404:
             # Not stored upstream (store: false) or deleted: nothing more to learn.
             self._pending.pop(pending.response_id, None)
             return
-        if answer.status_code != 200:
+        if status != 200:
             self._backoff(pending)
             return
         try:
-            obj = orjson.loads(answer.content)
+            obj = orjson.loads(content)
         except orjson.JSONDecodeError:
             self._backoff(pending)
             return

@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
@@ -38,6 +37,7 @@ from ingest.errors import send_error
 from ingest.events import EventKind, key_fingerprint
 from ingest.poller import CREDENTIAL_HEADERS
 from ingest.recorder import Recorder
+from ingest.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 from tokentill.metrics import Metrics
 from tokentill.settings import Settings
 
@@ -108,14 +108,8 @@ class Proxy:
         self._settings = settings
         self._metrics = metrics
         self._upstream = settings.upstream
-        self._timeout = httpx.Timeout(
-            connect=settings.upstream_connect_timeout,
-            read=settings.upstream_read_timeout,
-            write=settings.upstream_read_timeout,
-            pool=settings.upstream_connect_timeout,
-        ).as_dict()
         # Set by the lifespan once the resources exist.
-        self.client: httpx.AsyncClient | None = None
+        self.client: Upstream | None = None
         self.recorder: Recorder | None = None
         self.admission: Admission | None = None
 
@@ -146,7 +140,7 @@ class Proxy:
         receive: Receive,
         send: Send,
         route: Route,
-        client: httpx.AsyncClient,
+        client: Upstream,
         recorder: Recorder,
         started_perf: float,
         started_us: int,
@@ -191,55 +185,43 @@ class Proxy:
             )
             return exc.status
 
-        request = httpx.Request(
-            scope["method"],
-            self._upstream
-            + scope["raw_path"].decode("latin-1")
-            + (("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else ""),
-            headers=[
-                (k, v)
-                for k, v in headers
-                if k not in _HOP_BY_HOP and not k.startswith(b"x-tokentill-")
-            ],
-            content=body,
-            extensions={"timeout": self._timeout},
-        )
+        url = self._upstream + scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode("latin-1")
+        forwarded = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in headers
+            if k not in _HOP_BY_HOP and not k.startswith(b"x-tokentill-")
+        ]
         try:
-            upstream = await client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
+            upstream = await client.send(scope["method"], url, forwarded, body)
+        except UpstreamError as exc:
+            timeout = isinstance(exc, UpstreamTimeout)
             return await self._upstream_failed(
                 send,
                 facts,
                 recorder,
-                504,
-                "upstream_timeout",
-                f"The upstream did not answer in time ({type(exc).__name__}).",
-            )
-        except httpx.HTTPError as exc:
-            return await self._upstream_failed(
-                send,
-                facts,
-                recorder,
-                502,
-                "upstream_unreachable",
-                f"The upstream could not be reached ({type(exc).__name__}).",
+                504 if timeout else 502,
+                "upstream_timeout" if timeout else "upstream_unreachable",
+                f"The upstream {'did not answer in time' if timeout else 'could not be reached'}"
+                f" ({exc}).",
             )
 
         try:
             if facts is None:
                 await self._pass_through(upstream, receive, send)
-                return upstream.status_code
+                return upstream.status
             credentials = [
                 (k.decode("latin-1"), v.decode("latin-1"))
                 for k, v in headers
                 if k.decode("latin-1") in CREDENTIAL_HEADERS
             ]
-            content_type = upstream.headers.get("content-type", "")
-            if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
+            content_type = upstream.header("content-type") or ""
+            if upstream.status == 200 and content_type.startswith("text/event-stream"):
                 return await self._stream(upstream, receive, send, facts, recorder, credentials)
             return await self._json(upstream, send, facts, recorder, credentials)
         finally:
-            await upstream.aclose()
+            upstream.close()
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
@@ -278,21 +260,21 @@ class Proxy:
         await send_error(send, status, message, "upstream_error", code)
         return status
 
-    async def _pass_through(self, upstream: httpx.Response, receive: Receive, send: Send) -> None:
+    async def _pass_through(self, upstream: UpstreamResponse, receive: Receive, send: Send) -> None:
         await send(
             {
                 "type": "http.response.start",
-                "status": upstream.status_code,
+                "status": upstream.status,
                 "headers": _response_headers(upstream, keep_length=True),
             }
         )
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.iter_raw():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
     async def _json(
         self,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         send: Send,
         facts: RequestFacts,
         recorder: Recorder,
@@ -304,18 +286,16 @@ class Proxy:
         size = 0
         ttft: float | None = None
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.iter_raw():
                 if ttft is None:
                     ttft = (time.perf_counter() - facts.started_perf) * 1000
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > limit:
                     break
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             code = (
-                "upstream_timeout"
-                if isinstance(exc, httpx.TimeoutException)
-                else "upstream_broken_answer"
+                "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_broken_answer"
             )
             return await self._upstream_failed(
                 send,
@@ -326,7 +306,7 @@ class Proxy:
                 f"The upstream's answer broke off ({type(exc).__name__}).",
             )
         body = b"".join(chunks)
-        status = upstream.status_code
+        status = upstream.status
         if size > limit:
             # Too big to read aside: forward untouched and say so in the record.
             await self._send_head_and(upstream, send, body, stream_rest=True)
@@ -336,7 +316,7 @@ class Proxy:
                 recorder.record(finalize(event, facts, status), credentials)
             return status
 
-        capture = JSONCapture(facts, upstream.headers.get("content-encoding"))
+        capture = JSONCapture(facts, upstream.header("content-encoding"))
         obj = capture.parse(body)
         if status >= 400:
             if facts.kind == "create":
@@ -361,12 +341,12 @@ class Proxy:
         return status
 
     async def _send_head_and(
-        self, upstream: httpx.Response, send: Send, body: bytes, *, stream_rest: bool = False
+        self, upstream: UpstreamResponse, send: Send, body: bytes, *, stream_rest: bool = False
     ) -> None:
         await send(
             {
                 "type": "http.response.start",
-                "status": upstream.status_code,
+                "status": upstream.status,
                 "headers": _response_headers(upstream, keep_length=True),
             }
         )
@@ -374,13 +354,13 @@ class Proxy:
             await send({"type": "http.response.body", "body": body})
             return
         await send({"type": "http.response.body", "body": body, "more_body": True})
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.iter_raw():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
     async def _stream(
         self,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         receive: Receive,
         send: Send,
         facts: RequestFacts,
@@ -388,9 +368,7 @@ class Proxy:
         credentials: list[tuple[str, str]],
     ) -> int:
         """An SSE answer: forward each chunk as it comes, reading it on the way."""
-        capture = StreamCapture(
-            facts, upstream.headers.get("content-encoding"), upstream.status_code
-        )
+        capture = StreamCapture(facts, upstream.header("content-encoding"), upstream.status)
         gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, gone))
         recorded = False
@@ -398,12 +376,12 @@ class Proxy:
         await send(
             {
                 "type": "http.response.start",
-                "status": upstream.status_code,
+                "status": upstream.status,
                 "headers": _response_headers(upstream, keep_length=not facts.strip_chat_usage),
             }
         )
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.iter_raw():
                 if capture.event.ttft_ms is None:
                     capture.event.ttft_ms = round(
                         (time.perf_counter() - facts.started_perf) * 1000, 3
@@ -421,7 +399,7 @@ class Proxy:
                     continue
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             log.info("stream from upstream broke off: %s", exc)
         finally:
             watcher.cancel()
@@ -431,7 +409,7 @@ class Proxy:
         if tail:
             await send({"type": "http.response.body", "body": tail, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
-        return upstream.status_code
+        return upstream.status
 
     def _record_stream(
         self,
@@ -462,10 +440,12 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
-def _response_headers(upstream: httpx.Response, *, keep_length: bool) -> list[tuple[bytes, bytes]]:
+def _response_headers(
+    upstream: UpstreamResponse, *, keep_length: bool
+) -> list[tuple[bytes, bytes]]:
     return [
         (k, v)
-        for k, v in upstream.headers.raw
+        for k, v in upstream.raw_headers
         if (k.lower() not in _HOP_BY_HOP or (keep_length and k.lower() == b"content-length"))
     ]
 

@@ -13,7 +13,6 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,6 +22,7 @@ from ingest.journal import Journal
 from ingest.poller import Poller
 from ingest.proxy import Proxy
 from ingest.recorder import Recorder
+from ingest.upstream import AiohttpUpstream, Upstream
 from tokentill.metrics import Metrics
 from tokentill.settings import Settings
 from warehouse.db import open_warehouse
@@ -41,21 +41,19 @@ class Runtime:
     writer: Writer
     recorder: Recorder
     poller: Poller
-    client: httpx.AsyncClient
+    client: Upstream
     ready: bool = False
 
 
 class Tokentill:
     """The ASGI app: /v1 to the proxy, the rest to FastAPI."""
 
-    def __init__(
-        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, upstream: Upstream | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.proxy = Proxy(settings, self.metrics)
         self.runtime: Runtime | None = None
-        self._transport = transport
+        self._upstream = upstream
         self.api = self._build_api()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,6 +78,8 @@ class Tokentill:
             runtime = self.runtime
             if runtime is None or not runtime.ready:
                 return JSONResponse({"status": "starting"}, status_code=503)
+            if runtime.writer.failed:
+                return JSONResponse({"status": "writer failing"}, status_code=503)
             return JSONResponse(
                 {
                     "status": "ok",
@@ -115,17 +115,10 @@ class Tokentill:
             log.info("replaying %d journaled events not yet in DuckDB", replayed)
         journal.start(writer.submit)
         writer.start()
-        client = httpx.AsyncClient(
-            transport=self._transport,
-            limits=httpx.Limits(
-                max_connections=settings.upstream_max_connections,
-                max_keepalive_connections=settings.upstream_max_connections,
-                keepalive_expiry=30,
-            ),
-            timeout=httpx.Timeout(
-                settings.upstream_read_timeout, connect=settings.upstream_connect_timeout
-            ),
-            follow_redirects=False,
+        client = self._upstream or AiohttpUpstream(
+            connect_timeout=settings.upstream_connect_timeout,
+            read_timeout=settings.upstream_read_timeout,
+            max_connections=settings.upstream_max_connections,
         )
         recorder = Recorder(journal, self.metrics)
         poller = Poller(
@@ -176,7 +169,6 @@ class Tokentill:
                 )
 
 
-def create_app(
-    settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
-) -> Tokentill:
-    return Tokentill(settings, transport)
+def create_app(settings: Settings, *, upstream: Upstream | None = None) -> Tokentill:
+    """Build the service. `upstream` replaces the real HTTP client (unit tests only)."""
+    return Tokentill(settings, upstream)

@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO: far too much on a proxy's hot path.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         result: int = args.func(args)
     except ValidationError as exc:

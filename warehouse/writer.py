@@ -1,32 +1,43 @@
 """The one writer: moves journaled usage events into DuckDB in batches.
 
-Fed by a queue (the journal's sink), it runs in its own thread, because DuckDB wants
-few large transactions and one writing process. Each batch is one transaction that
-inserts the new rows (idempotent on event_id: a replayed event is a no-op), applies
-updates to rows still pending, and advances the journal checkpoint. So a crash at any
-point either keeps the whole batch or replays it.
+Fed by a queue (the journal's sink hands it each appended line), it runs in its own
+thread, because DuckDB wants few large transactions and one writing process. A batch
+of journal lines is parsed by polars in one go (no row loops) and written in one
+transaction that inserts the new rows (idempotent on event_id: a replayed event is a
+no-op), applies updates to rows still pending, and advances the journal checkpoint.
+A crash at any point either keeps the whole batch or replays it.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import duckdb
-import orjson
-import pyarrow as pa
+import polars as pl
 
-from ingest.events import COLUMNS, PENDING_STATUSES, UPDATABLE_COLUMNS, UsageEvent
+from ingest.events import COLUMNS, PENDING_STATUSES, UPDATABLE_COLUMNS
 from ingest.journal import Journal, Position
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = pa.schema([(column, arrow_type) for column, arrow_type in COLUMNS.values()])
-_FIELDS = tuple(COLUMNS)
+
+def _as_read(dtype: pl.DataType) -> pl.DataType:
+    # polars' NDJSON reader takes 64-bit numbers only; narrower columns are cast after.
+    if dtype.is_integer() or isinstance(dtype, pl.Datetime):
+        return pl.Int64()
+    return dtype
+
+
+# A journal line as polars reads it (timestamps travel as integer microseconds).
+_LINE_SCHEMA: dict[str, pl.DataType] = {
+    "kind": pl.String(),
+    **{field: _as_read(dtype) for field, (_, dtype) in COLUMNS.items()},
+}
 _COLUMN_LIST = ", ".join(f'"{column}"' for column, _ in COLUMNS.values())
 _PENDING_SQL = ", ".join(f"'{status}'" for status in sorted(PENDING_STATUSES))
 
@@ -36,14 +47,13 @@ SELECT {_COLUMN_LIST}, $seq, now() FROM _new_events
 ON CONFLICT DO NOTHING
 """
 
+_SET_UPDATED = ",\n    ".join(
+    f'"{c}" = coalesce(b."{c}", u."{c}")' if c == "model" else f'"{c}" = b."{c}"'
+    for c in UPDATABLE_COLUMNS
+)
 _UPDATE_SQL = f"""
 UPDATE usage_events AS u SET
-    {
-    ", ".join(
-        f'"{c}" = coalesce(b."{c}", u."{c}")' if c == "model" else f'"{c}" = b."{c}"'
-        for c in UPDATABLE_COLUMNS
-    )
-},
+    {_SET_UPDATED},
     ingest_seq = $seq, updated_at = now()
 FROM _updates AS b
 WHERE u.event_id = b.event_id AND u.status IN ({_PENDING_SQL})
@@ -62,12 +72,18 @@ def read_checkpoint(conn: duckdb.DuckDBPyConnection) -> Position:
     return Position(int(row[0]), int(row[1])) if row else Position(0, 0)
 
 
-def to_arrow(events: Sequence[UsageEvent]) -> pa.Table:
-    columns = [[getattr(event, name) for event in events] for name in _FIELDS]
-    return pa.Table.from_arrays(
-        [pa.array(values, type=field.type) for values, field in zip(columns, _SCHEMA, strict=True)],
-        schema=_SCHEMA,
+def parse_lines(lines: list[bytes]) -> pl.DataFrame:
+    """Journal lines -> a frame shaped like `usage_events` (plus `kind`)."""
+    frame = pl.read_ndjson(io.BytesIO(b"".join(lines)), schema=_LINE_SCHEMA)
+    return frame.select(
+        "kind",
+        *(pl.col(field).cast(dtype).alias(column) for field, (column, dtype) in COLUMNS.items()),
     )
+
+
+def latest_updates(updates: pl.DataFrame) -> pl.DataFrame:
+    """One update per response: the last word wins."""
+    return updates.unique(subset="event_id", keep="last", maintain_order=True)
 
 
 @dataclass
@@ -79,8 +95,11 @@ class WriterStats:
     last_commit_at: float = 0.0
 
 
+Item = tuple[Position, bytes]
+
+
 class Writer:
-    """Owns the DuckDB connection's writes for usage events."""
+    """Owns the writes of usage events to DuckDB."""
 
     def __init__(
         self,
@@ -94,24 +113,24 @@ class Writer:
         self._journal = journal
         self._batch_max = batch_max
         self._flush_interval = flush_interval
-        self._queue: queue.SimpleQueue[tuple[Position, UsageEvent] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()  # serialises use of the connection
         self._enqueued = 0
         self._committed = 0
         self._oldest_pending: float | None = None
         self._seq = 0
         self.stats = WriterStats()
+        self.failed = False
         self.checkpoint = Position(0, 0)
 
     # -- feeding ---------------------------------------------------------------------
 
-    def submit(self, position: Position, event: UsageEvent) -> None:
-        """The journal's sink: called for every appended (or replayed) event."""
+    def submit(self, position: Position, line: bytes) -> None:
+        """The journal's sink: called for every appended (or replayed) line."""
         if self._oldest_pending is None:
             self._oldest_pending = time.monotonic()
         self._enqueued += 1
-        self._queue.put((position, event))
+        self._queue.put((position, line))
 
     @property
     def backlog(self) -> int:
@@ -131,8 +150,8 @@ class Writer:
         row = self._conn.execute("SELECT coalesce(max(ingest_seq), 0) FROM usage_events").fetchone()
         self._seq = int(row[0]) if row else 0
         replayed = 0
-        for position, record in self._journal.replay(self.checkpoint):
-            self.submit(position, UsageEvent.from_record(record))
+        for position, line in self._journal.replay(self.checkpoint):
+            self.submit(position, line)
             replayed += 1
         return replayed
 
@@ -163,7 +182,7 @@ class Writer:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch: list[tuple[Position, UsageEvent]] = []
+            batch: list[Item] = []
             try:
                 item = self._queue.get(timeout=self._flush_interval)
             except queue.Empty:
@@ -181,21 +200,33 @@ class Writer:
                     stopping = True
                     break
                 batch.append(item)
-            if batch:
-                self._write_with_retry(batch)
+            while batch:
+                try:
+                    self._write_with_retry(batch)
+                    self.failed = False
+                    batch = []
+                except Exception:
+                    # Not even a lone line could be set aside (disk full?). The events are
+                    # safe in the journal; say so loudly (healthz turns 503) and keep trying.
+                    log.critical("writer: cannot make progress; retrying", exc_info=True)
+                    self.failed = True
+                    time.sleep(1.0)
 
-    def _write_with_retry(self, batch: list[tuple[Position, UsageEvent]]) -> None:
+    def _write_with_retry(self, batch: list[Item]) -> None:
         delay = 0.05
-        for attempt in range(4):
+        for attempt in range(3):
             try:
                 self._write(batch)
                 return
-            except duckdb.Error:
+            except (Exception, pl.exceptions.PanicException):
+                # Anything at all: the batch is retried, then halved down to the bad line.
                 self.stats.failures += 1
                 log.exception("writer: batch of %d failed (attempt %d)", len(batch), attempt + 1)
+                if len(batch) > 1:
+                    break  # halve at once: a bad line fails the same way every time
                 time.sleep(delay)
                 delay *= 4
-        # The batch keeps failing: find the poison events by halving, so the good ones land.
+        # Find the poison lines by halving, so the good ones land.
         if len(batch) == 1:
             self._reject(batch[0])
             return
@@ -203,53 +234,49 @@ class Writer:
         self._write_with_retry(batch[:middle])
         self._write_with_retry(batch[middle:])
 
-    def _reject(self, item: tuple[Position, UsageEvent]) -> None:
-        """Keep an event DuckDB refuses in a side file, never drop it silently."""
-        position, event = item
+    def _reject(self, item: Item) -> None:
+        """Keep a line DuckDB refuses in a side file: never drop it silently."""
+        position, line = item
         rejected = self._journal.directory / "rejected.jsonl"
         with open(rejected, "ab") as handle:
-            handle.write(orjson.dumps(event) + b"\n")
+            handle.write(line)
         self.stats.rejected += 1
-        log.error("writer: event %s rejected, kept in %s", event.event_id, rejected)
-        with self._lock:
-            self._conn.execute(
-                _CHECKPOINT_SQL, {"segment": position.segment, "offset": position.offset}
-            )
-        self._advance([item])
+        log.error("writer: a journal line was refused; kept in %s", rejected)
+        self._conn.execute(
+            _CHECKPOINT_SQL, {"segment": position.segment, "offset": position.offset}
+        )
+        self._advance(1)
 
-    def _write(self, batch: list[tuple[Position, UsageEvent]]) -> None:
-        creates = [event for _, event in batch if event.kind == "create"]
-        updates: dict[str, UsageEvent] = {}
-        for _, event in batch:
-            if event.kind == "update":
-                updates[event.event_id] = event  # the latest word on a response wins
-        last = max(position for position, _ in batch)
-        with self._lock:
-            conn = self._conn
-            seq = self._seq + 1
-            conn.execute("BEGIN TRANSACTION")
-            try:
-                if creates:
-                    conn.register("_new_events", to_arrow(creates))
-                    conn.execute(_INSERT_SQL, {"seq": seq})
-                    conn.unregister("_new_events")
-                if updates:
-                    conn.register("_updates", to_arrow(list(updates.values())))
-                    conn.execute(_UPDATE_SQL, {"seq": seq})
-                    conn.unregister("_updates")
-                conn.execute(_CHECKPOINT_SQL, {"segment": last.segment, "offset": last.offset})
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            self._seq = seq
-        self._advance(batch)
+    def _write(self, batch: list[Item]) -> None:
+        frame = parse_lines([line for _, line in batch])
+        creates = frame.filter(pl.col("kind") == "create")
+        updates = latest_updates(frame.filter(pl.col("kind") == "update"))
+        last = batch[-1][0]
+        conn = self._conn
+        seq = self._seq + 1
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            if creates.height:
+                conn.register("_new_events", creates)
+                conn.execute(_INSERT_SQL, {"seq": seq})
+                conn.unregister("_new_events")
+            if updates.height:
+                conn.register("_updates", updates)
+                conn.execute(_UPDATE_SQL, {"seq": seq})
+                conn.unregister("_updates")
+            conn.execute(_CHECKPOINT_SQL, {"segment": last.segment, "offset": last.offset})
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._seq = seq
+        self._advance(len(batch))
         self.checkpoint = last
         self.stats.batches += 1
         self._journal.release(last)
 
-    def _advance(self, batch: list[tuple[Position, UsageEvent]]) -> None:
-        self._committed += len(batch)
-        self.stats.events_written += len(batch)
+    def _advance(self, count: int) -> None:
+        self._committed += count
+        self.stats.events_written += count
         self.stats.last_commit_at = time.time()
         self._oldest_pending = None if self._committed >= self._enqueued else time.monotonic()

@@ -371,7 +371,7 @@ class Proxy:
         capture = StreamCapture(facts, upstream.header("content-encoding"), upstream.status)
         gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, gone))
-        recorded = False
+        recorded = broken = False
         drain_until: float | None = None
         await send(
             {
@@ -401,10 +401,15 @@ class Proxy:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
         except UpstreamError as exc:
             log.info("stream from upstream broke off: %s", exc)
+            broken = True
         finally:
             watcher.cancel()
             if not recorded:
                 self._record_stream(capture, recorder, credentials, client_gone=gone.is_set())
+        if broken:
+            # Pass the cut on: ending the client's stream cleanly would tell it the
+            # answer was whole. Returning mid-response makes the server drop the connection.
+            return upstream.status
         tail = capture.flush_tail()
         if tail:
             await send({"type": "http.response.body", "body": tail, "more_body": True})

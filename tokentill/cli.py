@@ -23,10 +23,12 @@ def _settings(args: argparse.Namespace, names: Sequence[str]) -> Settings:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tokentill.app import create_app
     from tokentill.server import serve
-    from warehouse.db import WarehouseBusyError
+    from warehouse.db import WarehouseBusyError, open_warehouse
 
     settings = _settings(args, ("db", "upstream", "host", "port"))
     try:
+        # Fail before binding the port if another process holds the warehouse.
+        open_warehouse(settings.db).close()
         app = create_app(settings)
         ok = serve(app, settings.host, settings.port, graceful=settings.shutdown_grace)
     except WarehouseBusyError as exc:

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     journal_segment_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
 
     writer_batch_max: Annotated[int, Field(ge=1)] = 20_000
-    writer_flush_interval: Seconds = 0.25
+    writer_flush_interval: Seconds = 0.5
 
     upstream_connect_timeout: Seconds = 10.0
     upstream_read_timeout: Seconds = 600.0

@@ -182,24 +182,7 @@ class Writer:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch: list[Item] = []
-            try:
-                item = self._queue.get(timeout=self._flush_interval)
-            except queue.Empty:
-                continue
-            if item is None:
-                stopping = True
-            else:
-                batch.append(item)
-            while len(batch) < self._batch_max:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
+            batch, stopping = self._collect()
             while batch:
                 try:
                     self._write_with_retry(batch)
@@ -211,6 +194,27 @@ class Writer:
                     log.critical("writer: cannot make progress; retrying", exc_info=True)
                     self.failed = True
                     time.sleep(1.0)
+
+    def _collect(self) -> tuple[list[Item], bool]:
+        """Wait for a first line, then gather more for up to `flush_interval` (or until the
+        batch is full): DuckDB wants few, large transactions. Returns (batch, stopping)."""
+        batch: list[Item] = []
+        item = self._queue.get()
+        deadline = time.monotonic() + self._flush_interval
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= self._batch_max:
+                return batch, False
+            remaining = deadline - time.monotonic()
+            try:
+                item = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                return batch, False
+        return batch, True
 
     def _write_with_retry(self, batch: list[Item]) -> None:
         delay = 0.05

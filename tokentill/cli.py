@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,6 +38,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import threading
+
+    from tokentill import demo
+    from tokentill.app import create_app
+    from tokentill.server import serve
+
+    fake = demo.start_fake_upstream("127.0.0.1", args.fake_port)
+    settings = Settings(
+        db=args.db,
+        upstream=f"http://127.0.0.1:{args.fake_port}",
+        host=args.host or "127.0.0.1",
+        port=args.port or 8787,
+    )
+    base = f"http://127.0.0.1:{settings.port}"
+    stop = threading.Event()
+
+    def traffic() -> None:
+        if demo.wait_healthy(base):
+            print(f"tokentill demo: traffic flowing through {base}/v1 into {settings.db}")
+            demo.generate_traffic(base, rate=args.rate, stop=stop)
+
+    threading.Thread(target=traffic, name="demo-traffic", daemon=True).start()
+    try:
+        ok = serve(create_app(settings), settings.host, settings.port)
+    finally:
+        stop.set()
+        fake.should_exit = True
+    return 0 if ok else 1
+
+
 def _cmd_fake_upstream(args: argparse.Namespace) -> int:
     from tokentill.fakeai import run_fake_upstream
 
@@ -54,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (env TOKENTILL_HOST; default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (env TOKENTILL_PORT; default 8787)")
     serve.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser("demo", help="serve in front of the fake upstream, with traffic")
+    demo.add_argument("--db", type=Path, default=Path("data/demo.duckdb"))
+    demo.add_argument("--host", default=None)
+    demo.add_argument("--port", type=int, default=None)
+    demo.add_argument("--fake-port", type=int, default=8788)
+    demo.add_argument("--rate", type=float, default=20.0, help="calls per second")
+    demo.set_defaults(func=_cmd_demo)
 
     fake = sub.add_parser("fake-upstream", help="run the built-in fake OpenAI API")
     fake.add_argument("--host", default="127.0.0.1")

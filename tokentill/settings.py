@@ -14,7 +14,9 @@ Seconds = Annotated[float, Field(gt=0)]
 class Settings(BaseSettings):
     """Everything tokentill can be told. Env vars are TOKENTILL_<NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="TOKENTILL_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENTILL_", extra="forbid", frozen=True, env_ignore_empty=True
+    )
 
     db: Path = Path("data/tokentill.duckdb")
     upstream: str = "https://api.openai.com"

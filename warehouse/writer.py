@@ -274,10 +274,10 @@ class Writer:
             conn.execute("ROLLBACK")
             raise
         self._seq = seq
-        self._advance(len(batch))
         self.checkpoint = last
         self.stats.batches += 1
         self._journal.release(last)
+        self._advance(len(batch))
 
     def _advance(self, count: int) -> None:
         self._committed += count

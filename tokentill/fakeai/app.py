@@ -1,0 +1,457 @@
+"""The fake upstream's HTTP surface: OpenAI's routes plus ``/_fake/ledger``.
+
+Routes: ``POST /v1/responses``, ``GET /v1/responses/{id}`` (``?stream=true`` replays a
+background response's events after ``starting_after``), ``POST
+/v1/responses/{id}/cancel``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET``/``DELETE /_fake/ledger``; anything else is OpenAI's 404. See
+`tokentill.fakeai.scenarios` for the ``x-fake-*`` control headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final
+
+import orjson
+from openai.types.model import Model
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tokentill.fakeai import errors, ids
+from tokentill.fakeai.catalog import listed_models
+from tokentill.fakeai.chat_builder import ChatDraft, ChatOutcome, draft_chat
+from tokentill.fakeai.ledger import Ledger, LedgerEntry, usage_columns
+from tokentill.fakeai.request import Endpoint, RequestInfo, parse_body, read_request
+from tokentill.fakeai.response_builder import (
+    IncompleteReason,
+    Outcome,
+    ResponseDraft,
+    draft_response,
+)
+from tokentill.fakeai.scenarios import Controls, Scenario, read_controls
+from tokentill.fakeai.sdk import dump
+from tokentill.fakeai.sse import (
+    DONE_FRAME,
+    EventStream,
+    TruncatedBody,
+    data_frame,
+    event_frame,
+)
+from tokentill.fakeai.store import BackgroundJob, ResponseStore
+from tokentill.fakeai.usage import UsagePlan, UsageSynth, plan_usage
+
+RESPONSES_PATH: Final = "/v1/responses"
+CHAT_PATH: Final = "/v1/chat/completions"
+GZIP_MINIMUM_BYTES: Final = 1024
+GARBAGE_BODY: Final = (
+    b"upstream connect error or disconnect/reset before headers. "
+    b"reset reason: connection termination"
+)
+_ALL_METHODS: Final = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+_STATIC_HEADERS: Final = {
+    "openai-version": "2020-10-01",
+    "openai-organization": "org-fakeupstream",
+    "openai-project": "proj_fakeupstream",
+    "x-ratelimit-limit-requests": "10000",
+    "x-ratelimit-limit-tokens": "30000000",
+    "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-remaining-tokens": "29999000",
+    "x-ratelimit-reset-requests": "6ms",
+    "x-ratelimit-reset-tokens": "2ms",
+}
+_RESPONSE_FORCED: Final[dict[Scenario, tuple[Outcome, IncompleteReason | None]]] = {
+    Scenario.INCOMPLETE: ("incomplete", "max_output_tokens"),
+    Scenario.CONTENT_FILTER: ("incomplete", "content_filter"),
+    Scenario.FAILED: ("failed", None),
+}
+_CHAT_FORCED: Final[dict[Scenario, ChatOutcome]] = {
+    Scenario.INCOMPLETE: "length",
+    Scenario.CONTENT_FILTER: "content_filter",
+    Scenario.FAILED: "failed",
+}
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _headers(request_id: str, started: float) -> dict[str, str]:
+    elapsed_ms = int((time.perf_counter() - started) * 1000)
+    return {**_STATIC_HEADERS, "x-request-id": request_id, "openai-processing-ms": str(elapsed_ms)}
+
+
+def _json(body: bytes, headers: dict[str, str], status: int = 200) -> Response:
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def _error_response(error: errors.OpenAIError) -> Response:
+    headers = {**_STATIC_HEADERS, "x-request-id": ids.request_id(), **error.headers}
+    return _json(error.body(), headers, error.status)
+
+
+def _openai_errors(handler: Handler) -> Handler:
+    """Render an `OpenAIError` raised by `handler` in OpenAI's shape."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except errors.OpenAIError as error:
+            return _error_response(error)
+
+    return wrapped
+
+
+def _api_key(request: Request) -> str:
+    """The bearer key, or OpenAI's 401: none given, or one starting with ``sk-bad``."""
+    authorization = request.headers.get("authorization", "")
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise errors.no_api_key()
+    if key.startswith("sk-bad"):
+        raise errors.invalid_api_key(key)
+    return key
+
+
+class FakeUpstream:
+    """State shared by the routes: usage source, stored responses and the ledger."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.synth = UsageSynth(seed)
+        self.ledger = Ledger()
+        self.store = ResponseStore()
+        self.models_body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    Model.construct(
+                        id=name, object="model", created=created, owned_by="system"
+                    ).model_dump(exclude_unset=True)
+                    for name, created in listed_models()
+                ],
+            }
+        )
+
+    # -- shared request handling ------------------------------------------------------
+
+    async def _accept(
+        self, request: Request, endpoint: Endpoint
+    ) -> tuple[str, Controls, RequestInfo, bytes]:
+        """Authenticate, read the control headers, parse and validate; raise the HTTP
+        errors a scenario asks for."""
+        key = _api_key(request)
+        controls = read_controls(request.headers)
+        if controls.scenario is Scenario.HTTP_401:
+            raise errors.invalid_api_key(key)
+        raw = await request.body()
+        info = read_request(parse_body(raw), endpoint)
+        if controls.scenario is Scenario.HTTP_429:
+            raise errors.rate_limited(info.model, info.input_chars // 4 + 1)
+        if controls.scenario is Scenario.HTTP_500:
+            raise errors.server_error()
+        return key, controls, info, raw
+
+    def _record(
+        self,
+        *,
+        info: RequestInfo,
+        key: str,
+        object_id: str,
+        model: str,
+        status: str,
+        plan: UsagePlan | None,
+        created_at: int,
+        incomplete_reason: str | None,
+        error_code: str | None,
+        delivered: bool,
+    ) -> None:
+        self.ledger.record(
+            LedgerEntry(
+                id=object_id,
+                endpoint=RESPONSES_PATH if info.endpoint == "responses" else CHAT_PATH,
+                model=model,
+                requested_model=info.model,
+                status=status,
+                incomplete_reason=incomplete_reason,
+                error_code=error_code,
+                **usage_columns(plan),
+                service_tier=info.service_tier,
+                user=info.user,
+                safety_identifier=info.safety_identifier,
+                created_at=created_at,
+                completed_at=int(time.time()),
+                key_fingerprint=ids.key_fingerprint(key),
+                streamed=info.stream,
+                background=info.background,
+                delivered=delivered,
+            )
+        )
+
+    def _record_response(
+        self, draft: ResponseDraft, key: str, *, status: str | None = None, delivered: bool = True
+    ) -> None:
+        status = status or draft.outcome
+        self._record(
+            info=draft.info,
+            key=key,
+            object_id=draft.id,
+            model=draft.model,
+            status=status,
+            plan=draft.billed_plan if status != "cancelled" else None,
+            created_at=draft.created_at,
+            incomplete_reason=draft.incomplete_reason if status == "incomplete" else None,
+            error_code="server_error" if status == "failed" else None,
+            delivered=delivered,
+        )
+
+    def _record_chat(self, draft: ChatDraft, key: str, *, delivered: bool = True) -> None:
+        self._record(
+            info=draft.info,
+            key=key,
+            object_id=draft.id,
+            model=draft.model,
+            status=draft.status,
+            plan=draft.billed_plan,
+            created_at=draft.created,
+            incomplete_reason=draft.incomplete_reason,
+            error_code="server_error" if draft.outcome == "failed" else None,
+            delivered=delivered,
+        )
+
+    # -- Responses API ----------------------------------------------------------------
+
+    async def create_response(self, request: Request) -> Response:
+        started = time.perf_counter()
+        key, controls, info, raw = await self._accept(request, "responses")
+        rng = self.synth.rng_for(raw)
+        plan = plan_usage(info, rng)
+        forced, reason = _RESPONSE_FORCED.get(controls.scenario, (None, None))
+        draft = draft_response(
+            info, plan, rng, created_at=int(time.time()), forced=forced, forced_reason=reason
+        )
+        headers = _headers(draft.request_id, started)
+        scenario = controls.scenario
+        if scenario is Scenario.GARBAGE:
+            self._record_response(draft, key, delivered=False)
+            return _json(GARBAGE_BODY, headers)
+        cut = scenario is Scenario.CUT
+        if controls.initial_delay_s and not info.stream:
+            await asyncio.sleep(controls.initial_delay_s)
+        if info.background:
+            return self._start_background(draft, key, controls, headers)
+        if info.stream:
+
+            def finished() -> None:
+                self._record_response(draft, key, delivered=not cut)
+                if info.store:
+                    self.store.put(draft.id, dump(draft.final()))
+
+            if info.store:
+                self.store.put(draft.id, dump(draft.pending("in_progress")))
+            return self._stream(_response_frames(draft), controls, headers, finished)
+        body = dump(draft.final())
+        self._record_response(draft, key, delivered=not cut)
+        if info.store:
+            self.store.put(draft.id, body)
+        if cut:
+            return TruncatedBody(body, headers=headers)
+        return _json(body, headers)
+
+    def _start_background(
+        self, draft: ResponseDraft, key: str, controls: Controls, headers: dict[str, str]
+    ) -> Response:
+        def settled(job: BackgroundJob) -> None:
+            self._record_response(draft, key, status=job.status)
+
+        job = BackgroundJob(draft, on_terminal=settled)
+        self.store.put(draft.id, job)
+        job.start(controls.background_delay_s)
+        if draft.info.stream:
+            return self._stream(_response_frames(draft), controls, headers, job.finish)
+        return _json(job.body, headers)
+
+    @staticmethod
+    def _stream(
+        frames: Iterator[bytes],
+        controls: Controls,
+        headers: dict[str, str],
+        finished: Callable[[], None],
+    ) -> EventStream:
+        cut_after = None
+        if controls.scenario is Scenario.CUT:
+            materialised = list(frames)
+            cut_after = max(1, len(materialised) // 2)
+            frames = iter(materialised)
+        return EventStream(
+            frames,
+            headers=headers,
+            delay_s=controls.event_delay_s,
+            initial_delay_s=controls.initial_delay_s,
+            cut_after=cut_after,
+            on_finish=finished,
+        )
+
+    async def get_response(self, request: Request) -> Response:
+        started = time.perf_counter()
+        _api_key(request)
+        response_id = request.path_params["response_id"]
+        item = self.store.get(response_id)
+        if item is None:
+            raise errors.response_not_found(response_id)
+        headers = _headers(ids.request_id(), started)
+        if isinstance(item, bytes):
+            return _json(item, headers)
+        if request.query_params.get("stream") == "true":
+            return await self._replay(item, request, headers)
+        return _json(item.body, headers)
+
+    async def _replay(
+        self, job: BackgroundJob, request: Request, headers: dict[str, str]
+    ) -> Response:
+        """Stream a background response's events after ``starting_after`` (once it ends)."""
+        raw_after = request.query_params.get("starting_after", "-1")
+        try:
+            after = int(raw_after)
+        except ValueError:
+            raise errors.invalid_type("starting_after", "an integer", "a string") from None
+        await job.done.wait()
+        if job.status == "cancelled":
+            return _json(job.body, headers)
+        frames = (
+            event_frame(getattr(event, "type", ""), dump(event))
+            for event in job.draft.events()
+            if getattr(event, "sequence_number", -1) > after
+        )
+        return EventStream(frames, headers=headers)
+
+    async def cancel_response(self, request: Request) -> Response:
+        """Cancel a background response that has not finished: it turns ``cancelled`` with
+        no output and ``usage: null`` (what OpenAI reports), and the ledger bills nothing.
+        Cancelling a finished one returns it unchanged, as OpenAI does (idempotent); a
+        non-background response cannot be cancelled (400)."""
+        started = time.perf_counter()
+        _api_key(request)
+        response_id = request.path_params["response_id"]
+        item = self.store.get(response_id)
+        if item is None:
+            raise errors.response_not_found(response_id)
+        if isinstance(item, bytes):
+            raise errors.not_cancellable()
+        item.cancel()
+        return _json(item.body, _headers(ids.request_id(), started))
+
+    # -- Chat Completions ---------------------------------------------------------------
+
+    async def create_chat_completion(self, request: Request) -> Response:
+        started = time.perf_counter()
+        key, controls, info, raw = await self._accept(request, "chat")
+        rng = self.synth.rng_for(raw)
+        plan = plan_usage(info, rng)
+        draft = draft_chat(
+            info, plan, rng, created=int(time.time()), forced=_CHAT_FORCED.get(controls.scenario)
+        )
+        headers = _headers(ids.request_id(), started)
+        scenario = controls.scenario
+        if scenario is Scenario.GARBAGE:
+            self._record_chat(draft, key, delivered=False)
+            return _json(GARBAGE_BODY, headers)
+        cut = scenario is Scenario.CUT
+        if info.stream:
+            return self._stream(
+                _chat_frames(draft),
+                controls,
+                headers,
+                lambda: self._record_chat(draft, key, delivered=not cut),
+            )
+        if controls.initial_delay_s:
+            await asyncio.sleep(controls.initial_delay_s)
+        if draft.outcome == "failed":
+            self._record_chat(draft, key)
+            raise errors.server_error()
+        body = dump(draft.completion())
+        self._record_chat(draft, key, delivered=not cut)
+        if cut:
+            return TruncatedBody(body, headers=headers)
+        return _json(body, headers)
+
+    # -- the rest -----------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        started = time.perf_counter()
+        _api_key(request)
+        return _json(self.models_body, _headers(ids.request_id(), started))
+
+    async def get_ledger(self, request: Request) -> Response:
+        return _json(self.ledger.to_json(), {})
+
+    async def clear_ledger(self, request: Request) -> Response:
+        return _json(orjson.dumps({"deleted": self.ledger.clear()}), {})
+
+    async def unknown_route(self, request: Request) -> Response:
+        raise errors.unknown_url(request.method, request.url.path)
+
+
+def _response_frames(draft: ResponseDraft) -> Iterator[bytes]:
+    for event in draft.events():
+        yield event_frame(getattr(event, "type", ""), dump(event))
+
+
+def _chat_frames(draft: ChatDraft) -> Iterator[bytes]:
+    for chunk in draft.chunks():
+        yield data_frame(chunk if isinstance(chunk, bytes) else dump(chunk))
+    if draft.outcome != "failed":
+        yield DONE_FRAME
+
+
+def _warm_up(fake: FakeUpstream) -> None:
+    """Build the SDK models' serializers now rather than on the first request."""
+    rng = fake.synth.rng_for(b"")
+    responses = read_request(
+        {"model": "o4-mini", "input": "hi", "tools": [{"type": "web_search"}]}, "responses"
+    )
+    for event in draft_response(responses, plan_usage(responses, rng), rng, created_at=0).events():
+        dump(event)
+    chat = read_request(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, "chat"
+    )
+    draft = draft_chat(chat, plan_usage(chat, rng), rng, created=0)
+    dump(draft.completion())
+    list(_chat_frames(draft))
+
+
+def create_fake_app(*, seed: int | None = None) -> Starlette:
+    """A fresh fake OpenAI upstream (its own ledger and store); `seed` makes the usage
+    numbers reproducible for a given sequence of requests."""
+    fake = FakeUpstream(seed)
+    _warm_up(fake)
+    fake.synth = UsageSynth(seed)  # warm-up must not shift the seeded sequence
+    routes = [
+        Route(RESPONSES_PATH, _openai_errors(fake.create_response), methods=["POST"]),
+        Route(
+            RESPONSES_PATH + "/{response_id}",
+            _openai_errors(fake.get_response),
+            methods=["GET"],
+        ),
+        Route(
+            RESPONSES_PATH + "/{response_id}/cancel",
+            _openai_errors(fake.cancel_response),
+            methods=["POST"],
+        ),
+        Route(CHAT_PATH, _openai_errors(fake.create_chat_completion), methods=["POST"]),
+        Route("/v1/models", _openai_errors(fake.list_models), methods=["GET"]),
+        Route("/_fake/ledger", fake.get_ledger, methods=["GET"]),
+        Route("/_fake/ledger", fake.clear_ledger, methods=["DELETE"]),
+        Route("/{path:path}", _openai_errors(fake.unknown_route), methods=_ALL_METHODS),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(GZipMiddleware, minimum_size=GZIP_MINIMUM_BYTES, compresslevel=1)],
+    )
+    app.state.fake = fake
+    return app

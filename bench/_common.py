@@ -187,6 +187,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """utime + stime of the process's main thread (for an asyncio server: its event loop)."""
+    fields = _stat_fields(Path(f"/proc/{pid}/task/{pid}/stat"))
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
     """Per live thread: tid -> (name, utime + stime seconds)."""
     result: dict[int, tuple[str, float]] = {}

@@ -42,6 +42,7 @@ from _common import (
     find_wrk,
     free_port,
     http_request,
+    main_thread_cpu_seconds,
     make_workdir,
     markdown_table,
     peak_rss_mb,
@@ -95,10 +96,15 @@ class Run:
     target: str  # direct | proxy
     wrk: WrkResult
     cpu_s: float  # CPU time of the server behind the URL (proxy, or the fake when direct)
+    main_cpu_s: float  # of which its main thread (the event loop)
 
     @property
     def cpu_us_per_request(self) -> float:
         return self.cpu_s / max(1, self.wrk.requests) * 1e6
+
+    @property
+    def main_cpu_us_per_request(self) -> float:
+        return self.main_cpu_s / max(1, self.wrk.requests) * 1e6
 
 
 @dataclass
@@ -137,6 +143,7 @@ class Results:
     writer_rows: int = 0
     writer_append_s: float = 0.0
     writer_total_s: float = 0.0
+    writer_tail: tuple[int, float] = (0, 0.0)  # backlog when appends ended, seconds to drain it
     tally: Tally = field(default_factory=Tally)
 
 
@@ -273,6 +280,7 @@ class Bench:
         if target == "proxy":
             self.settle()
         cpu_before = cpu_seconds(server.pid)
+        main_before = main_thread_cpu_seconds(server.pid)
         self.last_target = target
         result = run_wrk(
             self.url(target),
@@ -285,7 +293,13 @@ class Bench:
             self.settle()
         else:
             time.sleep(0.1)
-        run = Run(mode, target, result, cpu_seconds(server.pid) - cpu_before)
+        run = Run(
+            mode,
+            target,
+            result,
+            cpu_seconds(server.pid) - cpu_before,
+            main_thread_cpu_seconds(server.pid) - main_before,
+        )
         self.quiesce()
         if target == "proxy":
             self.results.tally.add_wrk(run)
@@ -334,16 +348,17 @@ class Bench:
         runs = [results.runs.get((m, "proxy", 16)) for m in MODES]
         rps = sum(r.wrk.rps for r in runs if r) / max(1, sum(1 for r in runs if r)) or 500.0
         done = 0
+        trail: list[str] = []
         for goal in sorted({min(RSS_FIRST, self.args.rss_requests), self.args.rss_requests}):
             while done < goal:
-                seconds = min(30.0, max(1.0, (goal - done) / rps * 1.02))
-                run = self.wrk("mixed", "proxy", 16, seconds)
+                # Short first chunks calibrate the rate; wrk runs whole seconds.
+                seconds = min(30.0, max(1.0, (goal - done) / rps), 3.0 if not trail else 30.0)
+                run = self.wrk("mixed", "proxy", 16, int(seconds))
                 done += run.wrk.requests
                 rps = max(run.wrk.rps, 1.0)
+                trail.append(f"{done / 1000:.1f}k: {rss_mb(self.till.pid):.1f}")
             results.rss_points.append((done, rss_mb(self.till.pid)))
-            print(
-                f"  RSS after {done:,} mixed proxied requests: {results.rss_points[-1][1]:.1f} MB"
-            )
+        print(f"  RSS (MB) after k mixed proxied requests, 16 connections: {', '.join(trail)}")
 
     def check_rows(self) -> None:
         import duckdb
@@ -441,6 +456,7 @@ def writer_benchmark(results: Results, workdir: Path, n: int) -> None:
             event.user_id = users[i % USERS]
             journal.append(event)
         appended = time.perf_counter()
+        backlog = writer.backlog
         if not writer.flush(timeout=600):
             raise BenchError(f"writer benchmark: {writer.backlog} events not committed in 600s")
         finished = time.perf_counter()
@@ -453,6 +469,7 @@ def writer_benchmark(results: Results, workdir: Path, n: int) -> None:
     results.writer_rows = int(row[0]) if row else 0
     results.writer_append_s = appended - started
     results.writer_total_s = finished - started
+    results.writer_tail = (backlog, finished - appended)
 
 
 # -- reporting -------------------------------------------------------------------------------
@@ -466,7 +483,8 @@ def print_run(run: Run) -> None:
     print(
         f"  {run.mode:6} {run.target:6} c={w.connections:<3} {w.rps:9,.0f} req/s  "
         f"p50 {w.p50:7.2f} ms  p99 {w.p99:7.2f} ms  "
-        f"{who} CPU {run.cpu_us_per_request:5.0f} µs/req  ({w.requests:,} requests{extra})"
+        f"{who} CPU {run.cpu_us_per_request:5.0f} µs/req "
+        f"(loop {run.main_cpu_us_per_request:4.0f})  {w.requests:,} requests{extra}"
     )
 
 
@@ -585,13 +603,15 @@ def report(bench: Bench) -> bool:
     )
 
     eps = results.writer_events / results.writer_total_s
+    tail, tail_s = results.writer_tail
     ok = eps > MIN_WRITER_EPS
     rows_ok = results.writer_rows == results.writer_events
     broken |= not rows_ok
     print(
         f"  writer: {results.writer_events:,} events journaled in {results.writer_append_s:.2f} s, "
         f"all committed after {results.writer_total_s:.2f} s: {eps:,.0f} events/s; "
-        f"rows {results.writer_rows:,} {'OK' if rows_ok else 'MISMATCH'}   "
+        f"rows {results.writer_rows:,} {'OK' if rows_ok else 'MISMATCH'}; the writer alone "
+        f"drained the last {tail:,} at {tail / max(tail_s, 1e-9):,.0f}/s   "
         f"[> {MIN_WRITER_EPS:,.0f}/s] {verdict(ok)}"
     )
     rows.append(
@@ -627,6 +647,7 @@ def report(bench: Bench) -> bool:
     broken |= not exit_ok
     print(f"  tokentill exit code after SIGTERM: {results.tokentill_exit}")
 
+    print(f"  load average at the end: {load_average()} (other processes share these cores)")
     print(f"\n== For the README (wrk -t1, {args.duration:g} s per run, {machine()}) ==\n")
     print(
         markdown_table(
@@ -634,6 +655,13 @@ def report(bench: Bench) -> bool:
         )
     )
     return not broken
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def machine() -> str:
@@ -674,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"workdir {workdir}; wrk -t1, {args.duration:g} s per run, after a {WARMUP_S:g} s warm-up"
     )
+    print(f"load average before: {load_average()}")
     bench = Bench(workdir, args)
     ok = False
     try:

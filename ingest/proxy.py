@@ -17,7 +17,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,14 @@ from ingest.errors import send_error
 from ingest.events import EventKind, key_fingerprint
 from ingest.poller import CREDENTIAL_HEADERS
 from ingest.recorder import Recorder
-from ingest.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
+from ingest.upstream import (
+    Body,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from tokentill.metrics import Metrics
 from tokentill.settings import Settings
 
@@ -155,8 +162,14 @@ class Proxy:
                 started_perf=started_perf,
                 response_id=route.response_id,
             )
+        body: Body = None
+        whole = b""
         try:
-            body = await self._read_body(receive)
+            if facts is None:
+                # Not metered: nothing to read in the body, so stream it (file uploads).
+                body = _stream_body(receive) if _has_body(headers) else None
+            else:
+                body = whole = await self._read_body(receive)
             header_user = _header(headers, USER_HEADER)
             if header_user is not None and not 0 < len(header_user) <= _MAX_USER_ID:
                 raise RequestRejectedError(
@@ -167,8 +180,8 @@ class Proxy:
             parsed: dict[str, Any] | None = None
             if facts is not None and facts.kind == "create":
                 facts.key_fingerprint = key_fingerprint(_header(headers, b"authorization"))
-                parsed = _parse_json_object(body)
-                body = _learn_request(facts, parsed, header_user, body)
+                parsed = _parse_json_object(whole)
+                body = _learn_request(facts, parsed, header_user, whole)
                 if self.admission is not None:
                     await self.admission(facts, parsed)
         except RequestRejectedError as exc:
@@ -193,6 +206,11 @@ class Proxy:
             for k, v in headers
             if k not in _HOP_BY_HOP and not k.startswith(b"x-tokentill-")
         ]
+        if body is not None and not isinstance(body, bytes):
+            # A streamed body keeps the client's length, so the upstream sees no chunking.
+            length = _header(headers, b"content-length")
+            if length is not None:
+                forwarded.append(("content-length", length))
         try:
             upstream = await client.send(scope["method"], url, forwarded, body)
         except UpstreamError as exc:
@@ -436,6 +454,25 @@ async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
             if message["type"] == "http.disconnect":
                 gone.set()
                 return
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    length = _header(headers, b"content-length")
+    return (length is not None and length != "0") or _header(
+        headers, b"transfer-encoding"
+    ) is not None
+
+
+async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise UpstreamUnreachable("the client disconnected while sending the body")
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:

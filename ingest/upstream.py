@@ -20,6 +20,8 @@ import aiohttp
 from multidict import CIMultiDict
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
+# A request body: whole, or streamed as it arrives (uploads through unmetered routes).
+Body = bytes | AsyncIterator[bytes] | None
 
 
 class UpstreamError(Exception):
@@ -50,7 +52,7 @@ class UpstreamResponse(Protocol):
 
 class Upstream(Protocol):
     async def send(
-        self, method: str, url: str, headers: Sequence[tuple[str, str]], body: bytes | None
+        self, method: str, url: str, headers: Sequence[tuple[str, str]], body: Body
     ) -> UpstreamResponse: ...
 
     async def aclose(self) -> None: ...
@@ -104,14 +106,14 @@ class AiohttpUpstream:
         )
 
     async def send(
-        self, method: str, url: str, headers: Sequence[tuple[str, str]], body: bytes | None
+        self, method: str, url: str, headers: Sequence[tuple[str, str]], body: Body
     ) -> UpstreamResponse:
         try:
             response = await self._session.request(
                 method,
                 url,
                 headers=CIMultiDict(headers),
-                data=body if body else None,
+                data=body or None,
                 allow_redirects=False,
             )
         except TimeoutError as exc:

@@ -453,3 +453,12 @@ def test_metrics_and_health(tokentill: Running) -> None:
     ):
         assert name in text, name
     assert httpx.get(tokentill.url + "/healthz").json()["status"] == "ok"
+
+
+def test_uploads_stream_through_unmetered(tokentill: Running) -> None:
+    """A file upload is streamed to the upstream whole, with no size cap of ours."""
+    content = bytes(range(256)) * (300 * 1024 // 256 * 256)  # ~77 MB of bytes, all values
+    uploaded = tokentill.client().files.create(file=("batch.jsonl", content), purpose="batch")
+    assert uploaded.bytes == len(content)
+    assert len(content) > tokentill.settings.max_request_bytes
+    assert tokentill.rows() == []

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 import orjson
+from openai.types.file_object import FileObject
 from openai.types.model import Model
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -387,6 +388,27 @@ class FakeUpstream:
         _api_key(request)
         return _json(self.models_body, _headers(ids.request_id(), started))
 
+    async def upload_file(self, request: Request) -> Response:
+        """`POST /v1/files`: reads the multipart upload and answers a `FileObject`
+        whose `bytes` is the uploaded file's size (what the proxy must pass whole)."""
+        started = time.perf_counter()
+        _api_key(request)
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise errors.missing_parameter("file")
+        content = await upload.read()
+        file = FileObject(
+            id=ids.file_id(),
+            bytes=len(content),
+            created_at=int(time.time()),
+            filename=upload.filename or "upload",
+            object="file",
+            purpose=str(form.get("purpose", "batch")),
+            status="processed",
+        )
+        return _json(file.model_dump_json().encode(), _headers(ids.request_id(), started))
+
     async def get_ledger(self, request: Request) -> Response:
         return _json(self.ledger.to_json(), {})
 
@@ -445,6 +467,7 @@ def create_fake_app(*, seed: int | None = None) -> Starlette:
         ),
         Route(CHAT_PATH, _openai_errors(fake.create_chat_completion), methods=["POST"]),
         Route("/v1/models", _openai_errors(fake.list_models), methods=["GET"]),
+        Route("/v1/files", _openai_errors(fake.upload_file), methods=["POST"]),
         Route("/_fake/ledger", fake.get_ledger, methods=["GET"]),
         Route("/_fake/ledger", fake.clear_ledger, methods=["DELETE"]),
         Route("/{path:path}", _openai_errors(fake.unknown_route), methods=_ALL_METHODS),

@@ -33,6 +33,10 @@ def image_generation_id() -> str:
     return _hex("ig_")
 
 
+def file_id() -> str:
+    return "file-" + os.urandom(11).hex()
+
+
 def request_id() -> str:
     return "req_" + os.urandom(16).hex()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import platform
 import subprocess
@@ -353,7 +354,7 @@ class Bench:
             while done < goal:
                 # Short first chunks calibrate the rate; wrk runs whole seconds.
                 seconds = min(30.0, max(1.0, (goal - done) / rps), 3.0 if not trail else 30.0)
-                run = self.wrk("mixed", "proxy", 16, int(seconds))
+                run = self.wrk("mixed", "proxy", 16, math.ceil(seconds))
                 done += run.wrk.requests
                 rps = max(run.wrk.rps, 1.0)
                 trail.append(f"{done / 1000:.1f}k: {rss_mb(self.till.pid):.1f}")
@@ -647,7 +648,6 @@ def report(bench: Bench) -> bool:
     broken |= not exit_ok
     print(f"  tokentill exit code after SIGTERM: {results.tokentill_exit}")
 
-    print(f"  load average at the end: {load_average()} (other processes share these cores)")
     print(f"\n== For the README (wrk -t1, {args.duration:g} s per run, {machine()}) ==\n")
     print(
         markdown_table(
@@ -702,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"workdir {workdir}; wrk -t1, {args.duration:g} s per run, after a {WARMUP_S:g} s warm-up"
     )
-    print(f"load average before: {load_average()}")
+    print(f"load average before: {load_average()} (anything else running skews the figures)")
     bench = Bench(workdir, args)
     ok = False
     try:

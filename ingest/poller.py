@@ -26,13 +26,13 @@ from ingest.upstream import Upstream, UpstreamError
 log = logging.getLogger(__name__)
 
 # The request headers that say who is asking; nothing else is kept.
-CREDENTIAL_HEADERS = frozenset({"authorization", "openai-organization", "openai-project"})
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"openai-organization", b"openai-project"})
 
 
 @dataclass(slots=True)
 class Pending:
     response_id: str
-    credentials: list[tuple[str, str]]
+    credentials: list[tuple[bytes, bytes]]
     give_up_at: float
     next_poll_at: float
     interval: float
@@ -60,7 +60,7 @@ class Poller:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def track(self, response_id: str, credentials: list[tuple[str, str]]) -> None:
+    def track(self, response_id: str, credentials: list[tuple[bytes, bytes]]) -> None:
         now = time.monotonic()
         self._pending[response_id] = Pending(
             response_id,

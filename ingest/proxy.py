@@ -136,10 +136,7 @@ class Proxy:
                 scope, receive, send, route, client, recorder, started_perf, started_us
             )
         finally:
-            self._metrics.requests.labels(route.label, str(status)).inc()
-            self._metrics.upstream_latency.labels(route.label).observe(
-                time.perf_counter() - started_perf
-            )
+            self._metrics.count_request(route.label, status, time.perf_counter() - started_perf)
 
     async def _handle(
         self,
@@ -202,15 +199,11 @@ class Proxy:
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
         forwarded = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in headers
-            if k not in _HOP_BY_HOP and not k.startswith(b"x-tokentill-")
+            (k, v) for k, v in headers if k not in _HOP_BY_HOP and not k.startswith(b"x-tokentill-")
         ]
         if body is not None and not isinstance(body, bytes):
             # A streamed body keeps the client's length, so the upstream sees no chunking.
-            length = _header(headers, b"content-length")
-            if length is not None:
-                forwarded.append(("content-length", length))
+            forwarded.extend((k, v) for k, v in headers if k == b"content-length")
         try:
             upstream = await client.send(scope["method"], url, forwarded, body)
         except UpstreamError as exc:
@@ -229,11 +222,7 @@ class Proxy:
             if facts is None:
                 await self._pass_through(upstream, receive, send)
                 return upstream.status
-            credentials = [
-                (k.decode("latin-1"), v.decode("latin-1"))
-                for k, v in headers
-                if k.decode("latin-1") in CREDENTIAL_HEADERS
-            ]
+            credentials = [(k, v) for k, v in headers if k in CREDENTIAL_HEADERS]
             content_type = upstream.header("content-type") or ""
             if upstream.status == 200 and content_type.startswith("text/event-stream"):
                 return await self._stream(upstream, receive, send, facts, recorder, credentials)
@@ -296,7 +285,7 @@ class Proxy:
         send: Send,
         facts: RequestFacts,
         recorder: Recorder,
-        credentials: list[tuple[str, str]],
+        credentials: list[tuple[bytes, bytes]],
     ) -> int:
         """A whole (non-stream) answer: read it, journal its event, then send it."""
         limit = self._settings.max_parsed_response_bytes
@@ -383,7 +372,7 @@ class Proxy:
         send: Send,
         facts: RequestFacts,
         recorder: Recorder,
-        credentials: list[tuple[str, str]],
+        credentials: list[tuple[bytes, bytes]],
     ) -> int:
         """An SSE answer: forward each chunk as it comes, reading it on the way."""
         capture = StreamCapture(facts, upstream.header("content-encoding"), upstream.status)
@@ -438,7 +427,7 @@ class Proxy:
         self,
         capture: StreamCapture,
         recorder: Recorder,
-        credentials: list[tuple[str, str]],
+        credentials: list[tuple[bytes, bytes]],
         *,
         client_gone: bool,
     ) -> None:

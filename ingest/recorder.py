@@ -14,10 +14,12 @@ class Recorder:
         self._metrics = metrics
         self.poller = poller
 
-    def record(self, event: UsageEvent, credentials: list[tuple[str, str]] | None = None) -> None:
+    def record(
+        self, event: UsageEvent, credentials: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         """Journal `event` (synchronously: it is in the kernel when this returns)."""
         self._journal.append(event)
-        self._metrics.events_captured.labels(event.endpoint, event.status).inc()
+        self._metrics.count_event(event.endpoint, event.status)
         poller = self.poller
         if poller is None or event.endpoint != "responses" or not event.response_id:
             return

@@ -18,11 +18,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
+from ingest.http1 import HTTP1Upstream
 from ingest.journal import Journal
 from ingest.poller import Poller
 from ingest.proxy import Proxy
 from ingest.recorder import Recorder
-from ingest.upstream import AiohttpUpstream, Upstream
+from ingest.upstream import Upstream
 from tokentill.metrics import Metrics
 from tokentill.settings import Settings
 from warehouse.db import open_warehouse
@@ -115,7 +116,8 @@ class Tokentill:
             log.info("replaying %d journaled events not yet in DuckDB", replayed)
         journal.start(writer.submit)
         writer.start()
-        client = self._upstream or AiohttpUpstream(
+        client = self._upstream or HTTP1Upstream(
+            settings.upstream,
             connect_timeout=settings.upstream_connect_timeout,
             read_timeout=settings.upstream_read_timeout,
             max_connections=settings.upstream_max_connections,

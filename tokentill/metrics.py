@@ -10,6 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._request_children: dict[tuple[str, int], Counter] = {}
+        self._latency_children: dict[str, Histogram] = {}
+        self._event_children: dict[tuple[str, str], Counter] = {}
         self.requests = Counter(
             "tokentill_proxy_requests",
             "Requests through the proxy, by endpoint and HTTP status.",
@@ -54,6 +57,26 @@ class Metrics:
             "Background or interrupted responses being polled for their outcome.",
             registry=self.registry,
         )
+
+    def count_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """Hot path: the labelled children are looked up once, not on every request
+        (prometheus_client's `labels()` takes a lock and builds a tuple each time)."""
+        key = (endpoint, status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(endpoint, str(status))
+        counter.inc()
+        histogram = self._latency_children.get(endpoint)
+        if histogram is None:
+            histogram = self._latency_children[endpoint] = self.upstream_latency.labels(endpoint)
+        histogram.observe(seconds)
+
+    def count_event(self, endpoint: str, status: str) -> None:
+        key = (endpoint, status)
+        counter = self._event_children.get(key)
+        if counter is None:
+            counter = self._event_children[key] = self.events_captured.labels(endpoint, status)
+        counter.inc()
 
     def bind(
         self,

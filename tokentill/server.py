@@ -39,6 +39,7 @@ def serve(
         log_level=log_level,
         access_log=False,
         server_header=False,
+        proxy_headers=False,  # tokentill is the first hop; X-Forwarded-* are passed on as is
         date_header=False,
         timeout_graceful_shutdown=graceful,
         lifespan="on",

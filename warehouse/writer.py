@@ -41,10 +41,17 @@ _LINE_SCHEMA: dict[str, pl.DataType] = {
 _COLUMN_LIST = ", ".join(f'"{column}"' for column, _ in COLUMNS.values())
 _PENDING_SQL = ", ".join(f"'{status}'" for status in sorted(PENDING_STATUSES))
 
+# Idempotent on event_id: a replayed event carries its original recorded_at, so looking
+# for it among rows recorded in the batch's time window finds it, and zone maps on
+# recorded_at keep that lookup off the rest of the table.
 _INSERT_SQL = f"""
 INSERT INTO usage_events ({_COLUMN_LIST}, ingest_seq, updated_at)
 SELECT {_COLUMN_LIST}, $seq, now() FROM _new_events
-ON CONFLICT DO NOTHING
+WHERE event_id NOT IN (
+    SELECT event_id FROM usage_events
+    WHERE recorded_at BETWEEN (SELECT min(recorded_at) FROM _new_events)
+                          AND (SELECT max(recorded_at) FROM _new_events)
+)
 """
 
 _SET_UPDATED = ",\n    ".join(
@@ -56,7 +63,9 @@ UPDATE usage_events AS u SET
     {_SET_UPDATED},
     ingest_seq = $seq, updated_at = now()
 FROM _updates AS b
-WHERE u.event_id = b.event_id AND u.status IN ({_PENDING_SQL})
+-- An update carries the created_at of the same response, which lets zone maps skip
+-- every row group but its own.
+WHERE u.event_id = b.event_id AND u.created_at = b.created_at AND u.status IN ({_PENDING_SQL})
 """
 
 _CHECKPOINT_SQL = """
@@ -253,7 +262,9 @@ class Writer:
 
     def _write(self, batch: list[Item]) -> None:
         frame = parse_lines([line for _, line in batch])
-        creates = frame.filter(pl.col("kind") == "create")
+        creates = frame.filter(pl.col("kind") == "create").unique(
+            subset="event_id", keep="first", maintain_order=True
+        )
         updates = latest_updates(frame.filter(pl.col("kind") == "update"))
         last = batch[-1][0]
         conn = self._conn

@@ -1,8 +1,13 @@
 -- One row per upstream response (keyed by its id), plus one row per request that
 -- got an HTTP error before any response existed (keyed by a generated id).
 -- Token columns follow the Responses API; Chat Completions map onto them.
+--
+-- event_id is unique, but deliberately not a PRIMARY KEY: DuckDB's ART index costs
+-- memory and insert time on tens of millions of rows. The writer keeps it unique by
+-- anti-joining each batch against rows recorded in the same time window (a replayed
+-- event keeps its recorded_at, and zone maps make that window cheap to scan).
 CREATE TABLE usage_events (
-    event_id               VARCHAR PRIMARY KEY,
+    event_id               VARCHAR NOT NULL,
     response_id            VARCHAR,
     endpoint               VARCHAR NOT NULL,   -- 'responses' | 'chat.completions'
     model                  VARCHAR,            -- as the upstream returned it

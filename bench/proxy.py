@@ -1,17 +1,24 @@
 """The proxy's cost: what tokentill adds in front of an OpenAI-compatible upstream.
 
-One run starts the built-in fake upstream and a tokentill in front of it (subprocesses
-on free loopback ports, a fresh DuckDB file), drives both with wrk, and reports:
+One run starts the built-in fake upstream, a tokentill in front of it and a bare forwarder
+in front of it (subprocesses on free loopback ports, a fresh DuckDB file), drives all
+three with wrk, and reports:
 
 - requests/s and p50/p99 latency, direct vs through tokentill, plain and streamed
   `POST /v1/responses`, at 1, 16 and 64 connections;
+- the same through a bare forwarder (bench/bare_forwarder.py: uvicorn and tokentill's
+  HTTP client, no metering), the floor any Python/uvicorn proxy pays on this machine:
+  tokentill's CPU per request minus the bare forwarder's is its metering overhead;
 - time to the first body byte of a stream, direct vs proxied (sequential requests);
 - tokentill's CPU time per request (utime + stime from /proc, over each proxied run);
 - its peak RSS, and whether RSS stays flat from 10,000 to `--rss-requests` requests;
-- the capture writer's throughput into DuckDB (in-process micro-benchmark);
+- the capture writer's throughput into DuckDB (in-process micro-benchmark): alone (events
+  journaled first, then the writer started and timed until all are committed), and
+  concurrently with the journaling;
 - that every proxied response became exactly one row in DuckDB.
 
-Figures are checked against targets (PASS/MISS) and summarised as a markdown table.
+Figures are checked against targets (PASS/MISS; the latency and throughput targets compare
+with direct) and summarised as markdown tables.
 A MISS does not fail the run; something broken (a server that does not start or exit
 cleanly, a captured row count that does not add up) exits 1.
 
@@ -62,6 +69,7 @@ HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench
 USERS = 100
 CONNECTIONS = (1, 16, 64)
 MODES = ("plain", "stream")
+TARGETS = ("direct", "bare", "proxy")  # the fake itself, a bare forwarder, tokentill
 WARMUP_S = 1.0
 RSS_FIRST = 10_000
 
@@ -94,9 +102,9 @@ class Run:
     """One wrk run against one target."""
 
     mode: str  # plain | stream | mixed
-    target: str  # direct | proxy
+    target: str  # direct | bare | proxy
     wrk: WrkResult
-    cpu_s: float  # CPU time of the server behind the URL (proxy, or the fake when direct)
+    cpu_s: float  # CPU time of the server behind the URL (the fake itself when direct)
     main_cpu_s: float  # of which its main thread (the event loop)
 
     @property
@@ -132,6 +140,22 @@ class Tally:
 
 
 @dataclass
+class WriterRun:
+    """One writer micro-benchmark: `events` journaled, timed until all were committed."""
+
+    events: int
+    rows: int  # in DuckDB afterwards
+    append_s: float  # journaling them all
+    commit_s: float  # the timed span: from the writer's start (alone) or the first append
+    backlog: int  # not yet committed when the appends ended
+    tail_s: float  # from the end of the appends until all were committed
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / max(self.commit_s, 1e-9)
+
+
+@dataclass
 class Results:
     runs: dict[tuple[str, str, int], Run] = field(default_factory=dict)
     ttfb_ms: dict[str, list[float]] = field(default_factory=dict)
@@ -140,11 +164,7 @@ class Results:
     peak_rss_mb: float = 0.0
     tokentill_exit: int | None = None
     rows: dict[str, int] = field(default_factory=dict)
-    writer_events: int = 0
-    writer_rows: int = 0
-    writer_append_s: float = 0.0
-    writer_total_s: float = 0.0
-    writer_tail: tuple[int, float] = (0, 0.0)  # backlog when appends ended, seconds to drain it
+    writer: dict[str, WriterRun] = field(default_factory=dict)  # "alone", "concurrent"
     tally: Tally = field(default_factory=Tally)
 
 
@@ -156,7 +176,8 @@ class Bench:
         self.args = args
         self.workdir = workdir
         self.db = workdir / "bench.duckdb"
-        fake_port, till_port = free_port(), free_port()
+        fake_port, till_port, bare_port = free_port(), free_port(), free_port()
+        self.upstream_url = f"http://{LOOPBACK}:{fake_port}"
         self.fake = Server(
             "fake upstream",
             python_module_argv(
@@ -183,6 +204,14 @@ class Bench:
             till_port,
             workdir / "tokentill.log",
         )
+        self.bare = Server(
+            "bare forwarder",
+            python_module_argv(
+                "-m", "bench.bare_forwarder", "--host", LOOPBACK, "--port", str(bare_port)
+            ),
+            bare_port,
+            workdir / "bare-forwarder.log",
+        )
         scripts = {
             "plain": [request_body(u, stream=False) for u in range(USERS)],
             "stream": [request_body(u, stream=True) for u in range(USERS)],
@@ -201,18 +230,20 @@ class Bench:
         self.fake.start(env)
         self.fake.wait_port()
         self.till.start(env)
+        self.bare.start({**env, "BARE_UPSTREAM": self.upstream_url})
         self.till.wait_http("/healthz")
+        self.bare.wait_port()
 
     def stop(self) -> None:
         self.results.tokentill_exit = self.till.stop()
+        self.bare.stop()
         self.fake.stop()
 
     def url(self, target: str) -> str:
-        port = self.till.port if target == "proxy" else self.fake.port
-        return f"http://{LOOPBACK}:{port}{PATH}"
+        return f"http://{LOOPBACK}:{self.server(target).port}{PATH}"
 
     def server(self, target: str) -> Server:
-        return self.till if target == "proxy" else self.fake
+        return {"direct": self.fake, "bare": self.bare, "proxy": self.till}[target]
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -309,14 +340,14 @@ class Bench:
     # -- phases ------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        for target in ("direct", "proxy"):
+        for target in TARGETS:
             for mode in MODES:
                 self.wrk(mode, target, 16, WARMUP_S)
 
     def matrix(self) -> None:
         for mode in MODES:
             for connections in CONNECTIONS:
-                for target in ("direct", "proxy"):
+                for target in TARGETS:
                     run = self.wrk(mode, target, connections, self.args.duration)
                     self.results.runs[mode, target, connections] = run
                     print_run(run)
@@ -403,22 +434,16 @@ def stream_ttfb(port: int, body: bytes, n: int) -> Iterator[float]:
 
 
 def writer_benchmark(results: Results, workdir: Path, n: int) -> None:
-    """Journal -> Writer -> DuckDB in this process, as `tokentill serve` wires them."""
+    """Journal -> Writer -> DuckDB in this process, as `tokentill serve` wires them, twice on
+    fresh files: the writer alone (the events journaled and queued first, then the writer
+    started and timed until all are committed), and concurrently (the writer running while
+    the events are journaled, timed from the first append until all are committed)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from ingest.events import UsageEvent, key_fingerprint
     from ingest.journal import Journal
     from warehouse.db import open_warehouse
     from warehouse.writer import Writer
-
-    directory = workdir / "writer"
-    conn = open_warehouse(directory / "writer.duckdb")
-    journal = Journal(directory / "journal", segment_bytes=64 << 20, fsync_interval=0.05)
-    journal.lock()
-    writer = Writer(conn, journal, batch_max=20_000, flush_interval=0.25)
-    writer.recover()
-    journal.start(writer.submit)
-    writer.start()
 
     now = time.time_ns() // 1000
     event = UsageEvent(
@@ -450,27 +475,54 @@ def writer_benchmark(results: Results, workdir: Path, n: int) -> None:
     )
     ids = [f"resp_bench{i:012d}" for i in range(n)]
     users = [f"bench-user-{u}" for u in range(USERS)]
-    try:
-        started = time.perf_counter()
-        for i, event_id in enumerate(ids):
-            event.event_id = event.response_id = event_id
-            event.user_id = users[i % USERS]
-            journal.append(event)
-        appended = time.perf_counter()
-        backlog = writer.backlog
-        if not writer.flush(timeout=600):
-            raise BenchError(f"writer benchmark: {writer.backlog} events not committed in 600s")
-        finished = time.perf_counter()
-    finally:
-        writer.stop()
-        journal.close()
-    row = conn.execute("SELECT count(*) FROM usage_events").fetchone()
-    conn.close()
-    results.writer_events = n
-    results.writer_rows = int(row[0]) if row else 0
-    results.writer_append_s = appended - started
-    results.writer_total_s = finished - started
-    results.writer_tail = (backlog, finished - appended)
+
+    def one(alone: bool) -> WriterRun:
+        directory = workdir / ("writer-alone" if alone else "writer-concurrent")
+        conn = open_warehouse(directory / "writer.duckdb")
+        journal = Journal(directory / "journal", segment_bytes=64 << 20, fsync_interval=0.05)
+        journal.lock()
+        writer = Writer(conn, journal, batch_max=20_000, flush_interval=0.25)
+        writer.recover()
+        journal.start(writer.submit)  # every append is queued for the writer
+        if not alone:
+            writer.start()
+        try:
+            first_append = time.perf_counter()
+            for i, event_id in enumerate(ids):
+                event.event_id = event.response_id = event_id
+                event.user_id = users[i % USERS]
+                journal.append(event)
+            appended = time.perf_counter()
+            backlog = writer.backlog
+            timed_from = first_append
+            if alone:
+                timed_from = time.perf_counter()
+                writer.start()
+            if not writer.flush(timeout=600):
+                raise BenchError(f"writer benchmark: {writer.backlog} events not committed in 600s")
+            finished = time.perf_counter()
+        finally:
+            writer.stop()
+            journal.close()
+        row = conn.execute("SELECT count(*) FROM usage_events").fetchone()
+        conn.close()
+        return WriterRun(
+            events=n,
+            rows=int(row[0]) if row else 0,
+            append_s=appended - first_append,
+            commit_s=finished - timed_from,
+            backlog=backlog,
+            tail_s=finished - appended,
+        )
+
+    for name, alone in (("alone", True), ("concurrent", False)):
+        run = one(alone)
+        results.writer[name] = run
+        print(
+            f"  {name:10} {run.events:,} events: journaled in {run.append_s:.2f} s, "
+            f"{run.events_per_s:,.0f} events/s committed ({run.commit_s:.2f} s), "
+            f"{run.rows:,} rows"
+        )
 
 
 # -- reporting -------------------------------------------------------------------------------
@@ -478,19 +530,20 @@ def writer_benchmark(results: Results, workdir: Path, n: int) -> None:
 
 def print_run(run: Run) -> None:
     w = run.wrk
-    who = "tokentill" if run.target == "proxy" else "upstream"
+    who = {"direct": "upstream", "bare": "bare fwd", "proxy": "tokentill"}[run.target]
     extra = f", non-2xx {w.non_2xx}" if w.non_2xx else ""
     extra += f", socket errors {w.socket_errors}" if w.errors else ""
     print(
         f"  {run.mode:6} {run.target:6} c={w.connections:<3} {w.rps:9,.0f} req/s  "
         f"p50 {w.p50:7.2f} ms  p99 {w.p99:7.2f} ms  "
-        f"{who} CPU {run.cpu_us_per_request:5.0f} µs/req "
+        f"{who:9} CPU {run.cpu_us_per_request:5.0f} µs/req "
         f"(loop {run.main_cpu_us_per_request:4.0f})  {w.requests:,} requests{extra}"
     )
 
 
-def cpu_per_request(results: Results, mode: str) -> float:
-    runs = [results.runs[mode, "proxy", c] for c in CONNECTIONS]
+def cpu_per_request(results: Results, mode: str, target: str = "proxy") -> float:
+    """CPU µs per request of `target`'s server over all connection counts of `mode`."""
+    runs = [results.runs[mode, target, c] for c in CONNECTIONS]
     return sum(r.cpu_s for r in runs) / max(1, sum(r.wrk.requests for r in runs)) * 1e6
 
 
@@ -548,6 +601,41 @@ def report(bench: Bench) -> bool:
                 ]
             )
 
+    bare_rows: list[list[str]] = []
+    for mode in MODES:
+        for c in CONNECTIONS:
+            b, p = results.runs[mode, "bare", c], results.runs[mode, "proxy", c]
+            overhead = p.cpu_us_per_request - b.cpu_us_per_request
+            share = p.wrk.rps / b.wrk.rps
+            add50, add99 = p.wrk.p50 - b.wrk.p50, p.wrk.p99 - b.wrk.p99
+            print(
+                f"  {mode:6} c={c:<3} vs bare forwarder ({b.wrk.rps:,.0f} req/s, "
+                f"{b.wrk.p50:.2f}/{b.wrk.p99:.2f} ms, {b.cpu_us_per_request:.0f} µs CPU/req): "
+                f"metering overhead {overhead:+.0f} µs CPU/req, throughput tokentill/bare "
+                f"{share:5.1%}, added p50 {add50:+.2f} ms, p99 {add99:+.2f} ms"
+            )
+            bare_rows.append(
+                [
+                    f"{mode}, {c} conn",
+                    f"{b.wrk.rps:,.0f} req/s, {b.wrk.p50:.2f}/{b.wrk.p99:.2f} ms, "
+                    f"{b.cpu_us_per_request:.0f} µs",
+                    f"{p.wrk.rps:,.0f} req/s, {p.wrk.p50:.2f}/{p.wrk.p99:.2f} ms, "
+                    f"{p.cpu_us_per_request:.0f} µs",
+                    f"{overhead:+.0f} µs CPU/req, {share:.0%} of bare req/s, "
+                    f"{add50:+.2f}/{add99:+.2f} ms",
+                ]
+            )
+    for mode in MODES:
+        bare_cpu, till_cpu = cpu_per_request(results, mode, "bare"), cpu_per_request(results, mode)
+        bare_rows.append(
+            [
+                f"{mode}, CPU per request (all conn)",
+                f"{bare_cpu:.0f} µs",
+                f"{till_cpu:.0f} µs",
+                f"{till_cpu - bare_cpu:+.0f} µs CPU/req",
+            ]
+        )
+
     direct, proxied = results.ttfb_ms["direct"], results.ttfb_ms["proxy"]
     t = [percentile(v, q) for v in (direct, proxied) for q in (50, 99)]
     print(
@@ -582,6 +670,13 @@ def report(bench: Bench) -> bool:
             verdict(ok),
         ]
     )
+    bare_plain = cpu_per_request(results, "plain", "bare")
+    bare_stream = cpu_per_request(results, "stream", "bare")
+    print(
+        f"  bare forwarder CPU per request (all connection counts): plain {bare_plain:.0f} µs, "
+        f"streamed {bare_stream:.0f} µs; tokentill's metering overhead over it: "
+        f"plain {cpu_plain - bare_plain:+.0f} µs, streamed {cpu_stream - bare_stream:+.0f} µs"
+    )
 
     (n1, r1), (n2, r2) = results.rss_points[0], results.rss_points[-1]
     growth = r2 - r1
@@ -603,25 +698,33 @@ def report(bench: Bench) -> bool:
         ]
     )
 
-    eps = results.writer_events / results.writer_total_s
-    tail, tail_s = results.writer_tail
-    ok = eps > MIN_WRITER_EPS
-    rows_ok = results.writer_rows == results.writer_events
+    alone, concurrent = results.writer["alone"], results.writer["concurrent"]
+    ok = alone.events_per_s > MIN_WRITER_EPS
+    rows_ok = alone.rows == alone.events and concurrent.rows == concurrent.events
     broken |= not rows_ok
     print(
-        f"  writer: {results.writer_events:,} events journaled in {results.writer_append_s:.2f} s, "
-        f"all committed after {results.writer_total_s:.2f} s: {eps:,.0f} events/s; "
-        f"rows {results.writer_rows:,} {'OK' if rows_ok else 'MISMATCH'}; the writer alone "
-        f"drained the last {tail:,} at {tail / max(tail_s, 1e-9):,.0f}/s   "
-        f"[> {MIN_WRITER_EPS:,.0f}/s] {verdict(ok)}"
+        f"  writer alone: {alone.events:,} events journaled first, then the writer started: "
+        f"all committed {alone.commit_s:.2f} s after its start: {alone.events_per_s:,.0f} "
+        f"events/s   [writer alone > {MIN_WRITER_EPS:,.0f}/s] {verdict(ok)}"
+    )
+    print(
+        f"  writer concurrent with journaling: {concurrent.events:,} events journaled in "
+        f"{concurrent.append_s:.2f} s, all committed {concurrent.commit_s:.2f} s after the "
+        f"first append: {concurrent.events_per_s:,.0f} events/s ({concurrent.backlog:,} "
+        f"still queued when the appends ended, drained in {concurrent.tail_s:.2f} s)"
+    )
+    print(
+        f"  writer rows: alone {alone.rows:,}, concurrent {concurrent.rows:,} "
+        f"{'OK' if rows_ok else 'MISMATCH'}"
     )
     rows.append(
         [
-            "writer → DuckDB (in-process)",
+            "writer → DuckDB (in-process), alone",
             "—",
-            f"{eps:,.0f} events/s",
+            f"{alone.events_per_s:,.0f} events/s "
+            f"(concurrent with journaling: {concurrent.events_per_s:,.0f})",
             "—",
-            f"> {MIN_WRITER_EPS:,.0f}/s",
+            f"writer alone > {MIN_WRITER_EPS:,.0f}/s",
             verdict(ok),
         ]
     )
@@ -652,6 +755,15 @@ def report(bench: Bench) -> bool:
     print(
         markdown_table(
             ["Case", "Direct", "Through tokentill", "Difference", "Target", "Result"], rows
+        )
+    )
+    print(
+        "\ntokentill vs a bare forwarder (bench/bare_forwarder.py: uvicorn + the same HTTP "
+        "client, no metering); req/s, p50/p99 latency, server CPU per request:\n"
+    )
+    print(
+        markdown_table(
+            ["Case", "Bare forwarder", "Through tokentill", "Metering overhead"], bare_rows
         )
     )
     return not broken
@@ -707,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         bench.start()
-        print("\n== wrk: POST /v1/responses, direct vs through tokentill ==")
+        print("\n== wrk: POST /v1/responses, direct vs a bare forwarder vs through tokentill ==")
         bench.warm_up()
         bench.matrix()
         print("\n== time to first byte, RSS ==")

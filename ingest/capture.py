@@ -184,6 +184,12 @@ class StreamCapture:
             self._read_chat_chunk(raw)
 
     def _read_responses_event(self, raw: bytes) -> None:
+        # Most events are deltas: reject them on their `event:` line without parsing.
+        if raw.startswith(b"event: "):
+            end = raw.find(b"\n")
+            name = raw[7:end].rstrip(b"\r")
+            if name not in _RESPONSE_EVENTS_WITH_OBJECT and name != b"error":
+                return
         name, data = event_fields(raw)
         if name is not None and name not in _RESPONSE_EVENTS_WITH_OBJECT and name != b"error":
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -143,6 +144,9 @@ class Tokentill:
         self.runtime = runtime
         self.proxy.client, self.proxy.recorder = client, recorder
         runtime.ready = True
+        # Everything built so far lives as long as the process: keep the cyclic GC from
+        # walking it on every collection (shorter pauses on the proxy's hot path).
+        gc.freeze()
         log.info("tokentill ready: proxy -> %s, warehouse %s", settings.upstream, settings.db)
         try:
             yield

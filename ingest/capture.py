@@ -186,9 +186,8 @@ class StreamCapture:
     def _read_responses_event(self, raw: bytes) -> None:
         # Most events are deltas: reject them on their `event:` line without parsing.
         if raw.startswith(b"event: "):
-            end = raw.find(b"\n")
-            name = raw[7:end].rstrip(b"\r")
-            if name not in _RESPONSE_EVENTS_WITH_OBJECT and name != b"error":
+            head = raw[7 : raw.find(b"\n")].rstrip(b"\r")
+            if head not in _RESPONSE_EVENTS_WITH_OBJECT and head != b"error":
                 return
         name, data = event_fields(raw)
         if name is not None and name not in _RESPONSE_EVENTS_WITH_OBJECT and name != b"error":

@@ -11,14 +11,18 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import duckdb
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
+from api import jobs
+from api.deps import AdminDep
 from ingest.http1 import HTTP1Upstream
 from ingest.journal import Journal
 from ingest.poller import Poller
@@ -28,6 +32,9 @@ from ingest.upstream import Upstream
 from tokentill.metrics import Metrics
 from tokentill.settings import Settings
 from warehouse.db import open_warehouse
+from warehouse.jobs import RollupConfig, RollupJob
+from warehouse.prices import insert_rows, load_price_file, seed_published
+from warehouse.scheduler import start_scheduler, stop_scheduler
 from warehouse.writer import Writer
 
 log = logging.getLogger("tokentill")
@@ -44,7 +51,18 @@ class Runtime:
     recorder: Recorder
     poller: Poller
     client: Upstream
+    readers: duckdb.DuckDBPyConnection
+    rollup: RollupJob
     ready: bool = False
+    _cursor_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A connection of its own for one thread's reads (or the rollup's writes): the
+        writer thread keeps the main one to itself."""
+        with self._cursor_lock:
+            cursor = self.readers.cursor()
+        cursor.execute("SET TimeZone = 'UTC'")
+        return cursor
 
 
 class Tokentill:
@@ -57,6 +75,10 @@ class Tokentill:
         self.runtime: Runtime | None = None
         self._upstream = upstream
         self.api = self._build_api()
+        self.api.state.runtime = None
+        self.api.state.admin_token = (
+            settings.admin_token.get_secret_value() if settings.admin_token else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -94,12 +116,20 @@ class Tokentill:
         async def metrics() -> Response:
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+        api.include_router(jobs.router, prefix="/api", dependencies=[AdminDep])
         return api
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         settings = self.settings
         conn = open_warehouse(settings.db)
+        seeded = seed_published(conn)
+        if seeded:
+            log.info("price catalog: %d published prices loaded", seeded)
+        if settings.prices_file is not None:
+            added = insert_rows(conn, load_price_file(settings.prices_file))
+            log.info("price catalog: %d prices from %s", added, settings.prices_file)
+        readers = conn.cursor()
         journal = Journal(
             settings.journal_path,
             segment_bytes=settings.journal_segment_bytes,
@@ -140,8 +170,18 @@ class Tokentill:
             rejected=lambda: writer.stats.rejected,
             pending=lambda: len(poller),
         )
-        runtime = Runtime(settings, self.metrics, journal, writer, recorder, poller, client)
+        rollup = RollupJob(
+            lambda: runtime.connect(),
+            RollupConfig(tag_keys=settings.rollup_tag_keys, image_model=settings.image_gen_model),
+        )
+        runtime = Runtime(
+            settings, self.metrics, journal, writer, recorder, poller, client, readers, rollup
+        )
         self.runtime = runtime
+        self.api.state.runtime = runtime
+        scheduler = start_scheduler(rollup, settings.rollup_interval)
+        if self.api.state.admin_token is None:
+            log.warning("no TOKENTILL_ADMIN_TOKEN: the admin API answers loopback clients only")
         self.proxy.client, self.proxy.recorder = client, recorder
         runtime.ready = True
         # Everything built so far lives as long as the process: keep the cyclic GC from
@@ -153,6 +193,7 @@ class Tokentill:
         finally:
             runtime.ready = False
             self.proxy.client = self.proxy.recorder = None
+            await asyncio.to_thread(stop_scheduler, scheduler, rollup)
             poller_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller_task
@@ -167,6 +208,7 @@ class Tokentill:
             drained = await asyncio.to_thread(writer.stop, max(1.0, 9.0 - settings.shutdown_grace))
             journal.close()
             if drained:
+                readers.close()
                 conn.close()
                 log.info("writer flushed: %d events written this run", writer.stats.events_written)
             else:

@@ -25,17 +25,67 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tokentill.app import create_app
     from tokentill.server import serve
     from warehouse.db import WarehouseBusyError, open_warehouse
+    from warehouse.prices import PriceFileError, load_price_file
 
-    settings = _settings(args, ("db", "upstream", "host", "port"))
+    settings = _settings(args, ("db", "upstream", "host", "port", "prices_file"))
     try:
-        # Fail before binding the port if another process holds the warehouse.
+        # Fail before binding the port if another process holds the warehouse, or if the
+        # prices file cannot be used.
         open_warehouse(settings.db).close()
+        if settings.prices_file is not None:
+            load_price_file(settings.prices_file)
         app = create_app(settings)
         ok = serve(app, settings.host, settings.port, graceful=settings.shutdown_grace)
-    except WarehouseBusyError as exc:
+    except (WarehouseBusyError, PriceFileError) as exc:
         print(f"tokentill: {exc}", file=sys.stderr)
         return 2
     return 0 if ok else 1
+
+
+def _cmd_rollup(args: argparse.Namespace) -> int:
+    """Run the rollup once: here if the warehouse is free, else by the running server."""
+    import json
+
+    import httpx
+
+    from warehouse.db import WarehouseBusyError, open_warehouse
+    from warehouse.jobs import RollupConfig, RollupJob
+    from warehouse.prices import seed_published
+
+    settings = _settings(args, ("db", "host", "port"))
+    try:
+        conn = open_warehouse(settings.db)
+    except WarehouseBusyError:
+        url = f"http://{settings.host}:{settings.port}/api/jobs/rollup/run"
+        token = settings.admin_token.get_secret_value() if settings.admin_token else None
+        print(f"tokentill: {settings.db} is held by the running server; asking it at {url}")
+        try:
+            answer = httpx.post(
+                url,
+                params={"full": str(args.full).lower()},
+                headers={"Authorization": f"Bearer {token}"} if token else {},
+                timeout=None,
+            )
+        except httpx.HTTPError as exc:
+            print(f"tokentill: could not reach the server: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(answer.json(), indent=2))
+        return 0 if answer.status_code == 200 and answer.json().get("error") is None else 1
+    try:
+        seed_published(conn)
+        job = RollupJob(
+            conn.cursor,
+            RollupConfig(tag_keys=settings.rollup_tag_keys, image_model=settings.image_gen_model),
+        )
+        result = job.run(full=args.full)
+    finally:
+        conn.close()
+    print(
+        f"rollup ({result.mode}): {result.days} days, {result.rows_in} events in, "
+        f"{result.rows_out} rows out, {result.seconds:.2f} s"
+        + (f"; FAILED: {result.error}" if result.error else "")
+    )
+    return 1 if result.error else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -85,7 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", help="OpenAI base URL (env TOKENTILL_UPSTREAM)")
     serve.add_argument("--host", help="bind address (env TOKENTILL_HOST; default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (env TOKENTILL_PORT; default 8787)")
+    serve.add_argument(
+        "--prices",
+        dest="prices_file",
+        type=Path,
+        help="operator prices, TOML (env TOKENTILL_PRICES_FILE)",
+    )
     serve.set_defaults(func=_cmd_serve)
+
+    rollup = sub.add_parser("rollup", help="price and roll up usage once")
+    rollup.add_argument("--db", help="DuckDB file (env TOKENTILL_DB)")
+    rollup.add_argument("--host", help="where the running server is, if it holds the file")
+    rollup.add_argument("--port", type=int)
+    rollup.add_argument("--full", action="store_true", help="rebuild every rollup from scratch")
+    rollup.set_defaults(func=_cmd_rollup)
 
     demo = sub.add_parser("demo", help="serve in front of the fake upstream, with traffic")
     demo.add_argument("--db", type=Path, default=Path("data/demo.duckdb"))

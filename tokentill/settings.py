@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     background_poll_min_interval: Seconds = 1.0
     background_poll_max_interval: Seconds = 60.0
 
+    # Money. Operator prices (TOML) loaded at start on top of the published catalog.
+    prices_file: Path | None = None
+    # How often the rollup job runs inside the server (seconds).
+    rollup_interval: Seconds = 60.0
+    # Metadata keys rolled up per day (team, feature, customer...).
+    rollup_tag_keys: tuple[str, ...] = ("project", "team", "feature", "customer")
+    # The model whose image rates price the image_generation tool's tokens.
+    image_gen_model: str = "gpt-image-1"
+
     # SIGTERM: in-flight requests get this long to finish; then the journal is
     # flushed into DuckDB. The whole shutdown stays under 10 s.
     shutdown_grace: Annotated[int, Field(ge=1, le=8)] = 5

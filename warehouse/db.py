@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import duckdb
+import polars as pl
 
 from warehouse.migrate import migrate
 
@@ -30,3 +32,27 @@ def open_warehouse(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyCon
     if not read_only:
         migrate(conn)
     return conn
+
+
+def fetch_one(
+    conn: duckdb.DuckDBPyConnection,
+    sql: str,
+    params: list[object] | dict[str, object] | None = None,
+) -> tuple[Any, ...] | None:
+    """The first row, with the result read to its end: DuckDB refuses other work on a
+    connection (registering a frame, say) while a result is half-read."""
+    rows = conn.execute(sql, params or []).fetchall()
+    return rows[0] if rows else None
+
+
+def query_frame(
+    conn: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None
+) -> pl.DataFrame:
+    """A query's rows as a polars frame (through Arrow), with every time zone-aware
+    column in "UTC" (DuckDB says "Etc/UTC", and polars will not join the two)."""
+    frame: pl.DataFrame = conn.sql(sql, params=params or None).pl()
+    return frame.with_columns(
+        pl.col(name).dt.convert_time_zone("UTC")
+        for name, dtype in frame.schema.items()
+        if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None
+    )

@@ -22,6 +22,7 @@ import polars as pl
 
 from ingest.events import COLUMNS, PENDING_STATUSES, UPDATABLE_COLUMNS
 from ingest.journal import Journal, Position
+from warehouse.db import fetch_one
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ ON CONFLICT (id) DO UPDATE SET segment = excluded.segment, "offset" = excluded."
 
 
 def read_checkpoint(conn: duckdb.DuckDBPyConnection) -> Position:
-    row = conn.execute('SELECT segment, "offset" FROM ingest_checkpoint WHERE id = 1').fetchone()
+    row = fetch_one(conn, 'SELECT segment, "offset" FROM ingest_checkpoint WHERE id = 1')
     return Position(int(row[0]), int(row[1])) if row else Position(0, 0)
 
 
@@ -156,7 +157,7 @@ class Writer:
     def recover(self) -> int:
         """Queue every journaled event DuckDB has not got yet; return how many."""
         self.checkpoint = read_checkpoint(self._conn)
-        row = self._conn.execute("SELECT coalesce(max(ingest_seq), 0) FROM usage_events").fetchone()
+        row = fetch_one(self._conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
         self._seq = int(row[0]) if row else 0
         replayed = 0
         for position, line in self._journal.replay(self.checkpoint):

@@ -96,6 +96,20 @@ CREATE TABLE conversation_links (
     depth             INTEGER NOT NULL
 );
 
+CREATE TABLE conversation_days (
+    root_id           VARCHAR NOT NULL,
+    bucket            TIMESTAMPTZ NOT NULL,
+    user_id           VARCHAR,
+    first_at          TIMESTAMPTZ NOT NULL,
+    last_at           TIMESTAMPTZ NOT NULL,
+    responses         BIGINT NOT NULL,
+    input_tokens      BIGINT NOT NULL,
+    output_tokens     BIGINT NOT NULL,
+    total_tokens      BIGINT NOT NULL,
+    cost_pico         DECIMAL(38, 0) NOT NULL,
+    unpriced          BIGINT NOT NULL
+);
+
 CREATE TABLE conversations (
     root_id           VARCHAR NOT NULL,
     user_id           VARCHAR,

@@ -1,0 +1,71 @@
+"""Jobs: their recent runs (freshness), and running one now."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+
+from api.deps import RuntimeDep
+from warehouse.db import query_frame
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+class JobRun(BaseModel):
+    run_id: int
+    job: str
+    mode: str
+    started_at: datetime
+    finished_at: datetime | None
+    rows_in: int | None
+    rows_out: int | None
+    watermark: int | None
+    price_mark: int | None
+    error: str | None
+
+
+class RunResultOut(BaseModel):
+    job: str
+    mode: str
+    rows_in: int
+    rows_out: int
+    days: int
+    watermark: int
+    price_mark: int
+    error: str | None
+    seconds: float
+
+
+@router.get("", response_model=list[JobRun])
+async def list_runs(runtime: RuntimeDep, limit: int = Query(20, ge=1, le=1000)) -> list[JobRun]:
+    def read() -> list[JobRun]:
+        conn = runtime.connect()
+        try:
+            frame = query_frame(
+                conn, "SELECT * FROM job_runs ORDER BY run_id DESC LIMIT ?", [limit]
+            )
+        finally:
+            conn.close()
+        return [JobRun.model_validate(row) for row in frame.to_dicts()]
+
+    return await asyncio.to_thread(read)
+
+
+@router.post("/{job}/run", response_model=RunResultOut)
+async def run_job(runtime: RuntimeDep, job: Literal["rollup"], full: bool = False) -> RunResultOut:
+    result = await asyncio.to_thread(runtime.rollup.run, full=full)
+    return RunResultOut(
+        job=result.job,
+        mode=result.mode,
+        rows_in=result.rows_in,
+        rows_out=result.rows_out,
+        days=result.days,
+        watermark=result.watermark,
+        price_mark=result.price_mark,
+        error=result.error,
+        seconds=round(result.seconds, 3),
+    )

@@ -1,0 +1,174 @@
+"""The `prices` table: seeding it from the published catalog, operator overrides from a
+TOML file, and reading it back. Rows are only ever added (see migration 0002)."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from warehouse.catalog import (
+    EPOCH,
+    OVERRIDE_PRIORITY,
+    PRICE_COLUMNS,
+    PriceRow,
+    published_prices,
+    source_version,
+)
+from warehouse.db import fetch_one, query_frame
+
+TIERS = ("default", "flex", "priority", "batch", "scale")
+_ROW_COLUMNS = (
+    "model",
+    "service_tier",
+    "effective_from",
+    "effective_to",
+    *PRICE_COLUMNS,
+    "source",
+    "priority",
+    "note",
+)
+
+
+class PriceFileError(ValueError):
+    """A prices file that cannot be used, with what to fix."""
+
+
+def insert_rows(conn: duckdb.DuckDBPyConnection, rows: Sequence[PriceRow]) -> int:
+    """Add rows to the catalog, skipping any identical row already there (so loading the
+    same file or snapshot twice changes nothing). Returns how many were added."""
+    if not rows:
+        return 0
+    frame = pl.DataFrame([row.as_record() for row in rows], infer_schema_length=None)
+    conn.register("_new_prices", frame)
+    try:
+        columns = ", ".join(f'"{c}"' for c in _ROW_COLUMNS)
+        same = " AND ".join(f'p."{c}" IS NOT DISTINCT FROM n."{c}"' for c in _ROW_COLUMNS)
+        before = _count(conn)
+        conn.execute(
+            f"""INSERT INTO prices ({columns})
+                SELECT {columns} FROM _new_prices AS n
+                WHERE NOT EXISTS (SELECT 1 FROM prices AS p WHERE {same})"""
+        )
+        return _count(conn) - before
+    finally:
+        conn.unregister("_new_prices")
+
+
+def _count(conn: duckdb.DuckDBPyConnection) -> int:
+    row = fetch_one(conn, "SELECT count(*) FROM prices")
+    return int(row[0]) if row else 0
+
+
+def seed_published(conn: duckdb.DuckDBPyConnection) -> int:
+    """Load the published catalog once per genai-prices version."""
+    version = source_version()
+    seen = fetch_one(conn, "SELECT count(*) FROM prices WHERE source = ?", [version])
+    if seen and seen[0]:
+        return 0
+    return insert_rows(conn, published_prices())
+
+
+def _decimal(value: Any, where: str) -> Decimal:
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        raise PriceFileError(f"{where}: {value!r} is not a number") from None
+    if number < 0 or number != number.quantize(Decimal("0.000001")):
+        raise PriceFileError(f"{where}: {value} must be >= 0 with at most 6 decimals")
+    return number
+
+
+def _moment(value: Any, where: str) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    raise PriceFileError(f"{where}: {value!r} is not a TOML date or date-time")
+
+
+def parse_price_entries(entries: Any, source: str) -> list[PriceRow]:
+    """Validate override entries (from a TOML file or the API) into rows."""
+    if not isinstance(entries, list):
+        raise PriceFileError("expected an array of tables [[price]]")
+    rows = []
+    for index, entry in enumerate(entries, 1):
+        where = f"price #{index}"
+        if not isinstance(entry, dict):
+            raise PriceFileError(f"{where}: expected a table")
+        unknown = set(entry) - {
+            "model",
+            "service_tier",
+            "effective_from",
+            "effective_to",
+            "note",
+            *PRICE_COLUMNS,
+        }
+        if unknown:
+            raise PriceFileError(f"{where}: unknown keys {sorted(unknown)}")
+        model = entry.get("model")
+        if not isinstance(model, str) or not model:
+            raise PriceFileError(f"{where}: 'model' is required")
+        tier = entry.get("service_tier", "default")
+        if tier not in TIERS:
+            raise PriceFileError(f"{where}: service_tier must be one of {', '.join(TIERS)}")
+        start = _moment(entry.get("effective_from", EPOCH), f"{where}.effective_from")
+        end = entry.get("effective_to")
+        end_at = None if end is None else _moment(end, f"{where}.effective_to")
+        if end_at is not None and end_at <= start:
+            raise PriceFileError(f"{where}: effective_to must be after effective_from")
+        prices: dict[str, Decimal | int | None] = {}
+        for column in PRICE_COLUMNS:
+            if column in entry:
+                if column == "tier_threshold":
+                    threshold = entry[column]
+                    if not isinstance(threshold, int) or threshold <= 0:
+                        raise PriceFileError(f"{where}: tier_threshold must be a positive integer")
+                    prices[column] = threshold
+                else:
+                    prices[column] = _decimal(entry[column], f"{where}.{column}")
+        if prices.get("input_per_mtok") is None or prices.get("output_per_mtok") is None:
+            raise PriceFileError(f"{where}: input_per_mtok and output_per_mtok are required")
+        note = entry.get("note")
+        rows.append(
+            PriceRow(
+                model,
+                tier,
+                start,
+                end_at,
+                prices,
+                source,
+                OVERRIDE_PRIORITY,
+                note if isinstance(note, str) else None,
+            )
+        )
+    return rows
+
+
+def load_price_file(path: Path) -> list[PriceRow]:
+    """Read operator overrides: a TOML file of `[[price]]` tables, for example
+
+    [[price]]
+    model = "ft:gpt-4o-mini-2024-07-18:acme::*"   # '*' ends a prefix
+    service_tier = "default"
+    effective_from = 2026-01-01
+    input_per_mtok = 0.30
+    cached_input_per_mtok = 0.15
+    output_per_mtok = 1.20
+    note = "negotiated rate"
+    """
+    try:
+        document = tomllib.loads(path.read_text("utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PriceFileError(f"{path}: {exc}") from exc
+    return parse_price_entries(document.get("price", []), f"file:{path.name}")
+
+
+def price_table(conn: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    return query_frame(conn, "SELECT * FROM prices ORDER BY price_id")

@@ -1,0 +1,244 @@
+"""Turning tokens into money: pure functions from polars frames to frames.
+
+Money is integer pico-dollars (1e-12 USD). A price of P USD per 1M tokens is P x 1e6
+pico-dollars per token, an exact integer for any price with at most 6 decimals, so
+every cost is an exact integer and sums are exact.
+
+    cost = (input - cached - cache_written) x input price
+         + cached x cached-input price          (the input price where there is none)
+         + cache_written x cache-write price    (the input price where there is none)
+         + output x output price                (reasoning tokens are part of output)
+         + web search calls x price per call
+         + image generation tokens at the image model's rates
+
+When a request's input passes a model's long-context threshold, the tier rates apply to
+all of its tokens. An event whose model has no price in force at its `created_at` is
+*unpriced*: counted, reported, its cost null, never silently 0.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from datetime import datetime
+from decimal import Decimal
+
+import polars as pl
+
+PICO_PER_USD = 10**12
+_DATED = re.compile(r"^(?P<family>.+?)-(\d{4}-\d{2}-\d{2}|\d{4})$")
+
+_TOKEN_RATES = ("input", "cached_input", "cache_write", "output")
+_RATE_COLUMNS = (
+    *(f"{r}_per_mtok" for r in _TOKEN_RATES),
+    *(f"tier_{r}_per_mtok" for r in _TOKEN_RATES),
+    "web_search_per_call",
+    "image_input_per_mtok",
+    "image_cached_input_per_mtok",
+    "image_output_per_mtok",
+)
+
+
+def resolve_model(model: str, keys: set[str], prefixes: list[str]) -> str | None:
+    """The catalog key pricing `model`: itself, else the longest matching prefix (fine-
+    tunes), else its family for a dated snapshot (`gpt-4o-2024-08-06` -> `gpt-4o`)."""
+    if model in keys:
+        return model
+    for prefix in prefixes:  # longest first
+        if model.startswith(prefix):
+            return prefix + "*"
+    match = _DATED.match(model)
+    if match:
+        return resolve_model(match["family"], keys, prefixes)
+    return None
+
+
+def model_map(models: Iterable[str], catalog_models: Iterable[str]) -> pl.DataFrame:
+    """model -> price_model for every distinct model seen (a small frame)."""
+    keys = {m for m in catalog_models if not m.endswith("*")}
+    prefixes = sorted((m[:-1] for m in catalog_models if m.endswith("*")), key=len, reverse=True)
+    distinct = sorted({m for m in models if m is not None})
+    return pl.DataFrame(
+        {"model": distinct, "price_model": [resolve_model(m, keys, prefixes) for m in distinct]},
+        schema={"model": pl.String, "price_model": pl.String},
+    )
+
+
+def _pico_per_token(value: Decimal | None) -> int | None:
+    # USD per 1M tokens -> pico-dollars per token (per call for web search: x 1e12).
+    return None if value is None else int(value * 1_000_000)
+
+
+def effective_intervals(prices: pl.DataFrame) -> pl.DataFrame:
+    """Flatten the catalog into non-overlapping intervals per (model, tier), each with the
+    row in force there: highest priority, then the latest recorded. Rates become integer
+    pico-dollars per token (per call for web search)."""
+    out: list[dict[str, object]] = []
+    for (model, tier), group in prices.group_by(["model", "service_tier"], maintain_order=True):
+        rows = group.to_dicts()
+        bounds = sorted(
+            {r["effective_from"] for r in rows}
+            | {r["effective_to"] for r in rows if r["effective_to"]}
+        )
+        for i, start in enumerate(bounds):
+            end: datetime | None = bounds[i + 1] if i + 1 < len(bounds) else None
+            live = [
+                r
+                for r in rows
+                if r["effective_from"] <= start
+                and (r["effective_to"] is None or r["effective_to"] > start)
+            ]
+            if not live:
+                continue
+            best = max(live, key=lambda r: (r["priority"], r["recorded_at"], r["price_id"]))
+            record: dict[str, object] = {
+                "price_model": model,
+                "service_tier": tier,
+                "valid_from": start,
+                "valid_to": end,
+                "price_id": best["price_id"],
+                "tier_threshold": best["tier_threshold"],
+            }
+            for column in _RATE_COLUMNS:
+                value = best[column]
+                if column == "web_search_per_call":
+                    record[column] = None if value is None else int(value * PICO_PER_USD)
+                else:
+                    record[column] = _pico_per_token(value)
+            out.append(record)
+    schema: dict[str, pl.DataType] = {
+        "price_model": pl.String(),
+        "service_tier": pl.String(),
+        "valid_from": pl.Datetime("us", "UTC"),
+        "valid_to": pl.Datetime("us", "UTC"),
+        "price_id": pl.Int64(),
+        "tier_threshold": pl.Int64(),
+        **{c: pl.Int64() for c in _RATE_COLUMNS},
+    }
+    # Merge adjacent intervals held by the same row, so the frame stays small.
+    frame = pl.DataFrame(out, schema=schema)
+    return frame.sort("price_model", "service_tier", "valid_from")
+
+
+def _rate(name: str) -> pl.Expr:
+    """The rate in force for this event: the long-context tier's when it applies."""
+    tier = pl.col(f"tier_{name}_per_mtok")
+    base = pl.col(f"{name}_per_mtok")
+    over = pl.col("tier_threshold").is_not_null() & (
+        pl.col("input_tokens") > pl.col("tier_threshold")
+    )
+    return pl.when(over & tier.is_not_null()).then(tier).otherwise(base)
+
+
+def price_events(
+    events: pl.LazyFrame, models: pl.LazyFrame, intervals: pl.LazyFrame, image_model: str
+) -> pl.LazyFrame:
+    """Add `price_id`, `cost_pico` (null when unpriced) and `unpriced` to each event."""
+    tiered = events.with_columns(
+        pl.col("service_tier").fill_null("default").replace({"auto": "default"}).alias("_tier"),
+        *(
+            pl.col(c).fill_null(0)
+            for c in (
+                "input_tokens",
+                "cached_input_tokens",
+                "cache_write_tokens",
+                "output_tokens",
+                "web_search_calls",
+                "image_gen_input_tokens",
+                "image_gen_input_image_tokens",
+                "image_gen_cached_tokens",
+                "image_gen_output_tokens",
+            )
+        ),
+    ).join(models, on="model", how="left")
+    joined = (
+        tiered.sort("created_at")
+        .join_asof(
+            intervals.rename({"service_tier": "_tier", "price_model": "price_model"}).sort(
+                "valid_from"
+            ),
+            left_on="created_at",
+            right_on="valid_from",
+            by=["price_model", "_tier"],
+            strategy="backward",
+            check_sortedness=False,  # both sides are sorted on the time key just above
+        )
+        .with_columns(
+            # Past the interval's end, nothing is in force.
+            pl.when(pl.col("valid_to").is_null() | (pl.col("created_at") < pl.col("valid_to")))
+            .then(pl.col("price_id"))
+            .otherwise(None)
+            .alias("price_id")
+        )
+    )
+    image = (
+        intervals.filter(
+            (pl.col("price_model") == image_model) & (pl.col("service_tier") == "default")
+        )
+        .select(
+            "valid_from",
+            pl.col("valid_to").alias("_img_to"),
+            pl.col("input_per_mtok").alias("_img_text"),
+            pl.col("image_input_per_mtok").alias("_img_in"),
+            pl.col("image_cached_input_per_mtok").alias("_img_cached"),
+            pl.col("image_output_per_mtok").alias("_img_out"),
+        )
+        .sort("valid_from")
+    )
+    with_image = joined.join_asof(
+        image.rename({"valid_from": "_img_from"}),
+        left_on="created_at",
+        right_on="_img_from",
+        strategy="backward",
+    )
+    input_rate = _rate("input")
+    cached_rate = pl.coalesce(_rate("cached_input"), input_rate)
+    write_rate = pl.coalesce(_rate("cache_write"), input_rate)
+    uncached = pl.col("input_tokens") - pl.col("cached_input_tokens") - pl.col("cache_write_tokens")
+    token_cost = (
+        uncached * input_rate
+        + pl.col("cached_input_tokens") * cached_rate
+        + pl.col("cache_write_tokens") * write_rate
+        + pl.col("output_tokens") * _rate("output")
+        + pl.col("web_search_calls") * pl.col("web_search_per_call").fill_null(0)
+    )
+    image_in = pl.col("image_gen_input_tokens")
+    image_image = pl.col("image_gen_input_image_tokens")
+    image_cost = (
+        (image_in - image_image) * pl.col("_img_text")
+        + image_image * pl.coalesce(pl.col("_img_in"), pl.col("_img_text"))
+        + pl.col("image_gen_output_tokens") * pl.coalesce(pl.col("_img_out"), pl.col("_img_text"))
+    )
+    uses_image = (image_in + pl.col("image_gen_output_tokens")) > 0
+    has_tokens = (pl.col("input_tokens") + pl.col("output_tokens")) > 0
+    priced = (
+        pl.col("price_id").is_not_null() & input_rate.is_not_null() & _rate("output").is_not_null()
+    )
+    image_priced = ~uses_image | (
+        pl.col("_img_text").is_not_null()
+        & (pl.col("_img_to").is_null() | (pl.col("created_at") < pl.col("_img_to")))
+    )
+    cost = (
+        pl.when(~has_tokens & ~uses_image)
+        .then(pl.lit(0, pl.Int64))
+        .when(priced & image_priced)
+        .then(token_cost + pl.when(uses_image).then(image_cost).otherwise(0))
+        .otherwise(None)
+    )
+    return with_image.with_columns(
+        cost.cast(pl.Int64).alias("cost_pico"),
+        ((has_tokens | uses_image) & ~(priced & image_priced)).cast(pl.Int64).alias("unpriced"),
+    ).drop(
+        "_tier",
+        "valid_from",
+        "valid_to",
+        "tier_threshold",
+        *_RATE_COLUMNS,
+        "_img_from",
+        "_img_to",
+        "_img_text",
+        "_img_in",
+        "_img_cached",
+        "_img_out",
+        strict=False,
+    )

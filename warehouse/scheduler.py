@@ -1,0 +1,33 @@
+"""The in-server schedule: APScheduler 3 runs the rollup job every `rollup_interval`
+seconds, never two at once (and a run the server was too busy to start is coalesced)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from warehouse.jobs import RollupJob
+
+
+def start_scheduler(rollup: RollupJob, interval: float) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(
+        timezone=UTC,
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+    )
+    scheduler.add_job(
+        rollup.run,
+        IntervalTrigger(seconds=interval, timezone=UTC),
+        id="rollup",
+        name="rollup",
+        next_run_time=datetime.now(UTC) + timedelta(seconds=min(2.0, interval)),
+    )
+    scheduler.start()
+    return scheduler
+
+
+def stop_scheduler(scheduler: BackgroundScheduler, rollup: RollupJob) -> None:
+    """Stop: a run in progress ends after its current chunk of days."""
+    rollup.cancel()
+    scheduler.shutdown(wait=True)

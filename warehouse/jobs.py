@@ -96,6 +96,8 @@ class RollupJob:
     # -- one run -------------------------------------------------------------------------
 
     def _run(self, conn: duckdb.DuckDBPyConnection, full: bool) -> RunResult:
+        if fetch_one(conn, _LAST_RUN_SQL, [ROLLUP]) is None:
+            full = True  # nothing to be incremental from
         mode = "full" if full else "incremental"
         started = datetime.now(UTC)
         clock = time.perf_counter()
@@ -130,13 +132,7 @@ class RollupJob:
         # Marks first: whatever lands while this run works is picked up by the next one.
         watermark = _scalar(conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
         price_mark = _scalar(conn, "SELECT coalesce(max(price_id), 0) FROM prices")
-        last = fetch_one(
-            conn,
-            """SELECT watermark, price_mark FROM job_runs
-               WHERE job = ? AND error IS NULL AND finished_at IS NOT NULL
-               ORDER BY run_id DESC LIMIT 1""",
-            [ROLLUP],
-        )
+        last = fetch_one(conn, _LAST_RUN_SQL, [ROLLUP])
         if full or last is None:
             full = True
             last_watermark, last_price_mark = -1, -1
@@ -361,6 +357,11 @@ class RollupJob:
         return totals.height
 
 
+_LAST_RUN_SQL = """
+SELECT watermark, price_mark FROM job_runs
+WHERE job = ? AND error IS NULL AND finished_at IS NOT NULL
+ORDER BY run_id DESC LIMIT 1
+"""
 _ROLLUP_TABLES = ("usage_hourly", "usage_daily", "usage_daily_tags", "conversation_days")
 
 

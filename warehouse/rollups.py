@@ -161,7 +161,8 @@ def conversation_days(priced: pl.LazyFrame, links: pl.LazyFrame) -> pl.LazyFrame
         both.with_columns(pl.col("created_at").dt.truncate("1d").alias("bucket"))
         .group_by("root_id", "bucket")
         .agg(
-            pl.col("user_id").drop_nulls().first().alias("user_id"),
+            # The conversation's user: the first one named, in time order (deterministic).
+            pl.col("user_id").sort_by("created_at", "response_id").drop_nulls().first(),
             pl.col("created_at").min().alias("first_at"),
             pl.col("created_at").max().alias("last_at"),
             pl.len().cast(pl.Int64).alias("responses"),
@@ -177,18 +178,11 @@ def conversation_days(priced: pl.LazyFrame, links: pl.LazyFrame) -> pl.LazyFrame
 
 def conversations(days: pl.LazyFrame) -> pl.LazyFrame:
     """What each conversation cost as it grew: its days added up."""
-    return (
-        days.sort("first_at")
-        .group_by("root_id")
-        .agg(
-            pl.col("user_id").drop_nulls().first(),
-            pl.col("first_at").min(),
-            pl.col("last_at").max(),
-            *(
-                pl.col(c).sum()
-                for c in ("responses", "input_tokens", "output_tokens", "total_tokens")
-            ),
-            pl.col("cost_pico").sum(),
-            pl.col("unpriced").sum(),
-        )
+    return days.group_by("root_id").agg(
+        pl.col("user_id").sort_by("first_at", "bucket").drop_nulls().first(),
+        pl.col("first_at").min(),
+        pl.col("last_at").max(),
+        *(pl.col(c).sum() for c in ("responses", "input_tokens", "output_tokens", "total_tokens")),
+        pl.col("cost_pico").sum(),
+        pl.col("unpriced").sum(),
     )

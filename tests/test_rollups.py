@@ -1,0 +1,392 @@
+"""Rollups: sums equal raw sums to the pico-dollar, incremental runs equal a full rebuild,
+late events and late prices land where they belong, and the server runs the job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import orjson
+import polars as pl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingest.events import UsageEvent
+from ingest.journal import Journal
+from tests.conftest import Running
+from warehouse.catalog import EPOCH, PriceRow
+from warehouse.db import open_warehouse, query_frame
+from warehouse.jobs import RollupConfig, RollupJob
+from warehouse.prices import insert_rows, price_table
+from warehouse.pricing import effective_intervals, model_map, price_events
+from warehouse.writer import Writer
+
+DAY0 = datetime(2026, 5, 1, tzinfo=UTC)
+MODELS = ["gpt-4o", "gpt-4o-2024-08-06", "o4-mini", "mystery-model"]
+PRICES = [
+    PriceRow(
+        "gpt-4o",
+        "default",
+        EPOCH,
+        None,
+        {
+            "input_per_mtok": Decimal("2.5"),
+            "cached_input_per_mtok": Decimal("1.25"),
+            "output_per_mtok": Decimal("10"),
+        },
+        "test",
+    ),
+    PriceRow(
+        "gpt-4o",
+        "flex",
+        EPOCH,
+        None,
+        {"input_per_mtok": Decimal("1.25"), "output_per_mtok": Decimal("5")},
+        "test",
+    ),
+    PriceRow(
+        "o4-mini",
+        "default",
+        EPOCH,
+        None,
+        {
+            "input_per_mtok": Decimal("1.1"),
+            "cached_input_per_mtok": Decimal("0.275"),
+            "output_per_mtok": Decimal("4.4"),
+        },
+        "test",
+    ),
+]
+TABLES = {
+    "usage_hourly": ("bucket", "user_id", "model", "service_tier", "status", "endpoint"),
+    "usage_daily": ("bucket", "user_id", "model", "service_tier", "status", "endpoint"),
+    "usage_daily_tags": ("bucket", "tag_key", "tag_value", "user_id", "model"),
+    "conversation_links": ("response_id",),
+    "conversation_days": ("root_id", "bucket"),
+    "conversations": ("root_id",),
+}
+
+
+class Warehouse:
+    """A real DuckDB file fed through the real journal and writer."""
+
+    def __init__(self, root: Path) -> None:
+        self.conn = open_warehouse(root / "w.duckdb")
+        insert_rows(self.conn, PRICES)
+        self.journal = Journal(root / "journal", segment_bytes=1 << 20, fsync_interval=1)
+        self.journal.lock()
+        self.writer = Writer(self.conn, self.journal, batch_max=10_000, flush_interval=0.01)
+        self.writer.recover()
+        self.journal.start(self.writer.submit)
+        self.writer.start()
+        self.readers = self.conn.cursor()
+        self.job = RollupJob(self.readers.cursor, RollupConfig(tag_keys=("team", "customer")))
+
+    def ingest(self, events: list[UsageEvent]) -> None:
+        for event in events:
+            self.journal.append(event)
+        assert self.writer.flush(10)
+
+    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        out = {}
+        for table, keys in TABLES.items():
+            frame = query_frame(self.conn, f"SELECT * FROM {table}")
+            out[table] = sorted(frame.rows(), key=lambda r: tuple(str(v) for v in r))
+            assert frame.height == frame.unique(subset=list(keys)).height, table
+        return out
+
+    def close(self) -> None:
+        assert self.writer.stop()
+        self.journal.close()
+        self.readers.close()
+        self.conn.close()
+
+
+def make_event(i: int, day: int, hour: int, **fields: Any) -> UsageEvent:
+    at = int((DAY0 + timedelta(days=day, hours=hour)).timestamp() * 1_000_000) + i
+    values: dict[str, Any] = {
+        "kind": "create",
+        "event_id": f"resp_{i}",
+        "response_id": f"resp_{i}",
+        "endpoint": "responses",
+        "status": "completed",
+        "created_at_us": at,
+        "request_started_at_us": at,
+        "recorded_at_us": at,
+        "model": MODELS[i % len(MODELS)],
+        "user_id": f"user-{i % 5}",
+        "metadata": orjson.dumps({"team": f"t{i % 3}", "customer": f"c{i % 2}"}).decode(),
+        "input_tokens": 1000 + i,
+        "cached_input_tokens": i % 300,
+        "cache_write_tokens": 0,
+        "output_tokens": 200 + i % 50,
+        "reasoning_tokens": 0,
+        "total_tokens": 1200 + i + i % 50,
+        "service_tier": "flex" if i % 7 == 0 else "default",
+    }
+    values.update(fields)
+    return UsageEvent(**values)
+
+
+event_spec = st.tuples(
+    st.integers(0, 4),  # day
+    st.integers(0, 23),  # hour
+    st.sampled_from(["completed", "incomplete", "failed", "error", "queued"]),
+    st.integers(-1, 30),  # previous response (index), -1: none
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(event_spec, min_size=1, max_size=60),
+    cuts=st.lists(st.integers(0, 60), max_size=4),
+    late_price_at=st.one_of(st.none(), st.integers(0, 60)),
+    data=st.data(),
+)
+def test_incremental_runs_equal_a_full_rebuild(
+    specs: list[tuple[int, int, str, int]],
+    cuts: list[int],
+    late_price_at: int | None,
+    data: st.DataObject,
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        warehouse = Warehouse(Path(directory))
+        try:
+            events = []
+            for i, (day, hour, status, previous) in enumerate(specs):
+                fields: dict[str, Any] = {"status": status}
+                if status == "error":
+                    fields.update(
+                        response_id=None,
+                        event_id=f"evt_{i}",
+                        input_tokens=None,
+                        output_tokens=None,
+                        total_tokens=None,
+                    )
+                if status == "queued":
+                    fields.update(input_tokens=None, output_tokens=None, total_tokens=None)
+                if 0 <= previous < i:  # a previous response is an earlier one
+                    fields["previous_response_id"] = f"resp_{previous}"
+                events.append(make_event(i, day, hour, **fields))
+            # ...but it may reach the warehouse after its successors.
+            order = data.draw(st.permutations(range(len(events))))
+            events = [events[k] for k in order]
+            # Background responses completing later, replays of a batch, a late price.
+            completions = [
+                make_event(i, specs[i][0], specs[i][1], kind="update", status="completed")
+                for i, (_, _, status, _) in enumerate(specs)
+                if status == "queued"
+            ]
+            stream: list[UsageEvent | str] = [*events, *completions, *events[: len(events) // 3]]
+            if late_price_at is not None:
+                stream.insert(min(late_price_at, len(stream)), "price")
+            boundaries = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
+            start = 0
+            for end in boundaries:
+                for item in stream[start:end]:
+                    if item == "price":
+                        insert_rows(
+                            warehouse.conn,
+                            [
+                                PriceRow(
+                                    "mystery-model",
+                                    "default",
+                                    DAY0 + timedelta(days=1),
+                                    None,
+                                    {
+                                        "input_per_mtok": Decimal("3"),
+                                        "output_per_mtok": Decimal("12"),
+                                    },
+                                    "late",
+                                    100,
+                                )
+                            ],
+                        )
+                    else:
+                        assert isinstance(item, UsageEvent)
+                        warehouse.ingest([item])
+                result = warehouse.job.run()
+                assert result.error is None, result.error
+                start = end
+            incremental = warehouse.snapshot()
+            again = warehouse.job.run()
+            assert again.error is None and again.days == 0  # nothing changed: nothing to do
+            assert warehouse.snapshot() == incremental
+            full = warehouse.job.run(full=True)
+            assert full.error is None, full.error
+            assert warehouse.snapshot() == incremental
+        finally:
+            warehouse.close()
+
+
+def test_rollup_sums_equal_raw_sums(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path)
+    try:
+        warehouse.ingest([make_event(i, i % 4, i % 24) for i in range(500)])
+        assert warehouse.job.run().error is None
+        raw = query_frame(warehouse.conn, "SELECT * FROM usage_events")
+        prices = price_table(warehouse.conn)
+        priced = price_events(
+            raw.with_columns(pl.lit(None, pl.List(pl.String)).alias("tag_values")).lazy(),
+            model_map(raw["model"].to_list(), prices["model"].to_list()).lazy(),
+            effective_intervals(prices).lazy(),
+            "gpt-image-1",
+        ).collect()
+        expected_cost = int(priced["cost_pico"].drop_nulls().sum())
+        sums = query_frame(
+            warehouse.conn,
+            """SELECT (SELECT sum(cost_pico) FROM usage_hourly) AS hourly,
+                      (SELECT sum(cost_pico) FROM usage_daily) AS daily,
+                      (SELECT sum(cost_pico) FROM usage_daily_tags WHERE tag_key = 'team') AS team,
+                      (SELECT sum(input_tokens) FROM usage_daily) AS input,
+                      (SELECT sum(unpriced) FROM usage_daily) AS unpriced,
+                      (SELECT sum(requests) FROM usage_daily) AS requests""",
+        ).row(0, named=True)
+        assert sums["hourly"] == sums["daily"] == sums["team"] == Decimal(expected_cost)
+        assert sums["input"] == raw["input_tokens"].sum()
+        assert sums["requests"] == 500
+        # Unpriced, counted, never priced at 0: the model with no price (every fourth event),
+        # and o4-mini on the flex tier, which has no flex price here.
+        o4_mini_flex = sum(1 for i in range(500) if i % 4 == 2 and i % 7 == 0)
+        assert sums["unpriced"] == 125 + o4_mini_flex
+    finally:
+        warehouse.close()
+
+
+def test_late_price_reprices_what_it_covers_and_nothing_else(tmp_path: Path) -> None:
+    warehouse = Warehouse(tmp_path)
+    try:
+        warehouse.ingest(
+            [
+                make_event(i, i % 4, 1, model="mystery-model", service_tier="default")
+                for i in range(40)
+            ]
+        )
+        assert warehouse.job.run().error is None
+
+        def by_day() -> dict[datetime, tuple[int, Decimal]]:
+            frame = query_frame(
+                warehouse.conn,
+                "SELECT bucket, sum(unpriced) u, sum(cost_pico) c FROM usage_daily GROUP BY 1",
+            )
+            return {r[0]: (int(r[1]), r[2]) for r in frame.rows()}
+
+        before = by_day()
+        assert all(unpriced == 10 and cost == 0 for unpriced, cost in before.values())
+        # The model's price arrives late, effective from day 2 on.
+        insert_rows(
+            warehouse.conn,
+            [
+                PriceRow(
+                    "mystery-model",
+                    "default",
+                    DAY0 + timedelta(days=2),
+                    None,
+                    {"input_per_mtok": Decimal("1"), "output_per_mtok": Decimal("2")},
+                    "late",
+                    100,
+                )
+            ],
+        )
+        result = warehouse.job.run()
+        assert result.error is None and result.days == 2
+        after = by_day()
+        for day, (unpriced, cost) in after.items():
+            if day < DAY0 + timedelta(days=2):
+                assert (unpriced, cost) == before[day]  # costs already incurred stay as they were
+            else:
+                assert unpriced == 0 and cost > 0
+    finally:
+        warehouse.close()
+
+
+def test_server_runs_the_job_and_records_it(make_tokentill: Callable[..., Running]) -> None:
+    tokentill = make_tokentill(rollup_interval=0.3)
+    client = tokentill.client()
+    first = client.responses.create(
+        model="gpt-4o", input="hi", user="ana", metadata={"team": "search"}
+    )
+    client.responses.create(model="gpt-4o", input="more", user="ana", previous_response_id=first.id)
+
+    def rolled_up() -> bool:
+        runs = httpx.get(tokentill.url + "/api/jobs").json()
+        newest = max(run["watermark"] or 0 for run in runs) if runs else 0
+        return newest >= max(row["ingest_seq"] for row in tokentill.rows())
+
+    # Each run is recorded, and a run soon covers everything written.
+    tokentill.wait_for(rolled_up, 20)
+    runs = httpx.get(tokentill.url + "/api/jobs").json()
+    assert runs[-1]["mode"] == "full"  # the very first run has nothing to be incremental from
+    assert all(run["error"] is None for run in runs if run["finished_at"])
+    with duckdb.connect(str(tokentill.db)) as conn:
+        daily = conn.execute(
+            "SELECT sum(requests), sum(cost_pico) FROM usage_daily WHERE user_id = 'ana'"
+        ).fetchall()
+        conversation = conn.execute("SELECT root_id, responses FROM conversations").fetchall()
+    assert daily[0][0] == 2 and daily[0][1] > 0
+    assert conversation == [(first.id, 2)]
+    ran = httpx.post(tokentill.url + "/api/jobs/rollup/run", params={"full": "true"}, timeout=60)
+    assert ran.status_code == 200 and ran.json()["mode"] == "full"
+    assert ran.json()["error"] is None
+
+
+def test_admin_token_guards_the_api(make_tokentill: Callable[..., Running]) -> None:
+    tokentill = make_tokentill(admin_token="s3cret-token-for-tests")
+    assert httpx.get(tokentill.url + "/api/jobs").status_code == 401
+    wrong = httpx.get(tokentill.url + "/api/jobs", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "detail" in wrong.json()
+    good = httpx.get(
+        tokentill.url + "/api/jobs", headers={"Authorization": "Bearer s3cret-token-for-tests"}
+    )
+    assert good.status_code == 200
+
+
+def test_cli_rollup_alone_and_through_the_server(
+    tmp_path: Path, make_tokentill: Callable[..., Running]
+) -> None:
+    db = tmp_path / "cli.duckdb"
+    conn = open_warehouse(db)
+    conn.close()
+    alone = subprocess.run(
+        [sys.executable, "-m", "tokentill", "rollup", "--db", str(db), "--full"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert alone.returncode == 0, alone.stderr
+    assert "rollup (full)" in alone.stdout
+
+    tokentill = make_tokentill(db=tmp_path / "served.duckdb", rollup_interval=3600)
+    tokentill.client().responses.create(model="gpt-4o", input="hi", user="cli")
+    tokentill.flush()
+    port = tokentill.url.rsplit(":", 1)[1]
+    through = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokentill",
+            "rollup",
+            "--db",
+            str(tokentill.db),
+            "--port",
+            port,
+            "--full",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
+    # The server (in this test's process) holds the file: the CLI must go through its API.
+    assert through.returncode == 0, through.stdout + through.stderr
+    assert "held by the running server" in through.stdout
+    assert '"mode": "full"' in through.stdout and '"rows_in": 1' in through.stdout

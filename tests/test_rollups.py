@@ -69,7 +69,7 @@ PRICES = [
 TABLES = {
     "usage_hourly": ("bucket", "user_id", "model", "service_tier", "status", "endpoint"),
     "usage_daily": ("bucket", "user_id", "model", "service_tier", "status", "endpoint"),
-    "usage_daily_tags": ("bucket", "tag_key", "tag_value", "user_id", "model"),
+    "usage_daily_tags": ("bucket", "tag_key", "tag_value", "model"),
     "conversation_links": ("response_id",),
     "conversation_days": ("root_id", "bucket"),
     "conversations": ("root_id",),

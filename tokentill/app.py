@@ -122,7 +122,7 @@ class Tokentill:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         settings = self.settings
-        conn = open_warehouse(settings.db)
+        conn = open_warehouse(settings.db, memory_limit=settings.warehouse_memory_limit)
         seeded = seed_published(conn)
         if seeded:
             log.info("price catalog: %d published prices loaded", seeded)

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     background_poll_min_interval: Seconds = 1.0
     background_poll_max_interval: Seconds = 60.0
 
+    # DuckDB's buffer pool (its cache of what it read) stays within this.
+    warehouse_memory_limit: str = "2GB"
+
     # Money. Operator prices (TOML) loaded at start on top of the published catalog.
     prices_file: Path | None = None
     # How often the rollup job runs inside the server (seconds).

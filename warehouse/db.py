@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,12 @@ class WarehouseBusyError(RuntimeError):
     """The DuckDB file is held by another process (normally a running tokentill server)."""
 
 
-def open_warehouse(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open (creating and migrating if needed) the warehouse at `path`."""
+def open_warehouse(
+    path: Path, *, read_only: bool = False, memory_limit: str | None = None
+) -> duckdb.DuckDBPyConnection:
+    """Open (creating and migrating if needed) the warehouse at `path`. `memory_limit`
+    bounds DuckDB's buffer pool, which otherwise grows to most of the machine's memory
+    as it caches what it has read."""
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -29,9 +36,29 @@ def open_warehouse(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyCon
             ) from exc
         raise
     conn.execute("SET TimeZone = 'UTC'")
+    if memory_limit is not None:
+        conn.execute(f"SET memory_limit = '{_size(memory_limit)}'")
     if not read_only:
         migrate(conn)
     return conn
+
+
+def _size(value: str) -> str:
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", value.strip()):
+        raise ValueError(f"memory limit {value!r}: expected a size such as 2GB or 512MB")
+    return value.strip()
+
+
+@contextlib.contextmanager
+def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """BEGIN ... COMMIT, or ROLLBACK on any exception (which is re-raised)."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def fetch_one(

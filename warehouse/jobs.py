@@ -28,7 +28,7 @@ import duckdb
 import polars as pl
 
 from warehouse import pricing, rollups
-from warehouse.db import fetch_one, query_frame
+from warehouse.db import fetch_one, query_frame, transaction
 from warehouse.prices import price_table
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,9 @@ class RunResult:
     details: dict[str, int] = field(default_factory=dict)
 
 
+# What the pipelines read: no more (strings cost the most to move through Arrow).
 _EVENT_COLUMNS = """
-    event_id, response_id, previous_response_id, endpoint, model, service_tier, status,
+    response_id, endpoint, model, service_tier, status,
     user_id, created_at, input_tokens, cached_input_tokens, cache_write_tokens,
     output_tokens, reasoning_tokens, total_tokens, web_search_calls,
     image_gen_input_tokens, image_gen_input_image_tokens, image_gen_cached_tokens,
@@ -108,7 +109,11 @@ class RollupJob:
         )
         result = RunResult(ROLLUP, mode)
         try:
-            self._work(conn, full, result)
+            # One transaction for the whole run: readers see the rollups before it or
+            # after it, never half-way; a failed run leaves nothing behind. (It is also
+            # much faster: DuckDB pays for a commit, not for a transaction's size.)
+            with transaction(conn):
+                self._work(conn, full, result)
         except Exception as exc:
             log.exception("rollup run %s failed", run_id)
             result.error = f"{type(exc).__name__}: {exc}"
@@ -155,7 +160,8 @@ class RollupJob:
             # conversation sums, wherever that day is.
             ids = pl.concat([links_changed["response_id"], links_changed["root_id"]]).unique()
             days |= set(_days_of_responses(conn, ids))
-        links = query_frame(conn, "SELECT response_id, root_id FROM conversation_links").lazy()
+        links = query_frame(conn, "SELECT response_id, root_id FROM conversation_links")
+        members = rollups.conversation_members(links.lazy()).collect().lazy()
 
         ordered = sorted(days)
         result.days = len(ordered)
@@ -165,7 +171,7 @@ class RollupJob:
                 raise JobCancelledError("tokentill is stopping; the next run picks up from here")
             chunk = ordered[start : start + self._config.chunk_days]
             rows_in, rows_out, chunk_roots = self._recompute(
-                conn, chunk, model_map, intervals, links
+                conn, chunk, model_map, intervals, members
             )
             result.rows_in += rows_in
             result.rows_out += rows_out
@@ -230,7 +236,6 @@ class RollupJob:
         if changed.height:
             conn.register("_links", changed)
             try:
-                conn.execute("BEGIN TRANSACTION")
                 conn.execute(
                     """DELETE FROM conversation_links
                        WHERE response_id IN (SELECT response_id FROM _links)"""
@@ -238,16 +243,9 @@ class RollupJob:
                 conn.execute(
                     "INSERT INTO conversation_links SELECT response_id, root_id, depth FROM _links"
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             finally:
                 conn.unregister("_links")
-        # Links of these pairs stored by an earlier run that failed later on: their days
-        # still need recomputing, so they count as changed too.
-        again = known.filter(pl.col("response_id").is_in(pairs["response_id"].implode()))
-        return pl.concat([changed, again]).unique()
+        return changed
 
     # -- recomputing days ------------------------------------------------------------------
 
@@ -257,7 +255,7 @@ class RollupJob:
         days: list[datetime],
         model_map: pl.DataFrame,
         intervals: pl.DataFrame,
-        links: pl.LazyFrame,
+        members: pl.LazyFrame,
     ) -> tuple[int, int, set[str]]:
         keys = list(self._config.tag_keys)
         paths = [_json_path(k) for k in keys]
@@ -270,9 +268,10 @@ class RollupJob:
                         {"json_extract_string(metadata, ?)" if keys else "NULL"} AS tag_values
                     FROM usage_events
                     WHERE created_at >= ? AND created_at < ?
-                      AND date_trunc('day', created_at) IN (SELECT day FROM _days)""",
+                      AND date_trunc('day', created_at) IN (SELECT day FROM _days)
+                    ORDER BY created_at""",
                 ([paths] if keys else []) + [min(days), max(days) + timedelta(days=1)],
-            )
+            ).with_columns(pl.col("created_at").set_sorted())
         finally:
             conn.unregister("_days")
         if not keys:
@@ -284,7 +283,7 @@ class RollupJob:
             [
                 rollups.hourly(priced),
                 rollups.daily_tags(priced, keys),
-                rollups.conversation_days(priced, links),
+                rollups.conversation_days(priced, members),
             ]
         )
         daily = rollups.daily(hourly.lazy()).collect()
@@ -295,7 +294,6 @@ class RollupJob:
             "conversation_days": conv,
         }
         conn.register("_days", day_frame)
-        conn.execute("BEGIN TRANSACTION")
         try:
             for table, frame in outputs.items():
                 conn.execute(
@@ -307,10 +305,6 @@ class RollupJob:
                     conn.register("_out", frame)
                     conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _out")
                     conn.unregister("_out")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         finally:
             conn.unregister("_days")
         written = sum(frame.height for frame in outputs.values())
@@ -339,7 +333,6 @@ class RollupJob:
         conn.register(
             "_roots", pl.DataFrame({"root_id": sorted(roots)}, schema={"root_id": pl.String})
         )
-        conn.execute("BEGIN TRANSACTION")
         try:
             if not full:
                 conn.execute(
@@ -347,10 +340,6 @@ class RollupJob:
                 )
             if totals.height:
                 conn.execute("INSERT INTO conversations BY NAME SELECT * FROM _conv")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         finally:
             conn.unregister("_conv")
             conn.unregister("_roots")

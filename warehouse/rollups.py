@@ -58,8 +58,10 @@ def daily(hourly_rows: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def daily_tags(priced: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
-    """Per day x metadata key x value x end user x model, for the configured keys.
-    `tag_values` holds each event's value for each key, in the order of `keys`."""
+    """Per day x metadata key x value x model, for the configured keys (spend by team,
+    feature, customer...). `tag_values` holds each event's value for each key, in the
+    order of `keys`. Not per end user as well: with thousands of users that grain is as
+    large as the events themselves, and per-user questions go to `usage_daily`."""
     if not keys:
         return pl.LazyFrame(schema=_TAG_SCHEMA)
     base = priced.with_columns(pl.col("created_at").dt.truncate("1d").alias("bucket"))
@@ -68,7 +70,7 @@ def daily_tags(priced: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
             pl.lit(key).alias("tag_key"), pl.col("tag_values").list.get(i).alias("tag_value")
         )
         .filter(pl.col("tag_value").is_not_null())
-        .group_by("bucket", "tag_key", "tag_value", "user_id", "model")
+        .group_by("bucket", "tag_key", "tag_value", "model")
         .agg(
             pl.len().cast(pl.Int64).alias("requests"),
             *(
@@ -87,7 +89,6 @@ _TAG_SCHEMA: dict[str, pl.DataType] = {
     "bucket": pl.Datetime("us", "UTC"),
     "tag_key": pl.String(),
     "tag_value": pl.String(),
-    "user_id": pl.String(),
     "model": pl.String(),
     "requests": pl.Int64(),
     "input_tokens": pl.Int64(),
@@ -147,16 +148,16 @@ def link_roots(known: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
     return linked.join(known, on=["response_id", "root_id", "depth"], how="anti")
 
 
-def conversation_days(priced: pl.LazyFrame, links: pl.LazyFrame) -> pl.LazyFrame:
-    """Per conversation root x day: the partial sums `conversations` adds up. A response
-    is in a conversation when it continues one (it has a link) or starts one (it is a
-    root of some link)."""
-    roots = links.select(pl.col("root_id").alias("response_id")).unique()
-    children = priced.join(links.select("response_id", "root_id"), on="response_id", how="inner")
-    starters = priced.join(roots, on="response_id", how="semi").with_columns(
-        pl.col("response_id").alias("root_id")
-    )
-    both = pl.concat([children, starters], how="diagonal_relaxed")
+def conversation_members(links: pl.LazyFrame) -> pl.LazyFrame:
+    """response_id -> root_id for every response in a conversation: those that continue
+    one (they have a link) and those that start one (the roots)."""
+    roots = links.select(pl.col("root_id").alias("response_id"), "root_id").unique()
+    return pl.concat([links.select("response_id", "root_id"), roots])
+
+
+def conversation_days(priced: pl.LazyFrame, members: pl.LazyFrame) -> pl.LazyFrame:
+    """Per conversation root x day: the partial sums `conversations` adds up."""
+    both = priced.join(members, on="response_id", how="inner")
     return (
         both.with_columns(pl.col("created_at").dt.truncate("1d").alias("bucket"))
         .group_by("root_id", "bucket")

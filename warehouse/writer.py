@@ -22,7 +22,7 @@ import polars as pl
 
 from ingest.events import COLUMNS, PENDING_STATUSES, UPDATABLE_COLUMNS
 from ingest.journal import Journal, Position
-from warehouse.db import fetch_one
+from warehouse.db import fetch_one, transaction
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +270,7 @@ class Writer:
         last = batch[-1][0]
         conn = self._conn
         seq = self._seq + 1
-        conn.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(conn):
             if creates.height:
                 conn.register("_new_events", creates)
                 conn.execute(_INSERT_SQL, {"seq": seq})
@@ -281,10 +280,6 @@ class Writer:
                 conn.execute(_UPDATE_SQL, {"seq": seq})
                 conn.unregister("_updates")
             conn.execute(_CHECKPOINT_SQL, {"segment": last.segment, "offset": last.offset})
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         self._seq = seq
         self.checkpoint = last
         self.stats.batches += 1

@@ -79,7 +79,6 @@ CREATE TABLE usage_daily_tags (
     bucket            TIMESTAMPTZ NOT NULL,
     tag_key           VARCHAR NOT NULL,
     tag_value         VARCHAR,
-    user_id           VARCHAR,
     model             VARCHAR,
     requests          BIGINT NOT NULL,
     input_tokens      BIGINT NOT NULL,

@@ -1,0 +1,904 @@
+"""The rollup job's cost: a full rebuild and an incremental run over millions of events.
+
+One run, in a fresh DuckDB file in a temporary directory:
+
+1. generates `--events` synthetic usage events (10,000 end users, skewed; 20 models, most
+   of them priced by genai-prices' OpenAI catalog, a fine-tune and two unknown models that
+   stay unpriced; mostly the default service tier; some incomplete, failed and error rows;
+   tag metadata; about 20% of responses continuing an earlier one; 90 days ending now)
+   with DuckDB SQL alone, and seeds the price catalog;
+2. times a full rebuild (`RollupJob.run(full=True)`), with a breakdown of where it goes;
+3. times the same per-day aggregation (count, token sums, cost from a prices join)
+   written as one plain DuckDB SQL statement: the baseline;
+4. inserts `--new-events` events (most in the last day, a few hundred late ones dated
+   days earlier) and completes the background responses still `queued`, then times an
+   incremental run and checks it recomputed exactly the days that changed;
+5. checks the rollups add up (daily requests = events; daily cost = hourly cost).
+
+Each phase runs in its own subprocess, so each one's peak RSS is its own (wait4's
+ru_maxrss). Figures are checked against targets (PASS/MISS) and summarised as a
+markdown table. A MISS does not fail the run; something broken (a failed job run, sums
+that do not add up, an incremental run touching the wrong days) exits 1.
+
+    python bench/rollup.py [--events 10000000] [--new-events 100000] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import duckdb
+import polars as pl
+from _common import (
+    ROOT,
+    BenchError,
+    make_workdir,
+    markdown_table,
+    remove_workdir,
+    verdict,
+)
+
+from warehouse import jobs
+from warehouse.db import open_warehouse
+from warehouse.jobs import RollupConfig, RollupJob, RunResult
+from warehouse.prices import seed_published
+
+USERS = 10_000
+DAYS = 90
+BATCH = 20_000  # events per ingest_seq, like the writer's batches
+LATE_SHARE = 0.004  # of the new events: dated days earlier
+LATE_DAYS = (3, 8, 21)  # how many days earlier the late events are dated
+QUEUED_WINDOW = timedelta(hours=2)  # background responses this recent are still queued
+
+# Targets.
+FULL_S = 20.0
+INCREMENTAL_S = 1.0
+PEAK_GB = 3.0
+
+# (model, share in %, reasoning model, has flex prices, has priority prices)
+MODELS: tuple[tuple[str, float, bool, bool, bool], ...] = (
+    ("gpt-4o-mini", 18, False, False, True),
+    ("gpt-4.1-mini", 12, False, False, True),
+    ("gpt-5-mini", 10, True, True, True),
+    ("gpt-4o", 8, False, False, True),
+    ("gpt-5", 8, True, True, True),
+    ("gpt-4.1", 6, False, False, True),
+    ("o4-mini", 6, True, True, True),
+    ("gpt-5-nano", 5, True, True, False),
+    ("gpt-4.1-nano", 4, False, False, True),
+    ("gpt-4o-2024-08-06", 4, False, False, True),
+    ("gpt-4o-mini-2024-07-18", 3, False, False, True),
+    ("o3", 3, True, True, True),
+    ("gpt-5-2025-08-07", 3, True, True, True),
+    ("gpt-4.1-2025-04-14", 2, False, False, True),
+    ("o3-mini", 2, True, False, False),
+    ("gpt-5.1", 2, True, True, True),
+    ("o1", 1, True, False, False),
+    ("ft:gpt-4o-mini-2024-07-18:acme::x1", 1.5, False, False, False),
+    ("acme-llama-3.1-70b", 1, False, False, False),  # unknown: stays unpriced
+    ("local-mistral-small", 0.5, False, False, False),  # unknown: stays unpriced
+)
+IMAGE_TOOL_MODELS = ("gpt-4.1", "gpt-5", "gpt-4o")
+UNKNOWN_MODELS = ("acme-llama-3.1-70b", "local-mistral-small")
+FEATURES = ("chat", "search", "summarize", "extract", "agent", "classify", "translate", "draft")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+# -- synthetic events, in SQL ----------------------------------------------------------------
+
+# Every random choice is a hash of the event's index, so any event's attributes (its
+# response id, whether it is a valid parent to continue) can be recomputed from its index.
+_MACROS = f"""
+CREATE OR REPLACE TEMP MACRO bench_u(i, k) AS (hash(i, k) % 1000000)::DOUBLE / 1000000.0;
+CREATE OR REPLACE TEMP MACRO bench_is_resp(i) AS bench_u(i, 4) < 0.70;
+CREATE OR REPLACE TEMP MACRO bench_is_error(i) AS bench_u(i, 3) >= 0.99;
+CREATE OR REPLACE TEMP MACRO bench_resp_id(i) AS
+    'resp_' || md5(i::VARCHAR) || lpad(to_hex(i::BIGINT), 16, '0');
+CREATE OR REPLACE TEMP MACRO bench_chat_id(i) AS
+    'chatcmpl-' || left(md5(i::VARCHAR), 13) || lpad(to_hex(i::BIGINT), 16, '0');
+CREATE OR REPLACE TEMP MACRO bench_parent_ok(j) AS
+    j >= 0 AND bench_is_resp(j) AND NOT bench_is_error(j);
+CREATE OR REPLACE TEMP MACRO bench_user(i) AS
+    least(CAST(floor(exp(bench_u(i, 6) * ln({USERS}))) AS BIGINT), {USERS});
+"""
+
+
+def _model_case() -> str:
+    """A CASE picking a model from a hash slot in [0, 1000), in proportion to its share."""
+    branches, upper = [], 0
+    for model, share, *_ in MODELS:
+        upper += round(share * 10)
+        branches.append(f"WHEN slot < {upper} THEN '{model}'")
+    if upper != 1000:
+        raise BenchError(f"model shares add up to {upper / 10}%, not 100%")
+    return "CASE " + " ".join(branches) + " END"
+
+
+def _in(names: list[str]) -> str:
+    return "(" + ", ".join(f"'{n}'" for n in names) + ")"
+
+
+def events_sql(lo: int, hi: int, created_at: str, ingest_seq: str, continues: str) -> str:
+    """INSERT events with indexes [lo, hi). `created_at`, `ingest_seq` and `continues`
+    (whether this event may continue an earlier response) are SQL over `i`."""
+    reasoning = _in([m for m, _, r, _, _ in MODELS if r])
+    flex = _in([m for m, _, _, f, _ in MODELS if f])
+    priority = _in([m for m, _, _, _, p in MODELS if p])
+    features = "[" + ", ".join(f"'{f}'" for f in FEATURES) + "]"
+    # A continuation tries three candidate parents at most an hour or so earlier.
+    candidates = [f"i - 1 - hash(i, {20 + n}) % 3000" for n in range(3)]
+    parent = " ".join(f"WHEN bench_parent_ok({c}) THEN bench_resp_id({c})" for c in candidates)
+    return f"""
+INSERT INTO usage_events BY NAME
+WITH a AS (
+    SELECT
+        i,
+        {created_at} AS created_at,
+        {ingest_seq} AS ingest_seq,
+        {continues} AS may_continue,
+        hash(i, 8) % 1000 AS slot,
+        bench_u(i, 3) AS r_status,
+        bench_is_resp(i) AS is_resp,
+        bench_user(i) AS u,
+        bench_u(i, 7) < 0.02 AS anonymous,
+        bench_u(i, 9) < 0.03 AS background,
+        bench_u(i, 5) AS r_prev,
+        bench_u(i, 15) AS r_tier,
+        bench_u(i, 16) AS r_latency
+    FROM range({lo}, {hi}) AS t(i)
+), b AS (
+    SELECT
+        *,
+        {_model_case()} AS model,
+        is_resp AND background AS is_background,
+        CASE
+            WHEN r_status >= 0.99 THEN 'error'
+            WHEN is_resp AND background
+                 AND created_at > TIMESTAMPTZ '{{queued_after}}' THEN 'queued'
+            WHEN r_status < 0.955 THEN 'completed'
+            WHEN r_status < 0.975 THEN 'incomplete'
+            WHEN r_status < 0.985 THEN 'failed'
+            ELSE 'cancelled'
+        END AS status,
+        exp(ln(300) + r_latency * ln(200)) AS latency_ms
+    FROM a
+), c AS (
+    SELECT
+        *,
+        status IN ('completed', 'incomplete') AS has_usage,
+        CAST(exp(ln(40) + bench_u(i, 10) * ln(3000)) AS BIGINT) AS inp,
+        CAST(exp(ln(5) + bench_u(i, 13) * ln(1600)) AS BIGINT) AS outp,
+        created_at - to_microseconds(CAST(hash(i, 17) % 50000 AS BIGINT))
+            AS request_started_at
+    FROM b
+)
+SELECT
+    CASE WHEN status = 'error' THEN 'evt_' || md5('evt' || i::VARCHAR)
+         WHEN is_resp THEN bench_resp_id(i) ELSE bench_chat_id(i) END AS event_id,
+    CASE WHEN status = 'error' THEN NULL
+         WHEN is_resp THEN bench_resp_id(i) ELSE bench_chat_id(i) END AS response_id,
+    CASE WHEN is_resp THEN 'responses' ELSE 'chat.completions' END AS endpoint,
+    model,
+    model AS requested_model,
+    status,
+    CAST(CASE WHEN status <> 'error' THEN 200
+              WHEN hash(i, 18) % 3 = 0 THEN 400
+              WHEN hash(i, 18) % 3 = 1 THEN 429 ELSE 500 END AS SMALLINT) AS http_status,
+    CASE WHEN NOT anonymous THEN 'user_' || lpad(u::VARCHAR, 5, '0') END AS user_id,
+    CASE WHEN anonymous THEN NULL
+         WHEN u % 10 < 6 THEN 'header' WHEN u % 10 < 9 THEN 'user'
+         ELSE 'safety_identifier' END AS user_source,
+    CASE WHEN bench_u(i, 19) >= 0.08 THEN json_object(
+        'team', 'team-' || (u % 12)::VARCHAR,
+        'project', 'proj-' || ((u * 7) % 40)::VARCHAR,
+        'feature', CASE WHEN bench_u(i, 24) < 0.9
+                        THEN ({features})[1 + CAST(hash(i, 25) % {len(FEATURES)} AS BIGINT)] END,
+        'customer', 'cust-' || lpad((u % 800)::VARCHAR, 4, '0')
+    ) END AS metadata,
+    CASE WHEN has_usage THEN inp END AS input_tokens,
+    CASE WHEN has_usage THEN
+        CASE WHEN bench_u(i, 11) < 0.45 THEN CAST(inp * bench_u(i, 12) * 0.9 AS BIGINT)
+             ELSE 0 END
+    END AS cached_input_tokens,
+    CASE WHEN has_usage THEN outp END AS output_tokens,
+    CASE WHEN has_usage THEN
+        CASE WHEN model IN {reasoning} THEN CAST(outp * bench_u(i, 14) * 0.85 AS BIGINT)
+             ELSE 0 END
+    END AS reasoning_tokens,
+    CASE WHEN has_usage THEN inp + outp END AS total_tokens,
+    CASE WHEN has_usage AND is_resp THEN
+        CASE WHEN bench_u(i, 26) < 0.04 THEN CAST(1 + hash(i, 27) % 3 AS INTEGER) ELSE 0 END
+    END AS web_search_calls,
+    CASE WHEN has_usage AND is_resp AND model IN {_in(list(IMAGE_TOOL_MODELS))}
+              AND bench_u(i, 28) < 0.02 THEN CAST(50 + hash(i, 29) % 450 AS BIGINT) END
+        AS image_gen_input_tokens,
+    CASE WHEN has_usage AND is_resp AND model IN {_in(list(IMAGE_TOOL_MODELS))}
+              AND bench_u(i, 28) < 0.02 THEN CAST(hash(i, 29) % 2 * 323 AS BIGINT) END
+        AS image_gen_input_image_tokens,
+    CASE WHEN has_usage AND is_resp AND model IN {_in(list(IMAGE_TOOL_MODELS))}
+              AND bench_u(i, 28) < 0.02 THEN CAST(1056 + hash(i, 29) % 3 * 1552 AS BIGINT) END
+        AS image_gen_output_tokens,
+    CASE
+        WHEN NOT is_resp AND r_tier >= 0.98 THEN NULL
+        WHEN model IN {flex} AND r_tier < 0.10 THEN 'flex'
+        WHEN model IN {priority} AND r_tier >= 0.10 AND r_tier < 0.15 THEN 'priority'
+        ELSE 'default'
+    END AS service_tier,
+    CASE WHEN is_resp AND may_continue AND r_prev < 0.29 THEN CASE {parent} END END
+        AS previous_response_id,
+    is_background AS background,
+    NOT is_background AND bench_u(i, 30) < 0.5 AS streamed,
+    NOT is_background AND bench_u(i, 30) < 0.002 AS client_disconnected,
+    CASE WHEN status = 'incomplete' THEN 'max_output_tokens' END AS incomplete_reason,
+    CASE WHEN status = 'failed' THEN 'server_error'
+         WHEN status = 'error' THEN 'invalid_request_error' END AS error_type,
+    CASE WHEN status = 'error' THEN 'rate_limit_exceeded' END AS error_code,
+    created_at,
+    CASE WHEN status NOT IN ('error', 'queued')
+         THEN created_at + to_microseconds(CAST(latency_ms * 1000 AS BIGINT)) END
+        AS completed_at,
+    request_started_at,
+    latency_ms,
+    CASE WHEN NOT is_background AND bench_u(i, 30) < 0.5
+         THEN latency_ms * (0.1 + 0.2 * bench_u(i, 31)) END AS ttft_ms,
+    'sha256:' || left(md5('key-' || (u % 25)::VARCHAR), 16) AS key_fingerprint,
+    request_started_at + to_microseconds(CAST(latency_ms * 1000 AS BIGINT) + 2000)
+        AS recorded_at,
+    ingest_seq,
+    request_started_at + to_microseconds(CAST(latency_ms * 1000 AS BIGINT) + 2000)
+        AS updated_at
+FROM c
+"""
+
+
+def _ts(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+
+
+def _scalar(conn: duckdb.DuckDBPyConnection, sql: str) -> Any:
+    row = conn.execute(sql).fetchone()
+    return None if row is None else row[0]
+
+
+def _peak_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+# -- phases (each in its own process) ------------------------------------------------------
+
+
+def phase_generate(db: Path, events: int) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    start = now - timedelta(days=DAYS)
+    step_us = DAYS * 86_400 * 1_000_000 / events
+    conn = open_warehouse(db)
+    conn.execute(_MACROS)
+    clock = time.perf_counter()
+    created = (
+        f"TIMESTAMPTZ '{_ts(start)}' + to_microseconds("
+        f"CAST((i + 0.9 * bench_u(i, 1)) * {step_us} AS BIGINT))"
+    )
+    sql = events_sql(0, events, created, f"i // {BATCH} + 1", "true").replace(
+        "{queued_after}", _ts(now - QUEUED_WINDOW)
+    )
+    conn.execute(sql)
+    generate_s = time.perf_counter() - clock
+    clock = time.perf_counter()
+    prices = seed_published(conn)
+    seed_s = time.perf_counter() - clock
+    conn.execute("CHECKPOINT")
+    stats = conn.execute(
+        """SELECT count(*), count(previous_response_id), count(*) FILTER (status = 'completed'),
+                  count(*) FILTER (status = 'queued'), count(DISTINCT user_id),
+                  count(DISTINCT model), min(created_at), max(created_at),
+                  count(*) FILTER (cached_input_tokens > input_tokens
+                                   OR reasoning_tokens > output_tokens
+                                   OR total_tokens <> input_tokens + output_tokens),
+                  count(*) FILTER (service_tier <> 'default')
+           FROM usage_events"""
+    ).fetchone()
+    conn.close()
+    if stats is None:
+        raise BenchError("no statistics")
+    if stats[8]:
+        raise BenchError(f"{stats[8]} generated events break a token invariant")
+    return {
+        "events": stats[0],
+        "continued": stats[1],
+        "completed": stats[2],
+        "queued": stats[3],
+        "users": stats[4],
+        "models": stats[5],
+        "first": str(stats[6]),
+        "last": str(stats[7]),
+        "non_default_tier": stats[9],
+        "generate_s": generate_s,
+        "seed_s": seed_s,
+        "prices": prices,
+        "db_bytes": db.stat().st_size,
+    }
+
+
+class Profile:
+    """Wall time per step of a job run, by wrapping the job's methods and helpers."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.stage = "run"
+        self.inner_depth = 0  # inner steps nest (eager polars inside a read): count once
+        self.recomputed: list[list[datetime]] = []
+
+    def stage_wrapper(self, label: str, fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            outer, self.stage = self.stage, label
+            clock = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - clock
+                self.calls[label] += 1
+                self.stage = outer
+
+        return wrapper
+
+    def inner_wrapper(self, label: str, fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            if self.inner_depth:
+                return fn(*args, **kwargs)
+            self.inner_depth += 1
+            clock = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[f"{self.stage}/{label}"] += time.perf_counter() - clock
+                self.inner_depth -= 1
+
+        return wrapper
+
+    def install(self) -> None:
+        original_recompute = RollupJob._recompute
+
+        def recompute(
+            job: RollupJob, conn: duckdb.DuckDBPyConnection, days: list[datetime], *rest: Any
+        ) -> tuple[int, int, set[str]]:
+            self.recomputed.append(list(days))
+            return original_recompute(job, conn, days, *rest)
+
+        for name, fn in (
+            ("_update_links", RollupJob._update_links),
+            ("_days", RollupJob._days),
+            ("_recompute", recompute),
+            ("_refresh_conversations", RollupJob._refresh_conversations),
+        ):
+            setattr(RollupJob, name, self.stage_wrapper(name, fn))
+        jobs._days_of_responses = self.stage_wrapper("_days_of_responses", jobs._days_of_responses)
+        jobs.query_frame = self.inner_wrapper("read", jobs.query_frame)
+        jobs.price_table = self.stage_wrapper("price_table", jobs.price_table)
+        pl.collect_all = self.inner_wrapper("polars", pl.collect_all)  # type: ignore[assignment]
+        pl.LazyFrame.collect = self.inner_wrapper(  # type: ignore[method-assign]
+            "polars", pl.LazyFrame.collect
+        )
+
+    def report(self, total: float) -> dict[str, float]:
+        """Seconds per step: `<stage>/read` (DuckDB to polars), `<stage>/polars` (lazy
+        plans collected), and the remainder: for `_recompute` its DuckDB writes, elsewhere
+        eager polars, inserts and small queries (`<stage>/other`)."""
+        out: dict[str, float] = {}
+        stages = [k for k in self.seconds if "/" not in k]
+        for stage in stages:
+            inner = {k: v for k, v in self.seconds.items() if k.startswith(stage + "/")}
+            out.update(inner)
+            rest = "writes (DELETE, INSERT, COMMIT)" if stage == "_recompute" else "other"
+            out[f"{stage}/{rest}"] = self.seconds[stage] - sum(inner.values())
+        run_inner = {k: v for k, v in self.seconds.items() if k.startswith("run/")}
+        out.update(run_inner)
+        out["run/other"] = total - sum(self.seconds[s] for s in stages) - sum(run_inner.values())
+        return out
+
+
+def _run_job(db: Path, full: bool) -> tuple[RunResult, Profile, duckdb.DuckDBPyConnection]:
+    conn = open_warehouse(db)
+    profile = Profile()
+    profile.install()
+    job = RollupJob(conn.cursor, RollupConfig())
+    result = job.run(full=full)
+    if result.error:
+        raise BenchError(f"the rollup run failed: {result.error}")
+    return result, profile, conn
+
+
+_COUNTED = (
+    "usage_hourly",
+    "usage_daily",
+    "usage_daily_tags",
+    "conversation_days",
+    "conversations",
+    "conversation_links",
+)
+
+
+def phase_full(db: Path) -> dict[str, Any]:
+    result, profile, conn = _run_job(db, full=True)
+    tables = {t: _scalar(conn, f"SELECT count(*) FROM {t}") for t in _COUNTED}
+    conn.close()
+    return {
+        "seconds": result.seconds,
+        "rows_in": result.rows_in,
+        "rows_out": result.rows_out,
+        "days": result.days,
+        "mode": result.mode,
+        "profile": profile.report(result.seconds),
+        "tables": tables,
+        "db_bytes": db.stat().st_size,
+    }
+
+
+_BASELINE_SQL = r"""
+CREATE OR REPLACE TABLE bench_baseline_daily AS
+WITH price_now AS (
+    SELECT model,
+           CAST(input_per_mtok * 1000000 AS BIGINT) AS input_pico,
+           CAST(coalesce(cached_input_per_mtok, input_per_mtok) * 1000000 AS BIGINT)
+               AS cached_pico,
+           CAST(output_per_mtok * 1000000 AS BIGINT) AS output_pico,
+           CAST(coalesce(web_search_per_call, 0) * 1000000000000 AS BIGINT) AS search_pico
+    FROM prices
+    WHERE service_tier = 'default' AND effective_to IS NULL
+    QUALIFY row_number() OVER (PARTITION BY model
+                               ORDER BY priority DESC, recorded_at DESC, price_id DESC) = 1
+), priced AS (
+    SELECT e.created_at, e.user_id, e.model, e.service_tier, e.status,
+           e.input_tokens, e.cached_input_tokens, e.output_tokens, e.reasoning_tokens,
+           e.total_tokens, e.web_search_calls,
+           coalesce(exact.input_pico, family.input_pico) AS input_pico,
+           coalesce(exact.cached_pico, family.cached_pico) AS cached_pico,
+           coalesce(exact.output_pico, family.output_pico) AS output_pico,
+           coalesce(exact.search_pico, family.search_pico) AS search_pico
+    FROM usage_events AS e
+    LEFT JOIN price_now AS exact ON exact.model = e.model
+    LEFT JOIN price_now AS family
+           ON family.model = regexp_replace(e.model, '-\d{4}-\d{2}-\d{2}$', '')
+)
+SELECT date_trunc('day', created_at) AS bucket, user_id, model, service_tier, status,
+       count(*) AS requests,
+       sum(coalesce(input_tokens, 0)) AS input_tokens,
+       sum(coalesce(cached_input_tokens, 0)) AS cached_input_tokens,
+       sum(coalesce(output_tokens, 0)) AS output_tokens,
+       sum(coalesce(reasoning_tokens, 0)) AS reasoning_tokens,
+       sum(coalesce(total_tokens, 0)) AS total_tokens,
+       sum(coalesce(web_search_calls, 0)) AS web_search_calls,
+       sum(CAST((coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0)) * input_pico
+                + coalesce(cached_input_tokens, 0) * cached_pico
+                + coalesce(output_tokens, 0) * output_pico
+                + coalesce(web_search_calls, 0) * search_pico AS DECIMAL(38, 0))) AS cost_pico,
+       count(*) FILTER (input_pico IS NULL
+                        AND coalesce(input_tokens, 0) + coalesce(output_tokens, 0) > 0)
+           AS unpriced
+FROM priced
+GROUP BY ALL
+"""
+
+
+def phase_baseline(db: Path) -> dict[str, Any]:
+    conn = open_warehouse(db)
+    events = _scalar(conn, "SELECT count(*) FROM usage_events")
+    clock = time.perf_counter()
+    conn.execute(_BASELINE_SQL)
+    seconds = time.perf_counter() - clock
+    row = conn.execute(
+        "SELECT count(*), sum(requests), sum(cost_pico), sum(unpriced) FROM bench_baseline_daily"
+    ).fetchone()
+    job = conn.execute("SELECT sum(cost_pico), sum(unpriced) FROM usage_daily").fetchone()
+    # Where the two must agree to the pico-dollar: default tier (prices unchanged over the
+    # window), no image generation, no fine-tune (the SQL's join does not price those).
+    same = f"""coalesce(service_tier, 'default') = 'default'
+        AND model NOT IN {_in(list(IMAGE_TOOL_MODELS))} AND model NOT LIKE 'ft:%'"""
+    subset = conn.execute(
+        f"""SELECT (SELECT sum(cost_pico) FROM bench_baseline_daily WHERE {same}),
+                   (SELECT sum(cost_pico) FROM usage_daily WHERE {same})"""
+    ).fetchone()
+    conn.close()
+    if row is None or job is None or subset is None:
+        raise BenchError("no baseline result")
+    return {
+        "seconds": seconds,
+        "events": events,
+        "rows_out": row[0],
+        "requests": int(row[1]),
+        "cost_pico": int(row[2] or 0),
+        "unpriced": int(row[3]),
+        "job_cost_pico": int(job[0] or 0),
+        "job_unpriced": int(job[1]),
+        "subset_sql_pico": int(subset[0] or 0),
+        "subset_job_pico": int(subset[1] or 0),
+    }
+
+
+def phase_incremental(db: Path, new_events: int) -> dict[str, Any]:
+    conn = open_warehouse(db)
+    conn.execute(_MACROS)
+    now = datetime.now(UTC)
+    first = int(_scalar(conn, "SELECT count(*) FROM usage_events"))
+    seq = int(_scalar(conn, "SELECT max(ingest_seq) FROM usage_events"))
+    last_watermark = int(
+        _scalar(conn, "SELECT watermark FROM job_runs WHERE error IS NULL ORDER BY run_id DESC")
+    )
+    # Most events over the last 24 hours, in order; a few late ones, days earlier.
+    late = f"bench_u(i, 32) < {LATE_SHARE}"
+    late_days = "[" + ", ".join(str(d) for d in LATE_DAYS) + "]"
+    step_us = 86_400 * 1_000_000 / new_events
+    created = f"""CASE WHEN {late}
+        THEN TIMESTAMPTZ '{_ts(now)}'
+             - to_days(CAST(({late_days})[1 + CAST(hash(i, 33) % {len(LATE_DAYS)} AS BIGINT)]
+                            AS INTEGER))
+             - to_microseconds(CAST(hash(i, 34) % 3600000000 AS BIGINT))
+        ELSE TIMESTAMPTZ '{_ts(now - timedelta(days=1))}'
+             + to_microseconds(CAST((i - {first} + 0.9 * bench_u(i, 1)) * {step_us} AS BIGINT))
+        END"""
+    clock = time.perf_counter()
+    sql = events_sql(
+        first,
+        first + new_events,
+        created,
+        f"{seq} + (i - {first}) // {BATCH} + 1",
+        f"NOT ({late})",
+    ).replace("{queued_after}", _ts(now))  # nothing new is queued
+    conn.execute(sql)
+    # The background responses still queued complete, in one more writer batch.
+    completed_seq = seq + math.ceil(new_events / BATCH) + 1
+    completed = conn.execute(
+        f"""UPDATE usage_events SET
+                status = 'completed',
+                input_tokens = 1000 + hash(event_id, 1) % 5000,
+                cached_input_tokens = 0,
+                output_tokens = 200 + hash(event_id, 2) % 2000,
+                reasoning_tokens = 0,
+                total_tokens = 1000 + hash(event_id, 1) % 5000 + 200 + hash(event_id, 2) % 2000,
+                completed_at = TIMESTAMPTZ '{_ts(now)}',
+                ingest_seq = {completed_seq},
+                updated_at = TIMESTAMPTZ '{_ts(now)}'
+            WHERE status = 'queued'"""
+    ).fetchone()
+    insert_s = time.perf_counter() - clock
+    inserted = int(_scalar(conn, "SELECT count(*) FROM usage_events")) - first
+    late_rows = int(
+        _scalar(
+            conn,
+            f"""SELECT count(*) FROM usage_events WHERE ingest_seq > {seq}
+                AND created_at < TIMESTAMPTZ '{_ts(now - timedelta(days=2))}'""",
+        )
+    )
+    conn.close()
+
+    result, profile, conn = _run_job(db, full=False)
+    # The days that changed: those of every event written since the last run, and
+    # those of the conversation roots of the responses among them.
+    expected = [
+        r[0]
+        for r in conn.execute(
+            f"""WITH changed AS (
+                    SELECT response_id, created_at FROM usage_events
+                    WHERE ingest_seq > {last_watermark})
+                SELECT DISTINCT date_trunc('day', created_at) FROM changed
+                UNION
+                SELECT DISTINCT date_trunc('day', e.created_at) FROM usage_events AS e
+                WHERE e.response_id IN (
+                    SELECT l.root_id FROM conversation_links AS l
+                    WHERE l.response_id IN (SELECT response_id FROM changed))"""
+        ).fetchall()
+    ]
+    conn.close()
+    touched = sorted({d for chunk in profile.recomputed for d in chunk})
+    return {
+        "seconds": result.seconds,
+        "mode": result.mode,
+        "rows_in": result.rows_in,
+        "rows_out": result.rows_out,
+        "days": result.days,
+        "inserted": inserted,
+        "late": late_rows,
+        "completed_queued": int(completed[0]) if completed else 0,
+        "insert_s": insert_s,
+        "touched": [str(d.date()) for d in touched],
+        "expected": sorted(str(d.date()) for d in expected),
+        "profile": profile.report(result.seconds),
+    }
+
+
+def run_phase(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    db = Path(args.db)
+    if args.phase == "generate":
+        out = phase_generate(db, args.events)
+    elif args.phase == "full":
+        out = phase_full(db)
+    elif args.phase == "baseline":
+        out = phase_baseline(db)
+    elif args.phase == "incremental":
+        out = phase_incremental(db, args.new_events)
+    else:
+        raise BenchError(f"unknown phase {args.phase}")
+    out["vm_hwm_kb"] = _peak_kb()
+    print("RESULT " + json.dumps(out, default=str), flush=True)
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+
+def spawn(phase: str, db: Path, *extra: str) -> tuple[dict[str, Any], float]:
+    """Run one phase in a subprocess; its result and its own peak RSS in MB (wait4)."""
+    argv = [sys.executable, str(Path(__file__)), "--phase", phase, "--db", str(db), *extra]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=ROOT, text=True)
+    if proc.stdout is None:
+        raise BenchError("no stdout")
+    output = proc.stdout.read()
+    proc.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    lines = [ln for ln in output.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise BenchError(f"phase {phase} failed (exit {proc.returncode}):\n{output}")
+    return json.loads(lines[-1].removeprefix("RESULT ")), usage.ru_maxrss / 1024
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1024:.2f} GB" if value >= 1024 else f"{value:.0f} MB"
+
+
+def _rate(events: float, seconds: float) -> str:
+    rate = events / seconds if seconds else 0.0
+    return f"{rate / 1e6:.2f}M events/s" if rate >= 1e6 else f"{rate / 1e3:.0f}k events/s"
+
+
+def _usd(pico: int) -> str:
+    return f"${pico / 1e12:,.2f}"
+
+
+def _print_profile(profile: dict[str, float], total: float) -> None:
+    for label, seconds in sorted(profile.items(), key=lambda kv: -kv[1]):
+        if seconds >= 0.005:
+            print(f"      {label:<36} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
+
+
+def check_sums(db: Path) -> list[tuple[str, bool, str]]:
+    conn = duckdb.connect(str(db), read_only=True)
+    try:
+        events = int(_scalar(conn, "SELECT count(*) FROM usage_events"))
+        daily_requests = int(_scalar(conn, "SELECT sum(requests) FROM usage_daily"))
+        hourly_requests = int(_scalar(conn, "SELECT sum(requests) FROM usage_hourly"))
+        daily_cost = int(_scalar(conn, "SELECT sum(cost_pico) FROM usage_daily"))
+        hourly_cost = int(_scalar(conn, "SELECT sum(cost_pico) FROM usage_hourly"))
+        # Flex and priority prices start on 2026-10-12 in the catalog: earlier events of
+        # those tiers are unpriced, rightly. On the default tier only unknown models are.
+        unpriced_models = [
+            r[0]
+            for r in conn.execute(
+                """SELECT DISTINCT model FROM usage_daily
+                   WHERE unpriced > 0 AND coalesce(service_tier, 'default') = 'default'
+                   ORDER BY 1"""
+            ).fetchall()
+        ]
+    finally:
+        conn.close()
+    return [
+        (
+            "sum(usage_daily.requests) = count(usage_events)",
+            daily_requests == events,
+            f"{daily_requests:,} vs {events:,}",
+        ),
+        (
+            "sum(usage_hourly.requests) = count(usage_events)",
+            hourly_requests == events,
+            f"{hourly_requests:,} vs {events:,}",
+        ),
+        (
+            "sum(cost_pico) daily = hourly",
+            daily_cost == hourly_cost,
+            f"{_usd(daily_cost)} vs {_usd(hourly_cost)}",
+        ),
+        (
+            "unpriced on the default tier: the unknown models only",
+            set(unpriced_models) == set(UNKNOWN_MODELS),
+            ", ".join(unpriced_models),
+        ),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--new-events", type=int, default=100_000)
+    parser.add_argument("--keep", action="store_true", help="keep the DuckDB file")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--db", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        run_phase(args)
+        return 0
+
+    workdir = make_workdir("tokentill-bench-rollup-")
+    db = workdir / "warehouse.duckdb"
+    try:
+        return drive(args, db)
+    except BenchError as exc:
+        print(f"\nBROKEN: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"\nkept {db}")
+        else:
+            remove_workdir(workdir)
+
+
+def drive(args: argparse.Namespace, db: Path) -> int:
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    print(
+        f"rollup benchmark: {args.events:,} events, {USERS:,} users, {len(MODELS)} models, "
+        f"{DAYS} days; then {args.new_events:,} new events"
+    )
+    print(
+        f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{mem_gb:.1f} GiB RAM; Python {platform.python_version()}, duckdb {duckdb.__version__}, "
+        f"polars {pl.__version__}, genai-prices {metadata.version('genai-prices')}"
+    )
+    print(f"database: {db}\n")
+
+    gen, gen_rss = spawn("generate", db, "--events", str(args.events))
+    events = int(gen["events"])
+    print(
+        f"generate     {events:,} events in {gen['generate_s']:.1f} s "
+        f"({_rate(events, gen['generate_s'])}); {gen['prices']} price rows seeded in "
+        f"{gen['seed_s']:.2f} s; file {gen['db_bytes'] / 2**30:.2f} GiB"
+    )
+    print(
+        f"             {gen['users']:,} users, {gen['models']} models, "
+        f"{gen['completed'] / events:.1%} completed, "
+        f"{gen['continued'] / events:.1%} continue a response, "
+        f"{gen['non_default_tier'] / events:.1%} flex/priority/null tier, "
+        f"{gen['queued']:,} queued; {gen['first'][:16]} .. {gen['last'][:16]}"
+    )
+
+    full, full_rss = spawn("full", db)
+    full_s = float(full["seconds"])
+    print(
+        f"\nfull         {full_s:.2f} s  rows in {full['rows_in']:,}  rows out "
+        f"{full['rows_out']:,}  days {full['days']}  ({_rate(full['rows_in'], full_s)}); "
+        f"file {full['db_bytes'] / 2**30:.2f} GiB"
+    )
+    print("             " + ", ".join(f"{t} {n:,}" for t, n in full["tables"].items()))
+    print("    where the time goes:")
+    _print_profile(full["profile"], full_s)
+
+    base, base_rss = spawn("baseline", db)
+    base_s = float(base["seconds"])
+    job_rate = full["rows_in"] / full_s
+    base_rate = base["events"] / base_s
+    print(
+        f"\nbaseline SQL {base_s:.2f} s  ({_rate(base['events'], base_s)}), "
+        f"{base['rows_out']:,} rows (day x user x model x tier x status)"
+    )
+    print(
+        f"             polars job {_rate(full['rows_in'], full_s)} vs SQL "
+        f"{_rate(base['events'], base_s)}: the SQL is {base_rate / job_rate:.1f}x faster "
+        "(the job also writes hourly, tags and conversations)"
+    )
+    print(
+        f"             cost: SQL {_usd(base['cost_pico'])} ({base['unpriced']:,} unpriced; "
+        f"current default-tier prices, no image tokens), job {_usd(base['job_cost_pico'])} "
+        f"({base['job_unpriced']:,} unpriced; prices in force per tier)"
+    )
+
+    inc, inc_rss = spawn("incremental", db, "--new-events", str(args.new_events))
+    inc_s = float(inc["seconds"])
+    print(
+        f"\nincremental  inserted {inc['inserted']:,} events ({inc['late']:,} dated days "
+        f"earlier) and completed {inc['completed_queued']:,} queued rows in "
+        f"{inc['insert_s']:.2f} s"
+    )
+    print(
+        f"             run {inc_s:.3f} s ({inc['mode']})  rows in {inc['rows_in']:,}  "
+        f"rows out {inc['rows_out']:,}  days {inc['days']}: {', '.join(inc['touched'])}"
+    )
+    days_ok = inc["touched"] == inc["expected"] and inc["mode"] == "incremental"
+    print(
+        f"             expected days: {', '.join(inc['expected'])}  {'OK' if days_ok else 'WRONG'}"
+    )
+    print("    where the time goes:")
+    _print_profile(inc["profile"], inc_s)
+
+    print("\npeak RSS per phase (wait4 ru_maxrss; VmHWM in the child)")
+    for name, rss, out in (
+        ("generate", gen_rss, gen),
+        ("full", full_rss, full),
+        ("baseline", base_rss, base),
+        ("incremental", inc_rss, inc),
+    ):
+        print(f"    {name:<12} {_mb(rss):>9}  ({_mb(out['vm_hwm_kb'] / 1024)})")
+
+    print("\nchecks")
+    checks = check_sums(db)
+    checks.append(
+        (
+            "job cost = SQL cost (default tier, no image tool, no fine-tune)",
+            base["subset_sql_pico"] == base["subset_job_pico"],
+            f"{_usd(base['subset_job_pico'])} vs {_usd(base['subset_sql_pico'])}",
+        )
+    )
+    checks.append(("incremental touched only the changed days", days_ok, ""))
+    for label, ok, detail in checks:
+        print(f"    {'OK  ' if ok else 'FAIL'} {label}  {detail}")
+
+    full_gb = full_rss / 1024
+    targets = [
+        ("full rebuild", f"< {FULL_S:.0f} s", f"{full_s:.2f} s", full_s < FULL_S),
+        ("incremental run", f"< {INCREMENTAL_S:.0f} s", f"{inc_s:.3f} s", inc_s < INCREMENTAL_S),
+        ("peak RSS, full rebuild", f"< {PEAK_GB:.0f} GB", _mb(full_rss), full_gb < PEAK_GB),
+    ]
+    print("\ntargets")
+    for label, target, value, ok in targets:
+        print(f"    {label:<24} {target:<8} {value:>10}  {verdict(ok)}")
+
+    print("\nmarkdown\n")
+    rows = [
+        ["events generated (SQL)", f"{events:,}", f"{gen['generate_s']:.1f} s", "", ""],
+        [
+            "full rebuild (`run(full=True)`)",
+            f"{full['rows_in']:,} in, {full['rows_out']:,} out, {full['days']} days",
+            f"{full_s:.2f} s ({_rate(full['rows_in'], full_s)})",
+            f"< {FULL_S:.0f} s",
+            verdict(full_s < FULL_S),
+        ],
+        [
+            "same daily aggregation, plain DuckDB SQL",
+            f"{base['events']:,} in, {base['rows_out']:,} out",
+            f"{base_s:.2f} s ({_rate(base['events'], base_s)})",
+            "",
+            "",
+        ],
+        [
+            "incremental run",
+            f"{inc['inserted']:,} new ({inc['late']} late), {inc['days']} days",
+            f"{inc_s:.3f} s",
+            f"< {INCREMENTAL_S:.0f} s",
+            verdict(inc_s < INCREMENTAL_S),
+        ],
+        [
+            "peak RSS, full rebuild",
+            "",
+            _mb(full_rss),
+            f"< {PEAK_GB:.0f} GB",
+            verdict(full_gb < PEAK_GB),
+        ],
+        ["peak RSS, incremental", "", _mb(inc_rss), "", ""],
+    ]
+    print(markdown_table(["Figure", "Work", "Result", "Target", ""], rows))
+    if not all(ok for _, ok, _ in checks):
+        raise BenchError("a correctness check failed (see checks above)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

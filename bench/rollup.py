@@ -680,7 +680,7 @@ def _usd(pico: int) -> str:
 def _print_profile(profile: dict[str, float], total: float) -> None:
     for label, seconds in sorted(profile.items(), key=lambda kv: -kv[1]):
         if seconds >= 0.005:
-            print(f"      {label:<36} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
+            print(f"      {label:<44} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
 
 
 def check_sums(db: Path) -> list[tuple[str, bool, str]]:

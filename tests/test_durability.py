@@ -207,7 +207,7 @@ def test_kill_9_under_load(db: Path, fake_upstream: str, processes: list[Process
         process.stop(signal.SIGKILL)
         for future in futures:
             future.result(timeout=30)
-    assert len(received) > 50
+    assert len(received) > 10  # traffic was flowing when the kill came
 
     restarted = Process(db, fake_upstream)
     processes.append(restarted)

@@ -21,6 +21,21 @@ from tests.conftest import ledger
 from tests.servers import free_port
 
 
+def serve_command(db: Path, upstream: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tokentill",
+        "serve",
+        "--db",
+        str(db),
+        "--upstream",
+        upstream,
+        "--port",
+        str(port),
+    ]
+
+
 class Process:
     """`tokentill serve` as a real subprocess."""
 
@@ -31,18 +46,7 @@ class Process:
         environment = {**os.environ, **{f"TOKENTILL_{k.upper()}": v for k, v in env.items()}}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tokentill",
-                    "serve",
-                    "--db",
-                    str(db),
-                    "--upstream",
-                    upstream,
-                    "--port",
-                    str(self.port),
-                ],
+                serve_command(db, upstream, self.port),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=environment,
@@ -225,18 +229,7 @@ def test_second_server_on_same_database_says_so(
     process = Process(db, fake_upstream)
     processes.append(process)
     second = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tokentill",
-            "serve",
-            "--db",
-            str(db),
-            "--upstream",
-            fake_upstream,
-            "--port",
-            str(free_port()),
-        ],
+        serve_command(db, fake_upstream, free_port()),
         capture_output=True,
         text=True,
         timeout=60,

@@ -99,6 +99,13 @@ class RollupJob:
     def _run(self, conn: duckdb.DuckDBPyConnection, full: bool) -> RunResult:
         if fetch_one(conn, _LAST_RUN_SQL, [ROLLUP]) is None:
             full = True  # nothing to be incremental from
+        latest = fetch_one(
+            conn,
+            "SELECT mode, error FROM job_runs WHERE job = ? ORDER BY run_id DESC LIMIT 1",
+            [ROLLUP],
+        )
+        if latest is not None and latest[0] == "full" and latest[1] is not None:
+            full = True  # a full rebuild that failed part way is finished first
         mode = "full" if full else "incremental"
         started = datetime.now(UTC)
         clock = time.perf_counter()
@@ -109,9 +116,10 @@ class RollupJob:
         )
         result = RunResult(ROLLUP, mode)
         try:
-            # One transaction for the whole run: readers see the rollups before it or
-            # after it, never half-way; a failed run leaves nothing behind. (It is also
-            # much faster: DuckDB pays for a commit, not for a transaction's size.)
+            # An incremental run is one transaction: readers see the rollups before it or
+            # after it, never half-way, and a failed run leaves nothing behind. A full
+            # rebuild commits chunk by chunk (DuckDB holds a transaction's rows in memory),
+            # and one that fails is redone in full by the next run.
             with transaction(conn):
                 self._work(conn, full, result)
         except Exception as exc:
@@ -175,6 +183,9 @@ class RollupJob:
             )
             result.rows_in += rows_in
             result.rows_out += rows_out
+            if full:
+                conn.execute("COMMIT")
+                conn.execute("BEGIN TRANSACTION")
             roots |= chunk_roots
         result.rows_out += self._refresh_conversations(conn, full, roots)
 

@@ -415,12 +415,29 @@ class Profile:
             out[f"{stage}/{rest}"] = self.seconds[stage] - sum(inner.values())
         run_inner = {k: v for k, v in self.seconds.items() if k.startswith("run/")}
         out.update(run_inner)
-        out["run/other"] = total - sum(self.seconds[s] for s in stages) - sum(run_inner.values())
+        staged = sum(self.seconds[s] for s in stages) + sum(run_inner.values())
+        out["run/other (COMMITs, setup queries)"] = total - staged
         return out
 
 
-def _run_job(db: Path, full: bool) -> tuple[RunResult, Profile, duckdb.DuckDBPyConnection]:
-    conn = open_warehouse(db)
+def server_memory_limit() -> str | None:
+    """DuckDB's memory limit as `tokentill serve` sets it by default (None: DuckDB's own)."""
+    from tokentill.settings import Settings
+
+    field = Settings.model_fields.get("warehouse_memory_limit")
+    return None if field is None else str(field.default)
+
+
+def _open(db: Path, memory_limit: str | None) -> duckdb.DuckDBPyConnection:
+    if memory_limit:
+        return open_warehouse(db, memory_limit=memory_limit)
+    return open_warehouse(db)
+
+
+def _run_job(
+    db: Path, full: bool, memory_limit: str | None
+) -> tuple[RunResult, Profile, duckdb.DuckDBPyConnection]:
+    conn = _open(db, memory_limit)
     profile = Profile()
     profile.install()
     job = RollupJob(conn.cursor, RollupConfig())
@@ -440,8 +457,8 @@ _COUNTED = (
 )
 
 
-def phase_full(db: Path) -> dict[str, Any]:
-    result, profile, conn = _run_job(db, full=True)
+def phase_full(db: Path, memory_limit: str | None) -> dict[str, Any]:
+    result, profile, conn = _run_job(db, True, memory_limit)
     tables = {t: _scalar(conn, f"SELECT count(*) FROM {t}") for t in _COUNTED}
     conn.close()
     return {
@@ -502,8 +519,8 @@ GROUP BY ALL
 """
 
 
-def phase_baseline(db: Path) -> dict[str, Any]:
-    conn = open_warehouse(db)
+def phase_baseline(db: Path, memory_limit: str | None) -> dict[str, Any]:
+    conn = _open(db, memory_limit)
     events = _scalar(conn, "SELECT count(*) FROM usage_events")
     clock = time.perf_counter()
     conn.execute(_BASELINE_SQL)
@@ -537,8 +554,8 @@ def phase_baseline(db: Path) -> dict[str, Any]:
     }
 
 
-def phase_incremental(db: Path, new_events: int) -> dict[str, Any]:
-    conn = open_warehouse(db)
+def phase_incremental(db: Path, new_events: int, memory_limit: str | None) -> dict[str, Any]:
+    conn = _open(db, memory_limit)
     conn.execute(_MACROS)
     now = datetime.now(UTC)
     first = int(_scalar(conn, "SELECT count(*) FROM usage_events"))
@@ -593,7 +610,7 @@ def phase_incremental(db: Path, new_events: int) -> dict[str, Any]:
     )
     conn.close()
 
-    result, profile, conn = _run_job(db, full=False)
+    result, profile, conn = _run_job(db, False, memory_limit)
     # The days that changed: those of every event written since the last run, and
     # those of the conversation roots of the responses among them.
     expected = [
@@ -634,11 +651,11 @@ def run_phase(args: argparse.Namespace) -> None:
     if args.phase == "generate":
         out = phase_generate(db, args.events)
     elif args.phase == "full":
-        out = phase_full(db)
+        out = phase_full(db, args.memory_limit)
     elif args.phase == "baseline":
-        out = phase_baseline(db)
+        out = phase_baseline(db, args.memory_limit)
     elif args.phase == "incremental":
-        out = phase_incremental(db, args.new_events)
+        out = phase_incremental(db, args.new_events, args.memory_limit)
     else:
         raise BenchError(f"unknown phase {args.phase}")
     out["vm_hwm_kb"] = _peak_kb()
@@ -732,9 +749,18 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--new-events", type=int, default=100_000)
     parser.add_argument("--keep", action="store_true", help="keep the DuckDB file")
+    parser.add_argument(
+        "--memory-limit",
+        help="DuckDB memory limit for the job and the baseline (default: the server's, "
+        "warehouse_memory_limit; 'none': DuckDB's own, 80%% of RAM)",
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_limit is None:
+        args.memory_limit = server_memory_limit()
+    elif args.memory_limit.lower() == "none":
+        args.memory_limit = ""
     if args.phase:
         run_phase(args)
         return 0
@@ -753,6 +779,16 @@ def main() -> int:
             remove_workdir(workdir)
 
 
+def git_revision() -> str:
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "warehouse")
+    return head + (" + uncommitted changes in warehouse/" if dirty else "")
+
+
 def drive(args: argparse.Namespace, db: Path) -> int:
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print(
@@ -763,6 +799,10 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         f"machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{mem_gb:.1f} GiB RAM; Python {platform.python_version()}, duckdb {duckdb.__version__}, "
         f"polars {pl.__version__}, genai-prices {metadata.version('genai-prices')}"
+    )
+    print(
+        f"code: {git_revision()}; DuckDB memory limit for the job and the baseline: "
+        f"{args.memory_limit or 'DuckDB default (80% of RAM)'}"
     )
     print(f"database: {db}\n")
 
@@ -781,7 +821,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         f"{gen['queued']:,} queued; {gen['first'][:16]} .. {gen['last'][:16]}"
     )
 
-    full, full_rss = spawn("full", db)
+    limit = ("--memory-limit", args.memory_limit or "none")
+    full, full_rss = spawn("full", db, *limit)
     full_s = float(full["seconds"])
     print(
         f"\nfull         {full_s:.2f} s  rows in {full['rows_in']:,}  rows out "
@@ -792,7 +833,7 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     print("    where the time goes:")
     _print_profile(full["profile"], full_s)
 
-    base, base_rss = spawn("baseline", db)
+    base, base_rss = spawn("baseline", db, *limit)
     base_s = float(base["seconds"])
     job_rate = full["rows_in"] / full_s
     base_rate = base["events"] / base_s
@@ -811,7 +852,7 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         f"({base['job_unpriced']:,} unpriced; prices in force per tier)"
     )
 
-    inc, inc_rss = spawn("incremental", db, "--new-events", str(args.new_events))
+    inc, inc_rss = spawn("incremental", db, "--new-events", str(args.new_events), *limit)
     inc_s = float(inc["seconds"])
     print(
         f"\nincremental  inserted {inc['inserted']:,} events ({inc['late']:,} dated days "

@@ -62,13 +62,29 @@ class RunResult:
 
 
 # What the pipelines read: no more (strings cost the most to move through Arrow).
-_EVENT_COLUMNS = """
-    response_id, endpoint, model, service_tier, status,
-    user_id, created_at, input_tokens, cached_input_tokens, cache_write_tokens,
-    output_tokens, reasoning_tokens, total_tokens, web_search_calls,
-    image_gen_input_tokens, image_gen_input_image_tokens, image_gen_cached_tokens,
-    image_gen_output_tokens
-"""
+_EVENT_COLUMNS = ", ".join(
+    f"e.{column}"
+    for column in (
+        "response_id",
+        "endpoint",
+        "model",
+        "service_tier",
+        "status",
+        "user_id",
+        "created_at",
+        "input_tokens",
+        "cached_input_tokens",
+        "cache_write_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "total_tokens",
+        "web_search_calls",
+        "image_gen_input_tokens",
+        "image_gen_input_image_tokens",
+        "image_gen_cached_tokens",
+        "image_gen_output_tokens",
+    )
+)
 
 
 class RollupJob:
@@ -168,8 +184,10 @@ class RollupJob:
             # conversation sums, wherever that day is.
             ids = pl.concat([links_changed["response_id"], links_changed["root_id"]]).unique()
             days |= set(_days_of_responses(conn, ids))
-        links = query_frame(conn, "SELECT response_id, root_id FROM conversation_links")
-        members = rollups.conversation_members(links.lazy()).collect().lazy()
+        conn.execute(
+            """CREATE OR REPLACE TEMP TABLE _conversation_roots AS
+               SELECT DISTINCT root_id FROM conversation_links"""
+        )
 
         ordered = sorted(days)
         result.days = len(ordered)
@@ -178,9 +196,7 @@ class RollupJob:
             if self._cancelled.is_set():
                 raise JobCancelledError("tokentill is stopping; the next run picks up from here")
             chunk = ordered[start : start + self._config.chunk_days]
-            rows_in, rows_out, chunk_roots = self._recompute(
-                conn, chunk, model_map, intervals, members
-            )
+            rows_in, rows_out, chunk_roots = self._recompute(conn, chunk, model_map, intervals)
             result.rows_in += rows_in
             result.rows_out += rows_out
             if full:
@@ -241,7 +257,18 @@ class RollupJob:
         )
         if pairs.height == 0:
             return empty
-        known = query_frame(conn, "SELECT response_id, root_id, depth FROM conversation_links")
+        # Only the stored links these pairs can touch: their parents', and those that end
+        # at one of them (a parent that arrived after its child).
+        conn.register("_pairs", pairs)
+        try:
+            known = query_frame(
+                conn,
+                """SELECT response_id, root_id, depth FROM conversation_links
+                   WHERE response_id IN (SELECT previous_response_id FROM _pairs)
+                      OR root_id IN (SELECT response_id FROM _pairs)""",
+            )
+        finally:
+            conn.unregister("_pairs")
         known = known.with_columns(pl.col("depth").cast(pl.Int32)) if known.height else empty
         changed = rollups.link_roots(known, pairs)
         if changed.height:
@@ -266,7 +293,6 @@ class RollupJob:
         days: list[datetime],
         model_map: pl.DataFrame,
         intervals: pl.DataFrame,
-        members: pl.LazyFrame,
     ) -> tuple[int, int, set[str]]:
         keys = list(self._config.tag_keys)
         paths = [_json_path(k) for k in keys]
@@ -276,11 +302,15 @@ class RollupJob:
             events = query_frame(
                 conn,
                 f"""SELECT {_EVENT_COLUMNS},
-                        {"json_extract_string(metadata, ?)" if keys else "NULL"} AS tag_values
-                    FROM usage_events
-                    WHERE created_at >= ? AND created_at < ?
-                      AND date_trunc('day', created_at) IN (SELECT day FROM _days)
-                    ORDER BY created_at""",
+                        {"json_extract_string(e.metadata, ?)" if keys else "NULL"} AS tag_values,
+                        -- the conversation a response continues, or starts
+                        coalesce(l.root_id, r.root_id) AS conversation_root
+                    FROM usage_events AS e
+                    LEFT JOIN conversation_links AS l ON l.response_id = e.response_id
+                    LEFT JOIN _conversation_roots AS r ON r.root_id = e.response_id
+                    WHERE e.created_at >= ? AND e.created_at < ?
+                      AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)
+                    ORDER BY e.created_at""",
                 ([paths] if keys else []) + [min(days), max(days) + timedelta(days=1)],
             ).with_columns(pl.col("created_at").set_sorted())
         finally:
@@ -294,7 +324,7 @@ class RollupJob:
             [
                 rollups.hourly(priced),
                 rollups.daily_tags(priced, keys),
-                rollups.conversation_days(priced, members),
+                rollups.conversation_days(priced),
             ]
         )
         daily = rollups.daily(hourly.lazy()).collect()

@@ -148,16 +148,13 @@ def link_roots(known: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
     return linked.join(known, on=["response_id", "root_id", "depth"], how="anti")
 
 
-def conversation_members(links: pl.LazyFrame) -> pl.LazyFrame:
-    """response_id -> root_id for every response in a conversation: those that continue
-    one (they have a link) and those that start one (the roots)."""
-    roots = links.select(pl.col("root_id").alias("response_id"), "root_id").unique()
-    return pl.concat([links.select("response_id", "root_id"), roots])
-
-
-def conversation_days(priced: pl.LazyFrame, members: pl.LazyFrame) -> pl.LazyFrame:
-    """Per conversation root x day: the partial sums `conversations` adds up."""
-    both = priced.join(members, on="response_id", how="inner")
+def conversation_days(priced: pl.LazyFrame) -> pl.LazyFrame:
+    """Per conversation root x day: the partial sums `conversations` adds up.
+    `conversation_root` is the conversation a response continues or starts (null if
+    it is in none)."""
+    both = priced.filter(pl.col("conversation_root").is_not_null()).with_columns(
+        pl.col("conversation_root").alias("root_id")
+    )
     return (
         both.with_columns(pl.col("created_at").dt.truncate("1d").alias("bucket"))
         .group_by("root_id", "bucket")

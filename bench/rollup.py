@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
@@ -45,6 +47,7 @@ from typing import Any, ParamSpec, TypeVar
 import duckdb
 import polars as pl
 from _common import (
+    CLOCK_TICKS,
     ROOT,
     BenchError,
     make_workdir,
@@ -57,6 +60,20 @@ from warehouse import jobs
 from warehouse.db import open_warehouse
 from warehouse.jobs import RollupConfig, RollupJob, RunResult
 from warehouse.prices import seed_published
+
+
+def code_fingerprint() -> str:
+    """A hash of the warehouse package's source: which job code a phase imported (other
+    engineers may change it while a long run goes on)."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    package = ROOT / "warehouse"
+    for path in sorted([*package.rglob("*.py"), *package.rglob("*.sql")]):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+CODE_AT_IMPORT = code_fingerprint()
 
 USERS = 10_000
 DAYS = 90
@@ -659,26 +676,47 @@ def run_phase(args: argparse.Namespace) -> None:
     else:
         raise BenchError(f"unknown phase {args.phase}")
     out["vm_hwm_kb"] = _peak_kb()
+    out["code"] = CODE_AT_IMPORT
     print("RESULT " + json.dumps(out, default=str), flush=True)
 
 
 # -- the driver -----------------------------------------------------------------------------
 
 
-def spawn(phase: str, db: Path, *extra: str) -> tuple[dict[str, Any], float]:
-    """Run one phase in a subprocess; its result and its own peak RSS in MB (wait4)."""
+def _busy_cpu_seconds() -> float:
+    """CPU time spent by the whole machine so far (all CPUs, not idle or iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+@dataclass
+class PhaseRun:
+    result: dict[str, Any]
+    peak_mb: float  # the child's own peak RSS (wait4's ru_maxrss)
+    wall_s: float
+    foreign_cpu_s: float  # CPU time other processes used meanwhile (noise in the timings)
+
+
+def spawn(phase: str, db: Path, *extra: str) -> PhaseRun:
+    """Run one phase in a subprocess: its result, its own peak RSS, and how much CPU the
+    rest of the machine used meanwhile (another benchmark or a test suite skews timings)."""
     argv = [sys.executable, str(Path(__file__)), "--phase", phase, "--db", str(db), *extra]
+    busy, clock = _busy_cpu_seconds(), time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=ROOT, text=True)
     if proc.stdout is None:
         raise BenchError("no stdout")
     output = proc.stdout.read()
     proc.stdout.close()
     _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - clock
+    foreign = _busy_cpu_seconds() - busy - usage.ru_utime - usage.ru_stime
     proc.returncode = os.waitstatus_to_exitcode(status)
     lines = [ln for ln in output.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise BenchError(f"phase {phase} failed (exit {proc.returncode}):\n{output}")
-    return json.loads(lines[-1].removeprefix("RESULT ")), usage.ru_maxrss / 1024
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    return PhaseRun(result, usage.ru_maxrss / 1024, wall, max(0.0, foreign))
 
 
 def _mb(value: float) -> str:
@@ -806,7 +844,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     )
     print(f"database: {db}\n")
 
-    gen, gen_rss = spawn("generate", db, "--events", str(args.events))
+    gen_run = spawn("generate", db, "--events", str(args.events))
+    gen = gen_run.result
     events = int(gen["events"])
     print(
         f"generate     {events:,} events in {gen['generate_s']:.1f} s "
@@ -822,7 +861,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     )
 
     limit = ("--memory-limit", args.memory_limit or "none")
-    full, full_rss = spawn("full", db, *limit)
+    full_run = spawn("full", db, *limit)
+    full, full_rss = full_run.result, full_run.peak_mb
     full_s = float(full["seconds"])
     print(
         f"\nfull         {full_s:.2f} s  rows in {full['rows_in']:,}  rows out "
@@ -833,7 +873,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     print("    where the time goes:")
     _print_profile(full["profile"], full_s)
 
-    base, base_rss = spawn("baseline", db, *limit)
+    base_run = spawn("baseline", db, *limit)
+    base = base_run.result
     base_s = float(base["seconds"])
     job_rate = full["rows_in"] / full_s
     base_rate = base["events"] / base_s
@@ -852,7 +893,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         f"({base['job_unpriced']:,} unpriced; prices in force per tier)"
     )
 
-    inc, inc_rss = spawn("incremental", db, "--new-events", str(args.new_events), *limit)
+    inc_run = spawn("incremental", db, "--new-events", str(args.new_events), *limit)
+    inc, inc_rss = inc_run.result, inc_run.peak_mb
     inc_s = float(inc["seconds"])
     print(
         f"\nincremental  inserted {inc['inserted']:,} events ({inc['late']:,} dated days "
@@ -870,14 +912,34 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     print("    where the time goes:")
     _print_profile(inc["profile"], inc_s)
 
-    print("\npeak RSS per phase (wait4 ru_maxrss; VmHWM in the child)")
-    for name, rss, out in (
-        ("generate", gen_rss, gen),
-        ("full", full_rss, full),
-        ("baseline", base_rss, base),
-        ("incremental", inc_rss, inc),
-    ):
-        print(f"    {name:<12} {_mb(rss):>9}  ({_mb(out['vm_hwm_kb'] / 1024)})")
+    print(
+        "\nper phase: wall time, peak RSS (wait4 ru_maxrss; VmHWM in the child), CPU used by"
+        " other processes meanwhile, warehouse code imported"
+    )
+    phases = (
+        ("generate", gen_run),
+        ("full", full_run),
+        ("baseline", base_run),
+        ("incremental", inc_run),
+    )
+    cpus = os.cpu_count() or 1
+    for name, run in phases:
+        print(
+            f"    {name:<12} {run.wall_s:7.1f} s  {_mb(run.peak_mb):>9} "
+            f"({_mb(run.result['vm_hwm_kb'] / 1024)})  others {run.foreign_cpu_s:6.1f} CPU-s  "
+            f"code {run.result['code']}"
+        )
+    noisy = [n for n, run in phases if run.foreign_cpu_s > 0.05 * run.wall_s * cpus]
+    if noisy:
+        print(
+            f"    WARNING: other processes used over 5% of the CPUs during {', '.join(noisy)}:"
+            " those timings are inflated"
+        )
+    if len({run.result["code"] for _, run in phases} | {CODE_AT_IMPORT}) > 1:
+        print(
+            "    WARNING: the warehouse code changed during the run (phases imported "
+            "different versions): the figures do not describe one version"
+        )
 
     print("\nchecks")
     checks = check_sums(db)

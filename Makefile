@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 SRC := tokentill ingest warehouse api dashboards
 
-.PHONY: run demo test lint typecheck pytest bench sync fake-upstream
+.PHONY: run demo test lint typecheck pytest bench bench-rollup sync fake-upstream
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -39,3 +39,6 @@ pytest: sync
 bench: sync  ## needs wrk (Debian package), installed here if missing
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(RUN) python bench/proxy.py
+
+bench-rollup: sync  ## 10M synthetic events: full rebuild, incremental run, peak memory
+	$(RUN) python bench/rollup.py

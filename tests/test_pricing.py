@@ -69,11 +69,14 @@ CATALOG = [
         tier_output_per_mtok=15,
     ),
     row(
+        # As genai-prices lists it: image output at the plain output rate, no
+        # image_output_per_mtok of its own.
         "gpt-image-1",
         input_per_mtok=5,
+        cached_input_per_mtok=1.25,
         output_per_mtok=40,
         image_input_per_mtok=10,
-        image_output_per_mtok=40,
+        image_cached_input_per_mtok=2.5,
     ),
 ]
 
@@ -251,6 +254,24 @@ CASES: list[tuple[str, dict[str, Any], int | None]] = [
             "image_gen_output_tokens": 1000,
         },
         100 * 2_500_000 + 10 * 10_000_000 + 30 * 5_000_000 + 20 * 10_000_000 + 1000 * 40_000_000,
+    ),
+    (
+        "cached image generation tokens at the cached image rate",
+        {
+            "model": "gpt-4o",
+            "input_tokens": 101,
+            "output_tokens": 10,
+            "image_gen_input_tokens": 50,
+            "image_gen_input_image_tokens": 20,
+            "image_gen_cached_tokens": 25,
+            "image_gen_output_tokens": 1000,
+        },
+        101 * 2_500_000
+        + 10 * 10_000_000
+        + 25 * 5_000_000  # text: 30, of which 5 cached
+        + 5 * 1_250_000
+        + 20 * 2_500_000  # image: 20, all cached
+        + 1000 * 40_000_000,
     ),
     (
         "an error without tokens costs nothing and is not unpriced",

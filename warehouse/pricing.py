@@ -179,6 +179,8 @@ def price_events(
             "valid_from",
             pl.col("valid_to").alias("_img_to"),
             pl.col("input_per_mtok").alias("_img_text"),
+            pl.col("cached_input_per_mtok").alias("_img_text_cached"),
+            pl.col("output_per_mtok").alias("_img_text_out"),
             pl.col("image_input_per_mtok").alias("_img_in"),
             pl.col("image_cached_input_per_mtok").alias("_img_cached"),
             pl.col("image_output_per_mtok").alias("_img_out"),
@@ -204,10 +206,19 @@ def price_events(
     )
     image_in = pl.col("image_gen_input_tokens")
     image_image = pl.col("image_gen_input_image_tokens")
+    # Cached tokens are part of the input: image tokens first, the rest text.
+    cached_image = pl.min_horizontal(pl.col("image_gen_cached_tokens"), image_image)
+    cached_text = pl.col("image_gen_cached_tokens") - cached_image
+    image_rate = pl.coalesce(pl.col("_img_in"), pl.col("_img_text"))
     image_cost = (
-        (image_in - image_image) * pl.col("_img_text")
-        + image_image * pl.coalesce(pl.col("_img_in"), pl.col("_img_text"))
-        + pl.col("image_gen_output_tokens") * pl.coalesce(pl.col("_img_out"), pl.col("_img_text"))
+        (image_in - image_image - cached_text) * pl.col("_img_text")
+        + cached_text * pl.coalesce(pl.col("_img_text_cached"), pl.col("_img_text"))
+        + (image_image - cached_image) * image_rate
+        + cached_image * pl.coalesce(pl.col("_img_cached"), image_rate)
+        # The image model's output rate: its image-output price where the catalog has one
+        # (genai-prices lists gpt-image-1's as plain output), never an input price.
+        + pl.col("image_gen_output_tokens")
+        * pl.coalesce(pl.col("_img_out"), pl.col("_img_text_out"))
     )
     uses_image = (image_in + pl.col("image_gen_output_tokens")) > 0
     has_tokens = (pl.col("input_tokens") + pl.col("output_tokens")) > 0
@@ -216,6 +227,7 @@ def price_events(
     )
     image_priced = ~uses_image | (
         pl.col("_img_text").is_not_null()
+        & pl.coalesce(pl.col("_img_out"), pl.col("_img_text_out")).is_not_null()
         & (pl.col("_img_to").is_null() | (pl.col("created_at") < pl.col("_img_to")))
     )
     cost = (
@@ -237,6 +249,8 @@ def price_events(
         "_img_from",
         "_img_to",
         "_img_text",
+        "_img_text_cached",
+        "_img_text_out",
         "_img_in",
         "_img_cached",
         "_img_out",

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from api.deps import RuntimeDep
-from warehouse.db import query_frame
+from warehouse.jobs import last_runs
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -45,9 +45,7 @@ async def list_runs(runtime: RuntimeDep, limit: int = Query(20, ge=1, le=1000)) 
     def read() -> list[JobRun]:
         conn = runtime.connect()
         try:
-            frame = query_frame(
-                conn, "SELECT * FROM job_runs ORDER BY run_id DESC LIMIT ?", [limit]
-            )
+            frame = last_runs(conn, limit)
         finally:
             conn.close()
         return [JobRun.model_validate(row) for row in frame.to_dicts()]

@@ -207,15 +207,8 @@ class Proxy:
         try:
             upstream = await client.send(scope["method"], url, forwarded, body)
         except UpstreamError as exc:
-            timeout = isinstance(exc, UpstreamTimeout)
-            return await self._upstream_failed(
-                send,
-                facts,
-                recorder,
-                504 if timeout else 502,
-                "upstream_timeout" if timeout else "upstream_unreachable",
-                f"The upstream {'did not answer in time' if timeout else 'could not be reached'}"
-                f" ({exc}).",
+            return await self._upstream_broke(
+                send, facts, recorder, exc, "upstream_unreachable", "could not be reached"
             )
 
         try:
@@ -267,6 +260,24 @@ class Proxy:
         await send_error(send, status, message, "upstream_error", code)
         return status
 
+    async def _upstream_broke(
+        self,
+        send: Send,
+        facts: RequestFacts | None,
+        recorder: Recorder,
+        exc: UpstreamError,
+        code: str,
+        what: str,
+    ) -> int:
+        """A transport failure: 504 when the upstream was too slow, else 502 with `code`."""
+        if isinstance(exc, UpstreamTimeout):
+            status, code, what = 504, "upstream_timeout", "did not answer in time"
+        else:
+            status = 502
+        return await self._upstream_failed(
+            send, facts, recorder, status, code, f"The upstream {what} ({exc})."
+        )
+
     async def _pass_through(self, upstream: UpstreamResponse, receive: Receive, send: Send) -> None:
         await send(
             {
@@ -301,16 +312,8 @@ class Proxy:
                 if size > limit:
                     break
         except UpstreamError as exc:
-            code = (
-                "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_broken_answer"
-            )
-            return await self._upstream_failed(
-                send,
-                facts,
-                recorder,
-                504 if code == "upstream_timeout" else 502,
-                code,
-                f"The upstream's answer broke off ({type(exc).__name__}).",
+            return await self._upstream_broke(
+                send, facts, recorder, exc, "upstream_broken_answer", "broke off mid-answer"
             )
         body = b"".join(chunks)
         status = upstream.status

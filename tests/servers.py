@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -18,19 +17,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def wait_until_up(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1.0)
-            return
-        except httpx.TransportError as exc:
-            last = exc
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not come up: {last}")
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import duckdb
@@ -58,7 +58,6 @@ class RunResult:
     price_mark: int = 0
     error: str | None = None
     seconds: float = 0.0
-    details: dict[str, int] = field(default_factory=dict)
 
 
 # What the pipelines read: no more (strings cost the most to move through Arrow).
@@ -72,17 +71,9 @@ _EVENT_COLUMNS = ", ".join(
         "status",
         "user_id",
         "created_at",
-        "input_tokens",
-        "cached_input_tokens",
-        "cache_write_tokens",
-        "output_tokens",
         "reasoning_tokens",
         "total_tokens",
-        "web_search_calls",
-        "image_gen_input_tokens",
-        "image_gen_input_image_tokens",
-        "image_gen_cached_tokens",
-        "image_gen_output_tokens",
+        *pricing.PRICED_COUNTS,
     )
 )
 
@@ -424,4 +415,5 @@ def _days_of_responses(conn: duckdb.DuckDBPyConnection, ids: pl.Series) -> list[
 
 
 def last_runs(conn: duckdb.DuckDBPyConnection, limit: int = 20) -> pl.DataFrame:
+    """The newest job runs first: freshness for the API and the dashboard."""
     return query_frame(conn, "SELECT * FROM job_runs ORDER BY run_id DESC LIMIT ?", [limit])

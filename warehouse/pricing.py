@@ -26,6 +26,18 @@ from decimal import Decimal
 import polars as pl
 
 PICO_PER_USD = 10**12
+# The usage counts a cost is made of (what `price_events` needs besides model, tier, time).
+PRICED_COUNTS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "web_search_calls",
+    "image_gen_input_tokens",
+    "image_gen_input_image_tokens",
+    "image_gen_cached_tokens",
+    "image_gen_output_tokens",
+)
 _DATED = re.compile(r"^(?P<family>.+?)-(\d{4}-\d{2}-\d{2}|\d{4})$")
 
 _TOKEN_RATES = ("input", "cached_input", "cache_write", "output")
@@ -136,20 +148,7 @@ def price_events(
     """Add `price_id`, `cost_pico` (null when unpriced) and `unpriced` to each event."""
     tiered = events.with_columns(
         pl.col("service_tier").fill_null("default").replace({"auto": "default"}).alias("_tier"),
-        *(
-            pl.col(c).fill_null(0)
-            for c in (
-                "input_tokens",
-                "cached_input_tokens",
-                "cache_write_tokens",
-                "output_tokens",
-                "web_search_calls",
-                "image_gen_input_tokens",
-                "image_gen_input_image_tokens",
-                "image_gen_cached_tokens",
-                "image_gen_output_tokens",
-            )
-        ),
+        *(pl.col(c).fill_null(0) for c in PRICED_COUNTS),
     ).join(models, on="model", how="left")
     joined = (
         tiered.sort("created_at")

@@ -102,7 +102,6 @@ class WriterStats:
     batches: int = 0
     rejected: int = 0
     failures: int = 0
-    last_commit_at: float = 0.0
 
 
 Item = tuple[Position, bytes]
@@ -289,5 +288,4 @@ class Writer:
     def _advance(self, count: int) -> None:
         self._committed += count
         self.stats.events_written += count
-        self.stats.last_commit_at = time.time()
         self._oldest_pending = None if self._committed >= self._enqueued else time.monotonic()

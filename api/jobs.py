@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from api.deps import RuntimeDep
 from warehouse.jobs import last_runs
@@ -67,3 +67,44 @@ async def run_job(runtime: RuntimeDep, job: Literal["rollup"], full: bool = Fals
         error=result.error,
         seconds=round(result.seconds, 3),
     )
+
+
+class Freshness(BaseModel):
+    last_event_at: datetime | None = Field(description="Newest usage event in the warehouse.")
+    last_rollup_at: datetime | None = Field(description="End of the last successful rollup.")
+    last_rollup_error: str | None = Field(description="The newest run's error, if it failed.")
+    events_not_rolled_up: int = Field(description="Events written since the last rollup.")
+    journal_backlog: int = Field(description="Events journaled, not yet in DuckDB.")
+
+
+_FRESHNESS_SQL = """
+WITH ok AS (
+    SELECT finished_at, watermark FROM job_runs
+    WHERE job = 'rollup' AND error IS NULL AND finished_at IS NOT NULL
+    ORDER BY run_id DESC LIMIT 1
+), newest AS (SELECT error FROM job_runs WHERE job = 'rollup' ORDER BY run_id DESC LIMIT 1)
+SELECT (SELECT max(recorded_at) FROM usage_events),
+       (SELECT finished_at FROM ok),
+       (SELECT error FROM newest),
+       (SELECT count(*) FROM usage_events
+        WHERE ingest_seq > coalesce((SELECT watermark FROM ok), -1))
+"""
+
+
+@router.get("/freshness", response_model=Freshness, summary="How fresh the reports are")
+async def freshness(runtime: RuntimeDep) -> Freshness:
+    def read() -> Freshness:
+        conn = runtime.connect()
+        try:
+            row = conn.execute(_FRESHNESS_SQL).fetchall()[0]
+        finally:
+            conn.close()
+        return Freshness(
+            last_event_at=row[0],
+            last_rollup_at=row[1],
+            last_rollup_error=row[2],
+            events_not_rolled_up=row[3],
+            journal_backlog=runtime.writer.backlog,
+        )
+
+    return await asyncio.to_thread(read)

@@ -14,15 +14,21 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from importlib import resources
 
 import duckdb
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
-from api import jobs
-from api.deps import AdminDep
+from api import events, jobs, openai_usage, prices, reports
+from api.deps import AdminDep, require_admin
+from api.openai_usage import OpenAIError
 from ingest.http1 import HTTP1Upstream
 from ingest.journal import Journal
 from ingest.poller import Poller
@@ -91,6 +97,7 @@ class Tokentill:
     def _build_api(self) -> FastAPI:
         api = FastAPI(
             title="tokentill",
+            summary="Usage metering and cost analytics for OpenAI's API: the admin API.",
             lifespan=self._lifespan,
             docs_url=None,
             redoc_url=None,
@@ -116,7 +123,16 @@ class Tokentill:
         async def metrics() -> Response:
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-        api.include_router(jobs.router, prefix="/api", dependencies=[AdminDep])
+        for router in (
+            jobs.router,
+            reports.router,
+            events.router,
+            prices.router,
+            openai_usage.router,
+        ):
+            api.include_router(router, prefix="/api", dependencies=[AdminDep])
+        _add_docs(api)
+        _add_error_shapes(api)
         return api
 
     @contextlib.asynccontextmanager
@@ -215,6 +231,46 @@ class Tokentill:
                 log.error(
                     "writer did not drain in time; the journal will be replayed at next start"
                 )
+
+
+def _add_docs(api: FastAPI) -> None:
+    """The OpenAPI schema and Swagger UI under /api, behind the admin token like every
+    /api route, with Swagger UI's assets served from the fastapi-offline package (the
+    page works with no internet)."""
+    assets = resources.files("fastapi_offline") / "static"
+    api.mount("/api/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @api.get("/api/openapi.json", include_in_schema=False, dependencies=[Depends(require_admin)])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(api.openapi())
+
+    @api.get("/api/docs", include_in_schema=False, dependencies=[Depends(require_admin)])
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/api/openapi.json",
+            title="tokentill admin API",
+            swagger_js_url="/api/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/api/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/api/docs-assets/favicon.png",
+        )
+
+
+def _add_error_shapes(api: FastAPI) -> None:
+    """OpenAI's error shape on the OpenAI-compatible routes; FastAPI's everywhere else."""
+
+    @api.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> Response:
+        return exc.response()
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path.startswith(openai_usage.PREFIX):
+            first = exc.errors()[0] if exc.errors() else {}
+            location = [str(p) for p in first.get("loc", ()) if p not in ("query", "body")]
+            param = location[0] if location else None
+            message = f"Invalid {param or 'request'}: {first.get('msg', 'bad value')}."
+            return OpenAIError(message, param).response()
+        return await request_validation_exception_handler(request, exc)
 
 
 def create_app(settings: Settings, *, upstream: Upstream | None = None) -> Tokentill:

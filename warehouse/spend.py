@@ -1,0 +1,341 @@
+"""Spend and usage, grouped and bucketed any way a report asks.
+
+One question shape (`SpendQuery`: a time range, filters, dimensions to group by, a time
+bucket) answered from the cheapest table that holds it:
+
+- `usage_daily` when the range is whole UTC days and the bucket a day, a month or none;
+- `usage_hourly` when it is whole hours;
+- `usage_daily_tags` for a metadata key grouped or filtered with model and time only;
+- the raw `usage_events`, priced on the fly by the same pure `pricing.price_events` the
+  rollup job uses, for what the rollups do not keep (minutes, API keys, a metadata key
+  together with an end user, ranges that cut an hour).
+
+Every path returns the same columns, so callers never know which one answered; the
+rollups and the raw path agree to the pico-dollar (tests/test_spend.py checks it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+import duckdb
+import polars as pl
+
+from warehouse import pricing
+from warehouse.db import fetch_one, query_frame
+from warehouse.prices import price_table
+
+Bucket = Literal["minute", "hour", "day", "month"]
+# Group-by dimensions; `tag:<key>` groups by a metadata key's value.
+PLAIN_DIMENSIONS = ("user", "model", "service_tier", "status", "endpoint", "api_key")
+_ROLLUP_COLUMN = {
+    "user": "user_id",
+    "model": "model",
+    "service_tier": "service_tier",
+    "status": "status",
+    "endpoint": "endpoint",
+}
+_RAW_COLUMN = {**_ROLLUP_COLUMN, "api_key": "key_fingerprint"}
+TAG_PREFIX = "tag:"
+
+MEASURES = (
+    "requests",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "cost_pico",
+    "unpriced",
+    "errors",
+    "incomplete",
+    "failed",
+)
+# What usage_daily_tags keeps of them.
+_TAG_MEASURES = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost_pico")
+_MONEY = pl.Decimal(38, 0)
+
+
+class QueryError(ValueError):
+    """A question that cannot be answered as asked, with what to change."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    start: datetime  # inclusive, UTC
+    end: datetime  # exclusive
+    users: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    service_tiers: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ()
+    endpoints: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()  # metadata key = value, all must hold
+
+    def by_dimension(self) -> dict[str, tuple[str, ...]]:
+        return {
+            "user": self.users,
+            "model": self.models,
+            "service_tier": self.service_tiers,
+            "status": self.statuses,
+            "endpoint": self.endpoints,
+            "api_key": self.api_keys,
+        }
+
+
+@dataclass(frozen=True)
+class SpendQuery:
+    filters: Filters
+    group_by: tuple[str, ...] = ()
+    bucket: Bucket | None = None
+    # Every measure exact (cached and reasoning tokens too): rules out the tags table,
+    # which keeps only requests, input/output/total tokens and cost.
+    all_measures: bool = False
+
+
+def check_dimension(name: str) -> str:
+    if name in PLAIN_DIMENSIONS:
+        return name
+    if name.startswith(TAG_PREFIX) and 0 < len(name) - len(TAG_PREFIX) <= 64:
+        return name
+    raise QueryError(
+        f"unknown dimension {name!r}: use one of {', '.join(PLAIN_DIMENSIONS)}, "
+        "or tag:<metadata key>"
+    )
+
+
+def spend(conn: duckdb.DuckDBPyConnection, query: SpendQuery, *, image_model: str) -> pl.DataFrame:
+    """Rows of `bucket` (when bucketed), the group-by dimensions (named as asked) and
+    MEASURES, ordered by bucket then cost (highest first)."""
+    for name in query.group_by:
+        check_dimension(name)
+    source = choose_source(query)
+    if source == "raw":
+        frame = _from_raw(conn, query, image_model)
+    else:
+        frame = _from_rollup(conn, query, source)
+    order = (["bucket"] if query.bucket else []) + ["cost_pico", *query.group_by]
+    descending = ([False] if query.bucket else []) + [True] + [False] * len(query.group_by)
+    return frame.sort(order, descending=descending, nulls_last=True)
+
+
+def _tag_keys(query: SpendQuery) -> set[str]:
+    keys = {d[len(TAG_PREFIX) :] for d in query.group_by if d.startswith(TAG_PREFIX)}
+    return keys | {k for k, _ in query.filters.tags}
+
+
+def _aligned(moment: datetime, unit: timedelta) -> bool:
+    return (moment - datetime(2000, 1, 1, tzinfo=moment.tzinfo)) % unit == timedelta(0)
+
+
+def choose_source(query: SpendQuery) -> str:
+    """Which table answers `query`: usage_daily, usage_daily_tags, usage_hourly or raw."""
+    f = query.filters
+    dims = set(query.group_by) | {d for d, values in f.by_dimension().items() if values}
+    tag_keys = _tag_keys(query)
+    whole_days = _aligned(f.start, timedelta(days=1)) and _aligned(f.end, timedelta(days=1))
+    whole_hours = _aligned(f.start, timedelta(hours=1)) and _aligned(f.end, timedelta(hours=1))
+    daily_bucket = query.bucket in (None, "day", "month")
+    if query.bucket == "minute" or "api_key" in dims:
+        return "raw"
+    if tag_keys:
+        plain = dims - {d for d in dims if d.startswith(TAG_PREFIX)}
+        if (
+            len(tag_keys) == 1
+            and plain <= {"model"}
+            and whole_days
+            and daily_bucket
+            and not query.all_measures
+        ):
+            return "usage_daily_tags"
+        return "raw"
+    if whole_days and daily_bucket:
+        return "usage_daily"
+    if whole_hours:
+        return "usage_hourly"
+    return "raw"
+
+
+def _in_list(column: str, values: Sequence[str], params: list[object]) -> str:
+    params.extend(values)
+    return f"{column} IN ({', '.join('?' for _ in values)})"
+
+
+def _from_rollup(conn: duckdb.DuckDBPyConnection, query: SpendQuery, table: str) -> pl.DataFrame:
+    f = query.filters
+    params: list[object] = []
+    select: list[str] = []
+    if query.bucket:
+        select.append(f"date_trunc('{query.bucket}', bucket) AS bucket")
+    where = ["bucket >= ?", "bucket < ?"]
+    params_where: list[object] = [f.start, f.end]
+    if table == "usage_daily_tags":
+        (key,) = _tag_keys(query)
+        where.append("tag_key = ?")
+        params_where.append(key)
+        for _, value in f.tags:
+            where.append("tag_value = ?")
+            params_where.append(value)
+        for dim in query.group_by:
+            column = "tag_value" if dim.startswith(TAG_PREFIX) else _ROLLUP_COLUMN[dim]
+            select.append(f'{column} AS "{dim}"')
+        if f.models:
+            where.append(_in_list("model", f.models, params_where))
+        measures = [
+            f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}"
+            for m in _TAG_MEASURES
+        ]
+        measures.append("sum(unpriced)::BIGINT AS unpriced")
+        missing = [m for m in MEASURES if m not in (*_TAG_MEASURES, "unpriced")]
+        measures += [f"NULL::BIGINT AS {m}" for m in missing]
+    else:
+        select += [f'{_ROLLUP_COLUMN[dim]} AS "{dim}"' for dim in query.group_by]
+        for dim, values in f.by_dimension().items():
+            if values:
+                where.append(_in_list(_ROLLUP_COLUMN[dim], values, params_where))
+        measures = [
+            f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}"
+            for m in MEASURES
+        ]
+    params += params_where
+    group = " GROUP BY ALL" if select else ""
+    sql = f"SELECT {', '.join(select + measures)} FROM {table} WHERE {' AND '.join(where)}{group}"
+    frame = query_frame(conn, sql, params)
+    if not select and frame.height == 1 and frame["requests"][0] is None:
+        frame = frame.clear()  # nothing in range: no rows, as for a grouped query
+    return _typed(frame, query)
+
+
+def _typed(frame: pl.DataFrame, query: SpendQuery) -> pl.DataFrame:
+    schema: dict[str, pl.DataType] = {}
+    if query.bucket:
+        schema["bucket"] = pl.Datetime("us", "UTC")
+    schema |= {d: pl.String() for d in query.group_by}
+    schema |= {m: (_MONEY if m == "cost_pico" else pl.Int64()) for m in MEASURES}
+    return frame.select(pl.col(c).cast(t) for c, t in schema.items())
+
+
+# -- the raw path ------------------------------------------------------------------------
+
+
+@dataclass
+class _PriceBook:
+    mark: tuple[int, int] = (-1, -1)
+    prices: pl.DataFrame = field(default_factory=pl.DataFrame)
+    intervals: pl.DataFrame = field(default_factory=pl.DataFrame)
+
+
+_BOOK = _PriceBook()
+_BOOK_LOCK = threading.Lock()
+
+
+def price_book(conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The catalog and its flattened intervals, rebuilt only when a price was added."""
+    row = fetch_one(conn, "SELECT coalesce(max(price_id), 0), count(*) FROM prices")
+    mark = (int(row[0]), int(row[1])) if row else (0, 0)
+    with _BOOK_LOCK:
+        if _BOOK.mark != mark:
+            _BOOK.prices = price_table(conn)
+            _BOOK.intervals = pricing.effective_intervals(_BOOK.prices)
+            _BOOK.mark = mark
+        return _BOOK.prices, _BOOK.intervals
+
+
+def tag_path(key: str) -> str:
+    """A JSON path naming a metadata key (keys are free text: quote them)."""
+    return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+RAW_COLUMNS = (
+    "event_id",
+    "response_id",
+    "endpoint",
+    "model",
+    "service_tier",
+    "status",
+    "user_id",
+    "created_at",
+    "reasoning_tokens",
+    "total_tokens",
+    *pricing.PRICED_COUNTS,
+)
+
+
+def raw_where(f: Filters, params: list[object]) -> str:
+    """The WHERE clause selecting `f`'s raw events (parameters appended to `params`)."""
+    where = ["created_at >= ?", "created_at < ?"]
+    params += [f.start, f.end]
+    for dim, values in f.by_dimension().items():
+        if values:
+            where.append(_in_list(_RAW_COLUMN[dim], values, params))
+    for key, value in f.tags:
+        where.append("json_extract_string(metadata, ?) = ?")
+        params += [tag_path(key), value]
+    return " AND ".join(where)
+
+
+def priced_events(
+    conn: duckdb.DuckDBPyConnection,
+    where: str,
+    params: list[object],
+    *,
+    image_model: str,
+    extra: Sequence[str] = (),
+    order: str = "",
+) -> pl.DataFrame:
+    """Raw events matching `where`, each with its `cost_pico` (null when unpriced) and
+    `unpriced` flag, priced exactly as the rollup job prices them."""
+    columns = ", ".join([*RAW_COLUMNS, *extra])
+    events = query_frame(conn, f"SELECT {columns} FROM usage_events WHERE {where} {order}", params)
+    prices, intervals = price_book(conn)
+    models = pricing.model_map(events["model"].unique().to_list(), prices["model"].to_list())
+    priced = pricing.price_events(events.lazy(), models.lazy(), intervals.lazy(), image_model)
+    return priced.collect()
+
+
+def _from_raw(conn: duckdb.DuckDBPyConnection, query: SpendQuery, image_model: str) -> pl.DataFrame:
+    params: list[object] = []
+    extra: list[str] = []
+    for dim in query.group_by:
+        if dim.startswith(TAG_PREFIX):
+            extra.append(f'json_extract_string(metadata, ?) AS "{dim}"')
+            params.append(tag_path(dim[len(TAG_PREFIX) :]))
+        elif dim not in RAW_COLUMNS:
+            extra.append(f'{_RAW_COLUMN[dim]} AS "{dim}"')
+    where = raw_where(query.filters, params)
+    events = priced_events(conn, where, params, image_model=image_model, extra=extra)
+    renames = {"user": "user_id"}
+    keys: list[pl.Expr] = []
+    if query.bucket:
+        every = {"minute": "1m", "hour": "1h", "day": "1d", "month": "1mo"}[query.bucket]
+        keys.append(pl.col("created_at").dt.truncate(every).alias("bucket"))
+    for dim in query.group_by:
+        source = renames.get(dim, dim)
+        keys.append(pl.col(source).alias(dim) if source in events.columns else pl.col(dim))
+    measures = [
+        pl.len().cast(pl.Int64).alias("requests"),
+        *(
+            pl.col(c).fill_null(0).sum().cast(pl.Int64).alias(c)
+            for c in (
+                "input_tokens",
+                "cached_input_tokens",
+                "output_tokens",
+                "reasoning_tokens",
+                "total_tokens",
+            )
+        ),
+        pl.col("cost_pico").cast(_MONEY).sum().alias("cost_pico"),
+        pl.col("unpriced").sum().cast(pl.Int64).alias("unpriced"),
+        (pl.col("status") == "error").sum().cast(pl.Int64).alias("errors"),
+        (pl.col("status") == "incomplete").sum().cast(pl.Int64).alias("incomplete"),
+        (pl.col("status") == "failed").sum().cast(pl.Int64).alias("failed"),
+    ]
+    if keys:
+        frame = events.group_by(keys).agg(measures)
+    else:
+        frame = events.select(measures) if events.height else events.select(measures).clear()
+    return _typed(frame, query)

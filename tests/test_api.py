@@ -5,7 +5,7 @@ and the fake upstream's own ledger."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -330,5 +330,3 @@ def test_every_route_needs_the_token_and_the_docs_work_offline(served: Any) -> N
     assert "cdn" not in page.text.lower()
     script = api.http.get("/api/docs-assets/swagger-ui-bundle.js")
     assert script.status_code == 200 and len(script.content) > 100_000
-
-

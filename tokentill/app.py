@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 
 import duckdb
@@ -26,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
-from api import events, jobs, openai_usage, prices, reports
+from api import events, finance, jobs, openai_usage, prices, reports
 from api.deps import AdminDep, require_admin
 from api.openai_usage import OpenAIError
 from ingest.http1 import HTTP1Upstream
@@ -39,6 +40,7 @@ from tokentill.metrics import Metrics
 from tokentill.settings import Settings
 from warehouse.db import open_warehouse
 from warehouse.jobs import RollupConfig, RollupJob
+from warehouse.periods import post_adjustments
 from warehouse.prices import insert_rows, load_price_file, seed_published
 from warehouse.scheduler import start_scheduler, stop_scheduler
 from warehouse.writer import Writer
@@ -128,6 +130,7 @@ class Tokentill:
             reports.router,
             events.router,
             prices.router,
+            finance.router,
             openai_usage.router,
         ):
             api.include_router(router, prefix="/api", dependencies=[AdminDep])
@@ -195,7 +198,9 @@ class Tokentill:
         )
         self.runtime = runtime
         self.api.state.runtime = runtime
-        scheduler = start_scheduler(rollup, settings.rollup_interval)
+        scheduler = start_scheduler(
+            rollup, settings.rollup_interval, then=lambda: _post_adjustments(runtime)
+        )
         if self.api.state.admin_token is None:
             log.warning("no TOKENTILL_ADMIN_TOKEN: the admin API answers loopback clients only")
         self.proxy.client, self.proxy.recorder = client, recorder
@@ -231,6 +236,19 @@ class Tokentill:
                 log.error(
                     "writer did not drain in time; the journal will be replayed at next start"
                 )
+
+
+def _post_adjustments(runtime: Runtime) -> None:
+    """After each rollup run: late changes to closed months post into the next open one."""
+    conn = runtime.connect()
+    try:
+        posted = post_adjustments(conn, datetime.now(UTC))
+        if posted:
+            log.info("closed periods: %d adjustment rows posted", posted)
+    except Exception:
+        log.exception("posting closed-period adjustments failed; the next run retries")
+    finally:
+        conn.close()
 
 
 def _add_docs(api: FastAPI) -> None:

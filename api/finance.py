@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import RuntimeDep
 from api.money import USD, usd
-from api.params import bad_request
+from api.params import Day, bad_request
 from api.reports import in_thread
 from warehouse.finance import FinanceQuery, finance_report
 from warehouse.periods import PeriodError, close_period, closed_periods, month_of, next_month
@@ -31,8 +31,8 @@ _CHUNK_BYTES = 1 << 20
 class FinanceParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    start: date | None = Field(None, description="Inclusive. Default: last month's first day.")
-    end: date | None = Field(None, description="Exclusive. Default: this month's first day.")
+    start: Day | None = Field(None, description="Inclusive. Default: last month's first day.")
+    end: Day | None = Field(None, description="Exclusive. Default: this month's first day.")
     tag_key: str | None = Field(
         None, min_length=1, max_length=64, description="A metadata key to break costs down by."
     )
@@ -70,9 +70,9 @@ def _range(params: FinanceParams) -> FinanceQuery:
     end = params.end or this_month
     start = params.start or month_of(end - timedelta(days=1))
     if start >= end:
-        raise bad_request(f"start ({start}) must be before end ({end})")
+        raise bad_request("start", f"start ({start}) must be before end ({end})")
     if (end - start).days > 3 * 366:
-        raise bad_request("the range is longer than 3 years: ask for a shorter one")
+        raise bad_request("end", "the range is longer than 3 years: ask for a shorter one")
     return FinanceQuery(start, end, params.tag_key)
 
 
@@ -191,14 +191,14 @@ async def periods(runtime: RuntimeDep) -> list[Period]:
     response_model=Period,
     status_code=status.HTTP_201_CREATED,
     summary="Close a month: its finance report never changes again",
-    responses={409: {"description": "Already closed"}},
+    responses={409: {"description": "Already closed"}, 404: {"description": "Not found"}},
 )
 async def close(
     runtime: RuntimeDep,
     period: Annotated[str, Path(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", examples=["2026-10"])],
     body: CloseRequest,
 ) -> Period:
-    month = date(int(period[:4]), int(period[5:]), 1)
+    month = _month(period, "period", "path")
     # Roll up first, so the copy taken holds everything recorded up to now.
     await asyncio.to_thread(runtime.rollup.run)
 
@@ -208,9 +208,17 @@ async def close(
     try:
         closed = await in_thread(runtime, run)
     except PeriodError as exc:
-        code = status.HTTP_409_CONFLICT if "already" in str(exc) else 422
-        raise HTTPException(code, str(exc)) from exc
+        if "already" in str(exc):
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+        raise bad_request("period", str(exc), "path") from exc
     return Period(**closed.__dict__)
+
+
+def _month(text: str, param: str, where: str) -> date:
+    year, month = int(text[:4]), int(text[5:])
+    if not 1970 <= year <= 9998:
+        raise bad_request(param, f"{text}: the year must be between 1970 and 9998", where)
+    return date(year, month, 1)
 
 
 class AdjustmentParams(BaseModel):
@@ -231,7 +239,7 @@ async def adjustments(
     def read(conn: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
         where, args = "kind = 'daily'", []
         if params.posted_period:
-            month = date(int(params.posted_period[:4]), int(params.posted_period[5:]), 1)
+            month = _month(params.posted_period, "posted_period", "query")
             where += " AND posted_period >= ? AND posted_period < ?"
             args = [month, next_month(month)]
         cursor = conn.execute(

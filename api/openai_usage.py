@@ -78,6 +78,23 @@ class OpenAIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# OpenAI answers bad parameters with 400 in its error shape; so do these routes.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Invalid parameters (OpenAI's error shape)"}
+}
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -272,6 +289,7 @@ async def _answer(
 @router.get(
     "/usage/completions",
     response_model=UsagePage,
+    responses=_ERRORS,
     summary="Completions usage, as OpenAI's organization Usage API answers it",
 )
 async def usage_completions(
@@ -345,6 +363,7 @@ def _regroup(
 @router.get(
     "/costs",
     response_model=CostPage,
+    responses=_ERRORS,
     summary="Costs per day, as OpenAI's organization Costs API answers them",
 )
 async def costs(

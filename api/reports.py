@@ -52,7 +52,7 @@ async def in_thread(runtime: Runtime, work: Callable[[duckdb.DuckDBPyConnection]
     try:
         return await asyncio.to_thread(run)
     except QueryError as exc:
-        raise bad_request(str(exc)) from exc
+        raise bad_request(exc.param, str(exc)) from exc
 
 
 class Measures(BaseModel):
@@ -140,7 +140,7 @@ async def costs(runtime: RuntimeDep, params: Annotated[CostParams, Query()]) -> 
     try:
         dims = tuple(dict.fromkeys(check_dimension(d) for d in params.group_by))
     except QueryError as exc:
-        raise bad_request(str(exc)) from exc
+        raise bad_request(exc.param, str(exc)) from exc
     query = SpendQuery(filters(params), dims, params.bucket)
     frame = await in_thread(
         runtime, lambda conn: spend(conn, query, image_model=runtime.settings.image_gen_model)
@@ -279,7 +279,7 @@ def list_users(
     conn: duckdb.DuckDBPyConnection, f: Filters, sort: str, order: str, limit: int, offset: int
 ) -> tuple[int, list[dict[str, Any]]]:
     if f.tags:
-        raise QueryError("the users list filters by user, model, tier, status and endpoint")
+        raise QueryError("the users list filters by user, model, tier, status and endpoint", "tag")
     params: list[object] = []
     where = _rollup_where(f, params)
     # usage_hourly: first and last seen to the hour, and any range of whole hours.
@@ -329,7 +329,9 @@ async def users(runtime: RuntimeDep, params: Annotated[UserParams, Query()]) -> 
 def _whole_hours(f: Filters) -> Filters:
     for moment in (f.start, f.end):
         if moment.minute or moment.second or moment.microsecond:
-            raise bad_request("users are rolled up by the hour: start and end must be whole hours")
+            raise bad_request(
+                "start", "users are rolled up by the hour: start and end must be whole hours"
+            )
     return f
 
 
@@ -378,7 +380,12 @@ def event_rows(frame: pl.DataFrame) -> list[EventRow]:
     ]
 
 
-@router.get("/users/{user_id}", response_model=UserDetail, summary="One end user's detail")
+@router.get(
+    "/users/{user_id}",
+    response_model=UserDetail,
+    summary="One end user's detail",
+    responses={404: {"description": "No usage for this user in the range"}},
+)
 async def user_detail(
     runtime: RuntimeDep,
     user_id: Annotated[str, Path(min_length=1, max_length=256)],

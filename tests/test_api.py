@@ -368,7 +368,7 @@ def test_closing_months_through_the_api(served: Any) -> None:
     _, api, _ = served
     this_month = datetime.now(UTC).strftime("%Y-%m")
     not_over = api.http.post(f"/api/periods/{this_month}/close", json={"closed_by": "alice"})
-    assert not_over.status_code == 422 and "not ended" in not_over.json()["detail"]
+    assert not_over.status_code == 422 and "not ended" in not_over.json()["detail"][0]["msg"]
     bad = api.http.post("/api/periods/2026-13/close", json={"closed_by": "alice"})
     assert bad.status_code == 422
     closed = api.http.post("/api/periods/2020-01/close", json={"closed_by": "alice"})

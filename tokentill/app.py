@@ -19,12 +19,17 @@ from importlib import resources
 
 import duckdb
 from fastapi import Depends, FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from api import events, finance, jobs, openai_usage, prices, reports
@@ -133,7 +138,16 @@ class Tokentill:
             finance.router,
             openai_usage.router,
         ):
-            api.include_router(router, prefix="/api", dependencies=[AdminDep])
+            api.include_router(
+                router,
+                prefix="/api",
+                dependencies=[AdminDep],
+                responses={
+                    400: {"description": "Malformed request (a body that is not JSON)"},
+                    401: {"description": "Missing or wrong admin token"},
+                    403: {"description": "No admin token configured: loopback clients only"},
+                },
+            )
         _add_docs(api)
         _add_error_shapes(api)
         return api
@@ -279,6 +293,21 @@ def _add_error_shapes(api: FastAPI) -> None:
     @api.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> Response:
         return exc.response()
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:
+            # Starlette's Allow names the first route's methods only; name them all.
+            allowed = sorted(
+                {
+                    method
+                    for route in api.routes
+                    if isinstance(route, APIRoute) and route.path_regex.match(request.url.path)
+                    for method in route.methods or ()
+                }
+            )
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+        return await http_exception_handler(request, exc)
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -61,7 +61,12 @@ _MONEY = pl.Decimal(38, 0)
 
 
 class QueryError(ValueError):
-    """A question that cannot be answered as asked, with what to change."""
+    """A question that cannot be answered as asked, with what to change (and which
+    parameter)."""
+
+    def __init__(self, message: str, param: str = "group_by") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)

@@ -35,16 +35,6 @@ _BUCKET: dict[str, Bucket] = {"1m": "minute", "1h": "hour", "1d": "day"}
 # OpenAI's limits on buckets per page: (default, max) per width.
 _USAGE_LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 _COST_LIMITS = (7, 180)
-# Responses OpenAI bills: everything but requests refused before a response existed.
-_BILLED: tuple[str, ...] = (
-    "completed",
-    "incomplete",
-    "failed",
-    "cancelled",
-    "queued",
-    "in_progress",
-    "interrupted",
-)
 
 UsageGroup = Literal["project_id", "user_id", "api_key_id", "model", "batch", "service_tier"]
 CostGroup = Literal["project_id", "line_item", "user_id", "model"]
@@ -257,7 +247,6 @@ def _query(
         users=tuple(users),
         models=tuple(models),
         api_keys=tuple(keys),
-        statuses=_BILLED,
         tags=(),
     )
     if projects:
@@ -308,12 +297,15 @@ async def usage_completions(
     projects = set(_listed(request, "project_ids", params.project_ids))
     rows: dict[datetime, list[UsageResult]] = {}
     for row in _regroup(frame, group_by, projects, params.batch, drop_batch).iter_rows(named=True):
+        if row["requests"] == row["errors"] and not row["total_tokens"]:
+            continue  # only requests refused before a response existed: nothing billed
         rows.setdefault(row["bucket"], []).append(
             UsageResult(
                 input_tokens=row["input_tokens"],
                 output_tokens=row["output_tokens"],
                 input_cached_tokens=row["cached_input_tokens"],
-                num_model_requests=row["requests"],
+                # OpenAI counts responses: not requests refused before one existed.
+                num_model_requests=row["requests"] - row["errors"],
                 project_id=row.get("project_id"),
                 user_id=row.get("user_id"),
                 api_key_id=row.get("api_key_id"),
@@ -355,6 +347,7 @@ def _regroup(
     if "line_item" in keys:
         frame = frame.with_columns(pl.col("model").alias("line_item"))
     sums = [c for c in frame.columns if c not in keys and frame.schema[c].is_numeric()]
+    # (`errors` stays: num_model_requests = requests - errors)
     sums = [c for c in sums if c not in ("batch",)]
     out = frame.group_by(keys, maintain_order=True).agg(pl.col(c).sum() for c in sums)
     return out.sort(["bucket", *[k for k in keys if k != "bucket"]], nulls_last=True)

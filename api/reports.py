@@ -180,11 +180,21 @@ class Summary(BaseModel):
     unpriced_month_to_date: int
 
 
+def _midnight(moment: datetime) -> datetime:
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def _spent(conn: duckdb.DuckDBPyConnection, start: datetime, end: datetime) -> tuple[int, int]:
+    """Cost and unpriced count over [start, end): whole days from the per-model summary,
+    the hours of a partial last day from usage_hourly."""
+    days_end = max(start, _midnight(end)) if start == _midnight(start) else start
     row = conn.execute(
-        """SELECT coalesce(sum(cost_pico), 0), coalesce(sum(unpriced), 0)
-           FROM usage_hourly WHERE bucket >= ? AND bucket < ?""",
-        [start, end],
+        """SELECT coalesce(sum(cost_pico), 0), coalesce(sum(unpriced), 0) FROM (
+               SELECT cost_pico, unpriced FROM usage_daily_models
+               WHERE bucket >= ? AND bucket < ?
+               UNION ALL
+               SELECT cost_pico, unpriced FROM usage_hourly WHERE bucket >= ? AND bucket < ?)""",
+        [start, days_end, days_end, end],
     ).fetchall()[0]
     return int(row[0]), int(row[1])
 
@@ -282,11 +292,16 @@ def list_users(
         raise QueryError("the users list filters by user, model, tier, status and endpoint", "tag")
     params: list[object] = []
     where = _rollup_where(f, params)
-    # usage_hourly: first and last seen to the hour, and any range of whole hours.
+    whole_days = f.start == _midnight(f.start) and f.end == _midnight(f.end)
+    if whole_days and not (f.models or f.service_tiers or f.statuses or f.endpoints):
+        # A row per user and day: a few hundred thousand rows for 90 days of 10k users.
+        source, first, last = "usage_daily_users", "min(first_hour)", "max(last_hour)"
+    else:
+        source, first, last = "usage_hourly", "min(bucket)", "max(bucket)"
     sql = f"""
         WITH per_user AS (
-            SELECT user_id, {_SUMS}, min(bucket) AS first_seen, max(bucket) AS last_seen
-            FROM usage_hourly WHERE {where} GROUP BY user_id
+            SELECT user_id, {_SUMS}, {first} AS first_seen, {last} AS last_seen
+            FROM {source} WHERE {where} GROUP BY user_id
         )
         SELECT *, count(*) OVER () AS total_users FROM per_user
         ORDER BY {_SORT[sort]} {order.upper()} NULLS LAST, user_id ASC NULLS LAST
@@ -297,7 +312,7 @@ def list_users(
     if rows:
         return int(rows[0]["total_users"]), rows
     count = conn.execute(
-        f"SELECT count(DISTINCT user_id) FROM usage_hourly WHERE {where}", params
+        f"SELECT count(DISTINCT user_id) FROM {source} WHERE {where}", params
     ).fetchall()[0][0]
     return int(count), []
 

@@ -114,6 +114,12 @@ def test_costs_from_rollups_equal_costs_priced_from_raw_events(served: Any) -> N
 
     assert keyed(rolled) == keyed(raw)
     assert rolled["totals"] == raw["totals"]
+    # The summaries (per user, per model) agree with the raw events too.
+    for dim, source in (("user", "usage_daily_users"), ("model", "usage_daily_models")):
+        summary = api.get("/api/costs", group_by=[dim], **days)
+        direct = api.get("/api/costs", group_by=[dim], start=start.isoformat(), end=days["end"])
+        assert summary["source"] == source and direct["source"] == "raw"
+        assert summary["rows"] == direct["rows"] and summary["totals"] == direct["totals"]
     # The unlisted model is counted, unpriced, and not in the money.
     unlisted = [r for r in rolled["rows"] if r["group"]["model"] == "tt-unlisted-model"]
     assert unlisted and all(r["unpriced"] == r["requests"] - r["errors"] for r in unlisted)

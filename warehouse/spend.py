@@ -3,7 +3,9 @@
 One question shape (`SpendQuery`: a time range, filters, dimensions to group by, a time
 bucket) answered from the cheapest table that holds it:
 
-- `usage_daily` when the range is whole UTC days and the bucket a day, a month or none;
+- `usage_daily_users` / `usage_daily_models` (warehouse/summaries.py) for whole UTC days
+  grouped or filtered by end user only, or by model, tier, status and endpoint only;
+- `usage_daily` for whole days otherwise, when the bucket is a day, a month or none;
 - `usage_hourly` when it is whole hours;
 - `usage_daily_tags` for a metadata key grouped or filtered with model and time only;
 - the raw `usage_events`, priced on the fly by the same pure `pricing.price_events` the
@@ -159,6 +161,10 @@ def choose_source(query: SpendQuery) -> str:
             return "usage_daily_tags"
         return "raw"
     if whole_days and daily_bucket:
+        if dims <= {"user"}:
+            return "usage_daily_users"
+        if not dims & {"user"}:
+            return "usage_daily_models"
         return "usage_daily"
     if whole_hours:
         return "usage_hourly"

@@ -10,13 +10,12 @@ OpenAI's shape (`{"error": {...}}`) on these two routes, as OpenAI answers them.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import polars as pl
 from fastapi import APIRouter, Query, Request
@@ -24,7 +23,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import RuntimeDep
+from api.reports import in_thread
 from warehouse.spend import Bucket, Filters, SpendQuery, spend
+
+if TYPE_CHECKING:
+    from tokentill.app import Runtime
 
 router = APIRouter(prefix="/v1/organization", tags=["openai-compatible"])
 PREFIX = "/api/v1/organization"
@@ -260,19 +263,13 @@ def _query(
 
 
 async def _answer(
-    runtime: Any, filters: Filters, group_by: list[str], width: Width, all_measures: bool
+    runtime: Runtime, filters: Filters, group_by: list[str], width: Width, all_measures: bool
 ) -> pl.DataFrame:
     dims = tuple(dict.fromkeys(_DIMENSION[g] for g in group_by))
     query = SpendQuery(filters, dims, _BUCKET[width], all_measures=all_measures)
-
-    def run() -> pl.DataFrame:
-        conn = runtime.connect()
-        try:
-            return spend(conn, query, image_model=runtime.settings.image_gen_model)
-        finally:
-            conn.close()
-
-    return await asyncio.to_thread(run)
+    return await in_thread(
+        runtime, lambda conn: spend(conn, query, image_model=runtime.settings.image_gen_model)
+    )
 
 
 @router.get(

@@ -22,6 +22,7 @@ from api.deps import RuntimeDep
 from api.money import USD, usd
 from api.params import FilterParams, bad_request, filters
 from warehouse.spend import (
+    MEASURES,
     Filters,
     QueryError,
     SpendQuery,
@@ -118,21 +119,7 @@ def _totals(frame: pl.DataFrame) -> dict[str, Any]:
         if c not in ("bucket",) and frame.schema[c] != pl.String
     )
     row = sums.row(0, named=True) if sums.height else {}
-    return measures({k: row.get(k) for k in ("requests", *_MEASURE_KEYS)})
-
-
-_MEASURE_KEYS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "cost_pico",
-    "unpriced",
-    "errors",
-    "incomplete",
-    "failed",
-)
+    return measures({k: row.get(k) for k in MEASURES})
 
 
 @router.get("/costs", response_model=CostReport, summary="Costs, grouped and bucketed")
@@ -263,8 +250,7 @@ _SORT = {
     "user_id": "user_id",
 }
 _SUMS = ", ".join(
-    f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}"
-    for m in ("requests", *_MEASURE_KEYS)
+    f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}" for m in MEASURES
 )
 
 

@@ -19,17 +19,10 @@ import duckdb
 import polars as pl
 
 from warehouse.db import query_frame
+from warehouse.spend import COUNTS
 
 PICO_PER_CENT = 10**10
-_SUMS = (
-    "requests",
-    "input_tokens",
-    "cached_input_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "unpriced",
-)
+_SUMS = (*COUNTS, "unpriced")
 COLUMNS: dict[str, pl.DataType] = {
     "section": pl.String(),  # model | user | tag | adjustment | total
     "month": pl.Date(),

@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime
 import duckdb
 
 from warehouse.db import fetch_one, transaction
+from warehouse.spend import COUNTS
 
 
 class PeriodError(ValueError):
@@ -92,16 +93,7 @@ def post_adjustments(conn: duckdb.DuckDBPyConnection, now: datetime) -> int:
 
 
 _DAILY_KEYS = "bucket, user_id, model, service_tier, status, endpoint"
-_DAILY_SUMS = (
-    "requests",
-    "input_tokens",
-    "cached_input_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "cost_pico",
-    "unpriced",
-)
+_DAILY_SUMS = (*COUNTS, "cost_pico", "unpriced")
 _TAG_KEYS = "bucket, tag_key, tag_value, model"
 _TAG_SUMS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost_pico", "unpriced")
 

@@ -44,19 +44,16 @@ _ROLLUP_COLUMN = {
 _RAW_COLUMN = {**_ROLLUP_COLUMN, "api_key": "key_fingerprint"}
 TAG_PREFIX = "tag:"
 
-MEASURES = (
+# What reports count: requests and tokens, then money and what it leaves out.
+COUNTS = (
     "requests",
     "input_tokens",
     "cached_input_tokens",
     "output_tokens",
     "reasoning_tokens",
     "total_tokens",
-    "cost_pico",
-    "unpriced",
-    "errors",
-    "incomplete",
-    "failed",
 )
+MEASURES = (*COUNTS, "cost_pico", "unpriced", "errors", "incomplete", "failed")
 # What usage_daily_tags keeps of them.
 _TAG_MEASURES = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost_pico")
 _MONEY = pl.Decimal(38, 0)

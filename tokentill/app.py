@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
-from api import jobs
+from api import jobs, reconcile
 from api.deps import AdminDep
 from ingest.http1 import HTTP1Upstream
 from ingest.journal import Journal
@@ -117,6 +117,7 @@ class Tokentill:
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         api.include_router(jobs.router, prefix="/api", dependencies=[AdminDep])
+        api.include_router(reconcile.router, prefix="/api", dependencies=[AdminDep])
         return api
 
     @contextlib.asynccontextmanager

@@ -37,6 +37,8 @@ from warehouse.reconcile import (
 router = APIRouter(prefix="/reconcile", tags=["reconcile"])
 
 MAX_DAYS = 366
+# Days OpenAI's API has figures for, give or take: anything else is a typo.
+EARLIEST, LATEST = date(2020, 1, 1), date(2100, 12, 31)
 MAX_EXPORT_BYTES = 32 * 1024 * 1024
 
 USD = Annotated[
@@ -103,6 +105,12 @@ def _usd(pico: Decimal | int) -> Decimal:
 
 
 def _check_range(start: date, end: date) -> None:
+    for name, day in (("start", start), ("end", end)):
+        if not EARLIEST <= day <= LATEST:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"{name} ({day}) must be between {EARLIEST} and {LATEST}",
+            )
     if end < start:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, f"end ({end}) is before start ({start})"

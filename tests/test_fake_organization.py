@@ -4,7 +4,6 @@ errors, and figures equal to its ledger priced by genai-prices."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -48,9 +47,10 @@ def amounts(response: httpx.Response) -> Any:
     return json.loads(response.text, parse_float=Decimal)
 
 
-def today() -> int:
-    now = int(time.time())
-    return now - now % DAY
+def first_day(base: str) -> int:
+    """The UTC day the module's traffic started on (not "today": midnight may have passed)."""
+    first = min(row["created_at"] for row in httpx.get(base + "/_fake/ledger").json())
+    return int(first - first % DAY)
 
 
 def test_costs_equal_the_ledger_priced_by_genai_prices(base: str) -> None:
@@ -76,11 +76,12 @@ def test_costs_equal_the_ledger_priced_by_genai_prices(base: str) -> None:
             provider_id="openai",
             genai_request_timestamp=datetime.fromtimestamp(row["created_at"], UTC),
         ).total_price
-    page = amounts(get(base, "/v1/organization/costs", start_time=today()))
+    day = first_day(base)
+    page = amounts(get(base, "/v1/organization/costs", start_time=day, end_time=day + DAY))
     assert page["object"] == "page" and page["has_more"] is False
     (bucket,) = page["data"]
     assert bucket["object"] == "bucket"
-    assert (bucket["start_time"], bucket["end_time"]) == (today(), today() + DAY)
+    assert (bucket["start_time"], bucket["end_time"]) == (day, day + DAY)
     (total,) = bucket["results"]
     assert total == {
         "object": "organization.costs.result",
@@ -92,7 +93,8 @@ def test_costs_equal_the_ledger_priced_by_genai_prices(base: str) -> None:
         get(
             base,
             "/v1/organization/costs",
-            start_time=today(),
+            start_time=day,
+            end_time=day + DAY,
             group_by=["line_item", "project_id"],
         )
     )["data"][0]["results"]
@@ -104,10 +106,11 @@ def test_costs_equal_the_ledger_priced_by_genai_prices(base: str) -> None:
 
 
 def test_pages_of_buckets(base: str) -> None:
-    start = today() - 3 * DAY
+    day = first_day(base)
+    start = day - 3 * DAY
     seen: list[int] = []
     values: list[Decimal] = []
-    params: dict[str, Any] = {"start_time": start, "limit": 1}
+    params: dict[str, Any] = {"start_time": start, "end_time": day + DAY, "limit": 1}
     while True:
         page = amounts(get(base, "/v1/organization/costs", **params))
         seen += [b["start_time"] for b in page["data"]]
@@ -117,21 +120,30 @@ def test_pages_of_buckets(base: str) -> None:
             break
         params["page"] = page["next_page"]
     assert seen == [start + i * DAY for i in range(4)]  # empty days are buckets too
-    assert len(values) == 1  # only today was billed
+    assert len(values) == 1  # only the last day was billed
 
 
 def test_usage_counts_requests_per_model(base: str) -> None:
+    day = first_day(base)
     page = get(
-        base, "/v1/organization/usage/completions", start_time=today(), group_by="model"
+        base,
+        "/v1/organization/usage/completions",
+        start_time=day,
+        end_time=day + DAY,
+        group_by="model",
     ).json()
     results = {r["model"]: r for r in page["data"][0]["results"]}
     assert results["gpt-4o-mini-2024-07-18"]["num_model_requests"] == 2
     assert results["gpt-4o-2024-08-06"]["num_model_requests"] == 1  # the 500 was not billed
     assert results["o4-mini-2025-04-16"]["object"] == "organization.usage.completions.result"
     hourly = get(
-        base, "/v1/organization/usage/completions", start_time=today(), bucket_width="1h"
+        base,
+        "/v1/organization/usage/completions",
+        start_time=day,
+        end_time=day + DAY,
+        bucket_width="1h",
     ).json()
-    assert len(hourly["data"]) <= 24
+    assert len(hourly["data"]) == 24 and hourly["has_more"] is False
     assert sum(r["num_model_requests"] for b in hourly["data"] for r in b["results"]) == 5
 
 

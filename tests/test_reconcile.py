@@ -404,7 +404,9 @@ def test_reconcile_refuses_clearly(
     assert httpx.get(url, params={"start": "2026-02-30", "end": days["end"]}).status_code == 422
     assert httpx.get(url, params={"start": days["start"]}).status_code == 422
     too_long = httpx.get(url, params={"start": "2020-01-01", "end": "2026-01-01"})
-    assert too_long.status_code == 422
+    assert too_long.status_code == 422 and "split the range" in too_long.json()["detail"]
+    far = httpx.get(url, params={"start": "9999-12-31", "end": "9999-12-31"})
+    assert far.status_code == 422 and "must be between" in far.json()["detail"]
 
 
 @pytest.mark.parametrize(
@@ -504,6 +506,8 @@ def test_reconcile_a_cost_export(
         (b"date,amount_value,line_item\n2026-05-01,lots,gpt-4o\n", "not a number"),
         (b"date,amount,currency,line_item\n2026-05-01,1,eur,gpt-4o\n", "not usd"),
         (b"\xff\xfe\x00", "UTF-8"),
+        (b"start_time,amount_value,line_item\n99999999999999,1,gpt-4o\n", "line 2"),
+        (b"date,amount_value,line_item\n9999-12-31,1,gpt-4o\n", "must be between"),
     ],
 )
 def test_a_bad_cost_export_gets_a_clear_422(reconciled: Running, content: bytes, says: str) -> None:

@@ -124,7 +124,7 @@ def test_comparison_on_hand_computed_numbers() -> None:
     )
     assert (mini["errors"], mini["bypassed_requests"], mini["flagged"]) == (1, 1, True)
     assert any("error" in e for e in mini["explanations"])
-    assert any("1 requests more than tokentill saw" in e for e in mini["explanations"])
+    assert any("1 request more than tokentill saw" in e for e in mini["explanations"])
     assert mini["price_mismatch"] is False
 
     four_o = rows[(D1, FOUR_O)]
@@ -141,9 +141,7 @@ def test_comparison_on_hand_computed_numbers() -> None:
     cut = rows[(D2, MINI)]
     assert cut["diff_pico"] == usd("0.05") and cut["interrupted"] == 1
     assert cut["price_mismatch"] is False and cut["bypassed_requests"] == 0
-    assert cut["explanations"] == [
-        "1 responses were interrupted before tokentill learned their usage"
-    ]
+    assert cut["explanations"] == ["1 response interrupted before tokentill learned their usage"]
 
     o3 = rows[(D2, "o3-2025-04-16")]
     assert (o3["our_pico"], o3["diff_pico"], o3["bypassed_requests"]) == (0, usd("3"), 3)
@@ -152,7 +150,7 @@ def test_comparison_on_hand_computed_numbers() -> None:
     unlisted = rows[(D2, "gpt-unlisted")]
     assert (unlisted["unpriced"], unlisted["unpriced_tokens"]) == (1, 300)
     assert unlisted["explanations"] == [
-        "1 responses (300 tokens) tokentill could not price: their cost is not in ours"
+        "1 response (300 tokens) tokentill could not price: their cost is not in ours"
     ]
 
     extra = rows[(D2, "gpt-4.1-2025-04-14")]
@@ -358,7 +356,7 @@ def test_reconcile_against_the_fakes_bill(
     assert (mini["openai_requests"], mini["tokentill_requests"]) == (5, 4)
     assert mini["bypassed_requests"] == 1 and mini["flagged"] is True
     assert mini["explanations"] == [
-        "OpenAI billed 1 requests more than tokentill saw: they bypassed the proxy"
+        "OpenAI billed 1 request more than tokentill saw: they bypassed the proxy"
     ]
 
     nano = only("gpt-5-nano-2025-08-07")
@@ -384,9 +382,7 @@ def test_reconcile_against_the_fakes_bill(
     cut = only("gpt-4.1-mini-2025-04-14")
     assert cut["interrupted_responses"] == 1 and cut["bypassed_requests"] == 0
     assert usd_of(cut["difference_usd"]) > 0
-    assert cut["explanations"] == [
-        "1 responses were interrupted before tokentill learned their usage"
-    ]
+    assert cut["explanations"] == ["1 response interrupted before tokentill learned their usage"]
 
     # Days: totals add up, and a day with any difference passes a threshold of 0.
     assert sum(usd_of(d["openai_usd"]) for d in report["days"]) == sum(billed.values())

@@ -246,6 +246,15 @@ def _flag(diff: pl.Expr, openai: pl.Expr, thresholds: Thresholds) -> pl.Expr:
     return over
 
 
+def _count(column: str, noun: str) -> pl.Expr:
+    """ "1 response", "3 responses"."""
+    return pl.format(
+        "{} {}",
+        column,
+        pl.when(pl.col(column) == 1).then(pl.lit(noun)).otherwise(pl.lit(noun + "s")),
+    )
+
+
 def _explanations() -> pl.Expr:
     """Sentences a finance reader can act on, in the order they usually matter."""
     mismatch_why = (
@@ -256,22 +265,22 @@ def _explanations() -> pl.Expr:
     parts = [
         pl.when(pl.col("unpriced") > 0).then(
             pl.format(
-                "{} responses ({} tokens) tokentill could not price: their cost is not in ours",
-                "unpriced",
+                "{} ({} tokens) tokentill could not price: their cost is not in ours",
+                _count("unpriced", "response"),
                 "unpriced_tokens",
             )
         ),
         pl.when(pl.col("billed_errors") > 0).then(
             pl.format(
-                "{} requests for this model family ended in an error with no usage recorded; "
+                "{} for this model family ended in an error with no usage recorded; "
                 "the upstream may have billed some (answers garbled or cut on the way)",
-                "errors",
+                _count("errors", "request"),
             )
         ),
         pl.when(pl.col("interrupted") > 0).then(
             pl.format(
-                "{} responses were interrupted before tokentill learned their usage",
-                "interrupted",
+                "{} interrupted before tokentill learned their usage",
+                _count("interrupted", "response"),
             )
         ),
         pl.when(pl.col("bypassed_model")).then(
@@ -282,8 +291,8 @@ def _explanations() -> pl.Expr:
         ),
         pl.when((pl.col("bypassed_requests") > 0) & ~pl.col("bypassed_model")).then(
             pl.format(
-                "OpenAI billed {} requests more than tokentill saw: they bypassed the proxy",
-                "bypassed_requests",
+                "OpenAI billed {} more than tokentill saw: they bypassed the proxy",
+                _count("bypassed_requests", "request"),
             )
         ),
         pl.when(pl.col("price_mismatch")).then(

@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from api import events, finance, jobs, openai_usage, prices, reports
+from api import events, finance, jobs, openai_usage, prices, reconcile, reports
 from api.deps import AdminDep, require_admin
 from api.openai_usage import OpenAIError
 from ingest.http1 import HTTP1Upstream
@@ -136,6 +136,7 @@ class Tokentill:
             events.router,
             prices.router,
             finance.router,
+            reconcile.router,
             openai_usage.router,
         ):
             api.include_router(

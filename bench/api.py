@@ -11,7 +11,7 @@
 Target: p95 under 100 ms for every route and range (PASS/MISS; a MISS does not fail the
 run, a broken answer does).
 
-    python bench/api.py [--events 10000000] [--db FILE] [--requests 40]
+    python bench/api.py [--events 10000000] [--db FILE | --keep] [--requests 40]
 """
 
 from __future__ import annotations
@@ -226,6 +226,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--db", type=Path, help="reuse a warehouse with rollups built")
     parser.add_argument("--requests", type=int, default=40, help="timed requests per case")
+    parser.add_argument("--keep", action="store_true", help="keep the warehouse built")
     args = parser.parse_args()
     workdir = None
     if args.db is None:
@@ -260,7 +261,9 @@ def main() -> int:
             )
         print(f"\n{len(plan) - missed} of {len(plan)} under {TARGET_P95_MS:.0f} ms at p95")
     finally:
-        if workdir is not None:
+        if workdir is not None and args.keep:
+            print(f"kept {db} (reuse it: --db {db})")
+        elif workdir is not None:
             remove_workdir(workdir)
     return 0
 

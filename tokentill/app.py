@@ -34,6 +34,7 @@ from tokentill.metrics import Metrics
 from tokentill.quota_service import QuotaService
 from tokentill.settings import Settings
 from tokentill.webhooks import Webhook
+from warehouse.abuse import AbuseConfig, AbuseJob
 from warehouse.db import open_warehouse
 from warehouse.jobs import RollupConfig, RollupJob
 from warehouse.prices import insert_rows, load_price_file, seed_published
@@ -57,6 +58,7 @@ class Runtime:
     readers: duckdb.DuckDBPyConnection
     rollup: RollupJob
     alerts: AlertOutbox
+    abuse: AbuseJob
     quotas: QuotaService | None = None
     ready: bool = False
     _cursor_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -202,6 +204,15 @@ class Tokentill:
             readers,
             rollup,
             outbox,
+            AbuseJob(
+                lambda: runtime.connect(),
+                AbuseConfig(
+                    window_seconds=settings.abuse_window,
+                    history_days=settings.abuse_history_days,
+                    image_model=settings.image_gen_model,
+                ),
+                outbox.raise_from_thread,
+            ),
         )
         self.runtime = runtime
         self.api.state.runtime = runtime
@@ -218,7 +229,11 @@ class Tokentill:
             background.append(
                 asyncio.create_task(quota_service.refresh_forever(), name="tokentill-prices")
             )
-        scheduler = start_scheduler(rollup, settings.rollup_interval)
+        scheduler = start_scheduler(
+            rollup,
+            settings.rollup_interval,
+            {"abuse": (runtime.abuse.run, settings.abuse_interval)},
+        )
         if self.api.state.admin_token is None:
             log.warning("no TOKENTILL_ADMIN_TOKEN: the admin API answers loopback clients only")
         self.proxy.client, self.proxy.recorder = client, recorder

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     # How often the proxy's in-memory price snapshot is rebuilt from the catalog.
     quota_price_refresh: Seconds = 30.0
 
+    # Abuse monitoring (warehouse/abuse.py): how often it runs, the scored window, and
+    # how much of each user's history it compares against.
+    abuse_interval: Seconds = 300.0
+    abuse_window: Annotated[int, Field(ge=60, le=86_400)] = 3600
+    abuse_history_days: Annotated[int, Field(ge=1, le=90)] = 14
+
     # Alerts (quota thresholds, abuse flags) are POSTed here as JSON, signed with
     # HMAC-SHA256 of the body under the secret (X-Tokentill-Signature: sha256=<hex>).
     alert_webhook_url: str | None = None

@@ -82,8 +82,15 @@ class PriceBook:
     """The catalog's rates in force at one instant. Immutable once built: a refresh
     builds a new book and swaps the reference (no locks on the hot path)."""
 
-    def __init__(self, rates: dict[tuple[str, str], Rates], image_model: str) -> None:
+    def __init__(
+        self,
+        rates: dict[tuple[str, str], Rates],
+        image_model: str,
+        changes_at: datetime | None = None,
+    ) -> None:
         self._rates = rates
+        # The next instant a price starts or ends: the book is stale from then on.
+        self.changes_at = changes_at
         self._keys = {m for m, _ in rates if not m.endswith("*")}
         self._prefixes = sorted(
             {m[:-1] for m, _ in rates if m.endswith("*")}, key=len, reverse=True
@@ -96,14 +103,18 @@ class PriceBook:
         """From the `prices` table (`warehouse.prices.price_table`), the rates in force at `at`."""
         moment = at or datetime.now(UTC)
         rates: dict[tuple[str, str], Rates] = {}
+        changes_at = None
         if prices.height:
-            live = effective_intervals(prices).filter(
+            intervals = effective_intervals(prices)
+            live = intervals.filter(
                 (pl.col("valid_from") <= moment)
                 & (pl.col("valid_to").is_null() | (pl.col("valid_to") > moment))
             )
             for row in live.to_dicts():
                 rates[(str(row["price_model"]), str(row["service_tier"]))] = _rates(row)
-        return cls(rates, image_model)
+            later = pl.concat([intervals["valid_from"], intervals["valid_to"]]).drop_nulls()
+            changes_at = later.filter(later > moment).min()
+        return cls(rates, image_model, changes_at)  # type: ignore[arg-type]
 
     def rates(self, model: str | None, service_tier: str | None) -> Rates | None:
         if model is None:

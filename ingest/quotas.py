@@ -135,6 +135,8 @@ class Window:
     start: int
     end: int
     used: Usage = field(default_factory=Usage)
+    # Threshold alerts raised in this window (gone with it, so memory stays bounded).
+    fired: set[str] = field(default_factory=set)
 
 
 class Meter:
@@ -259,7 +261,7 @@ class QuotaBook:
         self._meters: dict[Subject, Meter] = {}
         self._parked: dict[str, tuple[Reservation, float]] = {}
         self._context: OrderedDict[str, int] = OrderedDict()
-        self._fired: set[str] = set()
+        self._fired_before_start: set[str] = set()
         self._tag_keys = frozenset(config.tag_keys)
 
     # -- limits ---------------------------------------------------------------------------
@@ -291,7 +293,7 @@ class QuotaBook:
 
     def note_fired(self, keys: Iterable[str]) -> None:
         """Alerts already raised this period (read from the warehouse at start)."""
-        self._fired.update(keys)
+        self._fired_before_start.update(keys)
 
     # -- the hot path ---------------------------------------------------------------------
 
@@ -473,9 +475,9 @@ class QuotaBook:
                     f"quota:{subject_label(subject)}:{limit.unit}:{limit.period}:"
                     f"{current.start}:{threshold}"
                 )
-                if key in self._fired:
+                if key in current.fired or key in self._fired_before_start:
                     continue
-                self._fired.add(key)
+                current.fired.add(key)
                 self._alert(_threshold_alert(key, subject, limit, current, used, threshold))
 
 

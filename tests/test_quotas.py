@@ -26,7 +26,7 @@ from tests.servers import serve_in_thread
 from tokentill.app import create_app
 from tokentill.settings import Settings
 from warehouse import pricing
-from warehouse.prices import price_table
+from warehouse.prices import insert_rows, parse_price_entries, price_table
 
 QUOTA_ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -425,3 +425,35 @@ def test_quotas_off_changes_nothing_on_the_proxy(make_tokentill: Callable[..., R
     running = make_tokentill(quotas_enabled=False)
     running.client().responses.create(model="gpt-4o-mini", input="hi", user="lee")
     assert api(running, "GET", "/quotas").status_code == 409
+
+
+def test_a_new_price_reaches_the_live_counters(make_tokentill: Callable[..., Running]) -> None:
+    running = make_tokentill(quota_price_refresh=0.1)
+    api(running, "PUT", "/quotas/users/max", json={"limit_usd": "1000", "period": "day"})
+    with duckdb.connect(str(running.db)) as conn:
+        insert_rows(
+            conn,
+            parse_price_entries(
+                [
+                    {
+                        "model": "gpt-4o-mini-2024-07-18",
+                        "input_per_mtok": 100,
+                        "output_per_mtok": 1000,
+                    }
+                ],
+                "test",
+            ),
+        )
+
+    def priced_at_override() -> bool:
+        before = pico(api(running, "GET", "/quotas/users/max").json()["limits"][0]["used"])
+        answer = running.client().responses.create(model="gpt-4o-mini", input="hi", user="max")
+        assert answer.usage is not None
+        after = pico(api(running, "GET", "/quotas/users/max").json()["limits"][0]["used"])
+        expected = (
+            answer.usage.input_tokens * 100 * 10**6 + answer.usage.output_tokens * 1000 * 10**6
+        )
+        return after - before == expected
+
+    # (The warehouse re-prices the earlier responses too; live counts are not re-priced.)
+    running.wait_for(priced_at_override)

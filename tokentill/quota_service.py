@@ -36,6 +36,7 @@ from ingest.quotas import (
 )
 from tokentill.settings import Settings
 from warehouse.alerts import Alert, open_quota_alert_keys
+from warehouse.db import fetch_one
 from warehouse.prices import price_table
 from warehouse.quota_store import load_limits, replace_limits, used_before
 
@@ -69,6 +70,7 @@ class QuotaService:
         )
         self.book = QuotaBook(config, PriceBook({}, settings.image_gen_model), alert)
         self.boot_us = 0
+        self._price_mark: tuple[int, int] | None = None  # (rows, max price_id) last read
         self._seeded: set[tuple[str, str, str, Period]] = set()
         self._lock = asyncio.Lock()  # one limit change (store + seed + apply) at a time
 
@@ -108,7 +110,9 @@ class QuotaService:
         while True:
             await asyncio.sleep(self._settings.quota_price_refresh)
             try:
-                self.book.prices = await asyncio.to_thread(self._read_prices)
+                fresh = await asyncio.to_thread(self._read_prices_if_changed)
+                if fresh is not None:
+                    self.book.prices = fresh
             except Exception:
                 log.exception("quota price refresh failed; keeping the previous prices")
             expired = self.book.expire_parked()
@@ -182,15 +186,25 @@ class QuotaService:
             out.append((period, start, used))
         return out
 
-    def _read_prices(self) -> PriceBook:
+    def _read_prices_if_changed(self) -> PriceBook | None:
+        """A new book when the catalog changed (rows are only added) or a price has
+        started or ended since the last one was built; else None (a cheap check)."""
         conn = self._connect()
         try:
+            row = fetch_one(conn, "SELECT count(*), coalesce(max(price_id), 0) FROM prices")
+            mark = (int(row[0]), int(row[1])) if row else (0, 0)
+            changes_at = self.book.prices.changes_at
+            due = changes_at is not None and datetime.now(UTC) >= changes_at
+            if mark == self._price_mark and not due:
+                return None
             return self._price_book(conn)
         finally:
             with contextlib.suppress(duckdb.Error):
                 conn.close()
 
     def _price_book(self, conn: duckdb.DuckDBPyConnection) -> PriceBook:
+        row = fetch_one(conn, "SELECT count(*), coalesce(max(price_id), 0) FROM prices")
+        self._price_mark = (int(row[0]), int(row[1])) if row else (0, 0)
         return PriceBook.build(price_table(conn), self._settings.image_gen_model)
 
 

@@ -208,6 +208,30 @@ async def list_quotas(runtime: RuntimeDep) -> list[QuotaOut]:
     return out + [_view(book, subject) for subject in subjects]
 
 
+# -- temporary blocks (critical abuse flags, TOKENTILL_ABUSE_BLOCK_SECONDS) -----------------
+
+
+class BlockOut(BaseModel):
+    user_id: str
+    until: datetime
+
+
+@router.get("/blocks", response_model=list[BlockOut])
+async def list_blocks(runtime: RuntimeDep) -> list[BlockOut]:
+    blocks = _service(runtime).book.blocks(now_us())
+    return [
+        BlockOut(user_id=user, until=datetime.fromtimestamp(until / 1e6, UTC))
+        for user, until in sorted(blocks.items())
+    ]
+
+
+@router.delete("/blocks/{user_id:path}", status_code=status.HTTP_204_NO_CONTENT)
+async def lift_block(runtime: RuntimeDep, user_id: str = UserId) -> Response:
+    if not _service(runtime).book.unblock(user_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"user {user_id!r} is not blocked")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 # -- the default ----------------------------------------------------------------------------
 
 

@@ -197,6 +197,24 @@ class Reservation:
     state: Literal["open", "parked", "done"] = "open"
 
 
+class UserBlockedError(RequestRejectedError):
+    """The user is blocked for a while (a critical abuse flag, `abuse_block_seconds`)."""
+
+    def __init__(self, user_id: str, until_us: int, now: int) -> None:
+        until = datetime.fromtimestamp(until_us / 1e6, UTC)
+        seconds = max(1, math.ceil((until_us - now) / 1e6))
+        super().__init__(
+            403,
+            f"User '{user_id}' is blocked until {until.isoformat()} after a critical abuse "
+            "flag; an operator can lift the block.",
+            "user_temporarily_blocked",
+            headers=[
+                (b"retry-after", str(seconds).encode()),
+                (b"x-tokentill-blocked-until", until.isoformat().encode()),
+            ],
+        )
+
+
 class QuotaExceededError(RequestRejectedError):
     """A hard limit would be passed: 429 in OpenAI's shape, with when it resets."""
 
@@ -262,6 +280,7 @@ class QuotaBook:
         self._parked: dict[str, tuple[Reservation, float]] = {}
         self._context: OrderedDict[str, int] = OrderedDict()
         self._fired_before_start: set[str] = set()
+        self._blocked: dict[str, int] = {}  # user id -> blocked until (µs)
         self._tag_keys = frozenset(config.tag_keys)
 
     # -- limits ---------------------------------------------------------------------------
@@ -295,12 +314,30 @@ class QuotaBook:
         """Alerts already raised this period (read from the warehouse at start)."""
         self._fired_before_start.update(keys)
 
+    # -- temporary blocks -----------------------------------------------------------------
+
+    def block(self, user_id: str, until_us: int) -> None:
+        self._blocked[user_id] = max(until_us, self._blocked.get(user_id, 0))
+
+    def unblock(self, user_id: str) -> bool:
+        return self._blocked.pop(user_id, None) is not None
+
+    def blocks(self, now: int) -> dict[str, int]:
+        """The blocks in force (expired ones are dropped)."""
+        for user_id in [u for u, until in self._blocked.items() if until <= now]:
+            del self._blocked[user_id]
+        return dict(self._blocked)
+
     # -- the hot path ---------------------------------------------------------------------
 
     def admit(self, facts: RequestFacts, parsed: dict[str, Any] | None, body: bytes) -> Reservation:
         now = facts.started_us
         subjects: list[Subject] = []
         if facts.user_id:
+            if self._blocked:
+                until = self._blocked.get(facts.user_id)
+                if until is not None and now < until:
+                    raise UserBlockedError(facts.user_id, until, now)
             subjects.append(user_subject(facts.user_id))
         metadata = parsed.get("metadata") if parsed is not None else None
         if isinstance(metadata, dict):

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import polars as pl
+import pytest
 
 from ingest.events import UsageEvent
 from ingest.journal import Journal
-from tests.conftest import Running
+from tests.conftest import Running, ledger
 from warehouse.abuse import AbuseConfig, features, flags, with_window
 from warehouse.db import open_warehouse
 from warehouse.writer import Writer
@@ -188,3 +190,36 @@ def test_pure_rules_on_tiny_frames() -> None:
     assert rules["many_api_keys"] == "critical"
     assert rules["token_spike"] in ("warning", "critical")
     assert "content_filter_rate" not in rules and "metadata_churn" not in rules
+
+
+def test_a_critical_flag_blocks_the_user_for_a_while_when_configured(
+    make_tokentill: Callable[..., Running], fake_upstream: str
+) -> None:
+    running = make_tokentill(abuse_block_seconds=600, abuse_interval=3600)
+    client = running.client()
+    for i in range(12):
+        scenario = "content_filter" if i < 8 else "completed"
+        client.responses.create(
+            model="gpt-4o-mini", input="hi", user="stormy",
+            extra_headers={"x-fake-scenario": scenario},
+        )  # fmt: skip
+    running.flush()
+    assert httpx.post(running.url + "/api/jobs/abuse/run", timeout=60).json()["flags"] >= 1
+
+    def blocked() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = httpx.get(running.url + "/api/quotas/blocks").json()
+        return found
+
+    running.wait_for(lambda: [b["user_id"] for b in blocked()] == ["stormy"])
+    billed = len(ledger(fake_upstream))
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.responses.create(model="gpt-4o-mini", input="hi", user="stormy")
+    error = refused.value.response.json()["error"]
+    assert error["code"] == "user_temporarily_blocked" and error["param"] is None
+    assert 0 < int(refused.value.response.headers["retry-after"]) <= 600
+    assert len(ledger(fake_upstream)) == billed
+    client.responses.create(model="gpt-4o-mini", input="hi", user="calm")  # others pass
+
+    assert httpx.delete(running.url + "/api/quotas/blocks/stormy").status_code == 204
+    client.responses.create(model="gpt-4o-mini", input="hi", user="stormy")
+    assert httpx.delete(running.url + "/api/quotas/blocks/stormy").status_code == 404

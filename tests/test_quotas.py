@@ -180,6 +180,9 @@ def test_spend_counts_at_once_at_the_warehouses_price(tokentill: Running) -> Non
         ("requests", "total", 2),
         ("tokens", "minute", 500),
         ("tokens", "day", 500),
+        ("tokens", "month", 500),
+        ("tokens", "total", 500),
+        ("usd", "minute", "0.002"),
         ("usd", "day", "0.002"),
         ("usd", "month", "0.002"),
         ("usd", "total", "0.002"),
@@ -216,6 +219,29 @@ def test_hard_limits_by_unit_and_period(
         assert has_reset == (period != "total")
         return
     pytest.fail("the window rolled over on every attempt")
+
+
+@pytest.mark.parametrize("period", ["minute", "day", "month", "total"])
+@pytest.mark.parametrize(("unit", "amount"), [("requests", 2), ("tokens", 60), ("usd", "0.00002")])
+def test_soft_limits_by_unit_and_period_never_refuse(
+    tokentill: Running, unit: str, amount: int | str, period: str
+) -> None:
+    who = f"soft-{unit}-{period}"
+    body = {f"limit_{unit}": amount, "period": period, "mode": "soft"}
+    assert api(tokentill, "PUT", f"/quotas/users/{who}", json=body).status_code == 200
+    client = tokentill.client()
+    for _ in range(4):  # well past the limit: never refused
+        client.responses.create(model="gpt-4o-mini", input="hi", user=who, max_output_tokens=16)
+    (state,) = api(tokentill, "GET", f"/quotas/users/{who}").json()["limits"]
+    assert state["mode"] == "soft"
+    if period != "minute":  # (a minute may have rolled over since)
+        assert Decimal(state["percent_used"]) >= 100
+
+    def full() -> bool:
+        found = api(tokentill, "GET", "/alerts", params={"user_id": who}).json()
+        return any(a["rule"] == f"{unit}/{period} 100%" for a in found)
+
+    tokentill.wait_for(full)
 
 
 def test_soft_limit_never_blocks_and_alerts_once_per_threshold(tokentill: Running) -> None:

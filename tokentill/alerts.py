@@ -25,6 +25,8 @@ class AlertOutbox:
     ) -> None:
         self._connect = connect
         self._webhook = webhook
+        # Called on the event loop with each new alert (the quota book's blocks listen).
+        self.listeners: list[Callable[[Alert], None]] = []
         self._queue: asyncio.Queue[Alert] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self.stored = 0
@@ -63,6 +65,8 @@ class AlertOutbox:
         self.stored += len(fresh)
         for alert in fresh:
             log.warning("alert: %s", alert.message)
+            for listener in self.listeners:
+                listener(alert)
             if self._webhook is not None:
                 self._webhook.send(alert.payload())
 

@@ -224,6 +224,7 @@ class Tokentill:
             quota_service = QuotaService(settings, runtime.connect, outbox.raise_alert)
             await asyncio.to_thread(quota_service.start)
             runtime.quotas = quota_service
+            outbox.listeners.append(quota_service.on_alert)
             recorder.quotas = quota_service.book
             self.proxy.admission = quota_service.admit
             background.append(

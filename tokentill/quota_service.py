@@ -105,6 +105,13 @@ class QuotaService:
         """The proxy's admission hook."""
         facts.hold = self.book.admit(facts, parsed, body)
 
+    def on_alert(self, alert: Alert) -> None:
+        """A new alert (event loop): a critical abuse flag may block its user for a while."""
+        seconds = self._settings.abuse_block_seconds
+        if seconds and alert.kind == "abuse" and alert.severity == "critical" and alert.user_id:
+            self.book.block(alert.user_id, now_us() + seconds * 1_000_000)
+            log.warning("user %r blocked for %d s: %s", alert.user_id, seconds, alert.message)
+
     async def refresh_forever(self) -> None:
         """Keep the price snapshot fresh; charge pending responses that never ended."""
         while True:

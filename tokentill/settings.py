@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     abuse_interval: Seconds = 300.0
     abuse_window: Annotated[int, Field(ge=60, le=86_400)] = 3600
     abuse_history_days: Annotated[int, Field(ge=1, le=90)] = 14
+    # A critical abuse flag blocks the user's requests (403) this long; 0: never.
+    abuse_block_seconds: Annotated[int, Field(ge=0, le=30 * 86_400)] = 0
 
     # Alerts (quota thresholds, abuse flags) are POSTed here as JSON, signed with
     # HMAC-SHA256 of the body under the secret (X-Tokentill-Signature: sha256=<hex>).

@@ -25,6 +25,7 @@ from warehouse.prices import price_table
 OWN_REFUSALS = (
     "user_quota_exceeded",
     "tag_quota_exceeded",
+    "user_temporarily_blocked",
     "invalid_tokentill_user",
     "request_too_large",
     "client_disconnected",

@@ -158,8 +158,10 @@ class Meter:
         return found
 
     def add(self, started_us: int, now: int, cost: int, tokens: int, unpriced: int) -> None:
-        for period in PERIODS:
-            current = self.current(period, now)
+        windows = self.windows
+        for period, current in windows.items():
+            if now >= current.end:
+                current = windows[period] = Window(*window(period, now))
             if started_us >= current.start:  # else it belongs to a window already over
                 used = current.used
                 used.pico += cost
@@ -359,12 +361,20 @@ class QuotaBook:
             if not limits:
                 continue
             meter = self._meter(subject, now)
+            reserved = meter.reserved
             for limit in limits:
                 if limit.mode != "hard":
                     continue
-                current = meter.current(limit.period, now)
-                used = current.used.of(limit.unit) + meter.reserved.of(limit.unit)
-                need = pico if limit.unit == "usd" else tokens if limit.unit == "tokens" else 1
+                current = meter.windows[limit.period]
+                if now >= current.end:
+                    current = meter.current(limit.period, now)
+                unit = limit.unit
+                if unit == "usd":
+                    used, need = current.used.pico + reserved.pico, pico
+                elif unit == "tokens":
+                    used, need = current.used.tokens + reserved.tokens, tokens
+                else:
+                    used, need = current.used.requests + reserved.requests, 1
                 if used >= limit.amount or used + need > limit.amount:
                     raise QuotaExceededError(subject, limit, current, used, need, now)
         reservation = Reservation(

@@ -341,3 +341,20 @@ def test_windows_are_utc_calendar_periods() -> None:
     assert datetime.fromtimestamp(month[0] / 1e6, UTC) == datetime(2026, 2, 1, tzinfo=UTC)
     assert datetime.fromtimestamp(month[1] / 1e6, UTC) == datetime(2026, 3, 1, tzinfo=UTC)
     assert window("minute", t)[1] - window("minute", t)[0] == 60_000_000
+
+
+def test_burn_rate_is_the_spend_of_the_last_fifteen_minutes_per_hour() -> None:
+    from ingest.quotas import Meter
+
+    start = int(datetime(2026, 5, 1, 12, tzinfo=UTC).timestamp() * 1e6)
+    minute = 60_000_000
+    meter = Meter(start - 60 * minute)  # a counter older than the burn window
+    meter.add(start - 30 * minute, start - 30 * minute, 999, 1, 0)  # too old to count
+    for i in range(10):  # 10 requests of 100 pico over the last 10 minutes
+        at = start - i * minute
+        meter.add(at, at, 100, 7, 0)
+    assert meter.burn_per_hour("usd", start) == 1000 * 4  # 1,000 per 15 min
+    assert meter.burn_per_hour("requests", start) == 10 * 4
+    young = Meter(start - 2 * minute)  # a counter two minutes old: its own span
+    young.add(start, start, 100, 1, 0)
+    assert young.burn_per_hour("usd", start) == 100 * 30

@@ -21,6 +21,7 @@ markdown table. A MISS does not fail the run; something broken (a failed job run
 that do not add up, an incremental run touching the wrong days) exits 1.
 
     python bench/rollup.py [--events 10000000] [--new-events 100000] [--keep]
+                           [--generated FILE]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -305,25 +307,30 @@ def _peak_kb() -> int:
 
 
 def phase_generate(db: Path, events: int) -> dict[str, Any]:
+    """Generate the events and seed the prices (`events` 0: the file holds them already,
+    from an earlier run's --generated copy: only describe it)."""
     now = datetime.now(UTC)
     start = now - timedelta(days=DAYS)
-    step_us = DAYS * 86_400 * 1_000_000 / events
     conn = open_warehouse(db)
     conn.execute(_MACROS)
-    clock = time.perf_counter()
-    created = (
-        f"TIMESTAMPTZ '{_ts(start)}' + to_microseconds("
-        f"CAST((i + 0.9 * bench_u(i, 1)) * {step_us} AS BIGINT))"
-    )
-    sql = events_sql(0, events, created, f"i // {BATCH} + 1", "true").replace(
-        "{queued_after}", _ts(now - QUEUED_WINDOW)
-    )
-    conn.execute(sql)
-    generate_s = time.perf_counter() - clock
-    clock = time.perf_counter()
-    prices = seed_published(conn)
-    seed_s = time.perf_counter() - clock
-    conn.execute("CHECKPOINT")
+    generate_s = seed_s = 0.0
+    prices = 0
+    if events:
+        step_us = DAYS * 86_400 * 1_000_000 / events
+        clock = time.perf_counter()
+        created = (
+            f"TIMESTAMPTZ '{_ts(start)}' + to_microseconds("
+            f"CAST((i + 0.9 * bench_u(i, 1)) * {step_us} AS BIGINT))"
+        )
+        sql = events_sql(0, events, created, f"i // {BATCH} + 1", "true").replace(
+            "{queued_after}", _ts(now - QUEUED_WINDOW)
+        )
+        conn.execute(sql)
+        generate_s = time.perf_counter() - clock
+        clock = time.perf_counter()
+        prices = seed_published(conn)
+        seed_s = time.perf_counter() - clock
+        conn.execute("CHECKPOINT")
     stats = conn.execute(
         """SELECT count(*), count(previous_response_id), count(*) FILTER (status = 'completed'),
                   count(*) FILTER (status = 'queued'), count(DISTINCT user_id),
@@ -365,6 +372,7 @@ class Profile:
         self.stage = "run"
         self.inner_depth = 0  # inner steps nest (eager polars inside a read): count once
         self.recomputed: list[list[datetime]] = []
+        self.cpu_s = 0.0  # CPU time of the run, all threads (less noisy than wall time)
 
     def stage_wrapper(self, label: str, fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
@@ -400,7 +408,7 @@ class Profile:
 
         def recompute(
             job: RollupJob, conn: duckdb.DuckDBPyConnection, days: list[datetime], *rest: Any
-        ) -> tuple[int, int]:
+        ) -> tuple[int, int, set[str]]:
             self.recomputed.append(list(days))
             return original_recompute(job, conn, days, *rest)
 
@@ -408,8 +416,6 @@ class Profile:
             ("_update_links", RollupJob._update_links),
             ("_repriced_days", RollupJob._repriced_days),
             ("_recompute", recompute),
-            ("_recompute_conversations", RollupJob._recompute_conversations),
-            ("_recount_pending", RollupJob._recount_pending),
             ("_moved_into_conversations", RollupJob._moved_into_conversations),
             ("_merge_usage", RollupJob._merge_usage),
             ("_merge_conversations", RollupJob._merge_conversations),
@@ -462,7 +468,9 @@ def _run_job(
     profile = Profile()
     profile.install()
     job = RollupJob(conn.cursor, RollupConfig())
+    cpu = time.process_time()
     result = job.run(full=full)
+    profile.cpu_s = time.process_time() - cpu
     if result.error:
         raise BenchError(f"the rollup run failed: {result.error}")
     return result, profile, conn
@@ -488,6 +496,7 @@ def phase_full(db: Path, memory_limit: str | None) -> dict[str, Any]:
         "rows_out": result.rows_out,
         "days": result.days,
         "mode": result.mode,
+        "cpu_s": profile.cpu_s,
         "profile": profile.report(result.seconds),
         "tables": tables,
         "db_bytes": db.stat().st_size,
@@ -543,9 +552,9 @@ GROUP BY ALL
 def phase_baseline(db: Path, memory_limit: str | None) -> dict[str, Any]:
     conn = _open(db, memory_limit)
     events = _scalar(conn, "SELECT count(*) FROM usage_events")
-    clock = time.perf_counter()
+    clock, cpu = time.perf_counter(), time.process_time()
     conn.execute(_BASELINE_SQL)
-    seconds = time.perf_counter() - clock
+    seconds, cpu_s = time.perf_counter() - clock, time.process_time() - cpu
     row = conn.execute(
         "SELECT count(*), sum(requests), sum(cost_pico), sum(unpriced) FROM bench_baseline_daily"
     ).fetchone()
@@ -563,6 +572,7 @@ def phase_baseline(db: Path, memory_limit: str | None) -> dict[str, Any]:
         raise BenchError("no baseline result")
     return {
         "seconds": seconds,
+        "cpu_s": cpu_s,
         "events": events,
         "rows_out": row[0],
         "requests": int(row[1]),
@@ -646,6 +656,7 @@ def phase_incremental(db: Path, new_events: int, memory_limit: str | None) -> di
     touched = sorted({d for chunk in profile.recomputed for d in chunk})
     return {
         "seconds": result.seconds,
+        "cpu_s": profile.cpu_s,
         "mode": result.mode,
         "rows_in": result.rows_in,
         "rows_out": result.rows_out,
@@ -786,6 +797,13 @@ def main() -> int:
     parser.add_argument("--new-events", type=int, default=100_000)
     parser.add_argument("--keep", action="store_true", help="keep the DuckDB file")
     parser.add_argument(
+        "--generated",
+        metavar="FILE",
+        help="start from a copy of FILE if it exists (events generated by an earlier run), "
+        "else generate and save a copy there before any rollup runs: generating 10M "
+        "events takes minutes",
+    )
+    parser.add_argument(
         "--memory-limit",
         help="DuckDB memory limit for the job and the baseline (default: the server's, "
         "warehouse_memory_limit; 'none': DuckDB's own, 80%% of RAM)",
@@ -842,7 +860,15 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     )
     print(f"database: {db}\n")
 
-    gen_run = spawn("generate", db, "--events", str(args.events))
+    reuse = Path(args.generated) if args.generated else None
+    if reuse is not None and reuse.exists():
+        shutil.copyfile(reuse, db)
+        print(f"events: a copy of {reuse} (generated earlier; --events ignored)")
+        gen_run = spawn("generate", db, "--events", "0")
+    else:
+        gen_run = spawn("generate", db, "--events", str(args.events))
+        if reuse is not None:
+            shutil.copyfile(db, reuse)
     gen = gen_run.result
     events = int(gen["events"])
     print(
@@ -863,7 +889,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     full, full_rss = full_run.result, full_run.peak_mb
     full_s = float(full["seconds"])
     print(
-        f"\nfull         {full_s:.2f} s  rows in {full['rows_in']:,}  rows out "
+        f"\nfull         {full_s:.2f} s ({full['cpu_s']:.1f} CPU-s)  "
+        f"rows in {full['rows_in']:,}  rows out "
         f"{full['rows_out']:,}  days {full['days']}  ({_rate(full['rows_in'], full_s)}); "
         f"file {full['db_bytes'] / 2**30:.2f} GiB"
     )
@@ -877,7 +904,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     job_rate = full["rows_in"] / full_s
     base_rate = base["events"] / base_s
     print(
-        f"\nbaseline SQL {base_s:.2f} s  ({_rate(base['events'], base_s)}), "
+        f"\nbaseline SQL {base_s:.2f} s ({base['cpu_s']:.1f} CPU-s, "
+        f"{_rate(base['events'], base_s)}), "
         f"{base['rows_out']:,} rows (day x user x model x tier x status)"
     )
     print(
@@ -900,7 +928,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         f"{inc['insert_s']:.2f} s"
     )
     print(
-        f"             run {inc_s:.3f} s ({inc['mode']})  rows in {inc['rows_in']:,}  "
+        f"             run {inc_s:.3f} s ({inc['cpu_s']:.2f} CPU-s, {inc['mode']})  "
+        f"rows in {inc['rows_in']:,}  "
         f"rows out {inc['rows_out']:,}  days with new sums {inc['days']}, recomputed whole: "
         f"{', '.join(inc['recomputed']) or 'none'}"
     )

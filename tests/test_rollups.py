@@ -484,7 +484,7 @@ class FailingOnSecondChunk(RollupJob):
 
     calls = 0
 
-    def _recompute(self, *args: Any) -> tuple[int, int]:
+    def _recompute(self, *args: Any) -> tuple[int, int, set[str]]:
         self.calls += 1
         if self.calls == 2:
             raise RuntimeError("disk full")

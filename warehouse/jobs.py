@@ -23,11 +23,11 @@ through Arrow; the pipelines in `pricing` and `rollups` are pure.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -81,6 +81,17 @@ _USAGE_COLUMNS = (
     *pricing.PRICED_COUNTS,
 )
 _ID_COLUMNS = ("event_id", "response_id")
+_EVENT_COLUMNS = (*_ID_COLUMNS, *_USAGE_COLUMNS)
+# What `conversation_days` needs, priced.
+_CONVERSATION_COLUMNS = (
+    "response_id",
+    "model",
+    "service_tier",
+    "user_id",
+    "created_at",
+    "total_tokens",
+    *pricing.PRICED_COUNTS,
+)
 # An event as the rollups counted it (the columns of `rollup_pending`).
 _COUNTED_COLUMNS = (
     *_ID_COLUMNS,
@@ -208,20 +219,22 @@ class RollupJob:
         )
         ordered = sorted(days)
         result.days = len(ordered)
-        for start in range(0, len(ordered), self._config.chunk_days):
-            if self._cancelled.is_set():
-                raise JobCancelledError("tokentill is stopping; the next run picks up from here")
-            chunk = ordered[start : start + self._config.chunk_days]
-            rows_in, rows_out = self._recompute(conn, chunk, watermark, prices, True)
-            result.rows_in += rows_in
-            result.rows_out += rows_out
-            conn.execute("COMMIT")
-            conn.execute("BEGIN TRANSACTION")
-        conv = self._recompute_conversations(conn, None, watermark, prices)
+        with _membership(conn, watermark, None):
+            for start in range(0, len(ordered), self._config.chunk_days):
+                if self._cancelled.is_set():
+                    raise JobCancelledError(
+                        "tokentill is stopping; the next run picks up from here"
+                    )
+                chunk = ordered[start : start + self._config.chunk_days]
+                rows_in, rows_out, _ = self._recompute(conn, chunk, watermark, prices, True)
+                result.rows_in += rows_in
+                result.rows_out += rows_out
+                conn.execute("COMMIT")
+                conn.execute("BEGIN TRANSACTION")
+        conv = query_frame(conn, "SELECT * FROM conversation_days")
         totals = rollups.conversations(conv.lazy()).collect()
         _insert(conn, "conversations", totals)
-        self._recount_pending(conn, None, watermark, prices)
-        result.rows_out += conv.height + totals.height
+        result.rows_out += totals.height
 
     # -- recomputing whole days from the raw events -------------------------------------
 
@@ -232,102 +245,73 @@ class RollupJob:
         watermark: int,
         prices: _Prices,
         full: bool,
-    ) -> tuple[int, int]:
-        """The hourly, daily and tag rollups of whole days (conversations: elsewhere)."""
+    ) -> tuple[int, int, set[str]]:
+        """Every rollup of whole days, and their pending events (in `_membership`).
+        Returns rows in, rows out, and the conversations touched."""
         keys = list(self._config.tag_keys)
+        span = """e.created_at >= ? AND e.created_at < ? AND e.ingest_seq <= ?
+                  AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)"""
+        params = [min(days), max(days) + timedelta(days=1), watermark]
         with _registered(conn, "_days", _day_frame(days)):
             events = query_frame(
                 conn,
-                f"""SELECT {self._select(ids=False, tags=True)} FROM usage_events AS e
-                    WHERE e.created_at >= ? AND e.created_at < ? AND e.ingest_seq <= ?
-                      AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)""",
-                [min(days), max(days) + timedelta(days=1), watermark],
-            )
-            priced = self._price(events, prices)
-            hourly, tags = pl.collect_all(
-                [rollups.hourly(priced), rollups.daily_tags(priced, keys)]
-            )
-            daily = rollups.daily(hourly.lazy()).collect()
-            outputs = {"usage_hourly": hourly, "usage_daily": daily, "usage_daily_tags": tags}
-            for table, frame in outputs.items():
-                if not full:
-                    _delete_days(conn, table, days)
-                _insert(conn, table, frame)
-        return events.height, sum(frame.height for frame in outputs.values())
-
-    def _recompute_conversations(
-        self,
-        conn: duckdb.DuckDBPyConnection,
-        days: list[datetime] | None,
-        watermark: int,
-        prices: _Prices,
-    ) -> pl.DataFrame:
-        """`conversation_days` of whole days (None: every day) from the events in a
-        conversation, each joined to its root in one pass."""
-        conn.execute(
-            """CREATE OR REPLACE TEMP TABLE _members AS
-               SELECT response_id, root_id FROM conversation_links
-               UNION ALL SELECT DISTINCT root_id, root_id FROM conversation_links"""
-        )
-        try:
-            where, params = "e.ingest_seq <= ?", list[object]([watermark])
-            if days is not None:
-                conn.register("_days", _day_frame(days))
-                where += " AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)"
-            events = query_frame(
-                conn,
-                f"""SELECT {self._select(ids=True, tags=False)}, m.root_id AS conversation_root
-                    FROM usage_events AS e JOIN _members AS m ON m.response_id = e.response_id
-                    WHERE {where}""",
+                f"SELECT {self._select(_USAGE_COLUMNS, tags=True)} FROM usage_events AS e "
+                f"WHERE {span}",
                 params,
             )
-        finally:
-            if days is not None:
-                conn.unregister("_days")
-            conn.execute("DROP TABLE _members")
-        conv = rollups.conversation_days(self._price(events, prices)).collect()
-        if days is not None:
-            _delete_days(conn, "conversation_days", days)
-        _insert(conn, "conversation_days", conv)
-        return conv
-
-    def _recount_pending(
-        self,
-        conn: duckdb.DuckDBPyConnection,
-        days: list[datetime] | None,
-        watermark: int,
-        prices: _Prices,
-    ) -> None:
-        """Refill `rollup_pending` for whole days (None: every day)."""
-        where, params = (
-            f"e.status IN ({_PENDING_SQL}) AND e.ingest_seq <= ?",
-            list[object]([watermark]),
-        )
-        if days is not None:
-            conn.register("_days", _day_frame(days))
-            where += " AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)"
-            conn.execute(
-                """DELETE FROM rollup_pending
-                   WHERE date_trunc('day', created_at) IN (SELECT day FROM _days)"""
-            )
-        try:
-            events = query_frame(
+            # Conversations: only the events in one, each with its root.
+            in_conversation = query_frame(
                 conn,
-                f"""SELECT {self._select(ids=True, tags=True)},
-                        coalesce(l.root_id, r.root_id) AS conversation_root
-                    FROM usage_events AS e
-                    LEFT JOIN conversation_links AS l ON l.response_id = e.response_id
-                    LEFT JOIN (SELECT DISTINCT root_id FROM conversation_links) AS r
-                           ON r.root_id = e.response_id
-                    WHERE {where}""",
+                """SELECT *, CAST(NULL AS VARCHAR[]) AS tag_values FROM _in_conversation AS e
+                   WHERE e.created_at >= ? AND e.created_at < ?
+                     AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)""",
+                params[:2],
+            )
+            pending = query_frame(
+                conn,
+                f"""SELECT {self._select((*_ID_COLUMNS, *_USAGE_COLUMNS), tags=True)}
+                    FROM usage_events AS e WHERE {span} AND e.status IN ({_PENDING_SQL})""",
                 params,
             )
-        finally:
-            if days is not None:
-                conn.unregister("_days")
-        _insert(
-            conn, "rollup_pending", self._price(events, prices).select(_COUNTED_COLUMNS).collect()
+        priced = self._price(events, prices)
+        hourly, tags, conv = pl.collect_all(
+            [
+                rollups.hourly(priced),
+                rollups.daily_tags(priced, keys),
+                rollups.conversation_days(self._price(in_conversation, prices)),
+            ]
         )
+        daily = rollups.daily(hourly.lazy()).collect()
+        with _registered(conn, "_ids", pending.select("response_id").drop_nulls()):
+            roots = query_frame(
+                conn,
+                """SELECT response_id, root_id AS conversation_root FROM _members
+                   WHERE response_id IN (SELECT response_id FROM _ids)""",
+            )
+        counted = (
+            self._price(pending.join(roots, on="response_id", how="left"), prices)
+            .select(_COUNTED_COLUMNS)
+            .collect()
+        )
+        outputs = {
+            "usage_hourly": hourly,
+            "usage_daily": daily,
+            "usage_daily_tags": tags,
+            "conversation_days": conv,
+        }
+        for table, frame in outputs.items():
+            if not full:
+                _delete_days(conn, table, days)
+            _insert(conn, table, frame)
+        if not full:
+            with _registered(conn, "_days", _day_frame(days)):
+                conn.execute(
+                    """DELETE FROM rollup_pending
+                       WHERE date_trunc('day', created_at) IN (SELECT day FROM _days)"""
+                )
+        _insert(conn, "rollup_pending", counted)
+        written = sum(frame.height for frame in outputs.values())
+        return events.height, written, set(conv["root_id"].to_list())
 
     # -- an incremental run ----------------------------------------------------------------
 
@@ -344,7 +328,7 @@ class RollupJob:
         dirty = sorted(set(self._repriced_days(conn, last_price_mark, prices)))
         changed = query_frame(
             conn,
-            f"""SELECT {self._select(ids=True, tags=True)}, e.previous_response_id
+            f"""SELECT {self._select(_EVENT_COLUMNS, tags=True)}, e.previous_response_id
                 FROM usage_events AS e WHERE e.ingest_seq > ? AND e.ingest_seq <= ?""",
             [last_watermark, watermark],
         )
@@ -390,15 +374,15 @@ class RollupJob:
                 )
 
         if dirty:
-            for start in range(0, len(dirty), self._config.chunk_days):
-                chunk = dirty[start : start + self._config.chunk_days]
-                rows_in, written = self._recompute(conn, chunk, watermark, priced_by, False)
-                result.rows_in += rows_in
-                rows_out += written
-            conv = self._recompute_conversations(conn, dirty, watermark, priced_by)
-            rows_out += conv.height
-            roots |= set(conv["root_id"].to_list())
-            self._recount_pending(conn, dirty, watermark, priced_by)
+            with _membership(conn, watermark, dirty):
+                for start in range(0, len(dirty), self._config.chunk_days):
+                    chunk = dirty[start : start + self._config.chunk_days]
+                    rows_in, written, chunk_roots = self._recompute(
+                        conn, chunk, watermark, priced_by, False
+                    )
+                    result.rows_in += rows_in
+                    rows_out += written
+                    roots |= chunk_roots
         rows_out += self._refresh_conversations(conn, roots, links.dissolved)
         result.rows_in += changed.height + moved.height
         result.rows_out += rows_out
@@ -436,14 +420,17 @@ class RollupJob:
             return _Links(pl.DataFrame(schema=_LINKS_SCHEMA), pl.DataFrame(schema=_LINKS_SCHEMA))
         # Only the stored links these rows can touch: their parents' (and the other
         # responses of their parents' conversations), and those that end at one of them
-        # (a parent that arrived after its children, or a root seen again).
-        with _registered(conn, "_pairs", pairs), _registered(conn, "_ids", ids):
+        # (a parent that arrived after its children, or a root seen again). One set of
+        # ids for both columns: a few more links than needed, one scan.
+        wanted = pl.concat(
+            [ids, pairs.select(pl.col("previous_response_id").alias("response_id"))]
+        ).unique()
+        with _registered(conn, "_wanted", wanted):
             known = query_frame(
                 conn,
                 """SELECT response_id, root_id, depth FROM conversation_links
-                   WHERE response_id IN (SELECT previous_response_id FROM _pairs)
-                      OR root_id IN (SELECT previous_response_id FROM _pairs)
-                      OR root_id IN (SELECT response_id FROM _ids)""",
+                   WHERE response_id IN (SELECT response_id FROM _wanted)
+                      OR root_id IN (SELECT response_id FROM _wanted)""",
             ).cast(_LINKS_SCHEMA)  # type: ignore[arg-type]
         changes = rollups.link_roots(known, pairs) if pairs.height else known.clear()
         if changes.height:
@@ -525,14 +512,15 @@ class RollupJob:
                 with _registered(conn, "_days", _day_frame(days)):
                     return query_frame(
                         conn,
-                        f"""SELECT {self._select(ids=True, tags=True)} FROM usage_events AS e
+                        f"""SELECT {self._select(_EVENT_COLUMNS, tags=True)} FROM usage_events AS e
                             WHERE {where} AND e.created_at >= ? AND e.created_at < ?
                               AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)""",
                         [*params, min(days), max(days) + timedelta(days=1)],
                     )
             return query_frame(
                 conn,
-                f"SELECT {self._select(ids=True, tags=True)} FROM usage_events AS e WHERE {where}",
+                f"SELECT {self._select(_EVENT_COLUMNS, tags=True)} "
+                f"FROM usage_events AS e WHERE {where}",
                 params,
             )
 
@@ -667,15 +655,15 @@ class RollupJob:
 
     # -- reading and pricing -------------------------------------------------------------
 
-    def _select(self, *, ids: bool, tags: bool) -> str:
-        columns = [f"e.{c}" for c in ((*_ID_COLUMNS, *_USAGE_COLUMNS) if ids else _USAGE_COLUMNS)]
+    def _select(self, columns: Sequence[str], *, tags: bool) -> str:
+        selected = [f"e.{c}" for c in columns]
         keys = list(self._config.tag_keys)
         if tags and keys:
             paths = ", ".join("'" + _json_path(k).replace("'", "''") + "'" for k in keys)
-            columns.append(f"json_extract_string(e.metadata, [{paths}]) AS tag_values")
+            selected.append(f"json_extract_string(e.metadata, [{paths}]) AS tag_values")
         else:
-            columns.append("CAST(NULL AS VARCHAR[]) AS tag_values")
-        return ", ".join(columns)
+            selected.append("CAST(NULL AS VARCHAR[]) AS tag_values")
+        return ", ".join(selected)
 
     def _price(self, events: pl.DataFrame, prices: _Prices) -> pl.LazyFrame:
         models = pricing.model_map(events["model"].unique().drop_nulls().to_list(), prices.catalog)
@@ -732,7 +720,39 @@ ORDER BY run_id DESC LIMIT 1
 _ROLLUP_TABLES = ("usage_hourly", "usage_daily", "usage_daily_tags", "conversation_days")
 
 
-@contextmanager
+@contextlib.contextmanager
+def _membership(
+    conn: duckdb.DuckDBPyConnection, watermark: int, days: list[datetime] | None
+) -> Iterator[None]:
+    """Temporary tables for recomputing days: `_members` (each response in a conversation
+    -> its root, roots included) and `_in_conversation` (the events in a conversation,
+    with their root and what `conversation_days` needs), joined once for all the days."""
+    conn.execute(
+        """CREATE OR REPLACE TEMP TABLE _members AS
+           SELECT response_id, root_id FROM conversation_links
+           UNION ALL SELECT DISTINCT root_id, root_id FROM conversation_links"""
+    )
+    columns = ", ".join(f"e.{c}" for c in _CONVERSATION_COLUMNS)
+    where, params = "e.ingest_seq <= ?", list[object]([watermark])
+    if days is not None:
+        where += " AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)"
+    with _registered(conn, "_days", _day_frame(days or [])):
+        conn.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _in_conversation AS
+                SELECT {columns}, m.root_id AS conversation_root
+                FROM usage_events AS e JOIN _members AS m ON m.response_id = e.response_id
+                WHERE {where}""",
+            params,
+        )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(duckdb.Error):  # a failed transaction drops them anyway
+            conn.execute("DROP TABLE IF EXISTS _members")
+            conn.execute("DROP TABLE IF EXISTS _in_conversation")
+
+
+@contextlib.contextmanager
 def _registered(conn: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame) -> Iterator[None]:
     conn.register(name, frame)
     try:
@@ -770,15 +790,18 @@ def _delete_days(conn: duckdb.DuckDBPyConnection, table: str, days: list[datetim
 def _stored_rows(
     conn: duckdb.DuckDBPyConnection, table: str, delta: pl.DataFrame, grain: tuple[str, ...]
 ) -> pl.DataFrame:
-    """The stored rows of `table` with the keys of `delta`, and their rowids."""
+    """The stored rows of `table` with the keys of `delta`, and their rowids. Only the
+    days of `delta` are read (zone maps on `bucket` skip the others)."""
     on = " AND ".join(f"t.{k} IS NOT DISTINCT FROM d.{k}" for k in grain)
     keys = delta.select(grain)
+    days = keys.select(pl.col("bucket").dt.truncate("1d").unique().sort())["bucket"].to_list()
+    within = " OR ".join("(t.bucket >= ? AND t.bucket < ?)" for _ in days)
     with _registered(conn, "_delta", keys):
         return query_frame(
             conn,
             f"""SELECT t.rowid AS _rowid, t.* FROM {table} AS t SEMI JOIN _delta AS d ON {on}
-                WHERE t.bucket >= ? AND t.bucket <= ?""",
-            [keys["bucket"].min(), keys["bucket"].max()],
+                WHERE {within}""",
+            [bound for day in days for bound in (day, day + timedelta(days=1))],
         )
 
 

@@ -259,13 +259,16 @@ class RollupJob:
                 f"WHERE {span}",
                 params,
             )
-            # Conversations: only the events in one, each with its root.
+            # Conversations: only the events in one, each with its root (both sides of
+            # the join cut to these days first).
             in_conversation = query_frame(
                 conn,
-                """SELECT *, CAST(NULL AS VARCHAR[]) AS tag_values FROM _in_conversation AS e
-                   WHERE e.created_at >= ? AND e.created_at < ?
-                     AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)""",
-                params[:2],
+                f"""SELECT {self._select(_CONVERSATION_COLUMNS, tags=False)},
+                        c.root_id AS conversation_root
+                    FROM usage_events AS e JOIN _in_conversation AS c
+                      ON c.response_id = e.response_id AND c.created_at = e.created_at
+                    WHERE {span} AND c.created_at >= ? AND c.created_at < ?""",
+                [*params, *params[:2]],
             )
             pending = query_frame(
                 conn,
@@ -285,7 +288,7 @@ class RollupJob:
         with _registered(conn, "_ids", pending.select("response_id").drop_nulls()):
             roots = query_frame(
                 conn,
-                """SELECT response_id, root_id AS conversation_root FROM _members
+                """SELECT response_id, root_id AS conversation_root FROM _in_conversation
                    WHERE response_id IN (SELECT response_id FROM _ids)""",
             )
         counted = (
@@ -724,31 +727,28 @@ _ROLLUP_TABLES = ("usage_hourly", "usage_daily", "usage_daily_tags", "conversati
 def _membership(
     conn: duckdb.DuckDBPyConnection, watermark: int, days: list[datetime] | None
 ) -> Iterator[None]:
-    """Temporary tables for recomputing days: `_members` (each response in a conversation
-    -> its root, roots included) and `_in_conversation` (the events in a conversation,
-    with their root and what `conversation_days` needs), joined once for all the days."""
-    conn.execute(
-        """CREATE OR REPLACE TEMP TABLE _members AS
-           SELECT response_id, root_id FROM conversation_links
-           UNION ALL SELECT DISTINCT root_id, root_id FROM conversation_links"""
-    )
-    columns = ", ".join(f"e.{c}" for c in _CONVERSATION_COLUMNS)
+    """`_in_conversation`, a temporary table for recomputing days: each event in a
+    conversation (its response id and time) -> its root, roots included. Joined once for
+    all the days; small (in-memory tables are not compressed)."""
     where, params = "e.ingest_seq <= ?", list[object]([watermark])
     if days is not None:
         where += " AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)"
     with _registered(conn, "_days", _day_frame(days or [])):
         conn.execute(
             f"""CREATE OR REPLACE TEMP TABLE _in_conversation AS
-                SELECT {columns}, m.root_id AS conversation_root
-                FROM usage_events AS e JOIN _members AS m ON m.response_id = e.response_id
+                WITH members AS (
+                    SELECT response_id, root_id FROM conversation_links
+                    UNION ALL SELECT DISTINCT root_id, root_id FROM conversation_links
+                )
+                SELECT e.created_at, e.response_id, m.root_id
+                FROM usage_events AS e JOIN members AS m ON m.response_id = e.response_id
                 WHERE {where}""",
             params,
         )
     try:
         yield
     finally:
-        with contextlib.suppress(duckdb.Error):  # a failed transaction drops them anyway
-            conn.execute("DROP TABLE IF EXISTS _members")
+        with contextlib.suppress(duckdb.Error):  # a failed transaction drops it anyway
             conn.execute("DROP TABLE IF EXISTS _in_conversation")
 
 

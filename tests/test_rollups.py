@@ -26,6 +26,7 @@ from tests.conftest import Running
 from warehouse.catalog import EPOCH, PriceRow
 from warehouse.db import open_warehouse, query_frame
 from warehouse.jobs import RollupConfig, RollupJob
+from warehouse.migrate import migrate
 from warehouse.prices import insert_rows, price_table
 from warehouse.pricing import effective_intervals, model_map, price_events
 from warehouse.writer import Writer
@@ -313,6 +314,22 @@ def test_conversations_follow_late_parents_and_new_roots(tmp_path: Path) -> None
         }
     finally:
         warehouse.close()
+
+
+def test_a_warehouse_rolled_up_before_rollup_pending_rebuilds_in_full(tmp_path: Path) -> None:
+    """Migration 0003 on a warehouse the job already ran on: the next run is full (pending
+    events were counted before `rollup_pending` kept them)."""
+    conn = open_warehouse(tmp_path / "old.duckdb")
+    conn.execute("DROP TABLE rollup_pending")
+    conn.execute("DELETE FROM schema_migrations WHERE version = 3")
+    conn.execute(
+        """INSERT INTO job_runs (job, mode, started_at, finished_at, watermark, price_mark)
+           VALUES ('rollup', 'incremental', now(), now(), 0, 0)"""
+    )
+    assert migrate(conn) == [3]
+    result = RollupJob(conn.cursor, RollupConfig()).run()
+    assert result.mode == "full" and result.error is None
+    conn.close()
 
 
 def test_rollup_sums_equal_raw_sums(tmp_path: Path) -> None:

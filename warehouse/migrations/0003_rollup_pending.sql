@@ -28,3 +28,10 @@ CREATE TABLE rollup_pending (
     cost_pico                    BIGINT,    -- as priced then (null: unpriced)
     unpriced                     BIGINT NOT NULL
 );
+
+-- A warehouse rolled up before this table existed has pending events counted but not kept
+-- here: its next run must rebuild in full (a failed full run makes the next one full).
+INSERT INTO job_runs (job, mode, started_at, finished_at, error)
+SELECT 'rollup', 'full', now(), now(),
+       'migration 0003 (rollup_pending): the next run rebuilds the rollups in full'
+WHERE EXISTS (SELECT 1 FROM job_runs WHERE job = 'rollup');

@@ -26,6 +26,7 @@ from tests.conftest import Running
 from warehouse.catalog import EPOCH, PriceRow
 from warehouse.db import open_warehouse, query_frame
 from warehouse.jobs import RollupConfig, RollupJob
+from warehouse.migrate import migrate
 from warehouse.prices import insert_rows, price_table
 from warehouse.pricing import effective_intervals, model_map, price_events
 from warehouse.writer import Writer
@@ -75,6 +76,7 @@ TABLES = {
     "conversations": ("root_id",),
     "usage_daily_users": ("bucket", "user_id"),
     "usage_daily_models": ("bucket", "model", "service_tier", "status", "endpoint"),
+    "rollup_pending": ("event_id",),  # what the job counted pending: the same either way
 }
 
 
@@ -142,30 +144,35 @@ def make_event(i: int, day: int, hour: int, **fields: Any) -> UsageEvent:
 event_spec = st.tuples(
     st.integers(0, 4),  # day
     st.integers(0, 23),  # hour
-    st.sampled_from(["completed", "incomplete", "failed", "error", "queued"]),
+    st.sampled_from(["completed", "incomplete", "failed", "error", "queued", "interrupted"]),
     st.integers(-1, 30),  # previous response (index), -1: none
+    st.sampled_from([None, "ana", "bo"]),  # end user (a conversation may have several)
 )
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     specs=st.lists(event_spec, min_size=1, max_size=60),
-    cuts=st.lists(st.integers(0, 60), max_size=4),
-    late_price_at=st.one_of(st.none(), st.integers(0, 60)),
+    cuts=st.lists(st.integers(0, 90), max_size=6),
+    late_price_at=st.one_of(st.none(), st.integers(0, 90)),
     data=st.data(),
 )
 def test_incremental_runs_equal_a_full_rebuild(
-    specs: list[tuple[int, int, str, int]],
+    specs: list[tuple[int, int, str, int, str | None]],
     cuts: list[int],
     late_price_at: int | None,
     data: st.DataObject,
 ) -> None:
+    """Random event streams, rolled up by incremental runs at random points, give the
+    tables a full rebuild gives: late events, parents after their children, replays,
+    pending rows written again (still pending, then final, with another model and tier),
+    a late price."""
     with tempfile.TemporaryDirectory() as directory:
         warehouse = Warehouse(Path(directory))
         try:
             events = []
-            for i, (day, hour, status, previous) in enumerate(specs):
-                fields: dict[str, Any] = {"status": status}
+            for i, (day, hour, status, previous, user) in enumerate(specs):
+                fields: dict[str, Any] = {"status": status, "user_id": user}
                 if status == "error":
                     fields.update(
                         response_id=None,
@@ -182,13 +189,32 @@ def test_incremental_runs_equal_a_full_rebuild(
             # ...but it may reach the warehouse after its successors.
             order = data.draw(st.permutations(range(len(events))))
             events = [events[k] for k in order]
-            # Background responses completing later, replays of a batch, a late price.
-            completions = [
-                make_event(i, specs[i][0], specs[i][1], kind="update", status="completed")
-                for i, (_, _, status, _) in enumerate(specs)
-                if status == "queued"
+            # Pending responses written again: still pending with some usage, then final
+            # (another model and tier for some), hours later.
+            pending = [i for i, spec in enumerate(specs) if spec[2] in ("queued", "interrupted")]
+            progress = [
+                make_event(i, specs[i][0], specs[i][1], kind="update", status="in_progress")
+                for i in pending
+                if i % 2 == 0
             ]
-            stream: list[UsageEvent | str] = [*events, *completions, *events[: len(events) // 3]]
+            completions = [
+                make_event(
+                    i,
+                    specs[i][0],
+                    specs[i][1],
+                    kind="update",
+                    status="completed",
+                    model=MODELS[(i + 1) % len(MODELS)] if i % 3 == 0 else MODELS[i % len(MODELS)],
+                    service_tier="flex" if i % 3 == 1 else "default",
+                )
+                for i in pending
+            ]
+            stream: list[UsageEvent | str] = [
+                *events,
+                *progress,
+                *events[: len(events) // 3],
+                *completions,
+            ]
             if late_price_at is not None:
                 stream.insert(min(late_price_at, len(stream)), "price")
             boundaries = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
@@ -228,6 +254,84 @@ def test_incremental_runs_equal_a_full_rebuild(
             assert warehouse.snapshot() == incremental
         finally:
             warehouse.close()
+
+
+def test_conversations_follow_late_parents_and_new_roots(tmp_path: Path) -> None:
+    """The conversation paths of an incremental run, step by step, each checked against
+    a full rebuild: parents arriving after their children (a conversation merged into an
+    older one), a stored response becoming the root of a new conversation, a pending
+    response written again after its conversation moved, and a user that cannot be told
+    from the stored sums (a response named earlier than the stored one)."""
+    warehouse = Warehouse(tmp_path)
+
+    def event(i: int, hour: int, previous: int | None = None, **fields: Any) -> UsageEvent:
+        if previous is not None:
+            fields["previous_response_id"] = f"resp_{previous}"
+        return make_event(i, 1, hour, **fields)
+
+    steps: list[list[UsageEvent]] = [
+        # A conversation whose root has not arrived; a lone response; a conversation
+        # named late; a pending response in a conversation whose root is missing.
+        [
+            event(2, 2, 1),
+            event(3, 3, 2),
+            event(10, 1),
+            event(20, 1, user_id=None),
+            event(21, 5, 20, user_id="bo"),
+            event(31, 6, 30, status="queued", input_tokens=None, output_tokens=None),
+        ],
+        # The missing parents arrive, with parents of their own; the lone response gets a
+        # follower; a response named before the stored one joins.
+        [
+            event(1, 1, 0),
+            event(11, 2, 10),
+            event(22, 3, 20, user_id="ana"),
+            event(30, 5, 29),
+        ],
+        # The first responses arrive; the pending one completes.
+        [
+            event(0, 0),
+            event(29, 4, user_id=None),
+            event(31, 6, 30, kind="update", status="completed", model="o4-mini"),
+        ],
+    ]
+    try:
+        for step in steps:
+            warehouse.ingest(step)
+            assert warehouse.job.run().error is None
+        incremental = warehouse.snapshot()
+        assert warehouse.job.run(full=True).error is None
+        assert warehouse.snapshot() == incremental
+        conversations = {
+            row[0]: (row[1], row[2])
+            for row in warehouse.conn.execute(
+                "SELECT root_id, user_id, responses FROM conversations"
+            ).fetchall()
+        }
+        assert conversations == {
+            "resp_0": ("user-0", 4),
+            "resp_10": ("user-0", 2),
+            "resp_20": ("ana", 3),
+            "resp_29": ("user-0", 3),
+        }
+    finally:
+        warehouse.close()
+
+
+def test_a_warehouse_rolled_up_before_rollup_pending_rebuilds_in_full(tmp_path: Path) -> None:
+    """Migration 0003 on a warehouse the job already ran on: the next run is full (pending
+    events were counted before `rollup_pending` kept them)."""
+    conn = open_warehouse(tmp_path / "old.duckdb")
+    conn.execute("DROP TABLE rollup_pending")
+    conn.execute("DELETE FROM schema_migrations WHERE version = 3")
+    conn.execute(
+        """INSERT INTO job_runs (job, mode, started_at, finished_at, watermark, price_mark)
+           VALUES ('rollup', 'incremental', now(), now(), 0, 0)"""
+    )
+    assert migrate(conn) == [3]
+    result = RollupJob(conn.cursor, RollupConfig()).run()
+    assert result.mode == "full" and result.error is None
+    conn.close()
 
 
 def test_rollup_sums_equal_raw_sums(tmp_path: Path) -> None:

@@ -1,32 +1,40 @@
 """The rollup job: prices usage events and rolls them up, incrementally.
 
-Unit of work: the UTC day. A run finds the days whose rollups may have changed since the
-last successful run, and recomputes each of them from the raw events:
+A full rebuild recomputes every rollup from the raw events. An incremental run adds to
+the stored rollups what changed since the last run's watermark (`usage_events.ingest_seq`),
+as partial sums merged into the buckets they belong to:
 
-- days holding events written or updated since the last run's watermark
-  (`usage_events.ingest_seq`): new events, late events, background responses completed
-  hours later, rows replayed after a crash;
+- events written since (new, late, replayed after a crash: a replay writes nothing) are
+  priced and their sums added to their hourly, daily, tag and conversation buckets;
+- events written again since (the writer only rewrites rows still pending: background
+  responses completed hours later, interrupted streams) have their old sums taken away
+  and their new ones added: `rollup_pending` keeps every pending event as it was counted;
+- responses whose conversation changed (a parent that arrived after its children, a
+  response that became the root of a conversation) move their sums to the new root;
 - days holding events of a model whose price was added or corrected since the last run
-  (`prices.price_id`): late prices re-price what they cover, with no manual backfill;
-- days of responses whose conversation root changed (a parent that arrived late).
+  (`prices.price_id`) are recomputed whole from the raw events: late prices re-price
+  what they cover, with no manual backfill.
 
-Recomputing a whole day from the raw events makes a run idempotent, and makes an
-incremental run and a full rebuild (every day) give identical tables by construction.
-Reads and writes go through Arrow; the pipelines in `pricing` and `rollups` are pure.
+Merging partial sums is exact (integers, DECIMAL pico-dollars), so an incremental run and
+a full rebuild give identical tables; where a conversation's user cannot be told from the
+sums alone, that conversation day is recomputed from its events. Reads and writes go
+through Arrow; the pipelines in `pricing` and `rollups` are pure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import duckdb
 import polars as pl
 
+from ingest.events import PENDING_STATUSES
 from warehouse import pricing, rollups, summaries
 from warehouse.db import fetch_one, query_frame, transaction
 from warehouse.prices import price_table
@@ -61,21 +69,47 @@ class RunResult:
 
 
 # What the pipelines read: no more (strings cost the most to move through Arrow).
-_EVENT_COLUMNS = ", ".join(
-    f"e.{column}"
-    for column in (
-        "response_id",
-        "endpoint",
-        "model",
-        "service_tier",
-        "status",
-        "user_id",
-        "created_at",
-        "reasoning_tokens",
-        "total_tokens",
-        *pricing.PRICED_COUNTS,
-    )
+_USAGE_COLUMNS = (
+    "endpoint",
+    "model",
+    "service_tier",
+    "status",
+    "user_id",
+    "created_at",
+    "reasoning_tokens",
+    "total_tokens",
+    *pricing.PRICED_COUNTS,
 )
+_ID_COLUMNS = ("event_id", "response_id")
+_EVENT_COLUMNS = (*_ID_COLUMNS, *_USAGE_COLUMNS)
+# What `conversation_days` needs, priced.
+_CONVERSATION_COLUMNS = (
+    "response_id",
+    "model",
+    "service_tier",
+    "user_id",
+    "created_at",
+    "total_tokens",
+    *pricing.PRICED_COUNTS,
+)
+# An event as the rollups counted it (the columns of `rollup_pending`).
+_COUNTED_COLUMNS = (
+    *_ID_COLUMNS,
+    *_USAGE_COLUMNS,
+    "tag_values",
+    "conversation_root",
+    "cost_pico",
+    "unpriced",
+)
+_PENDING_SQL = ", ".join(f"'{status}'" for status in sorted(PENDING_STATUSES))
+_DAY = pl.col("created_at").dt.truncate("1d")
+_LINKS_SCHEMA = {"response_id": pl.String, "root_id": pl.String, "depth": pl.Int32}
+
+
+@dataclass(frozen=True)
+class _Prices:
+    catalog: list[str]
+    intervals: pl.DataFrame
 
 
 class RollupJob:
@@ -149,234 +183,538 @@ class RollupJob:
         return result
 
     def _work(self, conn: duckdb.DuckDBPyConnection, full: bool, result: RunResult) -> None:
-        # Marks first: whatever lands while this run works is picked up by the next one.
+        # Marks first: whatever lands while this run works is picked up by the next one
+        # (every read below stops at the watermark, so nothing is counted twice).
         watermark = _scalar(conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
         price_mark = _scalar(conn, "SELECT coalesce(max(price_id), 0) FROM prices")
         last = fetch_one(conn, _LAST_RUN_SQL, [ROLLUP])
-        if full or last is None:
-            full = True
-            last_watermark, last_price_mark = -1, -1
-        else:
-            last_watermark, last_price_mark = int(last[0]), int(last[1])
         result.watermark, result.price_mark = watermark, price_mark
-
         prices = price_table(conn)
-        intervals = pricing.effective_intervals(prices)
-        models = [r[0] for r in conn.execute("SELECT DISTINCT model FROM usage_events").fetchall()]
-        model_map = pricing.model_map(models, prices["model"].unique().to_list())
+        priced_by = _Prices(prices["model"].unique().to_list(), pricing.effective_intervals(prices))
+        if full or last is None:
+            self._rebuild(conn, watermark, priced_by, result)
+        else:
+            self._increment(conn, int(last[0]), watermark, int(last[1]), prices, priced_by, result)
 
-        if full:
-            for table in (*_ROLLUP_TABLES, "conversation_links", "conversations"):
-                conn.execute(f"DELETE FROM {table}")
-        links_changed = self._update_links(conn, full, last_watermark, watermark)
-        days = set(self._days(conn, full, last_watermark, last_price_mark, prices, model_map))
-        if links_changed.height:
-            # A response that now starts or continues a conversation changes its day's
-            # conversation sums, wherever that day is.
-            ids = pl.concat([links_changed["response_id"], links_changed["root_id"]]).unique()
-            days |= set(_days_of_responses(conn, ids))
-        conn.execute(
-            """CREATE OR REPLACE TEMP TABLE _conversation_roots AS
-               SELECT DISTINCT root_id FROM conversation_links"""
-        )
+    # -- a full rebuild ------------------------------------------------------------------
 
-        ordered = sorted(days)
-        result.days = len(ordered)
-        roots: set[str] = set(links_changed["root_id"].to_list())
-        for start in range(0, len(ordered), self._config.chunk_days):
-            if self._cancelled.is_set():
-                raise JobCancelledError("tokentill is stopping; the next run picks up from here")
-            chunk = ordered[start : start + self._config.chunk_days]
-            rows_in, rows_out, chunk_roots = self._recompute(conn, chunk, model_map, intervals)
-            result.rows_in += rows_in
-            result.rows_out += rows_out
-            if full:
-                conn.execute("COMMIT")
-                conn.execute("BEGIN TRANSACTION")
-            roots |= chunk_roots
-        result.rows_out += self._refresh_conversations(conn, full, roots)
-        result.rows_out += summaries.refresh(conn, None if full else ordered)
-
-    # -- what changed ----------------------------------------------------------------------
-
-    def _days(
-        self,
-        conn: duckdb.DuckDBPyConnection,
-        full: bool,
-        last_watermark: int,
-        last_price_mark: int,
-        prices: pl.DataFrame,
-        model_map: pl.DataFrame,
-    ) -> list[datetime]:
-        if full:
-            return _column(conn, "SELECT DISTINCT date_trunc('day', created_at) FROM usage_events")
-        days = _column(
-            conn,
-            "SELECT DISTINCT date_trunc('day', created_at) FROM usage_events WHERE ingest_seq > ?",
-            [last_watermark],
-        )
-        new_prices = prices.filter(pl.col("price_id") > last_price_mark)
-        if new_prices.height:
-            affected_keys = set(new_prices["model"].to_list())
-            affected_models = model_map.filter(pl.col("price_model").is_in(list(affected_keys)))
-            if affected_models.height:
-                start = new_prices["effective_from"].min()
-                conn.register("_affected_models", affected_models)
-                try:
-                    days += _column(
-                        conn,
-                        """SELECT DISTINCT date_trunc('day', created_at) FROM usage_events
-                           WHERE model IN (SELECT model FROM _affected_models)
-                             AND created_at >= ?""",
-                        [start],
-                    )
-                finally:
-                    conn.unregister("_affected_models")
-        return days
-
-    def _update_links(
-        self, conn: duckdb.DuckDBPyConnection, full: bool, last_watermark: int, watermark: int
-    ) -> pl.DataFrame:
+    def _rebuild(
+        self, conn: duckdb.DuckDBPyConnection, watermark: int, prices: _Prices, result: RunResult
+    ) -> None:
+        for table in (*_ROLLUP_TABLES, "conversation_links", "conversations", "rollup_pending"):
+            conn.execute(f"DELETE FROM {table}")
         pairs = query_frame(
             conn,
             """SELECT response_id, previous_response_id FROM usage_events
                WHERE previous_response_id IS NOT NULL AND response_id IS NOT NULL
-                 AND ingest_seq > ? AND ingest_seq <= ?""",
-            [last_watermark, watermark],
+                 AND ingest_seq <= ?""",
+            [watermark],
         )
-        empty = pl.DataFrame(
-            schema={"response_id": pl.String, "root_id": pl.String, "depth": pl.Int32}
+        links = rollups.link_roots(pl.DataFrame(schema=_LINKS_SCHEMA), pairs)
+        _insert(conn, "conversation_links", links)
+        days = _column(
+            conn,
+            "SELECT DISTINCT date_trunc('day', created_at) FROM usage_events WHERE ingest_seq <= ?",
+            [watermark],
         )
-        if pairs.height == 0:
-            return empty
-        # Only the stored links these pairs can touch: their parents', and those that end
-        # at one of them (a parent that arrived after its child).
-        conn.register("_pairs", pairs)
-        try:
-            known = query_frame(
-                conn,
-                """SELECT response_id, root_id, depth FROM conversation_links
-                   WHERE response_id IN (SELECT previous_response_id FROM _pairs)
-                      OR root_id IN (SELECT response_id FROM _pairs)""",
-            )
-        finally:
-            conn.unregister("_pairs")
-        known = known.with_columns(pl.col("depth").cast(pl.Int32)) if known.height else empty
-        changed = rollups.link_roots(known, pairs)
-        if changed.height:
-            conn.register("_links", changed)
-            try:
-                conn.execute(
-                    """DELETE FROM conversation_links
-                       WHERE response_id IN (SELECT response_id FROM _links)"""
-                )
-                conn.execute(
-                    "INSERT INTO conversation_links SELECT response_id, root_id, depth FROM _links"
-                )
-            finally:
-                conn.unregister("_links")
-        return changed
+        ordered = sorted(days)
+        result.days = len(ordered)
+        with _membership(conn, watermark, None):
+            for start in range(0, len(ordered), self._config.chunk_days):
+                if self._cancelled.is_set():
+                    raise JobCancelledError(
+                        "tokentill is stopping; the next run picks up from here"
+                    )
+                chunk = ordered[start : start + self._config.chunk_days]
+                rows_in, rows_out, _ = self._recompute(conn, chunk, watermark, prices, True)
+                result.rows_in += rows_in
+                result.rows_out += rows_out
+                conn.execute("COMMIT")
+                conn.execute("BEGIN TRANSACTION")
+        conv = query_frame(conn, "SELECT * FROM conversation_days")
+        totals = rollups.conversations(conv.lazy()).collect()
+        _insert(conn, "conversations", totals)
+        result.rows_out += totals.height
+        result.rows_out += summaries.refresh(conn, None)
 
-    # -- recomputing days ------------------------------------------------------------------
+    # -- recomputing whole days from the raw events -------------------------------------
 
     def _recompute(
         self,
         conn: duckdb.DuckDBPyConnection,
         days: list[datetime],
-        model_map: pl.DataFrame,
-        intervals: pl.DataFrame,
+        watermark: int,
+        prices: _Prices,
+        full: bool,
     ) -> tuple[int, int, set[str]]:
+        """Every rollup of whole days, and their pending events (in `_membership`).
+        Returns rows in, rows out, and the conversations touched."""
         keys = list(self._config.tag_keys)
-        paths = [_json_path(k) for k in keys]
-        day_frame = pl.DataFrame({"day": days}, schema={"day": pl.Datetime("us", "UTC")})
-        conn.register("_days", day_frame)
-        try:
+        span = """e.created_at >= ? AND e.created_at < ? AND e.ingest_seq <= ?
+                  AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)"""
+        params = [min(days), max(days) + timedelta(days=1), watermark]
+        with _registered(conn, "_days", _day_frame(days)):
             events = query_frame(
                 conn,
-                f"""SELECT {_EVENT_COLUMNS},
-                        {"json_extract_string(e.metadata, ?)" if keys else "NULL"} AS tag_values,
-                        -- the conversation a response continues, or starts
-                        coalesce(l.root_id, r.root_id) AS conversation_root
-                    FROM usage_events AS e
-                    LEFT JOIN conversation_links AS l ON l.response_id = e.response_id
-                    LEFT JOIN _conversation_roots AS r ON r.root_id = e.response_id
-                    WHERE e.created_at >= ? AND e.created_at < ?
-                      AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)
-                    ORDER BY e.created_at""",
-                ([paths] if keys else []) + [min(days), max(days) + timedelta(days=1)],
-            ).with_columns(pl.col("created_at").set_sorted())
-        finally:
-            conn.unregister("_days")
-        if not keys:
-            events = events.with_columns(pl.lit(None, pl.List(pl.String)).alias("tag_values"))
-        priced = pricing.price_events(
-            events.lazy(), model_map.lazy(), intervals.lazy(), self._config.image_model
-        )
+                f"SELECT {self._select(_USAGE_COLUMNS, tags=True)} FROM usage_events AS e "
+                f"WHERE {span}",
+                params,
+            )
+            # Conversations: only the events in one, each with its root (both sides of
+            # the join cut to these days first).
+            in_conversation = query_frame(
+                conn,
+                f"""SELECT {self._select(_CONVERSATION_COLUMNS, tags=False)},
+                        c.root_id AS conversation_root
+                    FROM usage_events AS e JOIN _in_conversation AS c
+                      ON c.response_id = e.response_id AND c.created_at = e.created_at
+                    WHERE {span} AND c.created_at >= ? AND c.created_at < ?""",
+                [*params, *params[:2]],
+            )
+            pending = query_frame(
+                conn,
+                f"""SELECT {self._select((*_ID_COLUMNS, *_USAGE_COLUMNS), tags=True)}
+                    FROM usage_events AS e WHERE {span} AND e.status IN ({_PENDING_SQL})""",
+                params,
+            )
+        priced = self._price(events, prices)
         hourly, tags, conv = pl.collect_all(
             [
                 rollups.hourly(priced),
                 rollups.daily_tags(priced, keys),
-                rollups.conversation_days(priced),
+                rollups.conversation_days(self._price(in_conversation, prices)),
             ]
         )
         daily = rollups.daily(hourly.lazy()).collect()
+        with _registered(conn, "_ids", pending.select("response_id").drop_nulls()):
+            roots = query_frame(
+                conn,
+                """SELECT response_id, root_id AS conversation_root FROM _in_conversation
+                   WHERE response_id IN (SELECT response_id FROM _ids)""",
+            )
+        counted = (
+            self._price(pending.join(roots, on="response_id", how="left"), prices)
+            .select(_COUNTED_COLUMNS)
+            .collect()
+        )
         outputs = {
             "usage_hourly": hourly,
             "usage_daily": daily,
             "usage_daily_tags": tags,
             "conversation_days": conv,
         }
-        conn.register("_days", day_frame)
-        try:
-            for table, frame in outputs.items():
+        for table, frame in outputs.items():
+            if not full:
+                _delete_days(conn, table, days)
+            _insert(conn, table, frame)
+        if not full:
+            with _registered(conn, "_days", _day_frame(days)):
                 conn.execute(
-                    f"""DELETE FROM {table} WHERE bucket >= ? AND bucket < ?
-                          AND date_trunc('day', bucket) IN (SELECT day FROM _days)""",
-                    [min(days), max(days) + timedelta(days=1)],
+                    """DELETE FROM rollup_pending
+                       WHERE date_trunc('day', created_at) IN (SELECT day FROM _days)"""
                 )
-                if frame.height:
-                    conn.register("_out", frame)
-                    conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _out")
-                    conn.unregister("_out")
-        finally:
-            conn.unregister("_days")
+        _insert(conn, "rollup_pending", counted)
         written = sum(frame.height for frame in outputs.values())
         return events.height, written, set(conv["root_id"].to_list())
 
-    def _refresh_conversations(
-        self, conn: duckdb.DuckDBPyConnection, full: bool, roots: set[str]
-    ) -> int:
-        if full:
-            days = query_frame(conn, "SELECT * FROM conversation_days")
-        elif roots:
-            conn.register(
-                "_roots", pl.DataFrame({"root_id": sorted(roots)}, schema={"root_id": pl.String})
-            )
-            try:
-                days = query_frame(
-                    conn,
-                    "SELECT * FROM conversation_days WHERE root_id IN (SELECT root_id FROM _roots)",
-                )
-            finally:
-                conn.unregister("_roots")
-        else:
-            return 0
-        totals = rollups.conversations(days.lazy()).collect()
-        conn.register("_conv", totals)
-        conn.register(
-            "_roots", pl.DataFrame({"root_id": sorted(roots)}, schema={"root_id": pl.String})
+    # -- an incremental run ----------------------------------------------------------------
+
+    def _increment(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        last_watermark: int,
+        watermark: int,
+        last_price_mark: int,
+        prices: pl.DataFrame,
+        priced_by: _Prices,
+        result: RunResult,
+    ) -> None:
+        dirty = sorted(set(self._repriced_days(conn, last_price_mark, prices)))
+        changed = query_frame(
+            conn,
+            f"""SELECT {self._select(_EVENT_COLUMNS, tags=True)}, e.previous_response_id
+                FROM usage_events AS e WHERE e.ingest_seq > ? AND e.ingest_seq <= ?""",
+            [last_watermark, watermark],
         )
-        try:
-            if not full:
+        links = self._update_links(conn, changed)
+        changed = changed.drop("previous_response_id").with_columns(
+            links.root_of(pl.col("response_id"))
+        )
+        # As counted before: the rows being written again (pending until now).
+        with _registered(conn, "_changed", changed.select("event_id")):
+            counted = query_frame(
+                conn,
+                """SELECT * FROM rollup_pending
+                   WHERE event_id IN (SELECT event_id FROM _changed)""",
+            )
+        moved = self._moved_into_conversations(conn, links, changed, priced_by)
+
+        clean = ~_DAY.is_in(pl.Series(dirty, dtype=pl.Datetime("us", "UTC")).implode())
+        new = self._price(changed.filter(clean), priced_by).collect()
+        old = counted.filter(clean).lazy()
+        moved = moved.filter(clean)
+        touched_days = set(new.select(_DAY)["created_at"]) | set(
+            old.select(_DAY).collect()["created_at"]
+        )
+
+        rows_out = self._merge_usage(conn, new.lazy(), old)
+        roots, conv_rows = self._merge_conversations(
+            conn, new, old.collect(), moved, links, priced_by
+        )
+        rows_out += conv_rows
+        # Pending events, as counted from now on.
+        _delete_in(conn, "rollup_pending", "event_id", changed.select("event_id"))
+        _insert(
+            conn,
+            "rollup_pending",
+            new.filter(pl.col("status").is_in(list(PENDING_STATUSES))).select(_COUNTED_COLUMNS),
+        )
+        moved_roots = links.moved_roots()
+        if moved_roots.height:
+            with _registered(conn, "_moved", moved_roots):
                 conn.execute(
-                    "DELETE FROM conversations WHERE root_id IN (SELECT root_id FROM _roots)"
+                    """UPDATE rollup_pending AS p SET conversation_root = m.root_id
+                       FROM _moved AS m WHERE p.response_id = m.response_id"""
                 )
-            if totals.height:
-                conn.execute("INSERT INTO conversations BY NAME SELECT * FROM _conv")
-        finally:
-            conn.unregister("_conv")
-            conn.unregister("_roots")
+
+        if dirty:
+            with _membership(conn, watermark, dirty):
+                for start in range(0, len(dirty), self._config.chunk_days):
+                    chunk = dirty[start : start + self._config.chunk_days]
+                    rows_in, written, chunk_roots = self._recompute(
+                        conn, chunk, watermark, priced_by, False
+                    )
+                    result.rows_in += rows_in
+                    rows_out += written
+                    roots |= chunk_roots
+        rows_out += self._refresh_conversations(conn, roots, links.dissolved)
+        result.rows_in += changed.height + moved.height
+        result.rows_out += rows_out
+        result.days = len(touched_days | set(dirty))
+        result.rows_out += summaries.refresh(conn, sorted(touched_days | set(dirty)))
+
+    def _repriced_days(
+        self, conn: duckdb.DuckDBPyConnection, last_price_mark: int, prices: pl.DataFrame
+    ) -> list[datetime]:
+        """Days holding events that a price added since the last run may cover."""
+        new_prices = prices.filter(pl.col("price_id") > last_price_mark)
+        if not new_prices.height:
+            return []
+        start = new_prices["effective_from"].min()
+        models = _column(
+            conn, "SELECT DISTINCT model FROM usage_events WHERE created_at >= ?", [start]
+        )
+        model_map = pricing.model_map([str(m) for m in models], prices["model"].unique().to_list())
+        affected = model_map.filter(pl.col("price_model").is_in(new_prices["model"].implode()))
+        if not affected.height:
+            return []
+        with _registered(conn, "_affected_models", affected):
+            return _column(
+                conn,
+                """SELECT DISTINCT date_trunc('day', created_at) FROM usage_events
+                   WHERE model IN (SELECT model FROM _affected_models) AND created_at >= ?""",
+                [start],
+            )
+
+    def _update_links(self, conn: duckdb.DuckDBPyConnection, changed: pl.DataFrame) -> _Links:
+        pairs = changed.filter(
+            pl.col("previous_response_id").is_not_null() & pl.col("response_id").is_not_null()
+        ).select("response_id", "previous_response_id")
+        ids = changed.select("response_id").drop_nulls()
+        if not ids.height:
+            return _Links(pl.DataFrame(schema=_LINKS_SCHEMA), pl.DataFrame(schema=_LINKS_SCHEMA))
+        # Only the stored links these rows can touch: their parents' (and the other
+        # responses of their parents' conversations), and those that end at one of them
+        # (a parent that arrived after its children, or a root seen again). One set of
+        # ids for both columns: a few more links than needed, one scan.
+        wanted = pl.concat(
+            [ids, pairs.select(pl.col("previous_response_id").alias("response_id"))]
+        ).unique()
+        with _registered(conn, "_wanted", wanted):
+            known = query_frame(
+                conn,
+                """SELECT response_id, root_id, depth FROM conversation_links
+                   WHERE response_id IN (SELECT response_id FROM _wanted)
+                      OR root_id IN (SELECT response_id FROM _wanted)""",
+            ).cast(_LINKS_SCHEMA)  # type: ignore[arg-type]
+        changes = rollups.link_roots(known, pairs) if pairs.height else known.clear()
+        if changes.height:
+            _delete_in(conn, "conversation_links", "response_id", changes.select("response_id"))
+            _insert(conn, "conversation_links", changes)
+        return _Links(known, changes)
+
+    def _moved_into_conversations(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        links: _Links,
+        changed: pl.DataFrame,
+        prices: _Prices,
+    ) -> pl.DataFrame:
+        """Events counted before in no conversation or in one that now continues another
+        (not written again since): priced, each with its conversation from now on."""
+        skip = changed.select("response_id").drop_nulls()
+        parts: list[pl.DataFrame] = []
+        # Members of conversations whose root now has a parent: their stored days say
+        # where to look.
+        dissolved = pl.DataFrame(
+            {"root_id": sorted(links.dissolved)}, schema={"root_id": pl.String}
+        )
+        if dissolved.height:
+            with _registered(conn, "_dissolved", dissolved):
+                days = _column(
+                    conn,
+                    """SELECT DISTINCT bucket FROM conversation_days
+                       WHERE root_id IN (SELECT root_id FROM _dissolved)""",
+                )
+            members = pl.concat(
+                [
+                    links.known.filter(
+                        pl.col("root_id").is_in(dissolved["root_id"].implode())
+                    ).select("response_id"),
+                    dissolved.rename({"root_id": "response_id"}),
+                ]
+            ).join(skip, on="response_id", how="anti")
+            if days and members.height:
+                parts.append(self._events_by_id(conn, members, days=days))
+        # Roots of new conversations: found among recent days first (a response comes
+        # before those that continue it), then anywhere.
+        roots = pl.DataFrame(
+            {"response_id": sorted(links.new_roots)}, schema={"response_id": pl.String}
+        ).join(skip, on="response_id", how="anti")
+        if roots.height:
+            children = changed.filter(
+                pl.col("conversation_root").is_in(roots["response_id"].implode())
+            )
+            since = children["created_at"].min() if children.height else None
+            found = self._events_by_id(
+                conn,
+                roots,
+                since=since - timedelta(days=1) if isinstance(since, datetime) else None,
+            )
+            missing = roots.join(found.select("response_id"), on="response_id", how="anti")
+            if since is not None and missing.height:
+                found = pl.concat([found, self._events_by_id(conn, missing)])
+            parts.append(found)
+        if not parts:
+            return self._price(changed.clear(), prices).collect()
+        events = pl.concat(parts).with_columns(links.root_of(pl.col("response_id")))
+        return self._price(events, prices).collect()
+
+    def _events_by_id(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        ids: pl.DataFrame,
+        *,
+        days: list[datetime] | None = None,
+        since: datetime | None = None,
+    ) -> pl.DataFrame:
+        where, params = "e.response_id IN (SELECT response_id FROM _ids)", list[object]()
+        if since is not None:
+            where += " AND e.created_at >= ?"
+            params.append(since)
+        with _registered(conn, "_ids", ids):
+            if days is not None:
+                with _registered(conn, "_days", _day_frame(days)):
+                    return query_frame(
+                        conn,
+                        f"""SELECT {self._select(_EVENT_COLUMNS, tags=True)} FROM usage_events AS e
+                            WHERE {where} AND e.created_at >= ? AND e.created_at < ?
+                              AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)""",
+                        [*params, min(days), max(days) + timedelta(days=1)],
+                    )
+            return query_frame(
+                conn,
+                f"SELECT {self._select(_EVENT_COLUMNS, tags=True)} "
+                f"FROM usage_events AS e WHERE {where}",
+                params,
+            )
+
+    # -- merging partial sums into stored rollups ----------------------------------------
+
+    def _merge_usage(
+        self, conn: duckdb.DuckDBPyConnection, new: pl.LazyFrame, old: pl.LazyFrame
+    ) -> int:
+        keys = list(self._config.tag_keys)
+        usage = rollups.USAGE_MEASURES
+        hourly = rollups.add_up(
+            [rollups.hourly(new), rollups.negate(rollups.hourly(old), usage)],
+            rollups.HOURLY_KEYS,
+            usage,
+        )
+        tags = rollups.add_up(
+            [
+                rollups.daily_tags(new, keys),
+                rollups.negate(rollups.daily_tags(old, keys), rollups.TAG_MEASURES),
+            ],
+            rollups.TAG_KEYS,
+            rollups.TAG_MEASURES,
+        )
+        hourly_delta, tags_delta = pl.collect_all([hourly, tags])
+        daily_delta = rollups.daily(hourly_delta.lazy()).collect()
+        written = 0
+        for table, delta, grain, measures in (
+            ("usage_hourly", hourly_delta, rollups.HOURLY_KEYS, usage),
+            ("usage_daily", daily_delta, rollups.HOURLY_KEYS, usage),
+            ("usage_daily_tags", tags_delta, rollups.TAG_KEYS, rollups.TAG_MEASURES),
+        ):
+            if not delta.height:
+                continue
+            stored = _stored_rows(conn, table, delta, grain)
+            count = "requests"
+            merged = rollups.add_up(
+                [stored.drop("_rowid").lazy(), delta.lazy()], grain, measures, count
+            ).collect()
+            _delete_in(conn, table, "rowid", stored.select("_rowid"))
+            _insert(conn, table, merged)
+            written += merged.height
+        return written
+
+    def _merge_conversations(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        new: pl.DataFrame,
+        old: pl.DataFrame,
+        moved: pl.DataFrame,
+        links: _Links,
+        prices: _Prices,
+    ) -> tuple[set[str], int]:
+        """Add to `conversation_days` the responses entering a conversation and the
+        changed sums of those already in one; returns the roots touched."""
+        gone = pl.Series(sorted(links.dissolved), dtype=pl.String).implode()
+        if links.dissolved:
+            dissolved = pl.DataFrame({"root_id": sorted(links.dissolved)})
+            _delete_in(conn, "conversation_days", "root_id", dissolved)
+        # Rows written again that stay in the conversation they were counted in.
+        before = old.filter(
+            pl.col("conversation_root").is_not_null() & ~pl.col("conversation_root").is_in(gone)
+        )
+        staying = new.join(
+            before.select("event_id", pl.col("conversation_root").alias("_was")),
+            on="event_id",
+            how="left",
+        )
+        again = pl.col("_was").is_not_null() & (pl.col("_was") == pl.col("conversation_root"))
+        entering = [staying.filter(~again).drop("_was")]
+        if moved.height:
+            entering.append(moved.select(new.columns))
+        entering_rows = pl.concat(entering, how="vertical_relaxed")
+        delta = rollups.conversation_delta(
+            rollups.conversation_days_named(entering_rows.lazy()),
+            [
+                rollups.conversation_days(staying.filter(again).drop("_was").lazy()),
+                rollups.negate(
+                    rollups.conversation_days(before.lazy()), rollups.CONVERSATION_MEASURES
+                ),
+            ],
+        ).collect()
+        if not delta.height:
+            return set(), 0
+        stored = _stored_rows(conn, "conversation_days", delta, ("root_id", "bucket"))
+        merged = rollups.merge_conversation_days(
+            stored.drop("_rowid").lazy(), delta.lazy()
+        ).collect()
+        ambiguous = merged.filter("ambiguous").select("root_id", "bucket")
+        merged = merged.filter(~pl.col("ambiguous")).drop("ambiguous")
+        _delete_in(conn, "conversation_days", "rowid", stored.select("_rowid"))
+        _insert(conn, "conversation_days", merged)
+        if ambiguous.height:
+            redone = self._conversation_days_of(conn, ambiguous, prices)
+            _insert(conn, "conversation_days", redone)
+        return set(delta["root_id"].to_list()), merged.height + ambiguous.height
+
+    def _conversation_days_of(
+        self, conn: duckdb.DuckDBPyConnection, wanted: pl.DataFrame, prices: _Prices
+    ) -> pl.DataFrame:
+        """`conversation_days` rows (root, day) recomputed from their events."""
+        roots = wanted.select("root_id").unique()
+        with _registered(conn, "_roots", roots):
+            members = query_frame(
+                conn,
+                """SELECT response_id, root_id FROM conversation_links
+                   WHERE root_id IN (SELECT root_id FROM _roots)
+                   UNION ALL SELECT root_id, root_id FROM _roots""",
+            )
+        days = sorted(set(wanted["bucket"].to_list()))
+        events = self._events_by_id(conn, members.select("response_id"), days=days).join(
+            members.rename({"root_id": "conversation_root"}), on="response_id"
+        )
+        conv = rollups.conversation_days(self._price(events, prices)).collect()
+        return conv.join(wanted, on=["root_id", "bucket"], how="semi")
+
+    def _refresh_conversations(
+        self, conn: duckdb.DuckDBPyConnection, roots: set[str], dissolved: set[str]
+    ) -> int:
+        everything = sorted(roots | dissolved)
+        if not everything:
+            return 0
+        frame = pl.DataFrame({"root_id": everything}, schema={"root_id": pl.String})
+        with _registered(conn, "_roots", frame):
+            days = query_frame(
+                conn,
+                "SELECT * FROM conversation_days WHERE root_id IN (SELECT root_id FROM _roots)",
+            )
+            conn.execute("DELETE FROM conversations WHERE root_id IN (SELECT root_id FROM _roots)")
+        totals = rollups.conversations(days.lazy()).collect()
+        _insert(conn, "conversations", totals)
         return totals.height
+
+    # -- reading and pricing -------------------------------------------------------------
+
+    def _select(self, columns: Sequence[str], *, tags: bool) -> str:
+        selected = [f"e.{c}" for c in columns]
+        keys = list(self._config.tag_keys)
+        if tags and keys:
+            paths = ", ".join("'" + _json_path(k).replace("'", "''") + "'" for k in keys)
+            selected.append(f"json_extract_string(e.metadata, [{paths}]) AS tag_values")
+        else:
+            selected.append("CAST(NULL AS VARCHAR[]) AS tag_values")
+        return ", ".join(selected)
+
+    def _price(self, events: pl.DataFrame, prices: _Prices) -> pl.LazyFrame:
+        models = pricing.model_map(events["model"].unique().drop_nulls().to_list(), prices.catalog)
+        return pricing.price_events(
+            events.lazy(), models.lazy(), prices.intervals.lazy(), self._config.image_model
+        )
+
+
+class _Links:
+    """Conversation links before and after an incremental run's new pairs."""
+
+    def __init__(self, known: pl.DataFrame, changes: pl.DataFrame) -> None:
+        self.known = known
+        self.changes = changes
+        after = pl.concat([known, changes]).unique("response_id", keep="last")
+        self._root = after.select("response_id", "root_id")
+        roots_after = set(after["root_id"].to_list())
+        roots_before = set(known["root_id"].to_list())
+        linked = set(after["response_id"].to_list())
+        self.dissolved: set[str] = roots_before - roots_after
+        self.new_roots: set[str] = roots_after - roots_before - linked
+        self._roots = pl.DataFrame(
+            {"response_id": sorted(roots_after - linked)}, schema={"response_id": pl.String}
+        )
+
+    def root_of(self, response_id: pl.Expr) -> pl.Expr:
+        """The conversation of each response from now on (of those this run touches)."""
+        roots = self._root.rename({"response_id": "_rid", "root_id": "_root"})
+        ids = self._roots["response_id"].implode()
+        return (
+            response_id.replace_strict(roots["_rid"], roots["_root"], default=None)
+            .fill_null(pl.when(response_id.is_in(ids)).then(response_id))
+            .alias("conversation_root")
+        )
+
+    def moved_roots(self) -> pl.DataFrame:
+        """response -> root for every response whose conversation this run changed."""
+        return pl.concat(
+            [
+                self.changes.select("response_id", "root_id"),
+                pl.DataFrame(
+                    {"response_id": sorted(self.new_roots), "root_id": sorted(self.new_roots)},
+                    schema={"response_id": pl.String, "root_id": pl.String},
+                ),
+            ]
+        )
 
 
 _LAST_RUN_SQL = """
@@ -385,6 +723,92 @@ WHERE job = ? AND error IS NULL AND finished_at IS NOT NULL
 ORDER BY run_id DESC LIMIT 1
 """
 _ROLLUP_TABLES = ("usage_hourly", "usage_daily", "usage_daily_tags", "conversation_days")
+
+
+@contextlib.contextmanager
+def _membership(
+    conn: duckdb.DuckDBPyConnection, watermark: int, days: list[datetime] | None
+) -> Iterator[None]:
+    """`_in_conversation`, a temporary table for recomputing days: each event in a
+    conversation (its response id and time) -> its root, roots included. Joined once for
+    all the days; small (in-memory tables are not compressed)."""
+    where, params = "e.ingest_seq <= ?", list[object]([watermark])
+    if days is not None:
+        where += " AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)"
+    with _registered(conn, "_days", _day_frame(days or [])):
+        conn.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _in_conversation AS
+                WITH members AS (
+                    SELECT response_id, root_id FROM conversation_links
+                    UNION ALL SELECT DISTINCT root_id, root_id FROM conversation_links
+                )
+                SELECT e.created_at, e.response_id, m.root_id
+                FROM usage_events AS e JOIN members AS m ON m.response_id = e.response_id
+                WHERE {where}""",
+            params,
+        )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(duckdb.Error):  # a failed transaction drops it anyway
+            conn.execute("DROP TABLE IF EXISTS _in_conversation")
+
+
+@contextlib.contextmanager
+def _registered(conn: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame) -> Iterator[None]:
+    conn.register(name, frame)
+    try:
+        yield
+    finally:
+        conn.unregister(name)
+
+
+def _insert(conn: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame) -> None:
+    if frame.height:
+        with _registered(conn, "_out", frame):
+            conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _out")
+
+
+def _delete_in(
+    conn: duckdb.DuckDBPyConnection, table: str, column: str, keys: pl.DataFrame
+) -> None:
+    """DELETE the rows of `table` whose `column` is among `keys` (a one-column frame)."""
+    if keys.height:
+        with _registered(conn, "_keys", keys):
+            conn.execute(
+                f"DELETE FROM {table} WHERE {column} IN (SELECT {keys.columns[0]} FROM _keys)"
+            )
+
+
+def _delete_days(conn: duckdb.DuckDBPyConnection, table: str, days: list[datetime]) -> None:
+    with _registered(conn, "_days", _day_frame(days)):
+        conn.execute(
+            f"""DELETE FROM {table} WHERE bucket >= ? AND bucket < ?
+                  AND date_trunc('day', bucket) IN (SELECT day FROM _days)""",
+            [min(days), max(days) + timedelta(days=1)],
+        )
+
+
+def _stored_rows(
+    conn: duckdb.DuckDBPyConnection, table: str, delta: pl.DataFrame, grain: tuple[str, ...]
+) -> pl.DataFrame:
+    """The stored rows of `table` with the keys of `delta`, and their rowids. Only the
+    days of `delta` are read (zone maps on `bucket` skip the others)."""
+    on = " AND ".join(f"t.{k} IS NOT DISTINCT FROM d.{k}" for k in grain)
+    keys = delta.select(grain)
+    days = keys.select(pl.col("bucket").dt.truncate("1d").unique().sort())["bucket"].to_list()
+    within = " OR ".join("(t.bucket >= ? AND t.bucket < ?)" for _ in days)
+    with _registered(conn, "_delta", keys):
+        return query_frame(
+            conn,
+            f"""SELECT t.rowid AS _rowid, t.* FROM {table} AS t SEMI JOIN _delta AS d ON {on}
+                WHERE {within}""",
+            [bound for day in days for bound in (day, day + timedelta(days=1))],
+        )
+
+
+def _day_frame(days: list[datetime]) -> pl.DataFrame:
+    return pl.DataFrame({"day": days}, schema={"day": pl.Datetime("us", "UTC")})
 
 
 def _json_path(key: str) -> str:
@@ -401,18 +825,6 @@ def _column(
     conn: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None
 ) -> list[datetime]:
     return [row[0] for row in conn.execute(sql, params or []).fetchall() if row[0] is not None]
-
-
-def _days_of_responses(conn: duckdb.DuckDBPyConnection, ids: pl.Series) -> list[datetime]:
-    conn.register("_ids", pl.DataFrame({"response_id": ids}))
-    try:
-        return _column(
-            conn,
-            """SELECT DISTINCT date_trunc('day', created_at) FROM usage_events
-               WHERE response_id IN (SELECT response_id FROM _ids)""",
-        )
-    finally:
-        conn.unregister("_ids")
 
 
 def last_runs(conn: duckdb.DuckDBPyConnection, limit: int = 20) -> pl.DataFrame:

@@ -142,32 +142,72 @@ def _rate(name: str) -> pl.Expr:
     return pl.when(over & tier.is_not_null()).then(tier).otherwise(base)
 
 
+def _timeline(intervals: pl.LazyFrame) -> pl.LazyFrame:
+    """The intervals of each (model, tier) and the gaps between them (rows with no price;
+    a null `valid_from` is the beginning of time), so that every instant falls in exactly
+    one row: an equi-join on model and tier and a range filter then price each event, with
+    no sort of the events (an as-of join needs them sorted by time)."""
+    pair = ["price_model", "service_tier"]
+    ordered = intervals.sort(*pair, "valid_from").with_columns(pl.lit(True).alias("_listed"))
+    first = pl.col("valid_from") == pl.col("valid_from").min().over(pair)
+    following = pl.col("valid_from").shift(-1).over(pair)
+    before = ordered.filter(first).select(
+        *pair,
+        "_listed",
+        pl.lit(None, pl.Datetime("us", "UTC")).alias("valid_from"),
+        pl.col("valid_from").alias("valid_to"),
+    )
+    after = (
+        ordered.with_columns(following.alias("_next"))
+        .filter(
+            pl.col("valid_to").is_not_null()
+            & (pl.col("_next").is_null() | (pl.col("_next") > pl.col("valid_to")))
+        )
+        .select(
+            *pair,
+            "_listed",
+            pl.col("valid_to").alias("valid_from"),
+            pl.col("_next").alias("valid_to"),
+        )
+    )
+    return pl.concat([ordered, before, after], how="diagonal_relaxed")
+
+
 def price_events(
     events: pl.LazyFrame, models: pl.LazyFrame, intervals: pl.LazyFrame, image_model: str
 ) -> pl.LazyFrame:
-    """Add `price_id`, `cost_pico` (null when unpriced) and `unpriced` to each event."""
+    """Add `price_model`, `price_id`, `cost_pico` (null when unpriced) and `unpriced` to
+    each event (`price_model` null when no catalog row of its model and tier is in force)."""
     tiered = events.with_columns(
         pl.col("service_tier").fill_null("default").replace({"auto": "default"}).alias("_tier"),
         *(pl.col(c).fill_null(0) for c in PRICED_COUNTS),
-    ).join(models, on="model", how="left")
-    joined = (
-        tiered.sort("created_at")
-        .join_asof(
-            intervals.rename({"service_tier": "_tier", "price_model": "price_model"}).sort(
-                "valid_from"
-            ),
-            left_on="created_at",
-            right_on="valid_from",
-            by=["price_model", "_tier"],
-            strategy="backward",
-            check_sortedness=False,  # both sides are sorted on the time key just above
+    )
+    # The catalog rows these events can need, keyed by the models they name: a small frame,
+    # so that each event is priced by one join on (model, tier) and a range filter.
+    span = events.select(
+        pl.col("created_at").min().alias("_lo"), pl.col("created_at").max().alias("_hi")
+    )
+    timeline = (
+        _timeline(intervals)
+        .join(span, how="cross")
+        .filter(
+            (pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("_lo")))
+            & (pl.col("valid_from").is_null() | (pl.col("valid_from") <= pl.col("_hi")))
         )
-        .with_columns(
-            # Past the interval's end, nothing is in force.
-            pl.when(pl.col("valid_to").is_null() | (pl.col("created_at") < pl.col("valid_to")))
-            .then(pl.col("price_id"))
-            .otherwise(None)
-            .alias("price_id")
+        .drop("_lo", "_hi")
+        .rename({"service_tier": "_tier"})
+    )
+    lookup = models.join(timeline, on="price_model", how="inner")
+    joined = (
+        tiered.join(lookup, on=["model", "_tier"], how="left")
+        # One row per event: the one interval (or gap) of its model and tier holding its
+        # created_at, or none when the catalog has nothing for that model and tier.
+        .filter(
+            pl.col("_listed").is_null()
+            | (
+                (pl.col("valid_from").is_null() | (pl.col("valid_from") <= pl.col("created_at")))
+                & (pl.col("valid_to").is_null() | (pl.col("created_at") < pl.col("valid_to")))
+            )
         )
     )
     image = (
@@ -186,11 +226,21 @@ def price_events(
         )
         .sort("valid_from")
     )
-    with_image = joined.join_asof(
-        image.rename({"valid_from": "_img_from"}),
-        left_on="created_at",
-        right_on="_img_from",
-        strategy="backward",
+    # Image generation is rare: only the events using it are sorted for the as-of join.
+    uses_image = (pl.col("image_gen_input_tokens") + pl.col("image_gen_output_tokens")) > 0
+    with_image = pl.concat(
+        [
+            joined.filter(uses_image)
+            .sort("created_at")
+            .join_asof(
+                image.rename({"valid_from": "_img_from"}),
+                left_on="created_at",
+                right_on="_img_from",
+                strategy="backward",
+            ),
+            joined.filter(~uses_image),
+        ],
+        how="diagonal_relaxed",
     )
     input_rate = _rate("input")
     cached_rate = pl.coalesce(_rate("cached_input"), input_rate)
@@ -219,7 +269,6 @@ def price_events(
         + pl.col("image_gen_output_tokens")
         * pl.coalesce(pl.col("_img_out"), pl.col("_img_text_out"))
     )
-    uses_image = (image_in + pl.col("image_gen_output_tokens")) > 0
     has_tokens = (pl.col("input_tokens") + pl.col("output_tokens")) > 0
     priced = (
         pl.col("price_id").is_not_null() & input_rate.is_not_null() & _rate("output").is_not_null()
@@ -241,6 +290,7 @@ def price_events(
         ((has_tokens | uses_image) & ~(priced & image_priced)).cast(pl.Int64).alias("unpriced"),
     ).drop(
         "_tier",
+        "_listed",
         "valid_from",
         "valid_to",
         "tier_threshold",

@@ -152,15 +152,23 @@ def conversation_days(priced: pl.LazyFrame) -> pl.LazyFrame:
     """Per conversation root x day: the partial sums `conversations` adds up.
     `conversation_root` is the conversation a response continues or starts (null if
     it is in none)."""
+    return conversation_days_named(priced).drop("named_at")
+
+
+def conversation_days_named(priced: pl.LazyFrame) -> pl.LazyFrame:
+    """`conversation_days`, plus `named_at`: when the response naming `user_id` was
+    created (what `merge_conversation_days` needs to add two partial sums exactly)."""
     both = priced.filter(pl.col("conversation_root").is_not_null()).with_columns(
         pl.col("conversation_root").alias("root_id")
     )
+    named = pl.col("user_id").is_not_null()
     return (
         both.with_columns(pl.col("created_at").dt.truncate("1d").alias("bucket"))
         .group_by("root_id", "bucket")
         .agg(
             # The conversation's user: the first one named, in time order (deterministic).
             pl.col("user_id").sort_by("created_at", "response_id").drop_nulls().first(),
+            pl.col("created_at").filter(named).min().alias("named_at"),
             pl.col("created_at").min().alias("first_at"),
             pl.col("created_at").max().alias("last_at"),
             pl.len().cast(pl.Int64).alias("responses"),
@@ -183,4 +191,121 @@ def conversations(days: pl.LazyFrame) -> pl.LazyFrame:
         *(pl.col(c).sum() for c in ("responses", "input_tokens", "output_tokens", "total_tokens")),
         pl.col("cost_pico").sum(),
         pl.col("unpriced").sum(),
+    )
+
+
+# -- adding partial sums (incremental runs) ------------------------------------------------
+
+USAGE_MEASURES = (
+    "requests",
+    *_TOKENS,
+    "cost_pico",
+    "errors",
+    "incomplete",
+    "failed",
+    "unpriced",
+)
+TAG_KEYS = ("bucket", "tag_key", "tag_value", "model")
+TAG_MEASURES = tuple(c for c in _TAG_SCHEMA if c not in TAG_KEYS)
+CONVERSATION_MEASURES = (
+    "responses",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost_pico",
+    "unpriced",
+)
+
+
+def negate(rows: pl.LazyFrame, measures: tuple[str, ...]) -> pl.LazyFrame:
+    """Partial sums to take away (the rows of events as they were counted before)."""
+    return rows.with_columns(-pl.col(c) for c in measures)
+
+
+def add_up(
+    parts: list[pl.LazyFrame],
+    keys: tuple[str, ...],
+    measures: tuple[str, ...],
+    count: str | None = None,
+) -> pl.LazyFrame:
+    """Partial sums of the same grain added up by key. With `count`, a bucket left with
+    no event (every event it held moved to another bucket) is dropped, as a full rebuild
+    would never make it."""
+    columns = [*keys, *measures]
+    summed = (
+        pl.concat([p.select(columns) for p in parts], how="vertical_relaxed")
+        .group_by(keys)
+        .agg(pl.col(c).sum() for c in measures)
+    )
+    if count is not None:
+        summed = summed.filter(pl.col(count) != 0)
+    return summed.select(columns)
+
+
+def conversation_delta(entering: pl.LazyFrame, changed: list[pl.LazyFrame]) -> pl.LazyFrame:
+    """What to add to `conversation_days`: `entering` (`conversation_days_named` of the
+    responses counted in a conversation for the first time) and `changed` (partial sums
+    of responses already counted there whose usage changed: their new sums and their old
+    ones negated; their times and user stay as they were)."""
+    keep = ["root_id", "bucket", *CONVERSATION_MEASURES]
+    parts = [
+        entering,
+        *(
+            part.select(keep).with_columns(
+                pl.lit(None, pl.String).alias("user_id"),
+                *(
+                    pl.lit(None, pl.Datetime("us", "UTC")).alias(c)
+                    for c in ("named_at", "first_at", "last_at")
+                ),
+            )
+            for part in changed
+        ),
+    ]
+    columns = ["root_id", "bucket", "user_id", "named_at", "first_at", "last_at"]
+    return (
+        pl.concat(
+            [p.select(*columns, *CONVERSATION_MEASURES) for p in parts], how="vertical_relaxed"
+        )
+        .group_by("root_id", "bucket")
+        .agg(
+            pl.col("user_id").drop_nulls().first(),
+            pl.col("named_at").min(),
+            pl.col("first_at").min(),
+            pl.col("last_at").max(),
+            *(pl.col(c).sum() for c in CONVERSATION_MEASURES),
+        )
+    )
+
+
+def merge_conversation_days(stored: pl.LazyFrame, added: pl.LazyFrame) -> pl.LazyFrame:
+    """Stored `conversation_days` rows plus the partial sums of responses added to them
+    (`conversation_days_named` of the new events, with the sums of events taken away
+    already netted in). The user stays exact: it is the stored one unless no stored
+    response named one or the added one was named before all stored responses, and
+    `ambiguous` marks the rows where it cannot be told from the sums (recompute them)."""
+    both = stored.join(added, on=["root_id", "bucket"], how="full", coalesce=True, suffix="_add")
+    stored_user, added_user = pl.col("user_id"), pl.col("user_id_add")
+    first_at = pl.min_horizontal("first_at", "first_at_add")
+    last_at = pl.max_horizontal("last_at", "last_at_add")
+    return both.select(
+        "root_id",
+        "bucket",
+        pl.when(stored_user.is_null())
+        .then(added_user)
+        .when(added_user.is_null() | (pl.col("named_at") > pl.col("last_at")))
+        .then(stored_user)
+        .otherwise(added_user)
+        .alias("user_id"),
+        first_at.alias("first_at"),
+        last_at.alias("last_at"),
+        *(
+            (pl.col(c).fill_null(0) + pl.col(f"{c}_add").fill_null(0)).alias(c)
+            for c in CONVERSATION_MEASURES
+        ),
+        (
+            stored_user.is_not_null()
+            & added_user.is_not_null()
+            & (pl.col("named_at") <= pl.col("last_at"))
+            & (pl.col("named_at") >= pl.col("first_at"))
+        ).alias("ambiguous"),
     )

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # The model whose image rates price the image_generation tool's tokens.
     image_gen_model: str = "gpt-image-1"
 
+    # How long a dashboard login (its signed session cookie) lasts.
+    session_lifetime: Seconds = 12 * 3600.0
+
     # SIGTERM: in-flight requests get this long to finish; then the journal is
     # flushed into DuckDB. The whole shutdown stays under 10 s.
     shutdown_grace: Annotated[int, Field(ge=1, le=8)] = 5

@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 SRC := tokentill ingest warehouse api dashboards
 
-.PHONY: run demo test lint typecheck pytest bench bench-rollup sync fake-upstream
+.PHONY: run demo test lint typecheck pytest bench bench-rollup sync fake-upstream chromium screenshots
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -33,8 +33,16 @@ lint: sync
 typecheck: sync
 	$(RUN) mypy
 
-pytest: sync
+pytest: sync chromium
 	$(RUN) pytest -q $(PYTEST_ARGS)
+
+# The dashboard's browser tests drive Debian's Chromium through Playwright (a Python
+# package from uv.lock); Playwright never downloads a browser of its own.
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+screenshots: sync chromium  ## refresh the dashboard screenshots in docs/ (from the browser tests)
+	TOKENTILL_SCREENSHOTS=docs $(RUN) pytest -q tests/test_dashboard.py
 
 bench: sync  ## needs wrk (Debian package), installed here if missing
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)

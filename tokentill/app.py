@@ -1,5 +1,6 @@
 """The composition root: `create_app(settings)` wires the proxy, the journal and writer,
-the poller and the HTTP surfaces. Nothing is wired at import time.
+the poller and the HTTP surfaces (the admin API under /api, the dashboard under
+/dashboard). Nothing is wired at import time.
 
 Requests under /v1 go straight to the proxy (no framework routing on the hot path);
 everything else, and the lifespan, goes to the FastAPI app.
@@ -26,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
+import dashboards
 from api import events, jobs, openai_usage, prices, reports
 from api.deps import AdminDep, require_admin
 from api.openai_usage import OpenAIError
@@ -85,6 +87,7 @@ class Tokentill:
         self.api.state.admin_token = (
             settings.admin_token.get_secret_value() if settings.admin_token else None
         )
+        self.api.state.session_lifetime = settings.session_lifetime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -131,6 +134,8 @@ class Tokentill:
             openai_usage.router,
         ):
             api.include_router(router, prefix="/api", dependencies=[AdminDep])
+        for page_router in dashboards.routers():
+            api.include_router(page_router)
         _add_docs(api)
         _add_error_shapes(api)
         return api

@@ -5,7 +5,7 @@ counts as given. Pure: no I/O, nothing but the rows in and a figure out."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 
 import plotly.graph_objects as go
@@ -29,11 +29,21 @@ def day(moment: datetime | None) -> str:
     return moment.date().isoformat() if moment else ""
 
 
+Span = tuple[date, date]  # the view's first and last day, both shown
+
+
+def _day_axis(span: Span) -> dict[str, object]:
+    """The whole range on the x axis, a day per bar, even where no day has data."""
+    first = datetime(span[0].year, span[0].month, span[0].day) - timedelta(hours=12)
+    last = datetime(span[1].year, span[1].month, span[1].day) + timedelta(hours=12)
+    return {"type": "date", "range": [first.isoformat(), last.isoformat()], "tickformat": "%b %d"}
+
+
 def _figure(traces: Sequence[go.BaseTraceType], **layout: object) -> go.Figure:
     return go.Figure(list(traces), layout={**_LAYOUT, **layout})
 
 
-def spend_by_group_over_days(report: CostReport, dimension: str) -> go.Figure:
+def spend_by_group_over_days(report: CostReport, dimension: str, span: Span) -> go.Figure:
     """Stacked bars: one trace per value of `dimension` (highest total spend first)."""
     series: dict[str, tuple[list[str], list[float]]] = {}
     totals: dict[str, Decimal] = {}
@@ -45,10 +55,12 @@ def spend_by_group_over_days(report: CostReport, dimension: str) -> go.Figure:
         totals[name] = totals.get(name, Decimal(0)) + Decimal(row.cost_usd)
     order = sorted(series, key=lambda n: (-totals[n], n))
     traces = [go.Bar(name=n, x=series[n][0], y=series[n][1]) for n in order]
-    return _figure(traces, barmode="stack", yaxis={"title": "USD", "tickprefix": "$"})
+    return _figure(
+        traces, barmode="stack", xaxis=_day_axis(span), yaxis={"title": "USD", "tickprefix": "$"}
+    )
 
 
-def token_mix_over_days(report: CostReport) -> go.Figure:
+def token_mix_over_days(report: CostReport, span: Span) -> go.Figure:
     """Stacked bars per day: uncached input, cached input, output less reasoning,
     reasoning. Without cached/reasoning counts (tag rollups keep none): input, output."""
     days = [day(r.bucket) for r in report.rows]
@@ -71,10 +83,10 @@ def token_mix_over_days(report: CostReport) -> go.Figure:
             "output": [r.output_tokens or 0 for r in rows],
         }
     traces = [go.Bar(name=name, x=days, y=ys) for name, ys in parts.items()]
-    return _figure(traces, barmode="stack", yaxis={"title": "tokens"})
+    return _figure(traces, barmode="stack", xaxis=_day_axis(span), yaxis={"title": "tokens"})
 
 
-def requests_and_errors(report: CostReport) -> go.Figure:
+def requests_and_errors(report: CostReport, span: Span) -> go.Figure:
     """Requests per day, and the error rate (HTTP errors / requests) on a second axis."""
     days = [day(r.bucket) for r in report.rows]
     traces: list[go.BaseTraceType] = [
@@ -89,6 +101,7 @@ def requests_and_errors(report: CostReport) -> go.Figure:
         )
     return _figure(
         traces,
+        xaxis=_day_axis(span),
         yaxis={"title": "requests"},
         yaxis2={"title": "error rate %", "overlaying": "y", "side": "right", "rangemode": "tozero"},
     )

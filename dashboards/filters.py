@@ -59,6 +59,10 @@ class ViewFilters:
         )
 
     @property
+    def span(self) -> tuple[date, date]:
+        return self.start, self.end
+
+    @property
     def tag_keys(self) -> set[str]:
         return {t.partition("=")[0] for t in self.tags}
 

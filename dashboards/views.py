@@ -158,15 +158,17 @@ async def overview(request: Request, runtime: RuntimeDep) -> HTMLResponse:
             chart(
                 "spend-by-model",
                 "Spend per day, by model",
-                figures.spend_by_group_over_days(by_model, "model"),
+                figures.spend_by_group_over_days(by_model, "model", f.span),
             )
         )
-        parts.append(chart("token-mix", "Token mix per day", figures.token_mix_over_days(daily)))
+        parts.append(
+            chart("token-mix", "Token mix per day", figures.token_mix_over_days(daily, f.span))
+        )
         parts.append(
             chart(
                 "requests-errors",
                 "Requests and error rate per day",
-                figures.requests_and_errors(daily),
+                figures.requests_and_errors(daily, f.span),
             )
         )
         parts.append("</div>")
@@ -407,7 +409,9 @@ async def user_page(
         totals=detail.totals,
     )
     parts.append(
-        chart("user-by-day", "Spend per day", figures.spend_by_group_over_days(by_day, "user"))
+        chart(
+            "user-by-day", "Spend per day", figures.spend_by_group_over_days(by_day, "user", f.span)
+        )
     )
     parts.append("</div>")
     parts.append(_quota_sections(request, user_id))
@@ -597,7 +601,7 @@ async def tags(request: Request, runtime: RuntimeDep, key: str | None = None) ->
         chart(
             "tag-spend-by-day",
             f"Spend per day by {chosen}",
-            figures.spend_by_group_over_days(by_day, dimension) if by_day.rows else None,
+            figures.spend_by_group_over_days(by_day, dimension, f.span) if by_day.rows else None,
             f"No responses carry the metadata key {chosen!r} in this range.",
         )
     )

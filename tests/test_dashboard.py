@@ -36,6 +36,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 USERS = ("ana", "bo", "cy")
 MODELS = ("gpt-4o", "gpt-4o-mini", "tt-unlisted-model")
 TEAMS = ("search", "ads")
+DAYS_AGO = (0, 1, 3)
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
     "--headless",
@@ -82,16 +83,18 @@ def served(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iter
     with serve_in_thread(app) as url:
         running = Running(url, app, settings)
         client = running.client()
+        now = int(time.time())
         for i, (user, model, team) in enumerate(itertools.product(USERS, MODELS, TEAMS)):
-            extra: dict[str, Any] = {}
+            # Today, yesterday and three days ago: the fake answers with that created_at.
+            headers = {"x-fake-created-at": str(now - DAYS_AGO[i % 3] * 86400)}
             if i % 7 == 3:
-                extra["extra_headers"] = {"x-fake-scenario": "incomplete"}
+                headers["x-fake-scenario"] = "incomplete"
             client.responses.create(
                 model=model,
                 input=f"question {i} " * (i + 1),
                 user=user,
                 metadata={"team": team, "feature": "qa" if i % 2 else "chat"},
-                **extra,
+                extra_headers=headers,
             )
         previous = None
         for _ in range(3):
@@ -169,15 +172,23 @@ def _log_in(tab: Tab, url: str, target: str = "/dashboard/") -> None:
     tab.page.wait_for_selector("body[data-ready]", state="attached", timeout=30_000)
 
 
+@pytest.fixture(scope="module")
+def logged_in(browser: Browser, served: Served, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The cookies of one login through the login page, reused by the tests' tabs."""
+    context = browser.new_context()
+    _log_in(_tab(context, tmp_path_factory.mktemp("login")), served.url)
+    state = context.storage_state()
+    context.close()
+    return state
+
+
 @pytest.fixture
-def tab(browser: Browser, served: Served, tmp_path: Path) -> Iterator[Tab]:
-    """A logged-in tab in a fresh browser context (its own cookies)."""
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
+def tab(browser: Browser, logged_in: Any, tmp_path: Path) -> Iterator[Tab]:
+    """A logged-in tab in a fresh browser context."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, storage_state=logged_in)
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    opened = _tab(context, shots)
-    _log_in(opened, served.url)
-    yield opened
+    yield _tab(context, shots)
     context.close()
 
 
@@ -316,18 +327,24 @@ def test_overview_charts_are_the_apis_numbers(tab: Tab, served: Served) -> None:
     assert len(by_model["rows"]) >= 2
 
     daily = served.api("/api/costs", bucket="day", **days)
-    (row,) = daily["rows"]
+    rows = daily["rows"]
+    assert len(rows) == len(DAYS_AGO)
     mix = _chart_by_trace(tab.traces("token-mix"))
-    today = row["bucket"][:10]
     assert mix == {
-        "uncached input": {today: row["input_tokens"] - row["cached_input_tokens"]},
-        "cached input": {today: row["cached_input_tokens"]},
-        "output (not reasoning)": {today: row["output_tokens"] - row["reasoning_tokens"]},
-        "reasoning": {today: row["reasoning_tokens"]},
+        "uncached input": {
+            r["bucket"][:10]: r["input_tokens"] - r["cached_input_tokens"] for r in rows
+        },
+        "cached input": {r["bucket"][:10]: r["cached_input_tokens"] for r in rows},
+        "output (not reasoning)": {
+            r["bucket"][:10]: r["output_tokens"] - r["reasoning_tokens"] for r in rows
+        },
+        "reasoning": {r["bucket"][:10]: r["reasoning_tokens"] for r in rows},
     }
     requests, rate = tab.traces("requests-errors")
-    assert requests["y"] == [row["requests"]] and row["errors"] == 1
-    assert rate["y"] == [round(100 * row["errors"] / row["requests"], 4)]
+    assert requests["x"] == [r["bucket"][:10] for r in rows]
+    assert requests["y"] == [r["requests"] for r in rows]
+    assert rate["y"] == [round(100 * r["errors"] / r["requests"], 4) for r in rows]
+    assert sum(r["errors"] for r in rows) == 1
 
     summary = served.api("/api/costs/summary")
     assert tab.text("#kpi-month-to-date strong") == money(summary["month_to_date_usd"])
@@ -465,6 +482,19 @@ def test_filters_change_the_charts_and_live_in_the_url(tab: Tab, served: Served)
     assert _hbars(tab.traces("model-cost")) == {
         m["model"]: _dollars(m["cost_usd"]) for m in by_cy["models"]
     }
+    # A date range: yesterday alone.
+    yesterday = _today() - timedelta(days=1)
+    tab.open(f"{served.url}/dashboard/?from={yesterday}&to={yesterday}")
+    one_day = served.api(
+        "/api/costs",
+        group_by=["model"],
+        bucket="day",
+        start=str(yesterday),
+        end=str(yesterday + timedelta(days=1)),
+    )
+    chart = _chart_by_trace(tab.traces("spend-by-model"))
+    assert chart == _by_group_and_day(one_day, "model")
+    assert {d for series in chart.values() for d in series} == {str(yesterday)}
     # A range with no traffic empties the charts.
     tab.open(f"{served.url}/dashboard/?from=2020-01-01&to=2020-01-31")
     assert tab.traces("spend-by-model") == []

@@ -137,7 +137,6 @@ def tokens_by_model(models: Sequence[ModelRow]) -> go.Figure:
     return _figure(
         traces,
         barmode="stack",
-        xaxis={"title": "tokens"},
         yaxis={"autorange": "reversed", "automargin": True},
         height=max(200, 60 + 30 * len(names)),
         hovermode="closest",

@@ -10,12 +10,14 @@ bounded list of recent responses.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar, cast
 from urllib.parse import quote
 
+import duckdb
 from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Match
@@ -24,6 +26,7 @@ from api import jobs, reports
 from api.deps import RuntimeDep
 from api.params import FilterParams
 from api.params import filters as api_filters
+from api.reports import in_thread
 from dashboards import figures
 from dashboards.filters import FilterError, ViewFilters
 from dashboards.layout import chart, count, esc, kpis, money, notice, table, view
@@ -94,18 +97,18 @@ async def _costs(
     return await _api(reports.costs(runtime, params))
 
 
-def _known_models(runtime: Runtime) -> list[str]:
+def _recent_models(conn: duckdb.DuckDBPyConnection) -> list[str]:
     """Models seen in the last 90 days, for the filter form's suggestions (rollup only)."""
-    conn = runtime.connect()
-    try:
-        rows = conn.execute(
-            """SELECT DISTINCT model FROM usage_daily
-               WHERE bucket >= current_date - INTERVAL 90 DAY AND model IS NOT NULL
-               ORDER BY model LIMIT 500"""
-        ).fetchall()
-    finally:
-        conn.close()
+    rows = conn.execute(
+        """SELECT DISTINCT model FROM usage_daily
+           WHERE bucket >= current_date - INTERVAL 90 DAY AND model IS NOT NULL
+           ORDER BY model LIMIT 500"""
+    ).fetchall()
     return [r[0] for r in rows]
+
+
+async def _known_models(runtime: Runtime) -> list[str]:
+    return await in_thread(runtime, _recent_models)
 
 
 def _when(moment: datetime | None) -> str:
@@ -122,8 +125,17 @@ def _days(f: ViewFilters) -> list[date]:
 @router.get("/")
 async def overview(request: Request, runtime: RuntimeDep) -> HTMLResponse:
     f, error = _filters(request)
-    summary = await reports.summary(runtime)
-    fresh = await jobs.freshness(runtime)
+    # Independent reads, each on its own cursor in a thread: run them together.
+    summary, fresh, known, charted = await asyncio.gather(
+        reports.summary(runtime),
+        jobs.freshness(runtime),
+        _known_models(runtime),
+        asyncio.gather(
+            _costs(runtime, f, ["model"], "day"),
+            _costs(runtime, f, [], "day"),
+            return_exceptions=True,
+        ),
+    )
     parts = [
         error,
         kpis(
@@ -136,12 +148,13 @@ async def overview(request: Request, runtime: RuntimeDep) -> HTMLResponse:
         ),
         '<p class="hint">These four are the whole account (no filters), UTC days.</p>',
     ]
-    try:
-        by_model = await _costs(runtime, f, ["model"], "day")
-        daily = await _costs(runtime, f, [], "day")
-    except (NotFromRollups, Refused) as exc:
-        parts.append(notice(str(exc)))
+    failed = next((c for c in charted if isinstance(c, BaseException)), None)
+    if isinstance(failed, NotFromRollups | Refused):
+        parts.append(notice(str(failed)))
+    elif failed is not None:
+        raise failed
     else:
+        by_model, daily = cast(list[reports.CostReport], charted)
         totals = daily.totals
         parts.append(
             kpis(
@@ -192,7 +205,7 @@ async def overview(request: Request, runtime: RuntimeDep) -> HTMLResponse:
             else ""
         }</section>"""
     )
-    return view("Overview", "overview", f, "".join(parts), models=_known_models(runtime))
+    return view("Overview", "overview", f, "".join(parts), models=known)
 
 
 # -- users -------------------------------------------------------------------------------
@@ -303,7 +316,7 @@ async def users(
         "users",
         f,
         "".join(parts),
-        models=_known_models(runtime),
+        models=await _known_models(runtime),
         extra_fields=sort_field,
     )
 
@@ -328,7 +341,9 @@ def _quota_sections(
         (
             "quotas",
             "/api/quotas",
-            "Quotas" if user_id is not None else "Users near or over their limits",
+            "Quotas"
+            if user_id is not None
+            else "Quotas, fullest first (near: 80% used, over: 100%)",
             "Quotas are not configured yet: this fills in once tokentill serves GET /api/quotas.",
         ),
         (
@@ -347,7 +362,7 @@ def _quota_sections(
     return "".join(out)
 
 
-@router.get("/users/{user_id}")
+@router.get("/users/{user_id:path}")
 async def user_page(
     request: Request,
     runtime: RuntimeDep,
@@ -437,7 +452,7 @@ async def user_page(
         )
         + "</section>"
     )
-    return view(title, "users", f, "".join(parts), models=_known_models(runtime))
+    return view(title, "users", f, "".join(parts), models=await _known_models(runtime))
 
 
 # -- models ------------------------------------------------------------------------------
@@ -546,7 +561,7 @@ async def models(request: Request, runtime: RuntimeDep) -> HTMLResponse:
         )
         + "</section>"
     )
-    return view("Models", "models", f, "".join(parts), models=_known_models(runtime))
+    return view("Models", "models", f, "".join(parts), models=await _known_models(runtime))
 
 
 def _percent(share: float | None) -> str:
@@ -633,7 +648,7 @@ async def tags(request: Request, runtime: RuntimeDep, key: str | None = None) ->
         + "</section>"
     )
     return view(
-        "Tags", "tags", f, "".join(parts), models=_known_models(runtime), extra_fields=picker
+        "Tags", "tags", f, "".join(parts), models=await _known_models(runtime), extra_fields=picker
     )
 
 

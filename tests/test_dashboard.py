@@ -564,3 +564,20 @@ def test_quotas_and_alerts_say_not_configured_then_fill_in(tab: Tab, served: Ser
     finally:
         api.router.routes[:] = before
     assert tab.errors == []
+
+
+def test_without_a_token_loopback_needs_no_login(make_tokentill: Any) -> None:
+    running = make_tokentill(rollup_interval=3600)
+    running.client().responses.create(model="gpt-4o", input="hi", user="team/a b")
+    running.flush()
+    assert httpx.post(running.url + "/api/jobs/rollup/run", timeout=60).status_code == 200
+    home = httpx.get(running.url + "/", follow_redirects=True)
+    assert home.status_code == 200 and str(home.url).endswith("/dashboard/")
+    assert 'id="spend-by-model"' in home.text
+    login = httpx.get(running.url + "/dashboard/login", follow_redirects=False)
+    assert login.status_code == 303 and login.headers["location"] == "/dashboard/"
+    users = httpx.get(running.url + "/dashboard/users")
+    assert "/dashboard/users/team%2Fa%20b?" in users.text
+    # An end user id with a slash has a page of its own.
+    page = httpx.get(running.url + "/dashboard/users/team%2Fa%20b")
+    assert page.status_code == 200 and 'id="user-by-model"' in page.text

@@ -94,7 +94,14 @@ async def _costs(
     query = SpendQuery(api_filters(params), tuple(group_by), bucket)
     if choose_source(query) == "raw":
         raise NotFromRollups(_why_raw(f, group_by))
-    return await _api(reports.costs(runtime, params))
+    report = await _api(reports.costs(runtime, params))
+    if report.truncated:
+        # A chart missing points would be wrong, not just incomplete: say so instead.
+        raise Refused(
+            f"More than {params.limit:,} points to draw: pick a shorter range or filter "
+            "on fewer models or users."
+        )
+    return report
 
 
 def _recent_models(conn: duckdb.DuckDBPyConnection) -> list[str]:

@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 SRC := tokentill ingest warehouse api dashboards
 
-.PHONY: run demo test lint typecheck pytest bench bench-rollup sync fake-upstream chromium screenshots bench-dashboard
+.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api sync fake-upstream chromium screenshots bench-dashboard
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -50,6 +50,9 @@ bench: sync  ## needs wrk (Debian package), installed here if missing
 
 bench-rollup: sync  ## 10M synthetic events: full rebuild, incremental run, peak memory
 	$(RUN) python bench/rollup.py
+
+bench-api: sync  ## the admin API's p50/p95 on the 10M-event warehouse, against DuckDB alone
+	$(RUN) python bench/api.py
 
 bench-dashboard: sync  ## the dashboard's page times on a warehouse: make bench-dashboard DB=path
 	$(RUN) python bench/dashboard.py --db $(DB)

@@ -43,7 +43,7 @@ def _decode(cursor: str) -> tuple[datetime, str]:
         micros, _, event_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
         moment = _EPOCH + timedelta(microseconds=int(micros))
     except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError, OSError):
-        raise bad_request("cursor: not one this API gave; pass next_cursor unchanged") from None
+        raise bad_request("cursor", "not one this API gave; pass next_cursor unchanged") from None
     return moment, event_id
 
 
@@ -170,6 +170,7 @@ class ConversationDetail(Conversation):
     "/conversations/{root_id}",
     response_model=ConversationDetail,
     summary="What one conversation cost as it grew, day by day",
+    responses={404: {"description": "No conversation starts at this response"}},
 )
 async def conversation(
     runtime: RuntimeDep, root_id: Annotated[str, Path(min_length=1, max_length=256)]

@@ -10,13 +10,12 @@ OpenAI's shape (`{"error": {...}}`) on these two routes, as OpenAI answers them.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import polars as pl
 from fastapi import APIRouter, Query, Request
@@ -24,7 +23,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import RuntimeDep
+from api.reports import in_thread
 from warehouse.spend import Bucket, Filters, SpendQuery, spend
+
+if TYPE_CHECKING:
+    from tokentill.app import Runtime
 
 router = APIRouter(prefix="/v1/organization", tags=["openai-compatible"])
 PREFIX = "/api/v1/organization"
@@ -35,16 +38,6 @@ _BUCKET: dict[str, Bucket] = {"1m": "minute", "1h": "hour", "1d": "day"}
 # OpenAI's limits on buckets per page: (default, max) per width.
 _USAGE_LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 _COST_LIMITS = (7, 180)
-# Responses OpenAI bills: everything but requests refused before a response existed.
-_BILLED: tuple[str, ...] = (
-    "completed",
-    "incomplete",
-    "failed",
-    "cancelled",
-    "queued",
-    "in_progress",
-    "interrupted",
-)
 
 UsageGroup = Literal["project_id", "user_id", "api_key_id", "model", "batch", "service_tier"]
 CostGroup = Literal["project_id", "line_item", "user_id", "model"]
@@ -76,6 +69,23 @@ class OpenAIError(Exception):
             }
         }
         return JSONResponse(body, status_code=self.status)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# OpenAI answers bad parameters with 400 in its error shape; so do these routes.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Invalid parameters (OpenAI's error shape)"}
+}
 
 
 class _Params(BaseModel):
@@ -240,7 +250,6 @@ def _query(
         users=tuple(users),
         models=tuple(models),
         api_keys=tuple(keys),
-        statuses=_BILLED,
         tags=(),
     )
     if projects:
@@ -254,24 +263,19 @@ def _query(
 
 
 async def _answer(
-    runtime: Any, filters: Filters, group_by: list[str], width: Width, all_measures: bool
+    runtime: Runtime, filters: Filters, group_by: list[str], width: Width, all_measures: bool
 ) -> pl.DataFrame:
     dims = tuple(dict.fromkeys(_DIMENSION[g] for g in group_by))
     query = SpendQuery(filters, dims, _BUCKET[width], all_measures=all_measures)
-
-    def run() -> pl.DataFrame:
-        conn = runtime.connect()
-        try:
-            return spend(conn, query, image_model=runtime.settings.image_gen_model)
-        finally:
-            conn.close()
-
-    return await asyncio.to_thread(run)
+    return await in_thread(
+        runtime, lambda conn: spend(conn, query, image_model=runtime.settings.image_gen_model)
+    )
 
 
 @router.get(
     "/usage/completions",
     response_model=UsagePage,
+    responses=_ERRORS,
     summary="Completions usage, as OpenAI's organization Usage API answers it",
 )
 async def usage_completions(
@@ -290,12 +294,15 @@ async def usage_completions(
     projects = set(_listed(request, "project_ids", params.project_ids))
     rows: dict[datetime, list[UsageResult]] = {}
     for row in _regroup(frame, group_by, projects, params.batch, drop_batch).iter_rows(named=True):
+        if row["requests"] == row["errors"] and not row["total_tokens"]:
+            continue  # only requests refused before a response existed: nothing billed
         rows.setdefault(row["bucket"], []).append(
             UsageResult(
                 input_tokens=row["input_tokens"],
                 output_tokens=row["output_tokens"],
                 input_cached_tokens=row["cached_input_tokens"],
-                num_model_requests=row["requests"],
+                # OpenAI counts responses: not requests refused before one existed.
+                num_model_requests=row["requests"] - row["errors"],
                 project_id=row.get("project_id"),
                 user_id=row.get("user_id"),
                 api_key_id=row.get("api_key_id"),
@@ -337,6 +344,7 @@ def _regroup(
     if "line_item" in keys:
         frame = frame.with_columns(pl.col("model").alias("line_item"))
     sums = [c for c in frame.columns if c not in keys and frame.schema[c].is_numeric()]
+    # (`errors` stays: num_model_requests = requests - errors)
     sums = [c for c in sums if c not in ("batch",)]
     out = frame.group_by(keys, maintain_order=True).agg(pl.col(c).sum() for c in sums)
     return out.sort(["bucket", *[k for k in keys if k != "bucket"]], nulls_last=True)
@@ -345,6 +353,7 @@ def _regroup(
 @router.get(
     "/costs",
     response_model=CostPage,
+    responses=_ERRORS,
     summary="Costs per day, as OpenAI's organization Costs API answers them",
 )
 async def costs(

@@ -6,11 +6,12 @@ unknown or misspelt parameter is a 422 naming it, never silently ignored.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated
 
 from fastapi import HTTPException, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from warehouse.spend import Filters
 
@@ -18,10 +19,22 @@ MAX_RANGE = timedelta(days=3 * 366)
 MAX_LIST = 200
 DEFAULT_DAYS = 30
 
+_ISO = re.compile(r"^\d{4}-\d{2}-\d{2}([T ].+)?$")
+
+
+def _iso_only(value: object) -> object:
+    # pydantic would read "0.5" as a Unix timestamp: dates here are ISO 8601 only.
+    if isinstance(value, str) and not _ISO.match(value):
+        raise ValueError("expected a date (YYYY-MM-DD) or an RFC 3339 date-time")
+    return value
+
+
 Moment = Annotated[
     datetime | date,
+    BeforeValidator(_iso_only),
     Field(description="A date (YYYY-MM-DD, midnight UTC) or an RFC 3339 date-time."),
 ]
+Day = Annotated[date, BeforeValidator(_iso_only), Field(description="YYYY-MM-DD (UTC).")]
 Names = Annotated[list[str], Field(max_length=MAX_LIST)]
 
 
@@ -47,8 +60,10 @@ def utc(moment: datetime | date) -> datetime:
     return datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
 
 
-def bad_request(message: str) -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
+def bad_request(param: str, message: str, where: str = "query") -> HTTPException:
+    """A 422 in FastAPI's own validation shape, naming the parameter to fix."""
+    detail = [{"loc": [where, param], "msg": message, "type": "value_error", "input": None}]
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
 
 
 def time_range(params: RangeParams, *, now: datetime | None = None) -> tuple[datetime, datetime]:
@@ -56,9 +71,11 @@ def time_range(params: RangeParams, *, now: datetime | None = None) -> tuple[dat
     end = utc(params.end) if params.end is not None else today + timedelta(days=1)
     start = utc(params.start) if params.start is not None else end - timedelta(days=DEFAULT_DAYS)
     if start >= end:
-        raise bad_request(f"start ({start.isoformat()}) must be before end ({end.isoformat()})")
+        raise bad_request(
+            "start", f"start ({start.isoformat()}) must be before end ({end.isoformat()})"
+        )
     if end - start > MAX_RANGE:
-        raise bad_request("the range is longer than 3 years: ask for a shorter one")
+        raise bad_request("end", "the range is longer than 3 years: ask for a shorter one")
     return start, end
 
 
@@ -67,9 +84,11 @@ def parse_tags(pairs: list[str]) -> tuple[tuple[str, str], ...]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise bad_request(f"tag {pair!r}: expected key=value, for example tag=team=search")
+            raise bad_request(
+                "tag", f"tag {pair!r}: expected key=value, for example tag=team=search"
+            )
         if len(key) > 64 or len(value) > 512:
-            raise bad_request(f"tag {pair!r}: keys are at most 64 characters, values 512")
+            raise bad_request("tag", f"tag {pair!r}: keys are at most 64 characters, values 512")
         out.append((key, value))
     return tuple(out)
 

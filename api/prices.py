@@ -18,7 +18,7 @@ from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import RuntimeDep
-from api.params import bad_request
+from api.params import Moment, bad_request, utc
 from api.reports import in_thread
 from warehouse.db import query_frame, transaction
 from warehouse.prices import TIERS, PriceFileError, insert_rows, parse_price_entries
@@ -63,7 +63,7 @@ class ListParams(BaseModel):
 
     model: str | None = Field(None, max_length=256, description="Exact model id or prefix*.")
     source: Literal["published", "override"] | None = None
-    in_force_at: datetime | None = Field(None, description="Only rows in force then.")
+    in_force_at: Moment | None = Field(None, description="Only rows in force then.")
     limit: int = Field(500, ge=1, le=10_000)
     offset: int = Field(0, ge=0)
 
@@ -80,7 +80,7 @@ async def list_prices(runtime: RuntimeDep, params: Annotated[ListParams, Query()
             where.append("priority > 0" if params.source == "override" else "priority = 0")
         if params.in_force_at is not None:
             where.append("effective_from <= ? AND (effective_to IS NULL OR effective_to > ?)")
-            args += [params.in_force_at, params.in_force_at]
+            args += [utc(params.in_force_at)] * 2
         return query_frame(
             conn,
             f"""SELECT *, count(*) OVER () AS total FROM prices WHERE {" AND ".join(where)}
@@ -143,7 +143,7 @@ async def add_prices(runtime: RuntimeDep, change: PriceChange) -> PriceChangeRes
     try:
         rows = parse_price_entries(entries, f"api:{change.author}")
     except PriceFileError as exc:
-        raise bad_request(str(exc)) from exc
+        raise bad_request("prices", str(exc), "body") from exc
 
     def write(conn: duckdb.DuckDBPyConnection) -> tuple[int, pl.DataFrame]:
         with transaction(conn):

@@ -94,7 +94,10 @@ async def _costs(
     query = SpendQuery(api_filters(params), tuple(group_by), bucket)
     if choose_source(query) == "raw":
         raise NotFromRollups(_why_raw(f, group_by))
-    report = await _api(reports.costs(runtime, params))
+    # The route answers its JSON bytes (CostReport's shape): read them back as the model,
+    # so a chart holds exactly what GET /api/costs answers.
+    answer = await _api(reports.costs(runtime, params))
+    report = reports.CostReport.model_validate_json(bytes(answer.body))
     if report.truncated:
         # A chart missing points would be wrong, not just incomplete: say so instead.
         raise Refused(

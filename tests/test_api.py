@@ -4,6 +4,7 @@ and the fake upstream's own ledger."""
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import openai
+import polars as pl
 import pytest
 
 from tests.conftest import Running, ledger
@@ -112,6 +114,12 @@ def test_costs_from_rollups_equal_costs_priced_from_raw_events(served: Any) -> N
 
     assert keyed(rolled) == keyed(raw)
     assert rolled["totals"] == raw["totals"]
+    # The summaries (per user, per model) agree with the raw events too.
+    for dim, source in (("user", "usage_daily_users"), ("model", "usage_daily_models")):
+        summary = api.get("/api/costs", group_by=[dim], **days)
+        direct = api.get("/api/costs", group_by=[dim], start=start.isoformat(), end=days["end"])
+        assert summary["source"] == source and direct["source"] == "raw"
+        assert summary["rows"] == direct["rows"] and summary["totals"] == direct["totals"]
     # The unlisted model is counted, unpriced, and not in the money.
     unlisted = [r for r in rolled["rows"] if r["group"]["model"] == "tt-unlisted-model"]
     assert unlisted and all(r["unpriced"] == r["requests"] - r["errors"] for r in unlisted)
@@ -330,3 +338,48 @@ def test_every_route_needs_the_token_and_the_docs_work_offline(served: Any) -> N
     assert "cdn" not in page.text.lower()
     script = api.http.get("/api/docs-assets/swagger-ui-bundle.js")
     assert script.status_code == 200 and len(script.content) > 100_000
+
+
+def test_finance_report_exports_add_up_in_json_csv_and_parquet(served: Any) -> None:
+    _, api, _ = served
+    month = datetime.now(UTC).date().replace(day=1)
+    following = (month + timedelta(days=32)).replace(day=1)
+    params = {"start": str(month), "end": str(following), "tag_key": "team"}
+    report = api.get("/api/reports/finance", **params)
+    rows = report["rows"]
+    total = next(r for r in rows if r["section"] == "total" and r["month"] is None)
+    assert Decimal(total["cost_usd"]) == Decimal(
+        api.get("/api/costs", **_day_range())["totals"]["cost_usd"]
+    )
+    for section in ("model", "user", "tag"):
+        part = [r for r in rows if r["section"] == section]
+        assert sum(Decimal(r["amount_usd"]) for r in part) == Decimal(total["amount_usd"])
+        assert sum(Decimal(r["cost_usd"]) for r in part) == Decimal(total["cost_usd"])
+    assert {r["key"] for r in rows if r["section"] == "tag"} >= set(TEAMS)
+
+    csv = api.http.get("/api/reports/finance", params={**params, "format": "csv"})
+    assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
+    assert "attachment" in csv.headers["content-disposition"]
+    table = pl.read_csv(io.BytesIO(csv.content), infer_schema=False)
+    assert table["cost_usd"].to_list() == [r["cost_usd"] for r in rows]
+    assert table["amount_usd"].to_list() == [r["amount_usd"] for r in rows]
+    parquet = api.http.get("/api/reports/finance", params={**params, "format": "parquet"})
+    assert parquet.status_code == 200
+    frame = pl.read_parquet(io.BytesIO(parquet.content))
+    assert frame["cost_usd"].to_list() == table["cost_usd"].to_list()
+    assert frame["section"].to_list() == [r["section"] for r in rows]
+
+
+def test_closing_months_through_the_api(served: Any) -> None:
+    _, api, _ = served
+    this_month = datetime.now(UTC).strftime("%Y-%m")
+    not_over = api.http.post(f"/api/periods/{this_month}/close", json={"closed_by": "alice"})
+    assert not_over.status_code == 422 and "not ended" in not_over.json()["detail"][0]["msg"]
+    bad = api.http.post("/api/periods/2026-13/close", json={"closed_by": "alice"})
+    assert bad.status_code == 422
+    closed = api.http.post("/api/periods/2020-01/close", json={"closed_by": "alice"})
+    assert closed.status_code == 201, closed.text
+    again = api.http.post("/api/periods/2020-01/close", json={"closed_by": "bob"})
+    assert again.status_code == 409
+    assert [p["period"] for p in api.get("/api/periods")] == ["2020-01-01"]
+    assert api.get("/api/periods/adjustments") == []

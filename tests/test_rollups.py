@@ -73,6 +73,8 @@ TABLES = {
     "conversation_links": ("response_id",),
     "conversation_days": ("root_id", "bucket"),
     "conversations": ("root_id",),
+    "usage_daily_users": ("bucket", "user_id"),
+    "usage_daily_models": ("bucket", "model", "service_tier", "status", "endpoint"),
 }
 
 

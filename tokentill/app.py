@@ -15,20 +15,26 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 
 import duckdb
 from fastapi import Depends, FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 import dashboards
-from api import events, jobs, openai_usage, prices, reports
+from api import events, finance, jobs, openai_usage, prices, reconcile, reports
 from api.deps import AdminDep, require_admin
 from api.openai_usage import OpenAIError
 from ingest.http1 import HTTP1Upstream
@@ -41,6 +47,7 @@ from tokentill.metrics import Metrics
 from tokentill.settings import Settings
 from warehouse.db import open_warehouse
 from warehouse.jobs import RollupConfig, RollupJob
+from warehouse.periods import post_adjustments
 from warehouse.prices import insert_rows, load_price_file, seed_published
 from warehouse.scheduler import start_scheduler, stop_scheduler
 from warehouse.writer import Writer
@@ -131,9 +138,20 @@ class Tokentill:
             reports.router,
             events.router,
             prices.router,
+            finance.router,
+            reconcile.router,
             openai_usage.router,
         ):
-            api.include_router(router, prefix="/api", dependencies=[AdminDep])
+            api.include_router(
+                router,
+                prefix="/api",
+                dependencies=[AdminDep],
+                responses={
+                    400: {"description": "Malformed request (a body that is not JSON)"},
+                    401: {"description": "Missing or wrong admin token"},
+                    403: {"description": "No admin token configured: loopback clients only"},
+                },
+            )
         for page_router in dashboards.routers():
             api.include_router(page_router)
         _add_docs(api)
@@ -200,7 +218,9 @@ class Tokentill:
         )
         self.runtime = runtime
         self.api.state.runtime = runtime
-        scheduler = start_scheduler(rollup, settings.rollup_interval)
+        scheduler = start_scheduler(
+            rollup, settings.rollup_interval, then=lambda: _post_adjustments(runtime)
+        )
         if self.api.state.admin_token is None:
             log.warning("no TOKENTILL_ADMIN_TOKEN: the admin API answers loopback clients only")
         self.proxy.client, self.proxy.recorder = client, recorder
@@ -238,6 +258,19 @@ class Tokentill:
                 )
 
 
+def _post_adjustments(runtime: Runtime) -> None:
+    """After each rollup run: late changes to closed months post into the next open one."""
+    conn = runtime.connect()
+    try:
+        posted = post_adjustments(conn, datetime.now(UTC))
+        if posted:
+            log.info("closed periods: %d adjustment rows posted", posted)
+    except Exception:
+        log.exception("posting closed-period adjustments failed; the next run retries")
+    finally:
+        conn.close()
+
+
 def _add_docs(api: FastAPI) -> None:
     """The OpenAPI schema and Swagger UI under /api, behind the admin token like every
     /api route, with Swagger UI's assets served from the fastapi-offline package (the
@@ -266,6 +299,21 @@ def _add_error_shapes(api: FastAPI) -> None:
     @api.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> Response:
         return exc.response()
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:
+            # Starlette's Allow names the first route's methods only; name them all.
+            allowed = sorted(
+                {
+                    method
+                    for route in api.routes
+                    if isinstance(route, APIRoute) and route.path_regex.match(request.url.path)
+                    for method in route.methods or ()
+                }
+            )
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+        return await http_exception_handler(request, exc)
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Seconds = Annotated[float, Field(gt=0)]
@@ -64,6 +65,17 @@ class Settings(BaseSettings):
     # The model whose image rates price the image_generation tool's tokens.
     image_gen_model: str = "gpt-image-1"
 
+    # Reconciliation against OpenAI's bill: an admin key (sk-admin-...) reads its
+    # organization Costs and Usage; `openai_admin_url` defaults to the upstream.
+    openai_admin_key: SecretStr | None = None
+    openai_admin_url: str | None = None
+    # A day x model is flagged when |OpenAI's figure - ours| passes this many USD and, when
+    # the ratio is above 0, that fraction of OpenAI's figure too (big bills have noise).
+    reconcile_threshold_usd: Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)] = (
+        Decimal("0.01")
+    )
+    reconcile_threshold_ratio: Annotated[Decimal, Field(ge=0, le=1, decimal_places=6)] = Decimal(0)
+
     # How long a dashboard login (its signed session cookie) lasts.
     session_lifetime: Seconds = 12 * 3600.0
 
@@ -71,11 +83,13 @@ class Settings(BaseSettings):
     # flushed into DuckDB. The whole shutdown stays under 10 s.
     shutdown_grace: Annotated[int, Field(ge=1, le=8)] = 5
 
-    @field_validator("upstream")
+    @field_validator("upstream", "openai_admin_url")
     @classmethod
-    def _upstream_is_http(cls, value: str) -> str:
+    def _upstream_is_http(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
-            raise ValueError("upstream must be an http:// or https:// URL")
+            raise ValueError(f"{info.field_name} must be an http:// or https:// URL")
         return value.rstrip("/")
 
     @model_validator(mode="after")
@@ -84,6 +98,11 @@ class Settings(BaseSettings):
         if token is not None and len(token.get_secret_value()) < 16:
             raise ValueError("admin_token must be at least 16 characters")
         return self
+
+    @property
+    def openai_admin_base(self) -> str:
+        """Where OpenAI's organization Costs and Usage are read (the upstream by default)."""
+        return self.openai_admin_url or self.upstream
 
     @property
     def journal_path(self) -> Path:

@@ -73,7 +73,9 @@ def fetch_one(
 
 
 def query_frame(
-    conn: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None
+    conn: duckdb.DuckDBPyConnection,
+    sql: str,
+    params: list[object] | dict[str, object] | None = None,
 ) -> pl.DataFrame:
     """A query's rows as a polars frame (through Arrow), with every time zone-aware
     column in "UTC" (DuckDB says "Etc/UTC", and polars will not join the two)."""

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import polars as pl
 
-from warehouse import pricing, rollups
+from warehouse import pricing, rollups, summaries
 from warehouse.db import fetch_one, query_frame, transaction
 from warehouse.prices import price_table
 
@@ -195,6 +195,7 @@ class RollupJob:
                 conn.execute("BEGIN TRANSACTION")
             roots |= chunk_roots
         result.rows_out += self._refresh_conversations(conn, full, roots)
+        result.rows_out += summaries.refresh(conn, None if full else ordered)
 
     # -- what changed ----------------------------------------------------------------------
 

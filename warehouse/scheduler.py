@@ -3,6 +3,7 @@ seconds, never two at once (and a run the server was too busy to start is coales
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -11,13 +12,22 @@ from apscheduler.triggers.interval import IntervalTrigger
 from warehouse.jobs import RollupJob
 
 
-def start_scheduler(rollup: RollupJob, interval: float) -> BackgroundScheduler:
+def start_scheduler(
+    rollup: RollupJob, interval: float, then: Callable[[], object] | None = None
+) -> BackgroundScheduler:
+    """`then` runs after each rollup run (posting closed periods' adjustments)."""
     scheduler = BackgroundScheduler(
         timezone=UTC,
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
     )
+
+    def cycle() -> None:
+        rollup.run()
+        if then is not None:
+            then()
+
     scheduler.add_job(
-        rollup.run,
+        cycle,
         IntervalTrigger(seconds=interval, timezone=UTC),
         id="rollup",
         name="rollup",

@@ -3,7 +3,9 @@
 One question shape (`SpendQuery`: a time range, filters, dimensions to group by, a time
 bucket) answered from the cheapest table that holds it:
 
-- `usage_daily` when the range is whole UTC days and the bucket a day, a month or none;
+- `usage_daily_users` / `usage_daily_models` (warehouse/summaries.py) for whole UTC days
+  grouped or filtered by end user only, or by model, tier, status and endpoint only;
+- `usage_daily` for whole days otherwise, when the bucket is a day, a month or none;
 - `usage_hourly` when it is whole hours;
 - `usage_daily_tags` for a metadata key grouped or filtered with model and time only;
 - the raw `usage_events`, priced on the fly by the same pure `pricing.price_events` the
@@ -42,26 +44,28 @@ _ROLLUP_COLUMN = {
 _RAW_COLUMN = {**_ROLLUP_COLUMN, "api_key": "key_fingerprint"}
 TAG_PREFIX = "tag:"
 
-MEASURES = (
+# What reports count: requests and tokens, then money and what it leaves out.
+COUNTS = (
     "requests",
     "input_tokens",
     "cached_input_tokens",
     "output_tokens",
     "reasoning_tokens",
     "total_tokens",
-    "cost_pico",
-    "unpriced",
-    "errors",
-    "incomplete",
-    "failed",
 )
+MEASURES = (*COUNTS, "cost_pico", "unpriced", "errors", "incomplete", "failed")
 # What usage_daily_tags keeps of them.
 _TAG_MEASURES = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost_pico")
 _MONEY = pl.Decimal(38, 0)
 
 
 class QueryError(ValueError):
-    """A question that cannot be answered as asked, with what to change."""
+    """A question that cannot be answered as asked, with what to change (and which
+    parameter)."""
+
+    def __init__(self, message: str, param: str = "group_by") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,10 @@ def choose_source(query: SpendQuery) -> str:
             return "usage_daily_tags"
         return "raw"
     if whole_days and daily_bucket:
+        if dims <= {"user"}:
+            return "usage_daily_users"
+        if not dims & {"user"}:
+            return "usage_daily_models"
         return "usage_daily"
     if whole_hours:
         return "usage_hourly"

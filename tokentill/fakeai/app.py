@@ -3,8 +3,10 @@
 Routes: ``POST /v1/responses``, ``GET /v1/responses/{id}`` (``?stream=true`` replays a
 background response's events after ``starting_after``), ``POST
 /v1/responses/{id}/cancel``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET``/``DELETE /_fake/ledger``; anything else is OpenAI's 404. See
-`tokentill.fakeai.scenarios` for the ``x-fake-*`` control headers.
+``GET /v1/organization/costs`` and ``/v1/organization/usage/completions`` (what the
+ledger billed; see `tokentill.fakeai.organization`), ``GET``/``DELETE /_fake/ledger``;
+anything else is OpenAI's 404. See `tokentill.fakeai.scenarios` for the ``x-fake-*``
+control headers.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tokentill.fakeai import errors, ids
+from tokentill.fakeai import errors, ids, organization
 from tokentill.fakeai.catalog import listed_models
 from tokentill.fakeai.chat_builder import ChatDraft, ChatOutcome, draft_chat
 from tokentill.fakeai.ledger import Ledger, LedgerEntry, usage_columns
@@ -418,6 +420,20 @@ class FakeUpstream:
         )
         return _json(file.model_dump_json().encode(), _headers(ids.request_id(), started))
 
+    # -- organization Costs and Usage (admin keys) --------------------------------------
+
+    async def organization_costs(self, request: Request) -> Response:
+        started = time.perf_counter()
+        organization.require_admin_key(_api_key(request))
+        body = organization.costs_page(self.ledger, request.query_params, int(time.time()))
+        return _json(body, _headers(ids.request_id(), started))
+
+    async def organization_usage(self, request: Request) -> Response:
+        started = time.perf_counter()
+        organization.require_admin_key(_api_key(request))
+        body = organization.usage_page(self.ledger, request.query_params, int(time.time()))
+        return _json(body, _headers(ids.request_id(), started))
+
     async def get_ledger(self, request: Request) -> Response:
         return _json(self.ledger.to_json(), {})
 
@@ -477,6 +493,12 @@ def create_fake_app(*, seed: int | None = None) -> Starlette:
         Route(CHAT_PATH, _openai_errors(fake.create_chat_completion), methods=["POST"]),
         Route("/v1/models", _openai_errors(fake.list_models), methods=["GET"]),
         Route("/v1/files", _openai_errors(fake.upload_file), methods=["POST"]),
+        Route("/v1/organization/costs", _openai_errors(fake.organization_costs), methods=["GET"]),
+        Route(
+            "/v1/organization/usage/completions",
+            _openai_errors(fake.organization_usage),
+            methods=["GET"],
+        ),
         Route("/_fake/ledger", fake.get_ledger, methods=["GET"]),
         Route("/_fake/ledger", fake.clear_ledger, methods=["DELETE"]),
         Route("/{path:path}", _openai_errors(fake.unknown_route), methods=_ALL_METHODS),

@@ -517,32 +517,79 @@ def test_quotas_and_alerts_say_not_configured_then_fill_in(tab: Tab, served: Ser
     assert "not configured yet" in tab.text("#alerts-not-configured")
 
     # Once tokentill serves GET /api/quotas and GET /api/alerts (the quotas work), the
-    # view fills in from them: this stands in for those routes with the expected shape.
+    # view fills in from them: this stands in for those routes, in the shapes of the
+    # quotas branch (QuotaOut with its limits, AlertOut).
     stand_in = APIRouter()
 
     @stand_in.get("/api/quotas")
-    async def quotas() -> dict[str, Any]:
-        return {
-            "quotas": [
-                {"user_id": "ana", "period": "day", "limit_usd": "5.00", "used_usd": "4.50"},
-                {"user_id": "bo", "period": "month", "limit_usd": "10", "used_usd": "12"},
-                {"user_id": "cy", "period": "day", "limit_usd": "10", "used_usd": "1"},
-            ]
-        }
+    async def quotas() -> list[dict[str, Any]]:
+        def quota(user: str, limits: list[dict[str, Any]]) -> dict[str, Any]:
+            return {"subject": f"user:{user}", "scope": "user", "user_id": user, "limits": limits}
+
+        return [
+            quota(
+                "ana",
+                [
+                    {
+                        "unit": "usd",
+                        "period": "day",
+                        "mode": "hard",
+                        "limit": "5.00",
+                        "used": "4.50",
+                        "remaining": "0.50",
+                        "percent_used": "90.00",
+                    }
+                ],
+            ),
+            quota(
+                "bo",
+                [
+                    {
+                        "unit": "usd",
+                        "period": "month",
+                        "mode": "soft",
+                        "limit": "10",
+                        "used": "12",
+                        "remaining": "0",
+                        "percent_used": "120.00",
+                    }
+                ],
+            ),
+            quota(
+                "cy",
+                [
+                    {
+                        "unit": "requests",
+                        "period": "day",
+                        "mode": "hard",
+                        "limit": "100",
+                        "used": "10",
+                        "remaining": "90",
+                        "percent_used": "10.00",
+                    }
+                ],
+            ),
+        ]
 
     @stand_in.get("/api/alerts")
-    async def alerts() -> dict[str, Any]:
-        return {
-            "alerts": [
-                {
-                    "user_id": "bo",
-                    "severity": "high",
-                    "kind": "spend_spike",
-                    "detected_at": "2026-11-25T10:00:00Z",
-                    "evidence": {"robust_z": 9.1, "window": "1h", "spend_usd": "3.20"},
-                }
-            ]
-        }
+    async def alerts() -> list[dict[str, Any]]:
+        return [
+            {
+                "alert_id": 1,
+                "kind": "abuse",
+                "rule": "spend_spike",
+                "severity": "high",
+                "message": "spend 9.1 robust z-scores above bo's baseline",
+                "user_id": "bo",
+                "subject": "user:bo",
+                "window_start": "2026-11-25T09:00:00Z",
+                "window_end": "2026-11-25T10:00:00Z",
+                "evidence": {"robust_z": 9.1, "spend_usd": "3.20"},
+                "created_at": "2026-11-25T10:00:05Z",
+                "acknowledged_at": None,
+                "acknowledged_by": None,
+            }
+        ]
 
     api = served.running.app.api
     before = list(api.router.routes)
@@ -554,13 +601,14 @@ def test_quotas_and_alerts_say_not_configured_then_fill_in(tab: Tab, served: Ser
             "#quotas-table tbody tr",
             "rows => rows.map(r => [r.cells[0].textContent, r.className])",
         )
-        assert cells == [["bo", "over"], ["ana", "near"], ["cy", ""]]
+        assert cells == [["user:bo", "over"], ["user:ana", "near"], ["user:cy", ""]]
         assert "robust_z: 9.1" in tab.text("#alerts-table")
         tab.screenshot("alerts-filled")
         tab.open(served.url + "/dashboard/users/bo")
         tab.page.wait_for_selector("#quotas-table")
         rows = tab.page.eval_on_selector_all("#quotas-table tbody tr", "rows => rows.length")
         assert rows == 1 and "spend_spike" in tab.text("#alerts-table")
+        assert "user:bo" in tab.text("#quotas-table")
     finally:
         api.router.routes[:] = before
     assert tab.errors == []

@@ -34,21 +34,45 @@ function rowsOf(body, kind) {
   return [];
 }
 
-// How much of its limit a quota has used (null when it does not say).
-function used(quota) {
-  if (typeof quota.used_share === "number") return quota.used_share;
+// GET /api/quotas answers quotas, each with its limits (unit, period, used, percent_used,
+// ...): one row per limit. Flat rows (limit_usd, used_usd, ...) are taken as they are.
+function quotaRows(quotas) {
+  const rows = [];
+  for (const quota of quotas) {
+    if (!Array.isArray(quota.limits)) {
+      rows.push(quota);
+      continue;
+    }
+    const { limits, ...about } = quota;
+    for (const limit of limits) rows.push({ ...about, ...limit });
+  }
+  return rows;
+}
+
+// How much of its limit a row has used, as a fraction (null when it does not say).
+function used(row) {
+  if (row.percent_used !== null && row.percent_used !== undefined) {
+    return Number(row.percent_used) / 100;
+  }
+  if (Number(row.limit) > 0 && row.used !== null && row.used !== undefined) {
+    return Number(row.used) / Number(row.limit);
+  }
+  if (typeof row.used_share === "number") return row.used_share;
   for (const unit of ["usd", "tokens", "requests"]) {
-    const limit = Number(quota[`limit_${unit}`]);
-    const spent = Number(quota[`used_${unit}`]);
+    const limit = Number(row[`limit_${unit}`]);
+    const spent = Number(row[`used_${unit}`]);
     if (limit > 0 && Number.isFinite(spent)) return spent / limit;
   }
   return null;
 }
 
 const COLUMNS = {
-  quotas: ["user_id", "period", "limit_usd", "used_usd", "remaining_usd", "limit_tokens",
-    "used_tokens", "limit_requests", "used_requests", "hard", "resets_at"],
-  alerts: ["user_id", "severity", "kind", "detected_at", "window", "evidence", "acknowledged"],
+  quotas: ["subject", "user_id", "unit", "period", "mode", "limit", "used", "remaining",
+    "limit_usd", "used_usd", "remaining_usd", "limit_tokens", "used_tokens", "limit_requests",
+    "used_requests", "hard", "resets_at", "burn_rate_per_hour", "projected_limit_at"],
+  alerts: ["created_at", "detected_at", "severity", "kind", "rule", "subject", "user_id",
+    "message", "window_start", "window_end", "window", "evidence", "acknowledged_at",
+    "acknowledged"],
 };
 
 function render(element, kind, rows) {
@@ -56,7 +80,9 @@ function render(element, kind, rows) {
     element.textContent = kind === "quotas" ? "No quotas set." : "No flags.";
     return;
   }
-  const columns = COLUMNS[kind].filter((c) => rows.some((r) => r[c] !== undefined));
+  let columns = COLUMNS[kind].filter((c) => rows.some((r) => r[c] !== undefined));
+  // A subject (user:<id>, tag:<key>=<value>, default) already names the user.
+  if (columns.includes("subject")) columns = columns.filter((c) => c !== "user_id");
   if (kind === "quotas") columns.push("use");
   const table = document.createElement("table");
   table.id = `${kind}-table`;
@@ -88,6 +114,7 @@ async function fill(element) {
     return;
   }
   let rows = rowsOf(await answer.json(), kind);
+  if (kind === "quotas") rows = quotaRows(rows);
   const users = element.dataset.users ? element.dataset.users.split(",") : [];
   if (users.length) rows = rows.filter((r) => users.includes(r.user_id));
   if (kind === "quotas") rows.sort((a, b) => (used(b) ?? -1) - (used(a) ?? -1));

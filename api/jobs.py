@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import datetime
 from typing import Literal
 
@@ -51,6 +52,20 @@ async def list_runs(runtime: RuntimeDep, limit: int = Query(20, ge=1, le=1000)) 
         return [JobRun.model_validate(row) for row in frame.to_dicts()]
 
     return await asyncio.to_thread(read)
+
+
+class AbuseRunOut(BaseModel):
+    job: str
+    flags: int
+    seconds: float
+
+
+@router.post("/abuse/run", response_model=AbuseRunOut)
+async def run_abuse(runtime: RuntimeDep) -> AbuseRunOut:
+    """Score users now (new flags are stored as alerts, and sent to the webhook)."""
+    clock = time.perf_counter()
+    found = await asyncio.to_thread(runtime.abuse.run)
+    return AbuseRunOut(job="abuse", flags=len(found), seconds=round(time.perf_counter() - clock, 3))
 
 
 @router.post("/{job}/run", response_model=RunResultOut)

@@ -34,6 +34,7 @@ Moment = Annotated[
     BeforeValidator(_iso_only),
     Field(description="A date (YYYY-MM-DD, midnight UTC) or an RFC 3339 date-time."),
 ]
+IsoTime = Annotated[datetime, BeforeValidator(_iso_only)]
 Day = Annotated[date, BeforeValidator(_iso_only), Field(description="YYYY-MM-DD (UTC).")]
 Names = Annotated[list[str], Field(max_length=MAX_LIST)]
 

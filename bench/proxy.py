@@ -69,7 +69,19 @@ HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench
 USERS = 100
 CONNECTIONS = (1, 16, 64)
 MODES = ("plain", "stream")
-TARGETS = ("direct", "bare", "proxy")  # the fake itself, a bare forwarder, tokentill
+# The fake itself, a bare forwarder, tokentill with quotas off, tokentill with quotas on
+# (every request checked against a default user limit of each unit and a tag limit).
+TARGETS = ("direct", "bare", "proxy", "quota")
+QUOTA_LIMITS = {
+    "/api/quotas/default": {
+        "limits": [
+            {"limit_usd": "1000000", "period": "day"},
+            {"limit_tokens": 10**15, "period": "minute"},
+            {"limit_requests": 10**12, "period": "month", "mode": "soft"},
+        ]
+    },
+    "/api/quotas/tags/team/bench": {"limit_usd": "1000000", "period": "total"},
+}
 WARMUP_S = 1.0
 RSS_FIRST = 10_000
 
@@ -166,6 +178,7 @@ class Results:
     rows: dict[str, int] = field(default_factory=dict)
     writer: dict[str, WriterRun] = field(default_factory=dict)  # "alone", "concurrent"
     tally: Tally = field(default_factory=Tally)
+    quota_book_us: float = 0.0
 
 
 # -- the two servers -----------------------------------------------------------------------
@@ -177,6 +190,7 @@ class Bench:
         self.workdir = workdir
         self.db = workdir / "bench.duckdb"
         fake_port, till_port, bare_port = free_port(), free_port(), free_port()
+        quota_port = free_port()
         self.upstream_url = f"http://{LOOPBACK}:{fake_port}"
         self.fake = Server(
             "fake upstream",
@@ -204,6 +218,24 @@ class Bench:
             till_port,
             workdir / "tokentill.log",
         )
+        self.quota = Server(
+            "tokentill with quotas",
+            python_module_argv(
+                "-m",
+                "tokentill",
+                "serve",
+                "--db",
+                str(workdir / "quota.duckdb"),
+                "--upstream",
+                f"http://{LOOPBACK}:{fake_port}",
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(quota_port),
+            ),
+            quota_port,
+            workdir / "tokentill-quota.log",
+        )
         self.bare = Server(
             "bare forwarder",
             python_module_argv(
@@ -229,13 +261,26 @@ class Bench:
         env = dict(os.environ)
         self.fake.start(env)
         self.fake.wait_port()
-        self.till.start(env)
+        self.till.start({**env, "TOKENTILL_QUOTAS_ENABLED": "false"})
+        self.quota.start({**env, "TOKENTILL_QUOTAS_ENABLED": "true"})
         self.bare.start({**env, "BARE_UPSTREAM": self.upstream_url})
         self.till.wait_http("/healthz")
+        self.quota.wait_http("/healthz")
         self.bare.wait_port()
+        for path, limits in QUOTA_LIMITS.items():
+            status, body = http_request(
+                self.quota.port,
+                "PUT",
+                path,
+                json.dumps(limits).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            if status != 200:
+                raise BenchError(f"PUT {path}: HTTP {status} {body[:200]!r}")
 
     def stop(self) -> None:
         self.results.tokentill_exit = self.till.stop()
+        self.quota.stop()
         self.bare.stop()
         self.fake.stop()
 
@@ -243,7 +288,9 @@ class Bench:
         return f"http://{LOOPBACK}:{self.server(target).port}{PATH}"
 
     def server(self, target: str) -> Server:
-        return {"direct": self.fake, "bare": self.bare, "proxy": self.till}[target]
+        return {"direct": self.fake, "bare": self.bare, "proxy": self.till, "quota": self.quota}[
+            target
+        ]
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -261,14 +308,17 @@ class Bench:
             return None
         return deleted
 
-    def settle(self, stable_s: float = 0.3, timeout: float = 60.0) -> None:
+    def settle(
+        self, stable_s: float = 0.3, timeout: float = 60.0, server: Server | None = None
+    ) -> None:
         """Until tokentill has served no request for `stable_s` and DuckDB has every event."""
+        till = server or self.till
         deadline = time.monotonic() + timeout
         previous = -1.0
         stable_since = time.monotonic()
         while True:
-            self.till.check_alive()
-            status, body = http_request(self.till.port, "GET", "/metrics")
+            till.check_alive()
+            status, body = http_request(till.port, "GET", "/metrics")
             if status != 200:
                 raise BenchError(f"tokentill GET /metrics: HTTP {status}")
             text = body.decode()
@@ -309,8 +359,8 @@ class Bench:
     def wrk(self, mode: str, target: str, connections: int, duration: float) -> Run:
         server = self.server(target)
         self.quiesce()
-        if target == "proxy":
-            self.settle()
+        if target in ("proxy", "quota"):
+            self.settle(server=server)
         cpu_before = cpu_seconds(server.pid)
         main_before = main_thread_cpu_seconds(server.pid)
         self.last_target = target
@@ -321,8 +371,8 @@ class Bench:
             duration_s=duration,
         )
         server.check_alive()
-        if target == "proxy":
-            self.settle()
+        if target in ("proxy", "quota"):
+            self.settle(server=server)
         else:
             time.sleep(0.1)
         run = Run(
@@ -430,6 +480,97 @@ def stream_ttfb(port: int, body: bytes, n: int) -> Iterator[float]:
         conn.close()
 
 
+# -- the quota book, in-process --------------------------------------------------------------
+
+
+def quota_book_benchmark(results: Results, workdir: Path, n: int) -> None:
+    """What quotas add to one request, without the noise of the HTTP runs: admission and
+    settlement through the real QuotaBook, priced from the published catalog, against a
+    default limit of each unit and a tag limit (as the `quota` target is set up), and the
+    same request's forwarding-free baseline: parsing its body, which the proxy does anyway."""
+    from ingest.capture import RequestFacts, now_us
+    from ingest.events import UsageEvent
+    from ingest.live_prices import PriceBook
+    from ingest.quotas import Limit, QuotaBook, QuotaConfig, tag_subject
+    from warehouse.db import open_warehouse
+    from warehouse.prices import price_table, seed_published
+
+    conn = open_warehouse(workdir / "quota-book.duckdb")
+    seed_published(conn)
+    prices = PriceBook.build(price_table(conn), "gpt-image-1")
+    conn.close()
+    book = QuotaBook(QuotaConfig(), prices, lambda alert: None)
+    book.set_limits(
+        None,
+        [
+            Limit("usd", "day", 10**24),
+            Limit("tokens", "minute", 10**15),
+            Limit("requests", "month", 10**12, "soft"),
+        ],
+    )
+    book.set_limits(tag_subject("team", "bench"), [Limit("usd", "total", 10**24)])
+    bodies = [request_body(u, stream=False).encode() for u in range(USERS)]
+    parsed = [json.loads(b) for b in bodies]
+
+    def one_pass() -> tuple[float, float, float]:
+        """µs per request: admission, settlement, and json.loads of the body (a yardstick:
+        the proxy parses every metered body anyway). Facts and events are built beforehand:
+        the proxy builds them with quotas off too."""
+        facts = [
+            RequestFacts(
+                endpoint="responses",
+                kind="create",
+                started_us=now_us(),
+                started_perf=0.0,
+                requested_model="gpt-4o-mini",
+                user_id=parsed[i % USERS]["user"],
+            )
+            for i in range(n)
+        ]
+        events = [
+            UsageEvent(
+                kind="create",
+                event_id="resp_x",
+                endpoint="responses",
+                status="completed",
+                created_at_us=f.started_us,
+                request_started_at_us=f.started_us,
+                recorded_at_us=f.started_us,
+                model="gpt-4o-mini-2024-07-18",
+                input_tokens=120,
+                cached_input_tokens=0,
+                cache_write_tokens=0,
+                output_tokens=80,
+                total_tokens=200,
+            )
+            for f in facts
+        ]
+        start = time.perf_counter()
+        held = [book.admit(f, parsed[i % USERS], bodies[i % USERS]) for i, f in enumerate(facts)]
+        admitted = time.perf_counter()
+        for event, reservation in zip(events, held, strict=True):
+            book.settle(event, reservation)
+        settled = time.perf_counter()
+        for i in range(n):
+            json.loads(bodies[i % USERS])
+        parsed_at = time.perf_counter()
+        return (
+            (admitted - start) / n * 1e6,
+            (settled - admitted) / n * 1e6,
+            (parsed_at - settled) / n * 1e6,
+        )
+
+    one_pass()  # warm up
+    passes = [one_pass() for _ in range(3)]
+    admit, settle, yardstick = (min(p[k] for p in passes) for k in range(3))
+    results.quota_book_us = admit + settle
+    print(
+        f"  quota book: admission {admit:.1f} µs + settlement {settle:.1f} µs per request "
+        f"(in-process, {n:,} requests, a user and a tag with limits; json.loads of the "
+        f"same body: {yardstick:.1f} µs)"
+    )
+
+
 # -- the writer, in-process ------------------------------------------------------------------
 
 
@@ -530,7 +671,9 @@ def writer_benchmark(results: Results, workdir: Path, n: int) -> None:
 
 def print_run(run: Run) -> None:
     w = run.wrk
-    who = {"direct": "upstream", "bare": "bare fwd", "proxy": "tokentill"}[run.target]
+    who = {"direct": "upstream", "bare": "bare fwd", "proxy": "tokentill", "quota": "+quotas"}[
+        run.target
+    ]
     extra = f", non-2xx {w.non_2xx}" if w.non_2xx else ""
     extra += f", socket errors {w.socket_errors}" if w.errors else ""
     print(
@@ -751,6 +894,8 @@ def report(bench: Bench) -> bool:
     broken |= not exit_ok
     print(f"  tokentill exit code after SIGTERM: {results.tokentill_exit}")
 
+    quota_rows = quota_comparison(results)
+
     print(f"\n== For the README (wrk -t1, {args.duration:g} s per run, {machine()}) ==\n")
     print(
         markdown_table(
@@ -766,7 +911,56 @@ def report(bench: Bench) -> bool:
             ["Case", "Bare forwarder", "Through tokentill", "Metering overhead"], bare_rows
         )
     )
+    print(
+        "\nQuota checks: tokentill with quotas off vs on (a default limit of each unit and a "
+        "tag limit on every request; each server has its own DuckDB); req/s, p50/p99, CPU:\n"
+    )
+    print(markdown_table(["Case", "Quotas off", "Quotas on", "Difference"], quota_rows))
     return not broken
+
+
+def quota_comparison(results: Results) -> list[list[str]]:
+    """Quotas on vs off, measured in the same run: ratios, not absolute figures."""
+    rows = []
+    for mode in MODES:
+        for c in CONNECTIONS:
+            off, on = results.runs[mode, "proxy", c], results.runs[mode, "quota", c]
+            ratio = on.wrk.rps / off.wrk.rps
+            add50, add99 = on.wrk.p50 - off.wrk.p50, on.wrk.p99 - off.wrk.p99
+            cpu = on.cpu_us_per_request - off.cpu_us_per_request
+            print(
+                f"  {mode:6} c={c:<3} quotas on/off: throughput {ratio:5.1%}, p50 {add50:+.2f} "
+                f"ms, p99 {add99:+.2f} ms, CPU {cpu:+.0f} µs/req"
+            )
+            rows.append(
+                [
+                    f"{mode}, {c} conn",
+                    f"{off.wrk.rps:,.0f} req/s, {off.wrk.p50:.2f}/{off.wrk.p99:.2f} ms, "
+                    f"{off.cpu_us_per_request:.0f} µs",
+                    f"{on.wrk.rps:,.0f} req/s, {on.wrk.p50:.2f}/{on.wrk.p99:.2f} ms, "
+                    f"{on.cpu_us_per_request:.0f} µs",
+                    f"{ratio:.0%} of req/s, {add50:+.2f}/{add99:+.2f} ms, {cpu:+.0f} µs CPU/req",
+                ]
+            )
+    rows.append(
+        [
+            "admission + settlement, in-process",
+            "—",
+            f"{results.quota_book_us:.1f} µs",
+            f"{results.quota_book_us:+.1f} µs CPU/req",
+        ]
+    )
+    for mode in MODES:
+        off, on = cpu_per_request(results, mode), cpu_per_request(results, mode, "quota")
+        rows.append(
+            [
+                f"{mode}, CPU per request (all conn)",
+                f"{off:.0f} µs",
+                f"{on:.0f} µs",
+                f"{on - off:+.0f} µs CPU/req ({on / off - 1:+.1%})",
+            ]
+        )
+    return rows
 
 
 def load_average() -> str:
@@ -833,6 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.check_rows()
         print("\n== writer micro-benchmark ==")
         writer_benchmark(bench.results, workdir, args.writer_events)
+        print("\n== quota book micro-benchmark ==")
+        quota_book_benchmark(bench.results, workdir, 100_000)
         ok = report(bench)
     except BenchError as exc:
         print(f"\nBROKEN: {exc}", file=sys.stderr)

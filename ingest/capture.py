@@ -61,6 +61,7 @@ class RequestFacts:
     store: bool = True
     strip_chat_usage: bool = False
     response_id: str | None = None  # for retrieve / cancel
+    hold: Any = None  # set by the admission hook (a quota reservation); opaque here
 
     def new_event(self) -> UsageEvent:
         return UsageEvent(

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,13 +99,26 @@ def classify(method: str, path: str) -> Route:
 class RequestRejectedError(Exception):
     """The request is refused before reaching the upstream (answered in OpenAI's shape)."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        *,
+        type_: str = "invalid_request_error",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.type, self.headers = type_, headers
 
 
-# A hook run before forwarding a metered creation (quotas plug in here).
-Admission = Callable[[RequestFacts, dict[str, Any] | None], Awaitable[None]]
+# A hook run before forwarding a metered creation, with the parsed body (None when it is
+# not a JSON object) and the raw one. It may refuse (RequestRejectedError) or set
+# `facts.hold` (quotas: the request's reservation), which every event recorded for this
+# request carries to the recorder, and which is released if none is.
+Admission = Callable[[RequestFacts, dict[str, Any] | None, bytes], None]
 
 
 class Proxy:
@@ -180,20 +193,33 @@ class Proxy:
                 parsed = _parse_json_object(whole)
                 body = _learn_request(facts, parsed, header_user, whole)
                 if self.admission is not None:
-                    await self.admission(facts, parsed)
+                    self.admission(facts, parsed, whole)
         except RequestRejectedError as exc:
             if facts is not None and facts.kind == "create":
                 recorder.record(
-                    error_event(
-                        facts,
-                        exc.status,
-                        {"error": {"type": "invalid_request_error", "code": exc.code}},
-                    )
+                    error_event(facts, exc.status, {"error": {"type": exc.type, "code": exc.code}})
                 )
             await send_error(
-                send, exc.status, exc.message, "invalid_request_error", exc.code, exc.param
+                send, exc.status, exc.message, exc.type, exc.code, exc.param, exc.headers
             )
             return exc.status
+        try:
+            return await self._forward(scope, receive, send, facts, client, recorder, body)
+        finally:
+            if facts is not None and facts.hold is not None:
+                recorder.release(facts.hold)  # a no-op once an event settled it
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        facts: RequestFacts | None,
+        client: Upstream,
+        recorder: Recorder,
+        body: Body,
+    ) -> int:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
 
         url = self._upstream + scope["raw_path"].decode("latin-1")
         if scope["query_string"]:
@@ -255,7 +281,8 @@ class Proxy:
         log.warning("upstream failed: %s", message)
         if facts is not None and facts.kind == "create":
             recorder.record(
-                error_event(facts, status, {"error": {"type": "upstream_error", "code": code}})
+                error_event(facts, status, {"error": {"type": "upstream_error", "code": code}}),
+                hold=facts.hold,
             )
         await send_error(send, status, message, "upstream_error", code)
         return status
@@ -323,14 +350,14 @@ class Proxy:
             if facts.kind == "create":
                 event = facts.new_event()
                 event.status, event.error_type = "interrupted", "unparsed_answer_too_large"
-                recorder.record(finalize(event, facts, status), credentials)
+                recorder.record(finalize(event, facts, status), credentials, facts.hold)
             return status
 
         capture = JSONCapture(facts, upstream.header("content-encoding"))
         obj = capture.parse(body)
         if status >= 400:
             if facts.kind == "create":
-                recorder.record(error_event(facts, status, obj))
+                recorder.record(error_event(facts, status, obj), hold=facts.hold)
             await self._send_head_and(upstream, send, body)
             return status
         if obj is None:
@@ -346,7 +373,7 @@ class Proxy:
         outcome = capture.event(obj, status)
         if outcome is not None:
             outcome.ttft_ms = None if ttft is None else round(ttft, 3)
-            recorder.record(outcome, credentials)
+            recorder.record(outcome, credentials, facts.hold)
         await self._send_head_and(upstream, send, body)
         return status
 
@@ -436,7 +463,9 @@ class Proxy:
     ) -> None:
         if capture.facts.kind == "update" and not capture.done:
             return  # a retrieve that did not see the end teaches nothing
-        recorder.record(capture.finish(client_disconnected=client_gone), credentials)
+        recorder.record(
+            capture.finish(client_disconnected=client_gone), credentials, capture.facts.hold
+        )
 
 
 async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:

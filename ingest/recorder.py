@@ -1,6 +1,9 @@
-"""Where a finished response's event goes: the journal, the metrics, the poller."""
+"""Where a finished response's event goes: the journal, the metrics, the poller, and the
+quota counters (settlement, in memory, after the event is safe in the journal)."""
 
 from __future__ import annotations
+
+from typing import Any, Protocol
 
 from ingest.events import UsageEvent
 from ingest.journal import Journal
@@ -8,18 +11,34 @@ from ingest.poller import Poller
 from tokentill.metrics import Metrics
 
 
+class Settlement(Protocol):
+    """What counts spend live (the quota book): see ingest/quotas.py."""
+
+    def settle(self, event: UsageEvent, hold: Any) -> None: ...
+
+    def release(self, hold: Any) -> None: ...
+
+
 class Recorder:
     def __init__(self, journal: Journal, metrics: Metrics, poller: Poller | None = None) -> None:
         self._journal = journal
         self._metrics = metrics
         self.poller = poller
+        self.quotas: Settlement | None = None
 
     def record(
-        self, event: UsageEvent, credentials: list[tuple[bytes, bytes]] | None = None
+        self,
+        event: UsageEvent,
+        credentials: list[tuple[bytes, bytes]] | None = None,
+        hold: Any = None,
     ) -> None:
-        """Journal `event` (synchronously: it is in the kernel when this returns)."""
+        """Journal `event` (synchronously: it is in the kernel when this returns). `hold`
+        is the request's quota reservation, if it has one."""
         self._journal.append(event)
         self._metrics.count_event(event.endpoint, event.status)
+        quotas = self.quotas
+        if quotas is not None:
+            quotas.settle(event, hold)
         poller = self.poller
         if poller is None or event.endpoint != "responses" or not event.response_id:
             return
@@ -27,3 +46,9 @@ class Recorder:
             poller.track(event.response_id, credentials)
         elif not event.is_pending:
             poller.forget(event.response_id)
+
+    def release(self, hold: Any) -> None:
+        """The request ended without an event settling `hold`."""
+        quotas = self.quotas
+        if quotas is not None:
+            quotas.release(hold)

@@ -25,8 +25,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import openai
 import pytest
-from fastapi import APIRouter
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from starlette.routing import Match
 
 from dashboards.layout import money
 from tests.conftest import Running
@@ -389,7 +389,7 @@ def test_users_views_are_the_apis_numbers(tab: Tab, served: Served) -> None:
         "#recent-table tbody tr", "rows => rows.map(r => r.lastElementChild.textContent)"
     )
     assert ids == [e["response_id"] or e["event_id"] for e in detail["recent"]]
-    assert tab.page.is_visible("#quotas-not-configured")
+    assert tab.page.is_visible("#quotas") and tab.page.is_visible("#alerts")
     assert tab.errors == []
 
 
@@ -511,89 +511,15 @@ def test_filters_change_the_charts_and_live_in_the_url(tab: Tab, served: Served)
 # -- quotas and alerts -------------------------------------------------------------------
 
 
-def test_quotas_and_alerts_say_not_configured_then_fill_in(tab: Tab, served: Served) -> None:
+def test_quotas_and_alerts_fill_in_from_the_api(tab: Tab, served: Served) -> None:
     tab.open(served.url + "/dashboard/alerts")
-    assert "not configured yet" in tab.text("#quotas-not-configured")
-    assert "not configured yet" in tab.text("#alerts-not-configured")
-
-    # Once tokentill serves GET /api/quotas and GET /api/alerts (the quotas work), the
-    # view fills in from them: this stands in for those routes, in the shapes of the
-    # quotas branch (QuotaOut with its limits, AlertOut).
-    stand_in = APIRouter()
-
-    @stand_in.get("/api/quotas")
-    async def quotas() -> list[dict[str, Any]]:
-        def quota(user: str, limits: list[dict[str, Any]]) -> dict[str, Any]:
-            return {"subject": f"user:{user}", "scope": "user", "user_id": user, "limits": limits}
-
-        return [
-            quota(
-                "ana",
-                [
-                    {
-                        "unit": "usd",
-                        "period": "day",
-                        "mode": "hard",
-                        "limit": "5.00",
-                        "used": "4.50",
-                        "remaining": "0.50",
-                        "percent_used": "90.00",
-                    }
-                ],
-            ),
-            quota(
-                "bo",
-                [
-                    {
-                        "unit": "usd",
-                        "period": "month",
-                        "mode": "soft",
-                        "limit": "10",
-                        "used": "12",
-                        "remaining": "0",
-                        "percent_used": "120.00",
-                    }
-                ],
-            ),
-            quota(
-                "cy",
-                [
-                    {
-                        "unit": "requests",
-                        "period": "day",
-                        "mode": "hard",
-                        "limit": "100",
-                        "used": "10",
-                        "remaining": "90",
-                        "percent_used": "10.00",
-                    }
-                ],
-            ),
-        ]
-
-    @stand_in.get("/api/alerts")
-    async def alerts() -> list[dict[str, Any]]:
-        return [
-            {
-                "alert_id": 1,
-                "kind": "abuse",
-                "rule": "spend_spike",
-                "severity": "high",
-                "message": "spend 9.1 robust z-scores above bo's baseline",
-                "user_id": "bo",
-                "subject": "user:bo",
-                "window_start": "2026-11-25T09:00:00Z",
-                "window_end": "2026-11-25T10:00:00Z",
-                "evidence": {"robust_z": 9.1, "spend_usd": "3.20"},
-                "created_at": "2026-11-25T10:00:05Z",
-                "acknowledged_at": None,
-                "acknowledged_by": None,
-            }
-        ]
-
-    api = served.running.app.api
-    before = list(api.router.routes)
-    api.include_router(stand_in)
+    assert tab.text("#quotas [data-source]") == "No quotas set."
+    # ana's day limit is below what she spent today (over); bo's far above it.
+    for user, limit in (("ana", "0.000001"), ("bo", "1000")):
+        answer = served.http.put(
+            f"/api/quotas/users/{user}", json={"limit_usd": limit, "period": "day"}
+        )
+        assert answer.status_code == 200, answer.text
     try:
         tab.open(served.url + "/dashboard/alerts")
         tab.page.wait_for_selector("#quotas-table")
@@ -601,14 +527,45 @@ def test_quotas_and_alerts_say_not_configured_then_fill_in(tab: Tab, served: Ser
             "#quotas-table tbody tr",
             "rows => rows.map(r => [r.cells[0].textContent, r.className])",
         )
-        assert cells == [["user:bo", "over"], ["user:ana", "near"], ["user:cy", ""]]
-        assert "robust_z: 9.1" in tab.text("#alerts-table")
+        assert cells == [["user:ana", "over"], ["user:bo", ""]]
+        listed = {q["user_id"]: q["limits"][0] for q in served.api("/api/quotas")}
+        used = tab.page.eval_on_selector_all(
+            "#quotas-table tbody tr", "rows => rows.map(r => r.lastElementChild.textContent)"
+        )
+        assert used[0] == f"{float(listed['ana']['percent_used']):.1f}%"
         tab.screenshot("alerts-filled")
+        # A user's page keeps that user's quota only.
         tab.open(served.url + "/dashboard/users/bo")
         tab.page.wait_for_selector("#quotas-table")
         rows = tab.page.eval_on_selector_all("#quotas-table tbody tr", "rows => rows.length")
-        assert rows == 1 and "spend_spike" in tab.text("#alerts-table")
-        assert "user:bo" in tab.text("#quotas-table")
+        assert rows == 1 and "user:bo" in tab.text("#quotas-table")
+    finally:
+        for user in ("ana", "bo"):
+            served.http.delete(f"/api/quotas/users/{user}")
+    assert tab.errors == []
+
+
+def test_quotas_and_alerts_say_not_configured_without_their_routes(
+    tab: Tab, served: Served
+) -> None:
+    """A tokentill without GET /api/quotas and /api/alerts (as before the quotas work)
+    says so, and fetches nothing."""
+    api = served.running.app.api
+    before = list(api.router.routes)
+
+    def serves(path: str, route: Any) -> bool:
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "path_params": {}}
+        return bool(route.matches(scope)[0] == Match.FULL)
+
+    api.router.routes[:] = [
+        r for r in before if not (serves("/api/quotas", r) or serves("/api/alerts", r))
+    ]
+    try:
+        tab.open(served.url + "/dashboard/alerts")
+        assert "not configured yet" in tab.text("#quotas-not-configured")
+        assert "not configured yet" in tab.text("#alerts-not-configured")
+        assert tab.page.query_selector("[data-source]") is None
+        tab.screenshot("alerts")
     finally:
         api.router.routes[:] = before
     assert tab.errors == []

@@ -34,7 +34,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 import dashboards
-from api import events, finance, jobs, openai_usage, prices, reconcile, reports
+from api import (
+    alerts,
+    events,
+    finance,
+    jobs,
+    openai_usage,
+    prices,
+    quotas,
+    reconcile,
+    reports,
+)
 from api.deps import AdminDep, require_admin
 from api.openai_usage import OpenAIError
 from ingest.http1 import HTTP1Upstream
@@ -43,8 +53,12 @@ from ingest.poller import Poller
 from ingest.proxy import Proxy
 from ingest.recorder import Recorder
 from ingest.upstream import Upstream
+from tokentill.alerts import AlertOutbox
 from tokentill.metrics import Metrics
+from tokentill.quota_service import QuotaService
 from tokentill.settings import Settings
+from tokentill.webhooks import Webhook
+from warehouse.abuse import AbuseConfig, AbuseJob
 from warehouse.db import open_warehouse
 from warehouse.jobs import RollupConfig, RollupJob
 from warehouse.periods import post_adjustments
@@ -68,6 +82,9 @@ class Runtime:
     client: Upstream
     readers: duckdb.DuckDBPyConnection
     rollup: RollupJob
+    alerts: AlertOutbox
+    abuse: AbuseJob
+    quotas: QuotaService | None = None
     ready: bool = False
     _cursor_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -140,6 +157,8 @@ class Tokentill:
             prices.router,
             finance.router,
             reconcile.router,
+            quotas.router,
+            alerts.router,
             openai_usage.router,
         ):
             api.include_router(
@@ -213,13 +232,58 @@ class Tokentill:
             lambda: runtime.connect(),
             RollupConfig(tag_keys=settings.rollup_tag_keys, image_model=settings.image_gen_model),
         )
+        webhook = None
+        if settings.alert_webhook_url is not None:
+            secret = settings.alert_webhook_secret
+            webhook = Webhook(
+                settings.alert_webhook_url,
+                secret.get_secret_value() if secret else None,
+                max_attempts=settings.alert_webhook_max_attempts,
+                backoff=settings.alert_webhook_backoff,
+            )
+        outbox = AlertOutbox(lambda: runtime.connect(), webhook)
         runtime = Runtime(
-            settings, self.metrics, journal, writer, recorder, poller, client, readers, rollup
+            settings,
+            self.metrics,
+            journal,
+            writer,
+            recorder,
+            poller,
+            client,
+            readers,
+            rollup,
+            outbox,
+            AbuseJob(
+                lambda: runtime.connect(),
+                AbuseConfig(
+                    window_seconds=settings.abuse_window,
+                    history_days=settings.abuse_history_days,
+                    image_model=settings.image_gen_model,
+                ),
+                outbox.raise_from_thread,
+            ),
         )
         self.runtime = runtime
         self.api.state.runtime = runtime
+        background = [asyncio.create_task(outbox.run(), name="tokentill-alerts")]
+        if settings.quotas_enabled:
+            # Counters are seeded from the warehouse: let the journal replay land first.
+            if not await asyncio.to_thread(writer.flush, 120.0):
+                raise RuntimeError("the journal replay did not reach DuckDB in time")
+            quota_service = QuotaService(settings, runtime.connect, outbox.raise_alert)
+            await asyncio.to_thread(quota_service.start)
+            runtime.quotas = quota_service
+            outbox.listeners.append(quota_service.on_alert)
+            recorder.quotas = quota_service.book
+            self.proxy.admission = quota_service.admit
+            background.append(
+                asyncio.create_task(quota_service.refresh_forever(), name="tokentill-prices")
+            )
         scheduler = start_scheduler(
-            rollup, settings.rollup_interval, then=lambda: _post_adjustments(runtime)
+            rollup,
+            settings.rollup_interval,
+            {"abuse": (runtime.abuse.run, settings.abuse_interval)},
+            then=lambda: _post_adjustments(runtime),
         )
         if self.api.state.admin_token is None:
             log.warning("no TOKENTILL_ADMIN_TOKEN: the admin API answers loopback clients only")
@@ -235,9 +299,11 @@ class Tokentill:
             runtime.ready = False
             self.proxy.client = self.proxy.recorder = None
             await asyncio.to_thread(stop_scheduler, scheduler, rollup)
-            poller_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller_task
+            for task in (poller_task, *background):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await outbox.close()
             if len(poller):
                 log.warning(
                     "%d responses were still pending upstream; their rows keep their last "

@@ -76,6 +76,38 @@ class Settings(BaseSettings):
     )
     reconcile_threshold_ratio: Annotated[Decimal, Field(ge=0, le=1, decimal_places=6)] = Decimal(0)
 
+    # Quotas (ingest/quotas.py). Off: no admission check and no live counting at all.
+    quotas_enabled: bool = True
+    # Metadata keys whose values can carry a quota (counted live for every value seen).
+    quota_tag_keys: tuple[str, ...] = ("project", "team", "feature", "customer")
+    # Output tokens reserved for a request that states no bound of its own.
+    quota_output_cap: Annotated[int, Field(ge=1)] = 16_384
+    # Input reserved as body bytes / this. 1 is a true bound for text (every token is at
+    # least one byte); more reserves less and lets the real input exceed the reservation.
+    quota_input_bytes_per_token: Annotated[int, Field(ge=1, le=16)] = 1
+    # Input tokens reserved per image in the body (high-detail images cost up to ~1,800).
+    quota_image_tokens: Annotated[int, Field(ge=0)] = 2_000
+    # Context reserved for a previous_response_id (or conversation) the proxy has not
+    # seen finish since it started.
+    quota_unknown_context_tokens: Annotated[int, Field(ge=0)] = 8_192
+    # How often the proxy's in-memory price snapshot is rebuilt from the catalog.
+    quota_price_refresh: Seconds = 30.0
+
+    # Abuse monitoring (warehouse/abuse.py): how often it runs, the scored window, and
+    # how much of each user's history it compares against.
+    abuse_interval: Seconds = 300.0
+    abuse_window: Annotated[int, Field(ge=60, le=86_400)] = 3600
+    abuse_history_days: Annotated[int, Field(ge=1, le=90)] = 14
+    # A critical abuse flag blocks the user's requests (403) this long; 0: never.
+    abuse_block_seconds: Annotated[int, Field(ge=0, le=30 * 86_400)] = 0
+
+    # Alerts (quota thresholds, abuse flags) are POSTed here as JSON, signed with
+    # HMAC-SHA256 of the body under the secret (X-Tokentill-Signature: sha256=<hex>).
+    alert_webhook_url: str | None = None
+    alert_webhook_secret: SecretStr | None = None
+    alert_webhook_max_attempts: Annotated[int, Field(ge=1, le=20)] = 6
+    alert_webhook_backoff: Seconds = 1.0
+
     # How long a dashboard login (its signed session cookie) lasts.
     session_lifetime: Seconds = 12 * 3600.0
 
@@ -91,6 +123,21 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"{info.field_name} must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("quota_tag_keys")
+    @classmethod
+    def _tag_keys_are_plain(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for key in value:
+            if not key or len(key) > 64 or '"' in key or "\\" in key:
+                raise ValueError(f"quota tag key {key!r}: 1 to 64 characters, no quotes")
+        return value
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("alert_webhook_url must be an http:// or https:// URL")
+        return value
 
     @model_validator(mode="after")
     def _admin_token_is_strong(self) -> Settings:

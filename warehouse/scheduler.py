@@ -1,10 +1,12 @@
 """The in-server schedule: APScheduler 3 runs the rollup job every `rollup_interval`
-seconds, never two at once (and a run the server was too busy to start is coalesced)."""
+seconds (and the abuse job every `abuse_interval`), never two runs of one job at once
+(and a run the server was too busy to start is coalesced)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -13,9 +15,13 @@ from warehouse.jobs import RollupJob
 
 
 def start_scheduler(
-    rollup: RollupJob, interval: float, then: Callable[[], object] | None = None
+    rollup: RollupJob,
+    interval: float,
+    others: dict[str, tuple[Callable[[], Any], float]] | None = None,
+    then: Callable[[], object] | None = None,
 ) -> BackgroundScheduler:
-    """`then` runs after each rollup run (posting closed periods' adjustments)."""
+    """`others`: more jobs, each (run, every seconds). `then` runs after each rollup run
+    (posting closed periods' adjustments)."""
     scheduler = BackgroundScheduler(
         timezone=UTC,
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -33,6 +39,14 @@ def start_scheduler(
         name="rollup",
         next_run_time=datetime.now(UTC) + timedelta(seconds=min(2.0, interval)),
     )
+    for name, (run, every) in (others or {}).items():
+        scheduler.add_job(
+            run,
+            IntervalTrigger(seconds=every, timezone=UTC),
+            id=name,
+            name=name,
+            next_run_time=datetime.now(UTC) + timedelta(seconds=min(5.0, every)),
+        )
     scheduler.start()
     return scheduler
 

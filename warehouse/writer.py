@@ -126,6 +126,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._enqueued = 0
         self._committed = 0
+        self._replayed = 0  # lines queued by recover(): written at once, not batched up
         self._oldest_pending: float | None = None
         self._seq = 0
         self.stats = WriterStats()
@@ -162,6 +163,7 @@ class Writer:
         for position, line in self._journal.replay(self.checkpoint):
             self.submit(position, line)
             replayed += 1
+        self._replayed = self._enqueued
         return replayed
 
     def start(self) -> None:
@@ -209,7 +211,10 @@ class Writer:
         batch is full): DuckDB wants few, large transactions. Returns (batch, stopping)."""
         batch: list[Item] = []
         item = self._queue.get()
-        deadline = time.monotonic() + self._flush_interval
+        # The replay at start is written without waiting for more lines: the server's
+        # quota counters are seeded from DuckDB once it has landed.
+        catching_up = self._committed < self._replayed
+        deadline = time.monotonic() + (0.0 if catching_up else self._flush_interval)
         while item is not None:
             batch.append(item)
             if len(batch) >= self._batch_max:

@@ -1,0 +1,573 @@
+"""Quotas, enforced in the proxy: limits per end user (or a default), per metadata tag.
+
+A limit is an amount of a unit (USD as pico-dollars, tokens, requests) per period (UTC
+minute, UTC day, UTC calendar month, or in total), hard (requests past it are refused
+with a 429) or soft (alerts only). A user with limits of their own is held to those; a
+user without is held to the default limits, each user with a budget of their own. A
+tag limit (say `customer=acme`) is shared by every request carrying that tag. Requests
+with no end user are not subject to user limits (only to tag limits).
+
+Everything here runs on the event loop, in memory, with no I/O:
+
+- `admit` (before forwarding) reserves the request's worst case on each subject it
+  counts for, after checking that, for every hard limit, used + reserved + this worst
+  case stays within the limit; else it raises `QuotaExceededError` (a 429).
+- `settle` (from the recorder, when the response's event is journaled) swaps the
+  reservation for the real cost, priced by the live `PriceBook`. A response still
+  pending (background, or a stream cut off) keeps its reservation until its outcome
+  arrives, or for at most `background_poll_max`, after which it is charged its worst case.
+
+The bound on overshoot. A request is admitted only if its reservation fits, and
+reservations are held until the real cost replaces them, so a hard limit can only be
+passed by requests whose real cost exceeded their reservation:
+
+    spent <= limit + sum over concurrently admitted requests of max(0, real - reserved)
+
+and real <= reserved whenever (1) the request states its output bound
+(`max_output_tokens`, `max_completion_tokens`/`max_tokens` x `n`), or the output stays
+within `quota_output_cap`; (2) its input is in the body, or in a `previous_response_id`
+the proxy saw finish (its input plus output tokens are remembered), images counted at
+`quota_image_tokens` each; (3) it uses no hosted tools billed per call (web search) or
+hidden input (file search results, `conversation`, files by id); (4) the upstream bills
+the service tier asked for. With those, the overshoot is 0 whatever the concurrency.
+
+Counters are seeded from the warehouse at start (everything recorded before start, see
+`seed`), then live: every settled response counts for its user and tags, whether or not
+they have limits yet, so a limit added later sees the spend since start at once.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal, get_args
+
+from ingest.capture import RequestFacts, now_us
+from ingest.events import UsageEvent
+from ingest.live_prices import PriceBook
+from ingest.proxy import RequestRejectedError
+from warehouse.alerts import Alert, Severity
+
+Unit = Literal["usd", "tokens", "requests"]
+Period = Literal["minute", "day", "month", "total"]
+Mode = Literal["hard", "soft"]
+UNITS: tuple[Unit, ...] = get_args(Unit)
+PERIODS: tuple[Period, ...] = get_args(Period)
+THRESHOLDS = (50, 80, 100)
+PICO_PER_USD = 10**12
+_US_MINUTE = 60_000_000
+_US_DAY = 86_400_000_000
+_FOREVER = 2**62
+# Burn rate: spend over the last this many minutes.
+BURN_MINUTES = 15
+
+# ("user", user_id, "") or ("tag", key, value)
+Subject = tuple[str, str, str]
+
+
+def user_subject(user_id: str) -> Subject:
+    return ("user", user_id, "")
+
+
+def tag_subject(key: str, value: str) -> Subject:
+    return ("tag", key, value)
+
+
+def subject_label(subject: Subject) -> str:
+    return f"user:{subject[1]}" if subject[0] == "user" else f"tag:{subject[1]}={subject[2]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    unit: Unit
+    period: Period
+    amount: int  # pico-dollars for usd, else a count
+    mode: Mode = "hard"
+
+    def describe(self, value: int) -> str:
+        if self.unit == "usd":
+            return f"${usd(value)}"
+        return f"{value} {self.unit}"
+
+
+def usd(pico: int) -> Decimal:
+    """Pico-dollars as an exact Decimal of USD, without trailing zeros past the cent."""
+    value = Decimal(pico) / PICO_PER_USD
+    return value.quantize(Decimal("0.01")) if value == value.quantize(Decimal("0.01")) else value
+
+
+def window(period: Period, t_us: int) -> tuple[int, int]:
+    """The UTC window [start, end) in microseconds holding `t_us`."""
+    if period == "minute":
+        start = t_us - t_us % _US_MINUTE
+        return start, start + _US_MINUTE
+    if period == "day":
+        start = t_us - t_us % _US_DAY
+        return start, start + _US_DAY
+    if period == "month":
+        moment = datetime.fromtimestamp(t_us / 1e6, UTC)
+        first = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+        days = calendar.monthrange(moment.year, moment.month)[1]
+        start = int(first.timestamp()) * 1_000_000
+        return start, start + days * _US_DAY
+    return 0, _FOREVER
+
+
+@dataclass(slots=True)
+class Usage:
+    pico: int = 0
+    tokens: int = 0
+    requests: int = 0
+    unpriced: int = 0
+
+    def of(self, unit: Unit) -> int:
+        return self.pico if unit == "usd" else self.tokens if unit == "tokens" else self.requests
+
+
+@dataclass(slots=True)
+class Window:
+    start: int
+    end: int
+    used: Usage = field(default_factory=Usage)
+    # Threshold alerts raised in this window (gone with it, so memory stays bounded).
+    fired: set[str] = field(default_factory=set)
+
+
+class Meter:
+    """One subject's usage: per period in its current window, what is reserved in
+    flight, and per-minute spend for the burn rate."""
+
+    __slots__ = ("born_us", "recent", "reserved", "windows")
+
+    def __init__(self, now: int) -> None:
+        self.windows = {period: Window(*window(period, now)) for period in PERIODS}
+        self.reserved = Usage()
+        self.recent: deque[tuple[int, Usage]] = deque()
+        self.born_us = now
+
+    def current(self, period: Period, now: int) -> Window:
+        found = self.windows[period]
+        if now >= found.end:
+            found = self.windows[period] = Window(*window(period, now))
+        return found
+
+    def add(self, started_us: int, now: int, cost: int, tokens: int, unpriced: int) -> None:
+        windows = self.windows
+        for period, current in windows.items():
+            if now >= current.end:
+                current = windows[period] = Window(*window(period, now))
+            if started_us >= current.start:  # else it belongs to a window already over
+                used = current.used
+                used.pico += cost
+                used.tokens += tokens
+                used.requests += 1
+                used.unpriced += unpriced
+        minute = now // _US_MINUTE
+        if not self.recent or self.recent[-1][0] != minute:
+            self.recent.append((minute, Usage()))
+            while self.recent[0][0] <= minute - BURN_MINUTES:
+                self.recent.popleft()
+        last = self.recent[-1][1]
+        last.pico += cost
+        last.tokens += tokens
+        last.requests += 1
+
+    def burn_per_hour(self, unit: Unit, now: int) -> Decimal:
+        """The unit's spend rate over the last BURN_MINUTES (or since this meter began)."""
+        minute = now // _US_MINUTE
+        total = sum(u.of(unit) for m, u in self.recent if m > minute - BURN_MINUTES)
+        span_us = min(BURN_MINUTES * _US_MINUTE, max(_US_MINUTE, now - self.born_us))
+        return Decimal(total) * Decimal(3_600_000_000) / Decimal(span_us)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """A request's worst case, held on each subject it counts for until settled."""
+
+    subjects: tuple[Subject, ...]
+    started_us: int
+    pico: int
+    tokens: int
+    unpriced: bool
+    retrievable: bool  # stored upstream, so a cut-off outcome can still be learned
+    state: Literal["open", "parked", "done"] = "open"
+
+
+class UserBlockedError(RequestRejectedError):
+    """The user is blocked for a while (a critical abuse flag, `abuse_block_seconds`)."""
+
+    def __init__(self, user_id: str, until_us: int, now: int) -> None:
+        until = datetime.fromtimestamp(until_us / 1e6, UTC)
+        seconds = max(1, math.ceil((until_us - now) / 1e6))
+        super().__init__(
+            403,
+            f"User '{user_id}' is blocked until {until.isoformat()} after a critical abuse "
+            "flag; an operator can lift the block.",
+            "user_temporarily_blocked",
+            headers=[
+                (b"retry-after", str(seconds).encode()),
+                (b"x-tokentill-blocked-until", until.isoformat().encode()),
+            ],
+        )
+
+
+class QuotaExceededError(RequestRejectedError):
+    """A hard limit would be passed: 429 in OpenAI's shape, with when it resets."""
+
+    def __init__(
+        self, subject: Subject, limit: Limit, current: Window, used: int, need: int, now: int
+    ) -> None:
+        who = f"user '{subject[1]}'" if subject[0] == "user" else f"tag {subject[1]}={subject[2]}"
+        headers: list[tuple[bytes, bytes]] = [
+            (b"x-tokentill-quota-unit", limit.unit.encode()),
+            (b"x-tokentill-quota-period", limit.period.encode()),
+        ]
+        message = (
+            f"Quota exceeded for {who}: {limit.describe(limit.amount)} per {limit.period}"
+            if limit.period != "total"
+            else f"Quota exceeded for {who}: {limit.describe(limit.amount)} in total"
+        )
+        message += f", {limit.describe(used)} used or reserved"
+        if need:
+            message += f", and this request may use up to {limit.describe(need)}"
+            if limit.unit != "requests":
+                message += " (a lower max_output_tokens may fit)"
+        if current.end < _FOREVER:
+            reset = datetime.fromtimestamp(current.end / 1e6, UTC)
+            seconds = max(1, math.ceil((current.end - now) / 1e6))
+            headers += [
+                (b"retry-after", str(seconds).encode()),
+                (b"x-tokentill-quota-reset", reset.isoformat().encode()),
+            ]
+            message += f". It resets at {reset.isoformat()}."
+        else:
+            message += ". It does not reset."
+        code = "user_quota_exceeded" if subject[0] == "user" else "tag_quota_exceeded"
+        super().__init__(429, message, code, type_="insufficient_quota", headers=headers)
+        self.subject, self.limit = subject, limit
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    tag_keys: tuple[str, ...] = ("project", "team", "feature", "customer")
+    # Reserved output when a request states no bound of its own.
+    output_cap: int = 16_384
+    # Input tokens are reserved as body bytes / this (1: every token is at least a byte).
+    input_bytes_per_token: int = 1
+    image_tokens: int = 2_000
+    # A previous_response_id not seen finishing since start.
+    unknown_context_tokens: int = 8_192
+    # A parked reservation (pending response) is charged its worst case after this.
+    pending_max_seconds: float = 6 * 3600.0
+
+
+class QuotaBook:
+    """The limits, the live counters and the reservations (one per process)."""
+
+    def __init__(
+        self, config: QuotaConfig, prices: PriceBook, alert: Callable[[Alert], None]
+    ) -> None:
+        self.config = config
+        self.prices = prices  # replaced wholesale by a refresh
+        self._alert = alert
+        self._default: tuple[Limit, ...] = ()
+        self._limits: dict[Subject, tuple[Limit, ...]] = {}
+        self._meters: dict[Subject, Meter] = {}
+        self._parked: dict[str, tuple[Reservation, float]] = {}
+        self._context: OrderedDict[str, int] = OrderedDict()
+        self._fired_before_start: set[str] = set()
+        self._blocked: dict[str, int] = {}  # user id -> blocked until (µs)
+        self._tag_keys = frozenset(config.tag_keys)
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def set_limits(self, subject: Subject | None, limits: Sequence[Limit]) -> None:
+        """Replace a subject's limits (None: the default for users); empty removes them."""
+        if subject is None:
+            self._default = tuple(limits)
+        elif limits:
+            self._limits[subject] = tuple(limits)
+        else:
+            self._limits.pop(subject, None)
+
+    def limits_of(self, subject: Subject) -> tuple[tuple[Limit, ...], str]:
+        """The limits a subject is held to, and where they come from (own, default, none)."""
+        own = self._limits.get(subject)
+        if own:
+            return own, "own"
+        if subject[0] == "user" and self._default:
+            return self._default, "default"
+        return (), "none"
+
+    @property
+    def default_limits(self) -> tuple[Limit, ...]:
+        return self._default
+
+    def subjects_with_limits(self) -> list[Subject]:
+        return list(self._limits)
+
+    def note_fired(self, keys: Iterable[str]) -> None:
+        """Alerts already raised this period (read from the warehouse at start)."""
+        self._fired_before_start.update(keys)
+
+    # -- temporary blocks -----------------------------------------------------------------
+
+    def block(self, user_id: str, until_us: int) -> None:
+        self._blocked[user_id] = max(until_us, self._blocked.get(user_id, 0))
+
+    def unblock(self, user_id: str) -> bool:
+        return self._blocked.pop(user_id, None) is not None
+
+    def blocks(self, now: int) -> dict[str, int]:
+        """The blocks in force (expired ones are dropped)."""
+        for user_id in [u for u, until in self._blocked.items() if until <= now]:
+            del self._blocked[user_id]
+        return dict(self._blocked)
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def admit(self, facts: RequestFacts, parsed: dict[str, Any] | None, body: bytes) -> Reservation:
+        now = facts.started_us
+        subjects: list[Subject] = []
+        if facts.user_id:
+            if self._blocked:
+                until = self._blocked.get(facts.user_id)
+                if until is not None and now < until:
+                    raise UserBlockedError(facts.user_id, until, now)
+            subjects.append(user_subject(facts.user_id))
+        metadata = parsed.get("metadata") if parsed is not None else None
+        if isinstance(metadata, dict):
+            for key in self._tag_keys.intersection(metadata):
+                value = metadata[key]
+                if isinstance(value, str):
+                    subjects.append(tag_subject(key, value))
+        input_tokens = self._input_bound(parsed, body)
+        output_tokens = self._output_bound(parsed, facts.endpoint)
+        tier = parsed.get("service_tier") if parsed is not None else None
+        worst = self.prices.worst_case(
+            facts.requested_model, tier if isinstance(tier, str) else None,
+            input_tokens, output_tokens,
+        )  # fmt: skip
+        tokens = input_tokens + output_tokens
+        pico = worst or 0
+        for subject in subjects:
+            limits = self._limits.get(subject) or (self._default if subject[0] == "user" else ())
+            if not limits:
+                continue
+            meter = self._meter(subject, now)
+            reserved = meter.reserved
+            for limit in limits:
+                if limit.mode != "hard":
+                    continue
+                current = meter.windows[limit.period]
+                if now >= current.end:
+                    current = meter.current(limit.period, now)
+                unit = limit.unit
+                if unit == "usd":
+                    used, need = current.used.pico + reserved.pico, pico
+                elif unit == "tokens":
+                    used, need = current.used.tokens + reserved.tokens, tokens
+                else:
+                    used, need = current.used.requests + reserved.requests, 1
+                if used >= limit.amount or used + need > limit.amount:
+                    raise QuotaExceededError(subject, limit, current, used, need, now)
+        reservation = Reservation(
+            tuple(subjects), now, pico, tokens, worst is None, retrievable=facts.store
+        )
+        for subject in subjects:
+            reserved = self._meter(subject, now).reserved
+            reserved.pico += pico
+            reserved.tokens += tokens
+            reserved.requests += 1
+        return reservation
+
+    def settle(self, event: UsageEvent, reservation: Reservation | None) -> None:
+        """Count a journaled event: swap its request's reservation for its real cost."""
+        if reservation is None:
+            if event.kind != "update" or not event.response_id or event.is_pending:
+                return
+            parked = self._parked.pop(event.response_id, None)
+            if parked is None:
+                return  # a response created before this process started
+            reservation = parked[0]
+        if reservation.state == "done":
+            return
+        if event.is_pending:
+            if (
+                event.endpoint == "responses"
+                and event.response_id
+                and reservation.retrievable
+                and reservation.state == "open"
+            ):
+                # Its outcome comes later (the poller, or a client's retrieve).
+                reservation.state = "parked"
+                self._parked[event.response_id] = (reservation, time.monotonic())
+                return
+            if reservation.state == "parked":
+                return  # still pending
+            # Nobody can learn what it cost (a cut Chat Completion, a response never
+            # stored): charge its worst case.
+            self._charge(reservation, reservation.pico, reservation.tokens, reservation.unpriced)
+            return
+        cost = self.prices.cost(event)
+        tokens = event.total_tokens or (event.input_tokens or 0) + (event.output_tokens or 0)
+        self._charge(reservation, cost or 0, tokens, cost is None)
+        if event.response_id and tokens:
+            # What a response continuing this one will carry as context.
+            self._context[event.response_id] = tokens
+            if len(self._context) > 100_000:
+                self._context.popitem(last=False)
+
+    def release(self, reservation: Reservation) -> None:
+        """The request ended with nothing recorded: drop its reservation, charge nothing."""
+        if reservation.state != "open":
+            return
+        reservation.state = "done"
+        for subject in reservation.subjects:
+            meter = self._meters.get(subject)
+            if meter is not None:
+                _unreserve(meter, reservation)
+
+    def expire_parked(self) -> int:
+        """Charge pending responses whose outcome never came their worst case."""
+        cutoff = time.monotonic() - self.config.pending_max_seconds
+        stale = [rid for rid, (_, since) in self._parked.items() if since < cutoff]
+        for response_id in stale:
+            reservation, _ = self._parked.pop(response_id)
+            self._charge(reservation, reservation.pico, reservation.tokens, reservation.unpriced)
+        return len(stale)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def meter(self, subject: Subject, now: int | None = None) -> Meter:
+        return self._meter(subject, now_us() if now is None else now)
+
+    def parked(self) -> int:
+        return len(self._parked)
+
+    # -- seeding (start, and a limit added later) -----------------------------------------
+
+    def seed(self, subject: Subject, period: Period, window_start: int, used: Usage) -> None:
+        """Add what the warehouse holds from before start to a subject's window."""
+        meter = self._meter(subject, now_us())
+        current = meter.windows[period]
+        if current.start != window_start:
+            return  # the window the seed was read for is over
+        current.used.pico += used.pico
+        current.used.tokens += used.tokens
+        current.used.requests += used.requests
+        current.used.unpriced += used.unpriced
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _meter(self, subject: Subject, now: int) -> Meter:
+        meter = self._meters.get(subject)
+        if meter is None:
+            meter = self._meters[subject] = Meter(now)
+        return meter
+
+    def _input_bound(self, parsed: dict[str, Any] | None, body: bytes) -> int:
+        config = self.config
+        bound = -(-len(body) // config.input_bytes_per_token)
+        images = body.count(b'"input_image"') + body.count(b'"image_url"')
+        bound += images * config.image_tokens
+        if parsed is not None:
+            previous = parsed.get("previous_response_id")
+            if isinstance(previous, str):
+                bound += self._context.get(previous, config.unknown_context_tokens)
+            if parsed.get("conversation") is not None:
+                bound += config.unknown_context_tokens
+        return bound
+
+    def _output_bound(self, parsed: dict[str, Any] | None, endpoint: str) -> int:
+        cap = self.config.output_cap
+        if parsed is None:
+            return cap
+        for name in ("max_output_tokens", "max_completion_tokens", "max_tokens"):
+            value = parsed.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                cap = value
+                break
+        choices = parsed.get("n") if endpoint == "chat.completions" else None
+        if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+            cap *= choices
+        return cap
+
+    def _charge(self, reservation: Reservation, cost: int, tokens: int, unpriced: bool) -> None:
+        reservation.state = "done"
+        now = now_us()
+        for subject in reservation.subjects:
+            meter = self._meter(subject, now)
+            _unreserve(meter, reservation)
+            meter.add(reservation.started_us, now, cost, tokens, int(unpriced))
+            self._check_thresholds(subject, meter, now)
+
+    def _check_thresholds(self, subject: Subject, meter: Meter, now: int) -> None:
+        limits, _ = self.limits_of(subject)
+        for limit in limits:
+            current = meter.current(limit.period, now)
+            used = current.used.of(limit.unit)
+            if used <= 0:
+                continue
+            for threshold in THRESHOLDS:
+                if used * 100 < threshold * limit.amount:
+                    break
+                key = (
+                    f"quota:{subject_label(subject)}:{limit.unit}:{limit.period}:"
+                    f"{current.start}:{threshold}"
+                )
+                if key in current.fired or key in self._fired_before_start:
+                    continue
+                current.fired.add(key)
+                self._alert(_threshold_alert(key, subject, limit, current, used, threshold))
+
+
+def _unreserve(meter: Meter, reservation: Reservation) -> None:
+    reserved = meter.reserved
+    reserved.pico -= reservation.pico
+    reserved.tokens -= reservation.tokens
+    reserved.requests -= 1
+
+
+def _threshold_alert(
+    key: str, subject: Subject, limit: Limit, current: Window, used: int, threshold: int
+) -> Alert:
+    severity: Severity = "info" if threshold < 80 else "warning" if threshold < 100 else "critical"
+    if threshold >= 100 and limit.mode == "soft":
+        severity = "warning"
+    what = f"{limit.unit}/{limit.period}"
+    kind = "soft" if limit.mode == "soft" else "hard"
+    message = (
+        f"{subject_label(subject)} has used {threshold}% or more of its {kind} limit of "
+        f"{limit.describe(limit.amount)} per {limit.period}: {limit.describe(used)}"
+    )
+    if threshold >= 100:
+        message += (
+            " (requests are now refused)" if limit.mode == "hard" else " (soft: not enforced)"
+        )
+    end = None if current.end >= _FOREVER else datetime.fromtimestamp(current.end / 1e6, UTC)
+    return Alert(
+        dedupe_key=key,
+        kind="quota_threshold",
+        rule=f"{what} {threshold}%",
+        severity=severity,
+        message=message,
+        user_id=subject[1] if subject[0] == "user" else None,
+        subject=subject_label(subject),
+        window_start=datetime.fromtimestamp(current.start / 1e6, UTC),
+        window_end=end,
+        evidence={
+            "unit": limit.unit,
+            "period": limit.period,
+            "mode": limit.mode,
+            "limit": str(usd(limit.amount)) if limit.unit == "usd" else limit.amount,
+            "used": str(usd(used)) if limit.unit == "usd" else used,
+            "threshold_percent": threshold,
+        },
+    )

@@ -1,0 +1,360 @@
+"""The quota book and the live price book, without a server: reservations, settlement,
+the overshoot bound, and live costs equal to the warehouse's pricing."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from ingest.capture import RequestFacts, now_us
+from ingest.events import UsageEvent
+from ingest.live_prices import PriceBook
+from ingest.quotas import (
+    Limit,
+    QuotaBook,
+    QuotaConfig,
+    QuotaExceededError,
+    Reservation,
+    user_subject,
+    window,
+)
+from warehouse.alerts import Alert
+from warehouse.db import open_warehouse
+from warehouse.prices import price_table, seed_published
+from warehouse.pricing import effective_intervals, model_map, price_events
+
+USD = 10**12
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> pl.DataFrame:
+    path: Path = tmp_path_factory.mktemp("prices") / "p.duckdb"
+    conn = open_warehouse(path)
+    seed_published(conn)
+    frame = price_table(conn)
+    conn.close()
+    return frame
+
+
+def event(model: str, **fields: Any) -> UsageEvent:
+    now = now_us()
+    values: dict[str, Any] = {
+        "kind": "create",
+        "event_id": f"resp_{random.getrandbits(48):x}",
+        "endpoint": "responses",
+        "status": "completed",
+        "created_at_us": now,
+        "request_started_at_us": now,
+        "recorded_at_us": now,
+        "model": model,
+    }
+    values.update(fields)
+    values.setdefault("response_id", values["event_id"])
+    return UsageEvent(**values)
+
+
+def test_live_cost_equals_the_warehouse_pricing(published: pl.DataFrame) -> None:
+    book = PriceBook.build(published, "gpt-image-1")
+    rng = random.Random(5)
+    models = [
+        "gpt-4o",
+        "gpt-4o-2024-08-06",
+        "gpt-4o-2024-05-13",
+        "gpt-5-mini-2025-08-07",
+        "gpt-5",
+        "o4-mini",
+        "gpt-4.1-nano",
+        "ft:gpt-4o-mini-2024-07-18:acme::x1",
+        "no-such-model",
+    ]
+    events = []
+    for _ in range(400):
+        inp = rng.choice([0, 10, 1000, 300_000])
+        cached = rng.randint(0, inp)
+        written = rng.randint(0, inp - cached)
+        image = rng.random() < 0.2
+        events.append(
+            event(
+                rng.choice(models),
+                service_tier=rng.choice([None, "auto", "default", "flex", "priority"]),
+                input_tokens=inp,
+                cached_input_tokens=cached,
+                cache_write_tokens=written,
+                output_tokens=rng.choice([0, 5, 4000]),
+                web_search_calls=rng.choice([None, 0, 2]),
+                image_gen_input_tokens=50 if image else None,
+                image_gen_input_image_tokens=20 if image else None,
+                image_gen_cached_tokens=10 if image else None,
+                image_gen_output_tokens=1056 if image else None,
+            )
+        )
+    now = datetime.now(UTC)
+    frame = pl.DataFrame(
+        [
+            {
+                "model": e.model,
+                "service_tier": e.service_tier,
+                "created_at": now,
+                "i": i,
+                **{
+                    c: getattr(e, c)
+                    for c in (
+                        "input_tokens",
+                        "cached_input_tokens",
+                        "cache_write_tokens",
+                        "output_tokens",
+                        "web_search_calls",
+                        "image_gen_input_tokens",
+                        "image_gen_input_image_tokens",
+                        "image_gen_cached_tokens",
+                        "image_gen_output_tokens",
+                    )
+                },
+            }
+            for i, e in enumerate(events)
+        ],
+        schema_overrides={"created_at": pl.Datetime("us", "UTC")},
+        infer_schema_length=None,
+    )
+    models_frame = model_map(frame["model"].to_list(), published["model"].unique().to_list())
+    priced = (
+        price_events(
+            frame.lazy(),
+            models_frame.lazy(),
+            effective_intervals(published).lazy(),
+            "gpt-image-1",
+        )
+        .collect()
+        .sort("i")["cost_pico"]
+        .to_list()
+    )
+    live = [book.cost(e) for e in events]
+    for e, a, b in zip(events, live, priced, strict=True):
+        assert a == b, (e, a, b)
+    assert any(c is None for c in live) and any(c for c in live)
+
+
+class Alerts(list[Alert]):
+    def __call__(self, alert: Alert) -> None:
+        self.append(alert)
+
+
+def small_book(**config: Any) -> tuple[QuotaBook, Alerts]:
+    rates = pl.DataFrame(
+        {
+            "price_id": [1],
+            "model": ["m"],
+            "service_tier": ["default"],
+            "effective_from": [datetime(2020, 1, 1, tzinfo=UTC)],
+            "effective_to": [None],
+            "priority": [0],
+            "recorded_at": [datetime(2020, 1, 1, tzinfo=UTC)],
+            **{
+                c: [None]
+                for c in (
+                    "cached_input_per_mtok",
+                    "cache_write_per_mtok",
+                    "tier_threshold",
+                    "tier_input_per_mtok",
+                    "tier_cached_input_per_mtok",
+                    "tier_cache_write_per_mtok",
+                    "tier_output_per_mtok",
+                    "web_search_per_call",
+                    "image_input_per_mtok",
+                    "image_cached_input_per_mtok",
+                    "image_output_per_mtok",
+                )
+            },
+            # 1 and 10 pico-dollars per token: easy sums.
+            "input_per_mtok": [Decimal("0.000001")],
+            "output_per_mtok": [Decimal("0.000010")],
+        },
+        schema_overrides={"effective_to": pl.Datetime("us", "UTC")},
+    )
+    alerts = Alerts()
+    return QuotaBook(QuotaConfig(**config), PriceBook.build(rates, "none"), alerts), alerts
+
+
+def facts(user: str | None = "u", **fields: Any) -> RequestFacts:
+    fields.setdefault("endpoint", "responses")
+    return RequestFacts(
+        kind="create",
+        started_us=now_us(),
+        started_perf=time.perf_counter(),
+        requested_model="m",
+        user_id=user,
+        **fields,
+    )
+
+
+def test_reservation_is_body_bytes_plus_output_bound_at_the_models_price() -> None:
+    book, _ = small_book(output_cap=1000)
+    body = b'{"model":"m","input":"hello","max_output_tokens":50}'
+    held = book.admit(facts(), {"model": "m", "max_output_tokens": 50}, body)
+    assert (held.tokens, held.pico) == (len(body) + 50, len(body) * 1 + 50 * 10)
+    no_bound = book.admit(facts(), {"model": "m"}, b"{}")
+    assert (no_bound.tokens, no_bound.pico) == (2 + 1000, 2 + 1000 * 10)
+    meter = book.meter(user_subject("u"))
+    assert meter.reserved.requests == 2 and meter.reserved.pico == held.pico + no_bound.pico
+
+
+def test_hard_limit_refuses_what_may_not_fit_and_settles_to_the_real_cost() -> None:
+    book, alerts = small_book()
+    book.set_limits(user_subject("u"), [Limit("usd", "day", 1000, "hard")])
+    body = b'{"max_output_tokens":20}'  # worst case 24 + 200 = 224 pico
+    parsed = {"max_output_tokens": 20}
+    held = [book.admit(facts(), parsed, body) for _ in range(4)]  # 896 reserved
+    with pytest.raises(QuotaExceededError) as refused:
+        book.admit(facts(), parsed, body)
+    assert refused.value.status == 429 and refused.value.code == "user_quota_exceeded"
+    assert refused.value.type == "insufficient_quota"
+    headers = dict(refused.value.headers or [])
+    assert b"retry-after" in headers and b"x-tokentill-quota-reset" in headers
+    # Each really cost 10 in + 5 out = 60: settling frees room.
+    for reservation in held:
+        book.settle(event("m", input_tokens=10, output_tokens=5, total_tokens=15), reservation)
+    meter = book.meter(user_subject("u"))
+    assert meter.reserved.pico == 0
+    assert meter.current("day", now_us()).used.pico == 240
+    assert [a.rule for a in alerts] == []  # 24% used
+    book.admit(facts(), parsed, body)
+
+
+def test_many_concurrent_requests_never_pass_a_hard_limit_when_outputs_are_bounded() -> None:
+    book, _ = small_book()
+    limit = 5_000
+    book.set_limits(user_subject("u"), [Limit("usd", "total", limit, "hard")])
+    rng = random.Random(1)
+    admitted: list[tuple[Reservation, int, int]] = []
+    for _ in range(100):  # all in flight at once: none settled before the last is admitted
+        cap = rng.randint(16, 200)
+        body = b'{"input":"' + b"x" * rng.randint(1, 300) + b'"}'
+        try:
+            reservation = book.admit(facts(), {"max_output_tokens": cap}, body)
+        except QuotaExceededError:
+            continue
+        # The real usage: input tokens never exceed body bytes, output never exceeds cap.
+        admitted.append((reservation, rng.randint(1, len(body) // 4), rng.randint(1, cap)))
+    assert 0 < len(admitted) < 100
+    for reservation, inp, out in admitted:
+        book.settle(event("m", input_tokens=inp, output_tokens=out), reservation)
+    spent = book.meter(user_subject("u")).current("total", now_us()).used.pico
+    assert spent <= limit
+
+
+def test_overshoot_is_bounded_by_what_exceeded_its_reservation() -> None:
+    book, _ = small_book(output_cap=10)
+    book.set_limits(user_subject("u"), [Limit("usd", "total", 2_000, "hard")])
+    admitted = []
+    for _ in range(100):
+        with contextlib.suppress(QuotaExceededError):
+            admitted.append(book.admit(facts(), {}, b"{}"))  # no bound: cap 10 reserved
+    excess = 0
+    for reservation in admitted:
+        real = 2 * 1 + 50 * 10  # 50 output tokens: 40 past the cap
+        excess += max(0, real - reservation.pico)
+        book.settle(event("m", input_tokens=2, output_tokens=50), reservation)
+    spent = book.meter(user_subject("u")).current("total", now_us()).used.pico
+    assert spent > 2_000  # the cap was too low: the limit was passed...
+    assert spent <= 2_000 + excess  # ...by no more than the documented bound
+
+
+def test_pending_responses_keep_their_reservation_until_the_outcome() -> None:
+    book, _ = small_book()
+    subject = user_subject("u")
+    held = book.admit(facts(background=True), {"max_output_tokens": 20}, b"{}")
+    queued = event("m", status="queued", response_id="resp_bg")
+    book.settle(queued, held)
+    book.release(held)  # the request handler ends: the parked reservation stays
+    assert book.parked() == 1 and book.meter(subject).reserved.pico == held.pico
+    done = event("m", kind="update", response_id="resp_bg", input_tokens=3, output_tokens=4)
+    book.settle(done, None)
+    assert book.parked() == 0 and book.meter(subject).reserved.pico == 0
+    assert book.meter(subject).current("day", now_us()).used.pico == 43
+
+
+def test_an_outcome_nobody_can_learn_is_charged_its_worst_case() -> None:
+    book, _ = small_book(pending_max_seconds=0.0)
+    subject = user_subject("u")
+    chat = book.admit(facts(endpoint="chat.completions"), {"max_tokens": 20}, b"{}")
+    book.settle(event("m", endpoint="chat.completions", status="interrupted"), chat)
+    assert book.meter(subject).current("day", now_us()).used.pico == chat.pico
+    cut = book.admit(facts(), {"max_output_tokens": 20}, b"{}")
+    book.settle(event("m", status="interrupted", response_id="resp_cut"), cut)
+    assert book.parked() == 1
+    assert book.expire_parked() == 1  # its poller never learnt the outcome
+    assert book.meter(subject).current("day", now_us()).used.pico == chat.pico + cut.pico
+
+
+def test_released_request_charges_nothing() -> None:
+    book, _ = small_book()
+    held = book.admit(facts(), {}, b"{}")
+    book.release(held)
+    book.release(held)
+    meter = book.meter(user_subject("u"))
+    assert meter.reserved.pico == 0 and meter.current("day", now_us()).used.requests == 0
+
+
+def test_thresholds_alert_once_per_window_and_soft_limits_never_refuse() -> None:
+    book, alerts = small_book()
+    book.set_limits(user_subject("u"), [Limit("requests", "day", 4, "soft")])
+    for _ in range(6):
+        held = book.admit(facts(), {}, b"{}")
+        book.settle(event("m", input_tokens=1, output_tokens=1), held)
+    assert [a.rule for a in alerts] == [
+        "requests/day 50%",
+        "requests/day 80%",
+        "requests/day 100%",
+    ]
+    assert alerts[-1].severity == "warning"  # soft: a warning, nothing refused
+    assert len({a.dedupe_key for a in alerts}) == 3
+
+
+def test_default_limits_apply_per_user_and_tags_are_shared() -> None:
+    book, _ = small_book()
+    book.set_limits(None, [Limit("requests", "minute", 1, "hard")])
+    book.admit(facts("a"), {}, b"{}")
+    book.admit(facts("b"), {}, b"{}")  # a budget of its own
+    book.set_limits(("tag", "customer", "acme"), [Limit("requests", "total", 1, "hard")])
+    tagged = {"metadata": {"customer": "acme"}}
+    book.admit(facts("c"), tagged, b"{}")
+    with pytest.raises(QuotaExceededError) as refused:
+        book.admit(facts("d"), tagged, b"{}")
+    assert refused.value.code == "tag_quota_exceeded"
+    assert b"retry-after" not in dict(refused.value.headers or [])  # a total never resets
+    book.admit(facts(None), {}, b"{}")  # no end user: no user limit applies
+
+
+def test_windows_are_utc_calendar_periods() -> None:
+    t = int(datetime(2026, 2, 14, 13, 45, 30, tzinfo=UTC).timestamp() * 1e6)
+    day = window("day", t)
+    month = window("month", t)
+    assert datetime.fromtimestamp(day[0] / 1e6, UTC) == datetime(2026, 2, 14, tzinfo=UTC)
+    assert datetime.fromtimestamp(month[0] / 1e6, UTC) == datetime(2026, 2, 1, tzinfo=UTC)
+    assert datetime.fromtimestamp(month[1] / 1e6, UTC) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert window("minute", t)[1] - window("minute", t)[0] == 60_000_000
+
+
+def test_burn_rate_is_the_spend_of_the_last_fifteen_minutes_per_hour() -> None:
+    from ingest.quotas import Meter
+
+    start = int(datetime(2026, 5, 1, 12, tzinfo=UTC).timestamp() * 1e6)
+    minute = 60_000_000
+    meter = Meter(start - 60 * minute)  # a counter older than the burn window
+    meter.add(start - 30 * minute, start - 30 * minute, 999, 1, 0)  # too old to count
+    for i in range(10):  # 10 requests of 100 pico over the last 10 minutes
+        at = start - i * minute
+        meter.add(at, at, 100, 7, 0)
+    assert meter.burn_per_hour("usd", start) == 1000 * 4  # 1,000 per 15 min
+    assert meter.burn_per_hour("requests", start) == 10 * 4
+    young = Meter(start - 2 * minute)  # a counter two minutes old: its own span
+    young.add(start, start, 100, 1, 0)
+    assert young.burn_per_hour("usd", start) == 100 * 30

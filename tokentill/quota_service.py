@@ -1,0 +1,229 @@
+"""Quotas in the server: the book (ingest/quotas.py) with its limits loaded, its counters
+seeded from the warehouse, its price snapshot kept fresh, and changes from the admin API
+stored and applied.
+
+Start: the journal is replayed into DuckDB first, then `boot_us` is taken; counters are
+seeded with what the warehouse holds from before `boot_us` and count live from then on.
+A limit added later (API) is seeded the same way for its subject and periods, once.
+Threads: DuckDB reads run in worker threads; the book is only touched on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import duckdb
+
+from ingest.capture import RequestFacts, now_us
+from ingest.live_prices import PriceBook
+from ingest.quotas import (
+    PERIODS,
+    UNITS,
+    Limit,
+    Period,
+    QuotaBook,
+    QuotaConfig,
+    Subject,
+    Usage,
+    tag_subject,
+    user_subject,
+    window,
+)
+from tokentill.settings import Settings
+from warehouse.alerts import Alert, open_quota_alert_keys
+from warehouse.db import fetch_one
+from warehouse.prices import price_table
+from warehouse.quota_store import load_limits, replace_limits, used_before
+
+log = logging.getLogger(__name__)
+
+Scope = tuple[str, str, str]  # (scope, subject_key, subject_value) as stored
+
+
+def scope_of(subject: Subject | None) -> Scope:
+    if subject is None:
+        return ("default", "", "")
+    return (subject[0], subject[1], subject[2])
+
+
+class QuotaService:
+    def __init__(
+        self,
+        settings: Settings,
+        connect: Callable[[], duckdb.DuckDBPyConnection],
+        alert: Callable[[Alert], None],
+    ) -> None:
+        self._settings = settings
+        self._connect = connect
+        config = QuotaConfig(
+            tag_keys=settings.quota_tag_keys,
+            output_cap=settings.quota_output_cap,
+            input_bytes_per_token=settings.quota_input_bytes_per_token,
+            image_tokens=settings.quota_image_tokens,
+            unknown_context_tokens=settings.quota_unknown_context_tokens,
+            pending_max_seconds=settings.background_poll_max,
+        )
+        self.book = QuotaBook(config, PriceBook({}, settings.image_gen_model), alert)
+        self.boot_us = 0
+        self._price_mark: tuple[int, int] | None = None  # (rows, max price_id) last read
+        self._seeded: set[tuple[str, str, str, Period]] = set()
+        self._lock = asyncio.Lock()  # one limit change (store + seed + apply) at a time
+
+    # -- start ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """At start, before the proxy serves (the warehouse holds every journaled event)."""
+        self.boot_us = now_us()
+        conn = self._connect()
+        try:
+            self.book.prices = self._price_book(conn)
+            limits: dict[Scope, list[Limit]] = {}
+            for row in load_limits(conn):
+                limit = Limit(row.unit, row.period, row.amount, row.mode)  # type: ignore[arg-type]
+                limits.setdefault((row.scope, row.subject_key, row.subject_value), []).append(limit)
+            for scope, found in limits.items():
+                subject = _subject(scope)
+                self.book.set_limits(subject, found)
+                for period, start, used in self._read_seed(conn, subject, found):
+                    for key, usage in used:
+                        self.book.seed(key, period, start, usage)
+            self.book.note_fired(open_quota_alert_keys(conn))
+        finally:
+            conn.close()
+        log.info(
+            "quotas: %d subjects with limits, default: %s",
+            len(limits),
+            bool(self.book.default_limits),
+        )
+
+    def admit(self, facts: RequestFacts, parsed: dict[str, Any] | None, body: bytes) -> None:
+        """The proxy's admission hook."""
+        facts.hold = self.book.admit(facts, parsed, body)
+
+    def on_alert(self, alert: Alert) -> None:
+        """A new alert (event loop): a critical abuse flag may block its user for a while."""
+        seconds = self._settings.abuse_block_seconds
+        if seconds and alert.kind == "abuse" and alert.severity == "critical" and alert.user_id:
+            self.book.block(alert.user_id, now_us() + seconds * 1_000_000)
+            log.warning("user %r blocked for %d s: %s", alert.user_id, seconds, alert.message)
+
+    async def refresh_forever(self) -> None:
+        """Keep the price snapshot fresh; charge pending responses that never ended."""
+        while True:
+            await asyncio.sleep(self._settings.quota_price_refresh)
+            try:
+                fresh = await asyncio.to_thread(self._read_prices_if_changed)
+                if fresh is not None:
+                    self.book.prices = fresh
+            except Exception:
+                log.exception("quota price refresh failed; keeping the previous prices")
+            expired = self.book.expire_parked()
+            if expired:
+                log.warning("%d pending responses never ended: charged their worst case", expired)
+
+    # -- changes from the API -------------------------------------------------------------
+
+    async def replace(self, subject: Subject | None, limits: Sequence[Limit]) -> bool:
+        """Store and apply a subject's limits (None: the default). True if it had some."""
+        async with self._lock:
+            scope = scope_of(subject)
+            rows: list[tuple[str, str, str, int]] = [
+                (lim.unit, lim.period, lim.mode, lim.amount) for lim in limits
+            ]
+            had, seeds = await asyncio.to_thread(self._store_and_read, scope, subject, limits, rows)
+            for period, start, used in seeds:
+                for key, usage in used:
+                    self.book.seed(key, period, start, usage)
+            self.book.set_limits(subject, limits)
+            return had
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _store_and_read(
+        self,
+        scope: Scope,
+        subject: Subject | None,
+        limits: Sequence[Limit],
+        rows: list[tuple[str, str, str, int]],
+    ) -> tuple[bool, list[tuple[Period, int, list[tuple[Subject, Usage]]]]]:
+        conn = self._connect()
+        try:
+            had = replace_limits(conn, *scope, rows)
+            return had, self._read_seed(conn, subject, limits)
+        finally:
+            conn.close()
+
+    def _read_seed(
+        self, conn: duckdb.DuckDBPyConnection, subject: Subject | None, limits: Sequence[Limit]
+    ) -> list[tuple[Period, int, list[tuple[Subject, Usage]]]]:
+        """What the warehouse holds from before start, per period of `limits` not seeded yet
+        for this subject (the default seeds every user)."""
+        out = []
+        recorded_before = datetime.fromtimestamp(self.boot_us / 1e6, UTC)
+        for period in PERIODS:
+            if not any(limit.period == period for limit in limits):
+                continue
+            scope = scope_of(subject)
+            if (*scope, period) in self._seeded or (
+                scope[0] == "user" and ("default", "", "", period) in self._seeded
+            ):
+                continue
+            self._seeded.add((*scope, period))
+            start, _ = window(period, self.boot_us)
+            since = datetime.fromtimestamp(start / 1e6, UTC)
+            common: dict[str, Any] = {
+                "recorded_before": recorded_before,
+                "window_start": since,
+                "image_model": self._settings.image_gen_model,
+            }
+            if subject is None:
+                found = used_before(conn, users=None, **common)
+                used = [(user_subject(u.subject_key), _usage(u)) for u in found]
+            elif subject[0] == "user":
+                found = used_before(conn, users=[subject[1]], **common)
+                used = [(subject, _usage(u)) for u in found]
+            else:
+                found = used_before(conn, tag_key=subject[1], tag_values=[subject[2]], **common)
+                used = [(subject, _usage(u)) for u in found]
+            out.append((period, start, used))
+        return out
+
+    def _read_prices_if_changed(self) -> PriceBook | None:
+        """A new book when the catalog changed (rows are only added) or a price has
+        started or ended since the last one was built; else None (a cheap check)."""
+        conn = self._connect()
+        try:
+            row = fetch_one(conn, "SELECT count(*), coalesce(max(price_id), 0) FROM prices")
+            mark = (int(row[0]), int(row[1])) if row else (0, 0)
+            changes_at = self.book.prices.changes_at
+            due = changes_at is not None and datetime.now(UTC) >= changes_at
+            if mark == self._price_mark and not due:
+                return None
+            return self._price_book(conn)
+        finally:
+            with contextlib.suppress(duckdb.Error):
+                conn.close()
+
+    def _price_book(self, conn: duckdb.DuckDBPyConnection) -> PriceBook:
+        row = fetch_one(conn, "SELECT count(*), coalesce(max(price_id), 0) FROM prices")
+        self._price_mark = (int(row[0]), int(row[1])) if row else (0, 0)
+        return PriceBook.build(price_table(conn), self._settings.image_gen_model)
+
+
+def _subject(scope: Scope) -> Subject | None:
+    kind, key, value = scope
+    if kind == "default":
+        return None
+    return user_subject(key) if kind == "user" else tag_subject(key, value)
+
+
+def _usage(found: Any) -> Usage:
+    return Usage(found.pico, found.tokens, found.requests, found.unpriced)
+
+
+__all__ = ["UNITS", "QuotaService"]

@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 SRC := tokentill ingest warehouse api dashboards
 
-.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api sync fake-upstream
+.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api sync fake-upstream chromium screenshots bench-dashboard
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -33,8 +33,16 @@ lint: sync
 typecheck: sync
 	$(RUN) mypy
 
-pytest: sync
+pytest: sync chromium
 	$(RUN) pytest -q $(PYTEST_ARGS)
+
+# The dashboard's browser tests drive Debian's Chromium through Playwright (a Python
+# package from uv.lock); Playwright never downloads a browser of its own.
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+screenshots: sync chromium  ## refresh the dashboard screenshots in docs/ (from the browser tests)
+	TOKENTILL_SCREENSHOTS=docs $(RUN) pytest -q tests/test_dashboard.py
 
 bench: sync  ## needs wrk (Debian package), installed here if missing
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
@@ -45,3 +53,6 @@ bench-rollup: sync  ## 10M synthetic events: full rebuild, incremental run, peak
 
 bench-api: sync  ## the admin API's p50/p95 on the 10M-event warehouse, against DuckDB alone
 	$(RUN) python bench/api.py
+
+bench-dashboard: sync  ## the dashboard's page times on a warehouse: make bench-dashboard DB=path
+	$(RUN) python bench/dashboard.py --db $(DB)

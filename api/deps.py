@@ -1,16 +1,22 @@
 """What every /api route depends on: the admin token, and the service's runtime.
 
 `Authorization: Bearer $TOKENTILL_ADMIN_TOKEN` on every route (compared in constant
-time). With no token configured, only loopback clients are served.
+time), or the session cookie the dashboard's login page sets (api/session.py), so the
+dashboard's scripts and /api/docs work in a logged-in browser. A request that sends an
+Authorization header is judged by it alone. With no token configured, only loopback
+clients are served.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import time
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+
+from api import session
 
 if TYPE_CHECKING:
     from tokentill.app import Runtime
@@ -42,8 +48,12 @@ def require_admin(request: Request) -> None:
                 "no admin token is configured: /api is served to loopback clients only",
             )
         return
-    given = request.headers.get("authorization", "")
-    scheme, _, value = given.partition(" ")
+    given = request.headers.get("authorization")
+    if given is None and session.is_valid(
+        request.cookies.get(session.COOKIE), token, now=time.time()
+    ):
+        return
+    scheme, _, value = (given or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

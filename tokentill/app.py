@@ -1,5 +1,6 @@
 """The composition root: `create_app(settings)` wires the proxy, the journal and writer,
-the poller and the HTTP surfaces. Nothing is wired at import time.
+the poller and the HTTP surfaces (the admin API under /api, the dashboard under
+/dashboard). Nothing is wired at import time.
 
 Requests under /v1 go straight to the proxy (no framework routing on the hot path);
 everything else, and the lifespan, goes to the FastAPI app.
@@ -32,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+import dashboards
 from api import (
     alerts,
     events,
@@ -109,6 +111,7 @@ class Tokentill:
         self.api.state.admin_token = (
             settings.admin_token.get_secret_value() if settings.admin_token else None
         )
+        self.api.state.session_lifetime = settings.session_lifetime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -168,6 +171,8 @@ class Tokentill:
                     403: {"description": "No admin token configured: loopback clients only"},
                 },
             )
+        for page_router in dashboards.routers():
+            api.include_router(page_router)
         _add_docs(api)
         _add_error_shapes(api)
         return api

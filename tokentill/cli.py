@@ -108,6 +108,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     def traffic() -> None:
         if demo.wait_healthy(base):
             print(f"tokentill demo: traffic flowing through {base}/v1 into {settings.db}")
+            print(f"tokentill demo: the dashboard is at {base}/dashboard/ (rolled up every minute)")
             demo.generate_traffic(base, rate=args.rate, stop=stop)
 
     threading.Thread(target=traffic, name="demo-traffic", daemon=True).start()

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     alert_webhook_max_attempts: Annotated[int, Field(ge=1, le=20)] = 6
     alert_webhook_backoff: Seconds = 1.0
 
+    # How long a dashboard login (its signed session cookie) lasts.
+    session_lifetime: Seconds = 12 * 3600.0
+
     # SIGTERM: in-flight requests get this long to finish; then the journal is
     # flushed into DuckDB. The whole shutdown stays under 10 s.
     shutdown_grace: Annotated[int, Field(ge=1, le=8)] = 5

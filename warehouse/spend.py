@@ -177,7 +177,10 @@ def _from_rollup(conn: duckdb.DuckDBPyConnection, query: SpendQuery, table: str)
     f = query.filters
     params: list[object] = []
     select: list[str] = []
-    if query.bucket:
+    if query.bucket == "day" and table != "usage_hourly":
+        # Already whole UTC days: a time-zone-aware date_trunc would double the query's cost.
+        select.append("bucket")
+    elif query.bucket:
         select.append(f"date_trunc('{query.bucket}', bucket) AS bucket")
     where = ["bucket >= ?", "bucket < ?"]
     params_where: list[object] = [f.start, f.end]

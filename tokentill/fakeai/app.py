@@ -236,7 +236,12 @@ class FakeUpstream:
         plan = plan_usage(info, rng)
         forced, reason = _RESPONSE_FORCED.get(controls.scenario, (None, None))
         draft = draft_response(
-            info, plan, rng, created_at=int(time.time()), forced=forced, forced_reason=reason
+            info,
+            plan,
+            rng,
+            created_at=controls.created_at or int(time.time()),
+            forced=forced,
+            forced_reason=reason,
         )
         headers = _headers(draft.request_id, started)
         scenario = controls.scenario
@@ -357,7 +362,11 @@ class FakeUpstream:
         rng = self.synth.rng_for(raw)
         plan = plan_usage(info, rng)
         draft = draft_chat(
-            info, plan, rng, created=int(time.time()), forced=_CHAT_FORCED.get(controls.scenario)
+            info,
+            plan,
+            rng,
+            created=controls.created_at or int(time.time()),
+            forced=_CHAT_FORCED.get(controls.scenario),
         )
         headers = _headers(ids.request_id(), started)
         scenario = controls.scenario

@@ -8,6 +8,9 @@
     the answer starts (default 500 ms there).
 ``x-fake-background-delay-ms``
     How long a ``background`` response takes to reach its terminal status (default 300).
+``x-fake-created-at``
+    The ``created_at`` (Unix seconds) the response claims instead of now, so tests can
+    make traffic of past days (Responses and Chat Completions).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tokentill.fakeai.errors import bad_fake_header
 SCENARIO_HEADER = "x-fake-scenario"
 DELAY_HEADER = "x-fake-delay-ms"
 BACKGROUND_DELAY_HEADER = "x-fake-background-delay-ms"
+CREATED_AT_HEADER = "x-fake-created-at"
 
 DEFAULT_BACKGROUND_DELAY_MS = 300.0
 DEFAULT_SLOW_DELAY_MS = 500.0
@@ -52,9 +56,20 @@ class Controls:
     initial_delay_s: float
     """Pause before the answer starts (only the ``slow`` scenario has one)."""
     background_delay_s: float
+    created_at: int | None = None
+    """The creation time the answer claims (Unix seconds); None: now."""
 
 
 DEFAULT_CONTROLS = Controls(Scenario.COMPLETED, 0.0, 0.0, DEFAULT_BACKGROUND_DELAY_MS / 1000)
+
+
+def _created_at(headers: Headers) -> int | None:
+    raw = headers.get(CREATED_AT_HEADER)
+    if raw is None:
+        return None
+    if not raw.strip().isdigit():
+        raise bad_fake_header(CREATED_AT_HEADER, raw, "Unix seconds")
+    return int(raw)
 
 
 def _milliseconds(headers: Headers, name: str) -> float | None:
@@ -75,7 +90,8 @@ def read_controls(headers: Headers) -> Controls:
     raw_scenario = headers.get(SCENARIO_HEADER)
     delay_ms = _milliseconds(headers, DELAY_HEADER)
     background_ms = _milliseconds(headers, BACKGROUND_DELAY_HEADER)
-    if raw_scenario is None and delay_ms is None and background_ms is None:
+    created_at = _created_at(headers)
+    if raw_scenario is None and delay_ms is None and background_ms is None and created_at is None:
         return DEFAULT_CONTROLS
     scenario = Scenario.COMPLETED
     if raw_scenario is not None:
@@ -92,4 +108,5 @@ def read_controls(headers: Headers) -> Controls:
         initial_delay_s=initial_ms / 1000,
         background_delay_s=(DEFAULT_BACKGROUND_DELAY_MS if background_ms is None else background_ms)
         / 1000,
+        created_at=created_at,
     )

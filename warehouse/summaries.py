@@ -61,12 +61,14 @@ def refresh(conn: duckdb.DuckDBPyConnection, days: Sequence[datetime] | None) ->
                 JOIN (SELECT date_trunc('day', bucket) AS bucket, user_id,
                              min(bucket) AS first_hour, max(bucket) AS last_hour
                       FROM usage_hourly WHERE {hours} GROUP BY ALL) AS h
-                  ON h.bucket = d.bucket AND h.user_id IS NOT DISTINCT FROM d.user_id"""
+                  ON h.bucket = d.bucket AND h.user_id IS NOT DISTINCT FROM d.user_id
+                -- in day order: zone maps then skip the days outside a report's range
+                ORDER BY d.bucket, d.user_id"""
         ).fetchall()
         models = conn.execute(
             f"""INSERT INTO usage_daily_models
                 SELECT bucket, model, service_tier, status, endpoint, {_TOTALS}
-                FROM usage_daily WHERE {where} GROUP BY ALL"""
+                FROM usage_daily WHERE {where} GROUP BY ALL ORDER BY bucket"""
         ).fetchall()
     finally:
         if days is not None:

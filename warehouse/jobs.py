@@ -81,7 +81,7 @@ _USAGE_COLUMNS = (
     *pricing.PRICED_COUNTS,
 )
 _ID_COLUMNS = ("event_id", "response_id")
-_EVENT_COLUMNS = (*_ID_COLUMNS, *_USAGE_COLUMNS)
+EVENT_COLUMNS = (*_ID_COLUMNS, *_USAGE_COLUMNS)
 # What `conversation_days` needs, priced.
 _CONVERSATION_COLUMNS = (
     "response_id",
@@ -332,7 +332,7 @@ class RollupJob:
         dirty = sorted(set(self._repriced_days(conn, last_price_mark, prices)))
         changed = query_frame(
             conn,
-            f"""SELECT {self._select(_EVENT_COLUMNS, tags=True)}, e.previous_response_id
+            f"""SELECT {self._select(EVENT_COLUMNS, tags=True)}, e.previous_response_id
                 FROM usage_events AS e WHERE e.ingest_seq > ? AND e.ingest_seq <= ?""",
             [last_watermark, watermark],
         )
@@ -517,14 +517,14 @@ class RollupJob:
                 with _registered(conn, "_days", _day_frame(days)):
                     return query_frame(
                         conn,
-                        f"""SELECT {self._select(_EVENT_COLUMNS, tags=True)} FROM usage_events AS e
+                        f"""SELECT {self._select(EVENT_COLUMNS, tags=True)} FROM usage_events AS e
                             WHERE {where} AND e.created_at >= ? AND e.created_at < ?
                               AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)""",
                         [*params, min(days), max(days) + timedelta(days=1)],
                     )
             return query_frame(
                 conn,
-                f"SELECT {self._select(_EVENT_COLUMNS, tags=True)} "
+                f"SELECT {self._select(EVENT_COLUMNS, tags=True)} "
                 f"FROM usage_events AS e WHERE {where}",
                 params,
             )

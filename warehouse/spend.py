@@ -29,6 +29,7 @@ import polars as pl
 
 from warehouse import pricing
 from warehouse.db import fetch_one, query_frame
+from warehouse.jobs import EVENT_COLUMNS
 from warehouse.prices import price_table
 
 Bucket = Literal["minute", "hour", "day", "month"]
@@ -261,19 +262,8 @@ def tag_path(key: str) -> str:
     return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-RAW_COLUMNS = (
-    "event_id",
-    "response_id",
-    "endpoint",
-    "model",
-    "service_tier",
-    "status",
-    "user_id",
-    "created_at",
-    "reasoning_tokens",
-    "total_tokens",
-    *pricing.PRICED_COUNTS,
-)
+# What pricing an event needs: the rollup job's own list.
+RAW_COLUMNS = EVENT_COLUMNS
 
 
 def raw_where(f: Filters, params: list[object]) -> str:

@@ -15,21 +15,10 @@ from datetime import datetime
 import duckdb
 import polars as pl
 
-_SUMS = (
-    "requests",
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "web_search_calls",
-    "cost_pico",
-    "errors",
-    "incomplete",
-    "failed",
-    "unpriced",
-)
+from warehouse.rollups import USAGE_MEASURES
+
+# usage_daily's measures, in its column order (the summaries keep the same).
+_SUMS = USAGE_MEASURES
 _TOTALS = ", ".join(f"sum({c}) AS {c}" for c in _SUMS)
 SUMMARY_TABLES = ("usage_daily_users", "usage_daily_models")
 

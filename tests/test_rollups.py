@@ -167,6 +167,43 @@ def test_incremental_runs_equal_a_full_rebuild(
     tables a full rebuild gives: late events, parents after their children, replays,
     pending rows written again (still pending, then final, with another model and tier),
     a late price."""
+    order = data.draw(st.permutations(range(len(specs))))
+    check_incremental_equals_full(specs, cuts, late_price_at, order)
+
+
+def test_a_conversation_stream_hypothesis_once_broke() -> None:
+    """Found by the test above against the day-recompute job: incremental runs counted
+    three responses in resp_0's conversation where a full rebuild counted one."""
+    specs = [
+        (0, 0, "completed", 19),
+        (0, 0, "completed", 5),
+        (0, 0, "completed", 2),
+        (0, 14, "completed", 5),
+        (0, 0, "completed", 1),
+        (0, 16, "completed", 1),
+        (0, 0, "completed", 22),
+        (0, 0, "completed", 16),
+        (0, 22, "completed", 15),
+        (0, 22, "completed", 15),
+        (0, 0, "completed", 28),
+        *[(0, 0, "completed", 0)] * 17,
+        (0, 0, "completed", 24),
+        (0, 0, "completed", 0),
+        (0, 0, "completed", 0),
+    ]
+    order = [25, 16, 6, 28, 18, 0, 13, 7, 29, 5, 4, 30, 17, 2, 23, 12, 3, 11, 9, 10, 27]
+    order += [15, 14, 26, 21, 22, 20, 8, 1, 19, 24]
+    check_incremental_equals_full(
+        [(*spec, "user-0") for spec in specs], cuts=[21], late_price_at=None, order=order
+    )
+
+
+def check_incremental_equals_full(
+    specs: list[tuple[int, int, str, int, str | None]],
+    cuts: list[int],
+    late_price_at: int | None,
+    order: list[int],
+) -> None:
     with tempfile.TemporaryDirectory() as directory:
         warehouse = Warehouse(Path(directory))
         try:
@@ -187,7 +224,6 @@ def test_incremental_runs_equal_a_full_rebuild(
                     fields["previous_response_id"] = f"resp_{previous}"
                 events.append(make_event(i, day, hour, **fields))
             # ...but it may reach the warehouse after its successors.
-            order = data.draw(st.permutations(range(len(events))))
             events = [events[k] for k in order]
             # Pending responses written again: still pending with some usage, then final
             # (another model and tier for some), hours later.

@@ -10,7 +10,7 @@ hold millions of rows; these hold a user-day or a model-day each.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import duckdb
 import polars as pl
@@ -37,10 +37,15 @@ def refresh(conn: duckdb.DuckDBPyConnection, days: Sequence[datetime] | None) ->
             "_summary_days",
             pl.DataFrame({"day": list(days)}, schema={"day": pl.Datetime("us", "UTC")}),
         )
-        where = "bucket IN (SELECT day FROM _summary_days)"
+        # The bounds let zone maps skip the rest of the table; IN alone would not.
+        low, high = min(days), max(days) + timedelta(days=1)
+        where = (
+            f"bucket >= '{low.isoformat()}' AND bucket < '{high.isoformat()}' "
+            "AND bucket IN (SELECT day FROM _summary_days)"
+        )
         for table in SUMMARY_TABLES:
             conn.execute(f"DELETE FROM {table} WHERE {where}")
-    hours = where.replace("bucket IN", "date_trunc('day', bucket) IN")
+    hours = where.replace("AND bucket IN", "AND date_trunc('day', bucket) IN")
     try:
         users = conn.execute(
             f"""INSERT INTO usage_daily_users

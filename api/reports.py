@@ -31,6 +31,7 @@ from warehouse.spend import (
     choose_source,
     priced_events,
     raw_where,
+    rollup_where,
     spend,
 )
 
@@ -123,8 +124,9 @@ def _totals(frame: pl.DataFrame) -> dict[str, Any]:
     return measures({k: row.get(k) for k in MEASURES})
 
 
-@router.get("/costs", response_model=CostReport, summary="Costs, grouped and bucketed")
-async def costs(runtime: RuntimeDep, params: Annotated[CostParams, Query()]) -> Response:
+async def cost_report(runtime: Runtime, params: CostParams) -> dict[str, Any]:
+    """CostReport's shape as plain values: what GET /api/costs answers, and what the
+    dashboard draws."""
     try:
         dims = tuple(dict.fromkeys(check_dimension(d) for d in params.group_by))
     except QueryError as exc:
@@ -137,7 +139,7 @@ async def costs(runtime: RuntimeDep, params: Annotated[CostParams, Query()]) -> 
         {"bucket": row.get("bucket"), "group": {d: row[d] for d in dims}, **measures(row)}
         for row in frame.head(params.limit).iter_rows(named=True)
     ]
-    report = {
+    return {
         "start": query.filters.start,
         "end": query.filters.end,
         "group_by": list(dims),
@@ -147,8 +149,13 @@ async def costs(runtime: RuntimeDep, params: Annotated[CostParams, Query()]) -> 
         "truncated": frame.height > params.limit,
         "totals": _totals(frame),
     }
-    # Thousands of rows: serialized straight from dicts of plain values (the shape is
-    # CostReport's; schemathesis holds the route to it), not validated again row by row.
+
+
+@router.get("/costs", response_model=CostReport, summary="Costs, grouped and bucketed")
+async def costs(runtime: RuntimeDep, params: Annotated[CostParams, Query()]) -> Response:
+    # Thousands of rows: serialized straight from plain values (the shape is CostReport's;
+    # schemathesis holds the route to it), not validated again row by row.
+    report = await cost_report(runtime, params)
     return Response(orjson.dumps(report), media_type="application/json")
 
 
@@ -254,30 +261,13 @@ _SUMS = ", ".join(
 )
 
 
-def _rollup_where(f: Filters, params: list[object]) -> str:
-    where = ["bucket >= ?", "bucket < ?"]
-    params += [f.start, f.end]
-    columns = {
-        "user": "user_id",
-        "model": "model",
-        "service_tier": "service_tier",
-        "status": "status",
-        "endpoint": "endpoint",
-    }
-    for dim, values in f.by_dimension().items():
-        if values:
-            where.append(f"{columns[dim]} IN ({', '.join('?' for _ in values)})")
-            params += list(values)
-    return " AND ".join(where)
-
-
 def list_users(
     conn: duckdb.DuckDBPyConnection, f: Filters, sort: str, order: str, limit: int, offset: int
 ) -> tuple[int, list[dict[str, Any]]]:
     if f.tags:
         raise QueryError("the users list filters by user, model, tier, status and endpoint", "tag")
     params: list[object] = []
-    where = _rollup_where(f, params)
+    where = rollup_where(f, params)
     whole_days = f.start == _midnight(f.start) and f.end == _midnight(f.end)
     if whole_days and not (f.models or f.service_tiers or f.statuses or f.endpoints):
         # A row per user and day: a few hundred thousand rows for 90 days of 10k users.

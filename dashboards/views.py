@@ -94,10 +94,8 @@ async def _costs(
     query = SpendQuery(api_filters(params), tuple(group_by), bucket)
     if choose_source(query) == "raw":
         raise NotFromRollups(_why_raw(f, group_by))
-    # The route answers its JSON bytes (CostReport's shape): read them back as the model,
-    # so a chart holds exactly what GET /api/costs answers.
-    answer = await _api(reports.costs(runtime, params))
-    report = reports.CostReport.model_validate_json(bytes(answer.body))
+    # What GET /api/costs answers, before it is serialized: a chart holds exactly that.
+    report = reports.CostReport.model_validate(await _api(reports.cost_report(runtime, params)))
     if report.truncated:
         # A chart missing points would be wrong, not just incomplete: say so instead.
         raise Refused(

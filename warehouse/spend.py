@@ -174,6 +174,17 @@ def _in_list(column: str, values: Sequence[str], params: list[object]) -> str:
     return f"{column} IN ({', '.join('?' for _ in values)})"
 
 
+def rollup_where(f: Filters, params: list[object]) -> str:
+    """The WHERE clause selecting `f`'s rows of a rollup keyed like usage_daily
+    (parameters appended to `params`)."""
+    where = ["bucket >= ?", "bucket < ?"]
+    params += [f.start, f.end]
+    for dim, values in f.by_dimension().items():
+        if values:
+            where.append(_in_list(_ROLLUP_COLUMN[dim], values, params))
+    return " AND ".join(where)
+
+
 def _from_rollup(conn: duckdb.DuckDBPyConnection, query: SpendQuery, table: str) -> pl.DataFrame:
     f = query.filters
     params: list[object] = []
@@ -183,20 +194,18 @@ def _from_rollup(conn: duckdb.DuckDBPyConnection, query: SpendQuery, table: str)
         select.append("bucket")
     elif query.bucket:
         select.append(f"date_trunc('{query.bucket}', bucket) AS bucket")
-    where = ["bucket >= ?", "bucket < ?"]
-    params_where: list[object] = [f.start, f.end]
     if table == "usage_daily_tags":
         (key,) = _tag_keys(query)
-        where.append("tag_key = ?")
-        params_where.append(key)
+        where = ["bucket >= ?", "bucket < ?", "tag_key = ?"]
+        params += [f.start, f.end, key]
         for _, value in f.tags:
             where.append("tag_value = ?")
-            params_where.append(value)
+            params.append(value)
         for dim in query.group_by:
             column = "tag_value" if dim.startswith(TAG_PREFIX) else _ROLLUP_COLUMN[dim]
             select.append(f'{column} AS "{dim}"')
         if f.models:
-            where.append(_in_list("model", f.models, params_where))
+            where.append(_in_list("model", f.models, params))
         measures = [
             f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}"
             for m in _TAG_MEASURES
@@ -206,14 +215,11 @@ def _from_rollup(conn: duckdb.DuckDBPyConnection, query: SpendQuery, table: str)
         measures += [f"NULL::BIGINT AS {m}" for m in missing]
     else:
         select += [f'{_ROLLUP_COLUMN[dim]} AS "{dim}"' for dim in query.group_by]
-        for dim, values in f.by_dimension().items():
-            if values:
-                where.append(_in_list(_ROLLUP_COLUMN[dim], values, params_where))
+        where = [rollup_where(f, params)]
         measures = [
             f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}"
             for m in MEASURES
         ]
-    params += params_where
     group = " GROUP BY ALL" if select else ""
     sql = f"SELECT {', '.join(select + measures)} FROM {table} WHERE {' AND '.join(where)}{group}"
     frame = query_frame(conn, sql, params)

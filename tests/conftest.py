@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -87,6 +88,18 @@ def make_tokentill(tmp_path: Path, fake_upstream: str) -> Iterator[Callable[...,
     yield start
     for context in reversed(stack):
         context.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def serve_tokentill(db: Path, upstream: str, **overrides: Any) -> Iterator[Running]:
+    """A tokentill on `db` in front of `upstream` for as long as the block lasts (for
+    module-scoped fixtures, which cannot use `make_tokentill`)."""
+    values: dict[str, Any] = {"db": db, "upstream": upstream, "writer_flush_interval": 0.05}
+    values.update(overrides)
+    settings = Settings(**values)
+    app = create_app(settings)
+    with serve_in_thread(app) as url:
+        yield Running(url, app, settings)
 
 
 @pytest.fixture

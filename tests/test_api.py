@@ -16,7 +16,7 @@ import openai
 import polars as pl
 import pytest
 
-from tests.conftest import Running, ledger
+from tests.conftest import Running, ledger, serve_tokentill
 
 TOKEN = "admin-token-for-the-api-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -41,20 +41,9 @@ def served(
 ) -> Iterator[tuple[Running, Api, list[dict[str, Any]]]]:
     """One tokentill with traffic of 3 users x 3 models (one unpriced) x 2 teams, some
     failures and a conversation, rolled up. Module-scoped: the routes only read it."""
-    from tests.servers import serve_in_thread
-    from tokentill.app import create_app
-    from tokentill.settings import Settings
-
-    settings = Settings(
-        db=tmp_path_factory.mktemp("api") / "w.duckdb",
-        upstream=fake_upstream,
-        admin_token=TOKEN,
-        writer_flush_interval=0.05,
-        rollup_interval=3600,
-    )
-    app = create_app(settings)
-    with serve_in_thread(app) as url:
-        running = Running(url, app, settings)
+    db = tmp_path_factory.mktemp("api") / "w.duckdb"
+    with serve_tokentill(db, fake_upstream, admin_token=TOKEN, rollup_interval=3600) as running:
+        url = running.url
         httpx.delete(fake_upstream + "/_fake/ledger")
         client = running.client()
         combos = itertools.product(USERS, MODELS, TEAMS)

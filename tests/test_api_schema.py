@@ -11,8 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.conftest import Running
-from tests.servers import serve_in_thread
+from tests.conftest import serve_tokentill
 from tokentill.app import create_app
 from tokentill.settings import Settings
 
@@ -22,11 +21,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[str]:
-    db: Path = tmp_path_factory.mktemp("schema") / "w.duckdb"
-    settings_ = Settings(db=db, upstream=fake_upstream, admin_token=TOKEN, rollup_interval=3600)
-    app = create_app(settings_)
-    with serve_in_thread(app) as url:
-        running = Running(url, app, settings_)
+    db = tmp_path_factory.mktemp("schema") / "w.duckdb"
+    with serve_tokentill(db, fake_upstream, admin_token=TOKEN, rollup_interval=3600) as running:
+        url = running.url
         client = running.client()
         for i in range(6):
             client.responses.create(

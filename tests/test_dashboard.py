@@ -29,7 +29,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from starlette.routing import Match
 
 from dashboards.layout import money
-from tests.conftest import Running
+from tests.conftest import Running, serve_tokentill
 
 TOKEN = "admin-token-for-the-dashboard-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -68,20 +68,9 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[Served]:
     """One tokentill with traffic of 3 users x 3 models (one unpriced) x 2 teams, a
     conversation, an incomplete and an HTTP error, rolled up. The tests only read it."""
-    from tests.servers import serve_in_thread
-    from tokentill.app import create_app
-    from tokentill.settings import Settings
-
-    settings = Settings(
-        db=tmp_path_factory.mktemp("dashboard") / "w.duckdb",
-        upstream=fake_upstream,
-        admin_token=TOKEN,
-        writer_flush_interval=0.05,
-        rollup_interval=3600,
-    )
-    app = create_app(settings)
-    with serve_in_thread(app) as url:
-        running = Running(url, app, settings)
+    db = tmp_path_factory.mktemp("dashboard") / "w.duckdb"
+    with serve_tokentill(db, fake_upstream, admin_token=TOKEN, rollup_interval=3600) as running:
+        url = running.url
         client = running.client()
         now = int(time.time())
         for i, (user, model, team) in enumerate(itertools.product(USERS, MODELS, TEAMS)):

@@ -17,12 +17,14 @@ import duckdb
 import httpx
 import orjson
 import polars as pl
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.events import UsageEvent
 from ingest.journal import Journal
 from tests.conftest import Running
+from warehouse import jobs
 from warehouse.catalog import EPOCH, PriceRow
 from warehouse.db import open_warehouse, query_frame
 from warehouse.jobs import RollupConfig, RollupJob
@@ -534,31 +536,37 @@ def test_cli_rollup_alone_and_through_the_server(
     assert '"mode": "full"' in through.stdout and '"rows_in": 1' in through.stdout
 
 
-class FailingOnSecondChunk(RollupJob):
-    """A rollup whose second chunk of days fails (a full disk, say)."""
+class FailingOnSecondDay(RollupJob):
+    """A rollup whose second day fails (a full disk, say)."""
 
     calls = 0
 
-    def _recompute(self, *args: Any) -> tuple[int, int, set[str]]:
+    def _day(self, *args: Any) -> Any:
         self.calls += 1
         if self.calls == 2:
             raise RuntimeError("disk full")
-        return super()._recompute(*args)
+        return super()._day(*args)
 
 
-def test_a_full_rebuild_that_fails_part_way_is_redone_in_full(tmp_path: Path) -> None:
+def test_a_full_rebuild_that_fails_part_way_is_finished_by_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rebuild commits every so many rows: here after every day.
+    monkeypatch.setattr(jobs, "_BATCH_ROWS", 1)
     warehouse = Warehouse(tmp_path)
     try:
         warehouse.ingest([make_event(i, i % 4, i % 24) for i in range(200)])
         assert warehouse.job.run().error is None
         before = warehouse.snapshot()
-        failing = FailingOnSecondChunk(
-            warehouse.readers.cursor, RollupConfig(tag_keys=("team", "customer"), chunk_days=1)
+        failing = FailingOnSecondDay(
+            warehouse.readers.cursor, RollupConfig(tag_keys=("team", "customer"))
         )
         failed = failing.run(full=True)
-        assert failed.error == "RuntimeError: disk full"
+        assert failed.error == "RuntimeError: disk full" and failing.calls == 2
         # The first day was rebuilt and committed, the rest not: incomplete tables...
-        assert warehouse.snapshot() != before
+        half = warehouse.snapshot()
+        assert half != before
+        assert 0 < sum(row[6] for row in half["usage_daily"]) < 200
         # ...so the next run, although asked for an incremental one, rebuilds in full.
         repaired = warehouse.job.run()
         assert repaired.mode == "full" and repaired.error is None

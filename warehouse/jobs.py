@@ -52,7 +52,6 @@ class JobCancelledError(RuntimeError):
 class RollupConfig:
     tag_keys: Sequence[str] = ("project", "team", "feature", "customer")
     image_model: str = "gpt-image-1"
-    chunk_days: int = 7
 
 
 @dataclass
@@ -201,41 +200,23 @@ class RollupJob:
     def _rebuild(
         self, conn: duckdb.DuckDBPyConnection, watermark: int, prices: _Prices, result: RunResult
     ) -> None:
-        for table in (*_ROLLUP_TABLES, "conversation_links", "conversations", "rollup_pending"):
+        for table in (*_DAY_TABLES, "conversation_links", "conversations"):
             conn.execute(f"DELETE FROM {table}")
-        pairs = query_frame(
-            conn,
-            """SELECT response_id, previous_response_id FROM usage_events
-               WHERE previous_response_id IS NOT NULL AND response_id IS NOT NULL
-                 AND ingest_seq <= ?""",
-            [watermark],
+        _insert(conn, "conversation_links", _all_links(conn, watermark))
+        days = sorted(
+            _column(
+                conn,
+                "SELECT DISTINCT date_trunc('day', created_at) FROM usage_events "
+                "WHERE ingest_seq <= ?",
+                [watermark],
+            )
         )
-        links = rollups.link_roots(pl.DataFrame(schema=_LINKS_SCHEMA), pairs)
-        _insert(conn, "conversation_links", links)
-        days = _column(
-            conn,
-            "SELECT DISTINCT date_trunc('day', created_at) FROM usage_events WHERE ingest_seq <= ?",
-            [watermark],
-        )
-        ordered = sorted(days)
-        result.days = len(ordered)
-        with _membership(conn, watermark, None):
-            for start in range(0, len(ordered), self._config.chunk_days):
-                if self._cancelled.is_set():
-                    raise JobCancelledError(
-                        "tokentill is stopping; the next run picks up from here"
-                    )
-                chunk = ordered[start : start + self._config.chunk_days]
-                rows_in, rows_out, _ = self._recompute(conn, chunk, watermark, prices, True)
-                result.rows_in += rows_in
-                result.rows_out += rows_out
-                conn.execute("COMMIT")
-                conn.execute("BEGIN TRANSACTION")
-        conv = query_frame(conn, "SELECT * FROM conversation_days")
+        result.days = len(days)
+        rows_in, rows_out, conv = self._recompute(conn, days, watermark, prices, replace=False)
         totals = rollups.conversations(conv.lazy()).collect()
         _insert(conn, "conversations", totals)
-        result.rows_out += totals.height
-        result.rows_out += summaries.refresh(conn, None)
+        result.rows_in += rows_in
+        result.rows_out += rows_out + totals.height
 
     # -- recomputing whole days from the raw events -------------------------------------
 
@@ -245,77 +226,84 @@ class RollupJob:
         days: list[datetime],
         watermark: int,
         prices: _Prices,
-        full: bool,
-    ) -> tuple[int, int, set[str]]:
-        """Every rollup of whole days, and their pending events (in `_membership`).
-        Returns rows in, rows out, and the conversations touched."""
-        keys = list(self._config.tag_keys)
-        span = """e.created_at >= ? AND e.created_at < ? AND e.ingest_seq <= ?
-                  AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)"""
-        params = [min(days), max(days) + timedelta(days=1), watermark]
-        with _registered(conn, "_days", _day_frame(days)):
-            events = query_frame(
-                conn,
-                f"SELECT {self._select(_USAGE_COLUMNS, tags=True)} FROM usage_events AS e "
-                f"WHERE {span}",
-                params,
-            )
-            # Conversations: only the events in one, each with its root (both sides of
-            # the join cut to these days first).
-            in_conversation = query_frame(
-                conn,
-                f"""SELECT {self._select(_CONVERSATION_COLUMNS, tags=False)},
-                        c.root_id AS conversation_root
-                    FROM usage_events AS e JOIN _in_conversation AS c
-                      ON c.response_id = e.response_id AND c.created_at = e.created_at
-                    WHERE {span} AND c.created_at >= ? AND c.created_at < ?""",
-                [*params, *params[:2]],
-            )
-            pending = query_frame(
-                conn,
-                f"""SELECT {self._select((*_ID_COLUMNS, *_USAGE_COLUMNS), tags=True)}
-                    FROM usage_events AS e WHERE {span} AND e.status IN ({_PENDING_SQL})""",
-                params,
-            )
-        priced = self._price(events, prices)
-        hourly, tags, conv = pl.collect_all(
+        *,
+        replace: bool,
+    ) -> tuple[int, int, pl.DataFrame]:
+        """Every rollup of whole days (their summaries and pending events included), one
+        day at a time: a day's groups fit in the CPU's caches, where a week's do not, and
+        grouping is most of the work. Returns rows in, rows out, and the days'
+        `conversation_days` rows."""
+        if replace:
+            for table in _DAY_TABLES:
+                _delete_days(conn, table, days)
+        rows_in, batch = 0, _Batch()
+        conv = [pl.DataFrame(schema=rollups.CONVERSATION_DAYS_SCHEMA)]
+        with _membership(conn, watermark, None if not replace else days):
+            for day in days:
+                if self._cancelled.is_set():
+                    raise JobCancelledError(
+                        "tokentill is stopping; the next run picks up from here"
+                    )
+                events, outputs = self._day(conn, day, watermark, prices)
+                rows_in += events
+                conv.append(outputs["conversation_days"])
+                batch.add(outputs)
+                if batch.rows >= _BATCH_ROWS:
+                    batch.write(conn)
+                    if not replace:
+                        # A rebuild commits as it goes: DuckDB keeps much of what a
+                        # transaction wrote in memory until it commits. One that fails is
+                        # finished by the next run (see `_run`).
+                        conn.execute("COMMIT")
+                        conn.execute("BEGIN TRANSACTION")
+            batch.write(conn)
+        return rows_in, batch.written, pl.concat(conv, how="vertical_relaxed")
+
+    def _day(
+        self, conn: duckdb.DuckDBPyConnection, day: datetime, watermark: int, prices: _Prices
+    ) -> tuple[int, dict[str, pl.DataFrame]]:
+        """One day's events (each with its conversation, from `_membership`) rolled up:
+        the rows of every table holding days. Returns the events read too."""
+        end = day + timedelta(days=1)
+        events = query_frame(
+            conn,
+            f"""SELECT {self._select(_USAGE_COLUMNS, tags=True)}, e.response_id,
+                    CASE WHEN e.status IN ({_PENDING_SQL}) THEN e.event_id END AS event_id,
+                    c.root_id AS conversation_root
+                FROM usage_events AS e LEFT JOIN _in_conversation AS c
+                  ON c.response_id = e.response_id AND c.created_at = e.created_at
+                 AND c.created_at >= ? AND c.created_at < ?
+                WHERE e.created_at >= ? AND e.created_at < ? AND e.ingest_seq <= ?""",
+            [day, end, day, end, watermark],
+        )
+        # Priced once, eagerly: collecting the branches together prices every branch.
+        priced = self._price(events, prices).collect().lazy()
+        hourly, tags, conv, counted = pl.collect_all(
             [
                 rollups.hourly(priced),
-                rollups.daily_tags(priced, keys),
-                rollups.conversation_days(self._price(in_conversation, prices)),
+                rollups.daily_tags(priced, list(self._config.tag_keys)),
+                rollups.conversation_days(priced),
+                priced.filter(pl.col("status").is_in(list(PENDING_STATUSES))).select(
+                    _COUNTED_COLUMNS
+                ),
             ]
         )
-        daily = rollups.daily(hourly.lazy()).collect()
-        with _registered(conn, "_ids", pending.select("response_id").drop_nulls()):
-            roots = query_frame(
-                conn,
-                """SELECT response_id, root_id AS conversation_root FROM _in_conversation
-                   WHERE response_id IN (SELECT response_id FROM _ids)""",
-            )
-        counted = (
-            self._price(pending.join(roots, on="response_id", how="left"), prices)
-            .select(_COUNTED_COLUMNS)
-            .collect()
+        daily, users, models = pl.collect_all(
+            [
+                rollups.daily(hourly.lazy()),
+                summaries.users(hourly.lazy()),
+                summaries.models(hourly.lazy()),
+            ]
         )
-        outputs = {
+        return events.height, {
             "usage_hourly": hourly,
             "usage_daily": daily,
             "usage_daily_tags": tags,
             "conversation_days": conv,
+            "usage_daily_users": users,
+            "usage_daily_models": models,
+            "rollup_pending": counted,
         }
-        for table, frame in outputs.items():
-            if not full:
-                _delete_days(conn, table, days)
-            _insert(conn, table, frame)
-        if not full:
-            with _registered(conn, "_days", _day_frame(days)):
-                conn.execute(
-                    """DELETE FROM rollup_pending
-                       WHERE date_trunc('day', created_at) IN (SELECT day FROM _days)"""
-                )
-        _insert(conn, "rollup_pending", counted)
-        written = sum(frame.height for frame in outputs.values())
-        return events.height, written, set(conv["root_id"].to_list())
 
     # -- an incremental run ----------------------------------------------------------------
 
@@ -378,20 +366,16 @@ class RollupJob:
                 )
 
         if dirty:
-            with _membership(conn, watermark, dirty):
-                for start in range(0, len(dirty), self._config.chunk_days):
-                    chunk = dirty[start : start + self._config.chunk_days]
-                    rows_in, written, chunk_roots = self._recompute(
-                        conn, chunk, watermark, priced_by, False
-                    )
-                    result.rows_in += rows_in
-                    rows_out += written
-                    roots |= chunk_roots
+            rows_in, written, conv = self._recompute(
+                conn, dirty, watermark, priced_by, replace=True
+            )
+            result.rows_in += rows_in
+            rows_out += written
+            roots |= set(conv["root_id"].to_list())
         rows_out += self._refresh_conversations(conn, roots, links.dissolved)
         result.rows_in += changed.height + moved.height
         result.rows_out += rows_out
         result.days = len(touched_days | set(dirty))
-        result.rows_out += summaries.refresh(conn, sorted(touched_days | set(dirty)))
 
     def _repriced_days(
         self, conn: duckdb.DuckDBPyConnection, last_price_mark: int, prices: pl.DataFrame
@@ -550,24 +534,57 @@ class RollupJob:
             rollups.TAG_MEASURES,
         )
         hourly_delta, tags_delta = pl.collect_all([hourly, tags])
-        daily_delta = rollups.daily(hourly_delta.lazy()).collect()
+        daily_delta, users_delta, models_delta = pl.collect_all(
+            [
+                rollups.daily(hourly_delta.lazy()),
+                summaries.users_delta(hourly_delta.lazy()),
+                summaries.models(hourly_delta.lazy()),
+            ]
+        )
         written = 0
         for table, delta, grain, measures in (
-            ("usage_hourly", hourly_delta, rollups.HOURLY_KEYS, usage),
             ("usage_daily", daily_delta, rollups.HOURLY_KEYS, usage),
             ("usage_daily_tags", tags_delta, rollups.TAG_KEYS, rollups.TAG_MEASURES),
+            ("usage_daily_models", models_delta, summaries.MODEL_KEYS, usage),
         ):
-            if not delta.height:
-                continue
-            stored = _stored_rows(conn, table, delta, grain)
-            count = "requests"
-            merged = rollups.add_up(
-                [stored.drop("_rowid").lazy(), delta.lazy()], grain, measures, count
-            ).collect()
-            _delete_in(conn, table, "rowid", stored.select("_rowid"))
-            _insert(conn, table, merged)
-            written += merged.height
+            written += _merge_delta(conn, table, delta, grain, measures).height
+        changed = _merge_delta(conn, "usage_hourly", hourly_delta, rollups.HOURLY_KEYS, usage)
+        written += changed.height
+        written += _merge_delta(
+            conn,
+            "usage_daily_users",
+            users_delta,
+            summaries.USER_KEYS,
+            usage,
+            extra={"first_hour": "least", "last_hour": "greatest"},
+        ).height
+        # An hour a user no longer has (its events all moved away) may have been that
+        # day's first or last: those user-days are recomputed from their hours.
+        gone = changed.filter(pl.col("merge_action") == "DELETE").select(
+            pl.col("bucket").dt.truncate("1d"), "user_id"
+        )
+        if gone.height:
+            written += self._resummarise_users(conn, gone.unique())
         return written
+
+    def _resummarise_users(self, conn: duckdb.DuckDBPyConnection, wanted: pl.DataFrame) -> int:
+        """`usage_daily_users` rows (day, user) recomputed from their stored hours."""
+        days = sorted(set(wanted["bucket"].to_list()))
+        on = "date_trunc('day', h.bucket) = w.bucket AND h.user_id IS NOT DISTINCT FROM w.user_id"
+        with _registered(conn, "_wanted", wanted):
+            hours = query_frame(
+                conn,
+                f"""SELECT h.* FROM usage_hourly AS h SEMI JOIN _wanted AS w ON {on}
+                    WHERE h.bucket >= ? AND h.bucket < ?""",
+                [days[0], days[-1] + timedelta(days=1)],
+            )
+            conn.execute(
+                """DELETE FROM usage_daily_users AS u USING _wanted AS w
+                   WHERE u.bucket = w.bucket AND u.user_id IS NOT DISTINCT FROM w.user_id"""
+            )
+        rows = summaries.users(hours.lazy()).collect()
+        _insert(conn, "usage_daily_users", rows)
+        return rows.height
 
     def _merge_conversations(
         self,
@@ -722,16 +739,44 @@ SELECT watermark, price_mark FROM job_runs
 WHERE job = ? AND error IS NULL AND finished_at IS NOT NULL
 ORDER BY run_id DESC LIMIT 1
 """
-_ROLLUP_TABLES = ("usage_hourly", "usage_daily", "usage_daily_tags", "conversation_days")
+# The tables holding whole days (and the column saying which day), as `_recompute` writes
+# them.
+_DAY_TABLES = {
+    "usage_hourly": "bucket",
+    "usage_daily": "bucket",
+    "usage_daily_tags": "bucket",
+    "conversation_days": "bucket",
+    "usage_daily_users": "bucket",
+    "usage_daily_models": "bucket",
+    "rollup_pending": "created_at",
+}
+# Rows per write, and between the commits of a rebuild (about two weeks of the benchmark's
+# rollups): each commit costs a checkpoint, each row held uncommitted costs memory.
+_BATCH_ROWS = 1_500_000
+
+
+def _all_links(conn: duckdb.DuckDBPyConnection, watermark: int) -> pl.DataFrame:
+    """Every conversation link, from every (response, previous response) pair (a
+    function of its own so that the pairs are freed before the days are rolled up)."""
+    pairs = query_frame(
+        conn,
+        """SELECT response_id, previous_response_id FROM usage_events
+           WHERE previous_response_id IS NOT NULL AND response_id IS NOT NULL
+             AND ingest_seq <= ?""",
+        [watermark],
+    )
+    return rollups.link_roots(pl.DataFrame(schema=_LINKS_SCHEMA), pairs)
 
 
 @contextlib.contextmanager
 def _membership(
     conn: duckdb.DuckDBPyConnection, watermark: int, days: list[datetime] | None
 ) -> Iterator[None]:
-    """`_in_conversation`, a temporary table for recomputing days: each event in a
-    conversation (its response id and time) -> its root, roots included. Joined once for
-    all the days; small (in-memory tables are not compressed)."""
+    """`_in_conversation`, a temporary table for recomputing days: each response in a
+    conversation (its id and time) -> its root, roots included. One join for all the
+    days (each day's read then joins its own slice: the table is in the events' order,
+    so zone maps skip the rest); in-memory tables are not compressed, so it is kept
+    small."""
     where, params = "e.ingest_seq <= ?", list[object]([watermark])
     if days is not None:
         where += " AND date_trunc('day', e.created_at) IN (SELECT day FROM _days)"
@@ -742,7 +787,9 @@ def _membership(
                     SELECT response_id, root_id FROM conversation_links
                     UNION ALL SELECT DISTINCT root_id, root_id FROM conversation_links
                 )
-                SELECT e.created_at, e.response_id, m.root_id
+                -- DISTINCT: a day's read joins on (id, time), and must not see an
+                -- event twice when the same response was recorded twice
+                SELECT DISTINCT e.created_at, e.response_id, m.root_id
                 FROM usage_events AS e JOIN members AS m ON m.response_id = e.response_id
                 WHERE {where}""",
             params,
@@ -752,6 +799,29 @@ def _membership(
     finally:
         with contextlib.suppress(duckdb.Error):  # a failed transaction drops it anyway
             conn.execute("DROP TABLE IF EXISTS _in_conversation")
+
+
+class _Batch:
+    """Rollup rows waiting to be written, some days at a time: inserts that big go
+    straight to the file in compressed row groups (DuckDB holds smaller ones in memory
+    until the transaction commits), and each costs one statement per table."""
+
+    def __init__(self) -> None:
+        self._frames: dict[str, list[pl.DataFrame]] = {}
+        self.rows = 0
+        self.written = 0
+
+    def add(self, outputs: dict[str, pl.DataFrame]) -> None:
+        for table, frame in outputs.items():
+            if frame.height:
+                self._frames.setdefault(table, []).append(frame)
+                self.rows += frame.height
+
+    def write(self, conn: duckdb.DuckDBPyConnection) -> None:
+        for table, frames in self._frames.items():
+            _insert(conn, table, pl.concat(frames, how="vertical_relaxed"))
+        self.written += self.rows
+        self._frames, self.rows = {}, 0
 
 
 @contextlib.contextmanager
@@ -781,11 +851,48 @@ def _delete_in(
 
 
 def _delete_days(conn: duckdb.DuckDBPyConnection, table: str, days: list[datetime]) -> None:
+    column = _DAY_TABLES[table]
     with _registered(conn, "_days", _day_frame(days)):
         conn.execute(
-            f"""DELETE FROM {table} WHERE bucket >= ? AND bucket < ?
-                  AND date_trunc('day', bucket) IN (SELECT day FROM _days)""",
+            f"""DELETE FROM {table} WHERE {column} >= ? AND {column} < ?
+                  AND date_trunc('day', {column}) IN (SELECT day FROM _days)""",
             [min(days), max(days) + timedelta(days=1)],
+        )
+
+
+def _merge_delta(
+    conn: duckdb.DuckDBPyConnection,
+    table: str,
+    delta: pl.DataFrame,
+    grain: tuple[str, ...],
+    measures: tuple[str, ...],
+    extra: dict[str, str] | None = None,
+) -> pl.DataFrame:
+    """Add partial sums (`delta`, one row per key of `grain`) to the stored rows of
+    `table`, in DuckDB: a key's row is updated, created, or deleted when no event is left
+    in it (`requests` back to 0), as a full rebuild would never make it. `extra`: more
+    columns merged with a SQL function of the stored and the added value (least,
+    greatest). Returns the keys written, with `merge_action`. Only the days of `delta`
+    are read (ranges of `bucket` let zone maps skip the rest; IN would not)."""
+    if not delta.height:
+        return delta.select(pl.lit("", pl.String).alias("merge_action"), *grain)
+    extra = extra or {}
+    on = " AND ".join(f"t.{k} IS NOT DISTINCT FROM d.{k}" for k in grain)
+    days = delta.select(pl.col("bucket").dt.truncate("1d").unique().sort())["bucket"].to_list()
+    within = " OR ".join("(t.bucket >= ? AND t.bucket < ?)" for _ in days)
+    sums = ", ".join(f"{c} = t.{c} + d.{c}" for c in measures)
+    kept = "".join(f", {c} = {fn}(t.{c}, coalesce(d.{c}, t.{c}))" for c, fn in extra.items())
+    keys = ", ".join(grain)
+    with _registered(conn, "_delta", delta):
+        return query_frame(
+            conn,
+            f"""MERGE INTO {table} AS t USING _delta AS d
+                ON {on} AND ({within})
+                WHEN MATCHED AND t.requests + d.requests = 0 THEN DELETE
+                WHEN MATCHED THEN UPDATE SET {sums}{kept}
+                WHEN NOT MATCHED AND d.requests <> 0 THEN INSERT BY NAME
+                RETURNING merge_action, {keys}""",
+            [bound for day in days for bound in (day, day + timedelta(days=1))],
         )
 
 

@@ -214,6 +214,7 @@ class RollupJob:
         result.days = len(days)
         rows_in, rows_out, conv = self._recompute(conn, days, watermark, prices, replace=False)
         totals = rollups.conversations(conv.lazy()).collect()
+        del conv  # the largest frame left: freed before DuckDB takes the totals
         _insert(conn, "conversations", totals)
         result.rows_in += rows_in
         result.rows_out += rows_out + totals.height
@@ -257,7 +258,8 @@ class RollupJob:
                         conn.execute("COMMIT")
                         conn.execute("BEGIN TRANSACTION")
             batch.write(conn)
-        return rows_in, batch.written, pl.concat(conv, how="vertical_relaxed")
+        # Not rechunked: a copy of every day's rows at the moment memory peaks.
+        return rows_in, batch.written, pl.concat(conv, how="vertical_relaxed", rechunk=False)
 
     def _day(
         self, conn: duckdb.DuckDBPyConnection, day: datetime, watermark: int, prices: _Prices

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from ingest.events import UsageEvent
 from ingest.journal import Journal
 from tests.conftest import Running
-from warehouse import jobs
+from warehouse import jobs, rollups
 from warehouse.catalog import EPOCH, PriceRow
 from warehouse.db import open_warehouse, query_frame
 from warehouse.jobs import RollupConfig, RollupJob
@@ -573,3 +573,48 @@ def test_a_full_rebuild_that_fails_part_way_is_finished_by_the_next_run(
         assert warehouse.snapshot() == before
     finally:
         warehouse.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    parents=st.lists(st.integers(-1, 40), min_size=1, max_size=40),
+    known_cut=st.integers(0, 40),
+)
+def test_conversation_roots_are_the_same_on_hashes_and_on_ids(
+    parents: list[int], known_cut: int
+) -> None:
+    """Links are computed on 64-bit hashes of the ids (unless two ids share one): the
+    result is the one the ids themselves give, in a full pass and an incremental one."""
+    pairs = pl.DataFrame(
+        {
+            "response_id": [f"resp_{i}" for i, p in enumerate(parents) if 0 <= p != i],
+            "previous_response_id": [f"resp_{p}" for i, p in enumerate(parents) if 0 <= p != i],
+        },
+        schema={"response_id": pl.String, "previous_response_id": pl.String},
+    )
+    none = pl.DataFrame(schema={"response_id": pl.String, "root_id": pl.String, "depth": pl.Int32})
+    early, late = pairs.head(known_cut), pairs.slice(known_cut)
+    results = []
+    for distinct in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(rollups, "hashes_distinct", lambda ids, distinct=distinct: distinct)
+            known = rollups.link_roots(none, early)
+            changes = rollups.link_roots(known, late)
+            after = pl.concat([known, changes]).unique("response_id", keep="last")
+            results.append((rollups.link_roots(none, pairs).sort("response_id"), after))
+    (full_hashed, incremental_hashed), (full_ids, incremental_ids) = results
+    assert full_hashed.equals(full_ids)
+    assert incremental_hashed.sort("response_id").equals(incremental_ids.sort("response_id"))
+    # Every root has no parent of its own, and depth counts the hops to it; with no
+    # cycle (ids cannot form one: a response continues an earlier one), links added a
+    # part at a time equal links made at once.
+    parent_of = dict(zip(pairs["response_id"], pairs["previous_response_id"], strict=True))
+    cycle = False
+    for response, root, depth in full_ids.iter_rows():
+        hops, at = 0, response
+        while at in parent_of and hops <= len(parents):
+            at, hops = parent_of[at], hops + 1
+        cycle |= hops > len(parents)
+        assert (root, depth) == (at, hops) or cycle
+    if not cycle:
+        assert incremental_ids.sort("response_id").equals(full_ids)

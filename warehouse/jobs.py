@@ -821,7 +821,8 @@ class _Batch:
 
     def write(self, conn: duckdb.DuckDBPyConnection) -> None:
         for table, frames in self._frames.items():
-            _insert(conn, table, pl.concat(frames, how="vertical_relaxed"))
+            # Not rechunked: DuckDB reads the days as they are, no copy of the batch.
+            _insert(conn, table, pl.concat(frames, how="vertical_relaxed", rechunk=False))
         self.written += self.rows
         self._frames, self.rows = {}, 0
 

@@ -111,10 +111,13 @@ def link_roots(known: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
     new = new.filter(pl.col("previous_response_id").is_not_null()).unique(
         "response_id", keep="last", maintain_order=True
     )
-    new_ids = new["response_id"].implode()
-    relevant = known.filter(
-        pl.col("response_id").is_in(new["previous_response_id"].implode())
-        | pl.col("root_id").is_in(new_ids)
+    relevant = (
+        known.filter(
+            pl.col("response_id").is_in(new["previous_response_id"].implode())
+            | pl.col("root_id").is_in(new["response_id"].implode())
+        )
+        if known.height
+        else known
     )
     pointers = pl.concat(
         [
@@ -126,26 +129,61 @@ def link_roots(known: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
             ),
         ]
     ).unique("response_id", keep="last")
-    # Pointer jumping: each round doubles how far back every response points.
+    # The pointers jump on 64-bit hashes of the ids: joins of millions of strings take
+    # several times the memory and time. A second hash checks that no two ids share the
+    # first (then the strings themselves are used).
+    ids = pl.concat([pointers["response_id"], pointers["parent"]])
+    key = (lambda c: pl.col(c).hash(1)) if hashes_distinct(ids) else pl.col
+    jumped = _jump(
+        pointers.select(key("response_id").alias("node"), key("parent").alias("parent"), "depth")
+    )
+    # Every root is the parent of some response: its name is there.
+    names = pointers.select(key("parent").alias("parent"), pl.col("parent").alias("root_id"))
+    names = names.filter(pl.col("parent").is_first_distinct())
+    linked = pl.concat(
+        [
+            pointers.select("response_id"),
+            jumped.join(names, on="parent", how="left", maintain_order="left"),
+        ],
+        how="horizontal",
+    ).select("response_id", "root_id", "depth")
+    if not known.height:
+        return linked
+    return linked.join(known, on=["response_id", "root_id", "depth"], how="anti")
+
+
+def hashes_distinct(ids: pl.Series) -> bool:
+    """Whether no two of these ids share a 64-bit hash (as far as a second hash can
+    tell: two that collide in the first would have to collide in the second too)."""
+    hashed = ids.to_frame("id").select(
+        pl.col("id").hash(1).n_unique().alias("h1"), pl.col("id").hash(2).n_unique().alias("h2")
+    )
+    return bool(hashed.item(0, "h1") == hashed.item(0, "h2"))
+
+
+def _jump(pointers: pl.DataFrame) -> pl.DataFrame:
+    """Pointer jumping over (node, parent, depth): each round doubles how far back every
+    node points, until every one points at a node with no parent (its root). Rows keep
+    their order."""
     for _ in range(64):
         step = pointers.join(
             pointers.select(
-                pl.col("response_id").alias("parent"),
+                pl.col("node").alias("parent"),
                 pl.col("parent").alias("_grand"),
                 pl.col("depth").alias("_more"),
             ),
             on="parent",
             how="left",
+            maintain_order="left",
         )
         if step["_grand"].null_count() == step.height:
             break
         pointers = step.select(
-            "response_id",
+            "node",
             pl.coalesce("_grand", "parent").alias("parent"),
             (pl.col("depth") + pl.col("_more").fill_null(0)).cast(pl.Int32).alias("depth"),
         )
-    linked = pointers.rename({"parent": "root_id"})
-    return linked.join(known, on=["response_id", "root_id", "depth"], how="anti")
+    return pointers
 
 
 def conversation_days(priced: pl.LazyFrame) -> pl.LazyFrame:

@@ -81,16 +81,6 @@ _USAGE_COLUMNS = (
 )
 _ID_COLUMNS = ("event_id", "response_id")
 EVENT_COLUMNS = (*_ID_COLUMNS, *_USAGE_COLUMNS)
-# What `conversation_days` needs, priced.
-_CONVERSATION_COLUMNS = (
-    "response_id",
-    "model",
-    "service_tier",
-    "user_id",
-    "created_at",
-    "total_tokens",
-    *pricing.PRICED_COUNTS,
-)
 # An event as the rollups counted it (the columns of `rollup_pending`).
 _COUNTED_COLUMNS = (
     *_ID_COLUMNS,
@@ -876,13 +866,11 @@ def _merge_delta(
     in it (`requests` back to 0), as a full rebuild would never make it. `extra`: more
     columns merged with a SQL function of the stored and the added value (least,
     greatest). Returns the keys written, with `merge_action`. Only the days of `delta`
-    are read (ranges of `bucket` let zone maps skip the rest; IN would not)."""
+    are read."""
     if not delta.height:
         return delta.select(pl.lit("", pl.String).alias("merge_action"), *grain)
     extra = extra or {}
-    on = " AND ".join(f"t.{k} IS NOT DISTINCT FROM d.{k}" for k in grain)
-    days = delta.select(pl.col("bucket").dt.truncate("1d").unique().sort())["bucket"].to_list()
-    within = " OR ".join("(t.bucket >= ? AND t.bucket < ?)" for _ in days)
+    within, bounds = _days_of(delta)
     sums = ", ".join(f"{c} = t.{c} + d.{c}" for c in measures)
     kept = "".join(f", {c} = {fn}(t.{c}, coalesce(d.{c}, t.{c}))" for c, fn in extra.items())
     keys = ", ".join(grain)
@@ -890,12 +878,12 @@ def _merge_delta(
         return query_frame(
             conn,
             f"""MERGE INTO {table} AS t USING _delta AS d
-                ON {on} AND ({within})
+                ON {_same_keys(grain)} AND {within}
                 WHEN MATCHED AND t.requests + d.requests = 0 THEN DELETE
                 WHEN MATCHED THEN UPDATE SET {sums}{kept}
                 WHEN NOT MATCHED AND d.requests <> 0 THEN INSERT BY NAME
                 RETURNING merge_action, {keys}""",
-            [bound for day in days for bound in (day, day + timedelta(days=1))],
+            bounds,
         )
 
 
@@ -904,17 +892,28 @@ def _stored_rows(
 ) -> pl.DataFrame:
     """The stored rows of `table` with the keys of `delta`, and their rowids. Only the
     days of `delta` are read (zone maps on `bucket` skip the others)."""
-    on = " AND ".join(f"t.{k} IS NOT DISTINCT FROM d.{k}" for k in grain)
     keys = delta.select(grain)
-    days = keys.select(pl.col("bucket").dt.truncate("1d").unique().sort())["bucket"].to_list()
-    within = " OR ".join("(t.bucket >= ? AND t.bucket < ?)" for _ in days)
+    within, bounds = _days_of(keys)
     with _registered(conn, "_delta", keys):
         return query_frame(
             conn,
-            f"""SELECT t.rowid AS _rowid, t.* FROM {table} AS t SEMI JOIN _delta AS d ON {on}
-                WHERE {within}""",
-            [bound for day in days for bound in (day, day + timedelta(days=1))],
+            f"""SELECT t.rowid AS _rowid, t.* FROM {table} AS t SEMI JOIN _delta AS d
+                ON {_same_keys(grain)} WHERE {within}""",
+            bounds,
         )
+
+
+def _same_keys(grain: tuple[str, ...]) -> str:
+    """Stored rows `t` and partial sums `d` of the same key (nulls are keys too)."""
+    return " AND ".join(f"t.{k} IS NOT DISTINCT FROM d.{k}" for k in grain)
+
+
+def _days_of(rows: pl.DataFrame) -> tuple[str, list[object]]:
+    """A condition on `t.bucket` holding the days of `rows` (their `bucket`), and its
+    parameters: ranges, which let zone maps skip the other days (IN would not)."""
+    days = rows.select(pl.col("bucket").dt.truncate("1d").unique().sort())["bucket"].to_list()
+    within = " OR ".join("(t.bucket >= ? AND t.bucket < ?)" for _ in days)
+    return f"({within})", [bound for day in days for bound in (day, day + timedelta(days=1))]
 
 
 def _day_frame(days: list[datetime]) -> pl.DataFrame:

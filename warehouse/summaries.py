@@ -14,7 +14,6 @@ import polars as pl
 
 from warehouse.rollups import USAGE_MEASURES
 
-SUMMARY_TABLES = ("usage_daily_users", "usage_daily_models")
 USER_KEYS = ("bucket", "user_id")
 MODEL_KEYS = ("bucket", "model", "service_tier", "status", "endpoint")
 
@@ -23,16 +22,7 @@ def users(hourly: pl.LazyFrame) -> pl.LazyFrame:
     """Per day x end user, from `usage_hourly` rows: the sums, and the user's first and
     last hour with usage that day. In day order: zone maps then skip the days outside a
     report's range."""
-    return (
-        hourly.group_by(pl.col("bucket").dt.truncate("1d").alias("day"), "user_id")
-        .agg(
-            *(pl.col(c).sum() for c in USAGE_MEASURES),
-            pl.col("bucket").min().alias("first_hour"),
-            pl.col("bucket").max().alias("last_hour"),
-        )
-        .rename({"day": "bucket"})
-        .sort("bucket", "user_id", nulls_last=True)
-    )
+    return users_delta(hourly).sort("bucket", "user_id", nulls_last=True)
 
 
 def models(hourly: pl.LazyFrame) -> pl.LazyFrame:
@@ -46,9 +36,9 @@ def models(hourly: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def users_delta(hourly: pl.LazyFrame) -> pl.LazyFrame:
-    """Partial sums of `users` from partial sums of hourly rows (an incremental run's
-    delta), with the first and last hour of the hours given events (those with
-    requests added: they are in the rollup afterwards)."""
+    """`users`, unsorted, of stored hourly rows or of their partial sums (an incremental
+    run's delta): the first and last hour are those of the rows adding requests, which
+    are in the rollup afterwards (every stored row holds some)."""
     added = pl.col("requests") > 0
     return (
         hourly.group_by(pl.col("bucket").dt.truncate("1d").alias("day"), "user_id")

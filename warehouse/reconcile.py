@@ -133,6 +133,10 @@ def _family(column: str) -> pl.Expr:
     return pl.col(column).str.replace(_DATED, "")
 
 
+# What we counted per day and model, beside what OpenAI billed (0 where we saw nothing).
+_OUR_COUNTS = ("our_requests", "unpriced", "unpriced_tokens", "errors", "interrupted", "failed")
+
+
 def compare(
     openai: pl.LazyFrame,
     ours: pl.LazyFrame,
@@ -170,17 +174,7 @@ def compare(
         .with_columns(
             pl.col("openai_pico").fill_null(0).cast(MONEY),
             pl.col("our_pico").fill_null(0).cast(MONEY),
-            *(
-                pl.col(c).fill_null(0)
-                for c in (
-                    "our_requests",
-                    "unpriced",
-                    "unpriced_tokens",
-                    "errors",
-                    "interrupted",
-                    "failed",
-                )
-            ),
+            *(pl.col(c).fill_null(0) for c in _OUR_COUNTS),
         )
         .with_columns((pl.col("openai_pico") - pl.col("our_pico")).cast(MONEY).alias("diff_pico"))
     )
@@ -221,12 +215,7 @@ def compare(
             "our_pico",
             "diff_pico",
             "openai_requests",
-            "our_requests",
-            "unpriced",
-            "unpriced_tokens",
-            "errors",
-            "interrupted",
-            "failed",
+            *_OUR_COUNTS,
             "bypassed_requests",
             "price_mismatch",
             "flagged",

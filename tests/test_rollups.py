@@ -536,6 +536,32 @@ def test_cli_rollup_alone_and_through_the_server(
     assert '"mode": "full"' in through.stdout and '"rows_in": 1' in through.stdout
 
 
+@pytest.mark.parametrize("read_rows", [1, 7, 40])
+def test_reading_days_together_or_apart_gives_the_same_rollups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_rows: int
+) -> None:
+    # A rebuild reads runs of consecutive days up to `_READ_ROWS` events at once, and
+    # rolls each day up on its own: days 0-2 and 5-6 (a gap), 12 events a day.
+    warehouse = Warehouse(tmp_path)
+    try:
+        warehouse.ingest(
+            [
+                make_event(i, day, i % 24)
+                for day in (0, 1, 2, 5, 6)
+                for i in range(day * 12, day * 12 + 12)
+            ]
+        )
+        assert warehouse.job.run(full=True).error is None
+        together = warehouse.snapshot()
+        monkeypatch.setattr(jobs, "_READ_ROWS", read_rows)
+        assert warehouse.job.run(full=True).error is None
+        assert warehouse.snapshot() == together
+        assert sum(row[6] for row in together["usage_daily"]) == 60
+        assert len({row[0] for row in together["usage_daily"]}) == 5
+    finally:
+        warehouse.close()
+
+
 class FailingOnSecondDay(RollupJob):
     """A rollup whose second day fails (a full disk, say)."""
 
@@ -551,7 +577,9 @@ class FailingOnSecondDay(RollupJob):
 def test_a_full_rebuild_that_fails_part_way_is_finished_by_the_next_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A rebuild commits every so many rows: here after every day.
+    # A rebuild reads a few days at a time and commits every so many rows: here it
+    # reads one day at a time and commits after each.
+    monkeypatch.setattr(jobs, "_READ_ROWS", 1)
     monkeypatch.setattr(jobs, "_BATCH_ROWS", 1)
     warehouse = Warehouse(tmp_path)
     try:

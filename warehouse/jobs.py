@@ -111,6 +111,7 @@ class RollupJob:
         self._config = config
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
+        self._catalog: tuple[tuple[int, int], pl.DataFrame, _Prices] | None = None
 
     def cancel(self) -> None:
         """Make a run in progress stop after its current chunk (shutdown)."""
@@ -178,12 +179,23 @@ class RollupJob:
         price_mark = _scalar(conn, "SELECT coalesce(max(price_id), 0) FROM prices")
         last = fetch_one(conn, _LAST_RUN_SQL, [ROLLUP])
         result.watermark, result.price_mark = watermark, price_mark
-        prices = price_table(conn)
-        priced_by = _Prices(prices["model"].unique().to_list(), pricing.effective_intervals(prices))
+        prices, priced_by = self._prices(conn)
         if full or last is None:
             self._rebuild(conn, watermark, priced_by, result)
         else:
             self._increment(conn, int(last[0]), watermark, int(last[1]), prices, priced_by, result)
+
+    def _prices(self, conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, _Prices]:
+        """The catalog and its intervals, worked out again only when it changed: prices
+        are only ever added, so their count and highest id name the catalog (the count
+        too, since a price given a lower id may commit after a higher one)."""
+        state = fetch_one(conn, "SELECT coalesce(max(price_id), 0), count(*) FROM prices")
+        key = (int(state[0]), int(state[1])) if state is not None else (0, 0)
+        if self._catalog is None or self._catalog[0] != key:
+            prices = price_table(conn)
+            models = prices["model"].unique().to_list()
+            self._catalog = (key, prices, _Prices(models, pricing.effective_intervals(prices)))
+        return self._catalog[1], self._catalog[2]
 
     # -- a full rebuild ------------------------------------------------------------------
 

@@ -344,8 +344,8 @@ class RollupJob:
         new = self._price(changed.filter(clean), priced_by).collect()
         old = counted.filter(clean).lazy()
         moved = moved.filter(clean)
-        touched_days = set(new.select(_DAY)["created_at"]) | set(
-            old.select(_DAY).collect()["created_at"]
+        touched_days = set(new.select(_DAY.unique())["created_at"]) | set(
+            old.select(_DAY.unique()).collect()["created_at"]
         )
 
         rows_out = self._merge_usage(conn, new.lazy(), old)
@@ -374,7 +374,7 @@ class RollupJob:
             )
             result.rows_in += rows_in
             rows_out += written
-            roots |= set(conv["root_id"].to_list())
+            roots |= set(conv["root_id"].unique().to_list())
         rows_out += self._refresh_conversations(conn, roots, links.dissolved)
         result.rows_in += changed.height + moved.height
         result.rows_out += rows_out
@@ -640,7 +640,7 @@ class RollupJob:
         if ambiguous.height:
             redone = self._conversation_days_of(conn, ambiguous, prices)
             _insert(conn, "conversation_days", redone)
-        return set(delta["root_id"].to_list()), merged.height + ambiguous.height
+        return set(delta["root_id"].unique().to_list()), merged.height + ambiguous.height
 
     def _conversation_days_of(
         self, conn: duckdb.DuckDBPyConnection, wanted: pl.DataFrame, prices: _Prices

@@ -418,15 +418,19 @@ class RollupJob:
             [ids, pairs.select(pl.col("previous_response_id").alias("response_id"))]
         ).unique()
         with _registered(conn, "_wanted", wanted):
-            known = query_frame(
+            stored = query_frame(
                 conn,
-                """SELECT response_id, root_id, depth FROM conversation_links
+                """SELECT rowid AS _rowid, response_id, root_id, depth FROM conversation_links
                    WHERE response_id IN (SELECT response_id FROM _wanted)
                       OR root_id IN (SELECT response_id FROM _wanted)""",
-            ).cast(_LINKS_SCHEMA)  # type: ignore[arg-type]
+            )
+        known = stored.drop("_rowid").cast(_LINKS_SCHEMA)  # type: ignore[arg-type]
         changes = rollups.link_roots(known, pairs) if pairs.height else known.clear()
         if changes.height:
-            _delete_in(conn, "conversation_links", "response_id", changes.select("response_id"))
+            # Every stored link of a changed response is among those read (its id is
+            # wanted, or its root is): deleted by rowid, not by another scan of the ids.
+            replaced = stored.join(changes.select("response_id"), on="response_id", how="semi")
+            _delete_in(conn, "conversation_links", "rowid", replaced.select("_rowid"))
             _insert(conn, "conversation_links", changes)
         return _Links(known, changes)
 

@@ -536,28 +536,37 @@ def test_cli_rollup_alone_and_through_the_server(
     assert '"mode": "full"' in through.stdout and '"rows_in": 1' in through.stdout
 
 
-@pytest.mark.parametrize("read_rows", [1, 7, 40])
+@pytest.mark.parametrize("read_rows", [1, 24, 36])
 def test_reading_days_together_or_apart_gives_the_same_rollups(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_rows: int
 ) -> None:
-    # A rebuild reads runs of consecutive days up to `_READ_ROWS` events at once, and
-    # rolls each day up on its own: days 0-2 and 5-6 (a gap), 12 events a day.
+    # A rebuild reads runs of consecutive days of up to `_READ_ROWS` events at once and
+    # rolls each day up on its own. Days 0-2 and 5-6 (a gap), 12 events a day, two of
+    # them at exactly midnight: 1 reads a day at a time, 24 reads [0, 1], [2], [5, 6]
+    # (a run split at the limit), 36 reads [0, 1, 2], [5, 6].
+    midnight = {1: DAY0 + timedelta(days=1), 2: DAY0 + timedelta(days=2)}
+    events = []
+    for day in (0, 1, 2, 5, 6):
+        for i in range(day * 12, day * 12 + 12):
+            event = make_event(i, day, i % 24)
+            if day in midnight and i % 12 == 0:
+                at = int(midnight[day].timestamp() * 1_000_000)
+                event = make_event(i, day, 0, created_at_us=at, request_started_at_us=at)
+            events.append(event)
     warehouse = Warehouse(tmp_path)
     try:
-        warehouse.ingest(
-            [
-                make_event(i, day, i % 24)
-                for day in (0, 1, 2, 5, 6)
-                for i in range(day * 12, day * 12 + 12)
-            ]
-        )
+        warehouse.ingest(events)
+        monkeypatch.setattr(jobs, "_READ_ROWS", 10**9)  # every run of days in one read
         assert warehouse.job.run(full=True).error is None
         together = warehouse.snapshot()
+        per_day: dict[datetime, int] = {}
+        for row in together["usage_daily"]:
+            per_day[row[0]] = per_day.get(row[0], 0) + row[6]
+        # Each midnight event is counted on the day it opens, once.
+        assert list(per_day.values()) == [12] * 5
         monkeypatch.setattr(jobs, "_READ_ROWS", read_rows)
         assert warehouse.job.run(full=True).error is None
         assert warehouse.snapshot() == together
-        assert sum(row[6] for row in together["usage_daily"]) == 60
-        assert len({row[0] for row in together["usage_daily"]}) == 5
     finally:
         warehouse.close()
 

@@ -248,15 +248,15 @@ class RollupJob:
                     outputs = self._day(_on_day(events, day), prices)
                     conv.append(outputs["conversation_days"])
                     batch.add(outputs)
+                    if batch.rows >= _BATCH_ROWS:
+                        batch.write(conn)
+                        if not replace:
+                            # A rebuild commits as it goes: DuckDB keeps much of what a
+                            # transaction wrote in memory until it commits. One that fails
+                            # is finished by the next run (see `_run`).
+                            conn.execute("COMMIT")
+                            conn.execute("BEGIN TRANSACTION")
                 del events
-                if batch.rows >= _BATCH_ROWS:
-                    batch.write(conn)
-                    if not replace:
-                        # A rebuild commits as it goes: DuckDB keeps much of what a
-                        # transaction wrote in memory until it commits. One that fails is
-                        # finished by the next run (see `_run`).
-                        conn.execute("COMMIT")
-                        conn.execute("BEGIN TRANSACTION")
             batch.write(conn)
         # Not rechunked: a copy of every day's rows at the moment memory peaks.
         return rows_in, batch.written, pl.concat(conv, how="vertical_relaxed", rechunk=False)

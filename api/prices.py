@@ -20,8 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import RuntimeDep
 from api.params import Moment, bad_request, utc
 from api.reports import in_thread
-from warehouse.db import query_frame, transaction
-from warehouse.prices import TIERS, PriceFileError, insert_rows, parse_price_entries
+from warehouse.db import query_frame
+from warehouse.prices import (
+    TIERS,
+    PriceFileError,
+    adding_prices,
+    insert_rows,
+    parse_price_entries,
+)
 
 router = APIRouter(prefix="/prices", tags=["prices"])
 Rate = Annotated[Decimal | None, Field(None, ge=0, max_digits=18, decimal_places=6)]
@@ -146,7 +152,7 @@ async def add_prices(runtime: RuntimeDep, change: PriceChange) -> PriceChangeRes
         raise bad_request("prices", str(exc), "body") from exc
 
     def write(conn: duckdb.DuckDBPyConnection) -> tuple[int, pl.DataFrame]:
-        with transaction(conn):
+        with adding_prices(conn):
             before = conn.execute("SELECT coalesce(max(price_id), 0) FROM prices").fetchall()
             added = insert_rows(conn, rows)
             frame = query_frame(

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -29,7 +30,7 @@ from warehouse.catalog import EPOCH, PriceRow
 from warehouse.db import open_warehouse, query_frame
 from warehouse.jobs import RollupConfig, RollupJob
 from warehouse.migrate import migrate
-from warehouse.prices import insert_rows, price_table
+from warehouse.prices import adding_prices, insert_rows, price_table
 from warehouse.pricing import effective_intervals, model_map, price_events
 from warehouse.writer import Writer
 
@@ -451,6 +452,48 @@ def test_late_price_reprices_what_it_covers_and_nothing_else(tmp_path: Path) -> 
                 assert unpriced == 0 and cost > 0
     finally:
         warehouse.close()
+
+
+def test_prices_added_at_once_commit_in_the_order_of_their_ids(tmp_path: Path) -> None:
+    # The job takes the prices above the highest id it has seen as new: a price whose
+    # lower id committed after a higher one would never re-price what it covers. While
+    # one writer holds its price uncommitted, another waits.
+    conn = open_warehouse(tmp_path / "w.duckdb")
+    first, second, observer = conn.cursor(), conn.cursor(), conn.cursor()
+    holding, release = threading.Event(), threading.Event()
+
+    def price(model: str) -> list[PriceRow]:
+        rates = {"input_per_mtok": Decimal("1"), "output_per_mtok": Decimal("2")}
+        return [PriceRow(model, "default", DAY0, None, rates, "api:test", 100)]
+
+    def slow() -> None:
+        with adding_prices(first):
+            insert_rows(first, price("model-a"))
+            holding.set()
+            release.wait(30)
+
+    def fast() -> None:
+        with adding_prices(second):
+            insert_rows(second, price("model-b"))
+
+    a = threading.Thread(target=slow)
+    a.start()
+    try:
+        assert holding.wait(30)
+        b = threading.Thread(target=fast)
+        b.start()
+        b.join(0.5)
+        assert b.is_alive(), "the second writer did not wait"
+        assert observer.execute("SELECT count(*) FROM prices").fetchall() == [(0,)]
+    finally:
+        release.set()
+        a.join(30)
+    b.join(30)
+    rows = observer.execute("SELECT model, price_id FROM prices ORDER BY price_id").fetchall()
+    assert [model for model, _ in rows] == ["model-a", "model-b"]
+    for cursor in (first, second, observer):
+        cursor.close()
+    conn.close()
 
 
 def test_server_runs_the_job_and_records_it(make_tokentill: Callable[..., Running]) -> None:

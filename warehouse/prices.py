@@ -3,8 +3,10 @@ TOML file, and reading it back. Rows are only ever added (see migration 0002).""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -21,7 +23,7 @@ from warehouse.catalog import (
     published_prices,
     source_version,
 )
-from warehouse.db import fetch_one, query_frame
+from warehouse.db import fetch_one, query_frame, transaction
 
 TIERS = ("default", "flex", "priority", "batch", "scale")
 _ROW_COLUMNS = (
@@ -38,6 +40,19 @@ _ROW_COLUMNS = (
 
 class PriceFileError(ValueError):
     """A prices file that cannot be used, with what to fix."""
+
+
+# The rollup job takes the prices above the highest id it has seen as new (and re-prices
+# what they cover): a price whose lower id committed after a higher one would be missed.
+# One writer at a time commits ids in order.
+_WRITES = threading.Lock()
+
+
+@contextlib.contextmanager
+def adding_prices(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """A transaction for adding prices, committed before any other price is added."""
+    with _WRITES, transaction(conn):
+        yield
 
 
 def insert_rows(conn: duckdb.DuckDBPyConnection, rows: Sequence[PriceRow]) -> int:

@@ -415,7 +415,7 @@ class Profile:
             per_day: dict[datetime, int],
             *rest: Any,
             **named: Any,
-        ) -> tuple[int, int, pl.DataFrame]:
+        ) -> tuple[int, int, set[str]]:
             self.recomputed.append(list(per_day))
             return original_recompute(job, conn, per_day, *rest, **named)
 

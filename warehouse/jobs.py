@@ -207,12 +207,21 @@ class RollupJob:
         _insert(conn, "conversation_links", _all_links(conn, watermark))
         per_day = _events_per_day(conn, watermark, None)
         result.days = len(per_day)
-        rows_in, rows_out, conv = self._recompute(conn, per_day, watermark, prices, replace=False)
-        totals = rollups.conversations(conv.lazy()).collect()
-        del conv  # the largest frame left: freed before DuckDB takes the totals
-        _insert(conn, "conversations", totals)
+        rows_in, rows_out, _ = self._recompute(conn, per_day, watermark, prices, replace=False)
+        # Each conversation's totals, from its days as stored, a share of the roots at a
+        # time: holding every day's rows until the end was what set the peak of memory.
+        for part in range(_CONVERSATION_PARTS):
+            days = query_frame(
+                conn,
+                "SELECT * FROM conversation_days WHERE hash(root_id) % ? = ?",
+                [_CONVERSATION_PARTS, part],
+            )
+            totals = rollups.conversations(days.lazy()).collect()
+            del days
+            _insert(conn, "conversations", totals)
+            rows_out += totals.height
         result.rows_in += rows_in
-        result.rows_out += rows_out + totals.height
+        result.rows_out += rows_out
 
     # -- recomputing whole days from the raw events -------------------------------------
 
@@ -224,18 +233,18 @@ class RollupJob:
         prices: _Prices,
         *,
         replace: bool,
-    ) -> tuple[int, int, pl.DataFrame]:
+    ) -> tuple[int, int, set[str]]:
         """Every rollup of whole days (their summaries and pending events included), given
         with their numbers of events. Rolled up one day at a time: a day's groups fit in
         the CPU's caches, where a week's do not, and grouping is most of the work. Read a
-        few days at a time (`_spans`). Returns rows in, rows out, and the days'
-        `conversation_days` rows."""
+        few days at a time (`_spans`). Returns rows in, rows out, and when replacing days,
+        the conversations they hold (whose totals are then out of date)."""
         days = list(per_day)
         if replace:
             for table in _DAY_TABLES:
                 _delete_days(conn, table, days)
         rows_in, batch = 0, _Batch()
-        conv = [pl.DataFrame(schema=rollups.CONVERSATION_DAYS_SCHEMA)]
+        roots: set[str] = set()
         with _membership(conn, watermark, None if not replace else days):
             for span in _spans(per_day):
                 if self._cancelled.is_set():
@@ -246,7 +255,8 @@ class RollupJob:
                 rows_in += events.height
                 for day in span:
                     outputs = self._day(_on_day(events, day), prices)
-                    conv.append(outputs["conversation_days"])
+                    if replace:
+                        roots.update(outputs["conversation_days"]["root_id"].unique().to_list())
                     batch.add(outputs)
                     if batch.rows >= _BATCH_ROWS:
                         batch.write(conn)
@@ -258,8 +268,7 @@ class RollupJob:
                             conn.execute("BEGIN TRANSACTION")
                 del events
             batch.write(conn)
-        # Not rechunked: a copy of every day's rows at the moment memory peaks.
-        return rows_in, batch.written, pl.concat(conv, how="vertical_relaxed", rechunk=False)
+        return rows_in, batch.written, roots
 
     def _read(
         self, conn: duckdb.DuckDBPyConnection, start: datetime, end: datetime, watermark: int
@@ -369,12 +378,12 @@ class RollupJob:
                 )
 
         if dirty:
-            rows_in, written, conv = self._recompute(
+            rows_in, written, recomputed_roots = self._recompute(
                 conn, _events_per_day(conn, watermark, dirty), watermark, priced_by, replace=True
             )
             result.rows_in += rows_in
             rows_out += written
-            roots |= set(conv["root_id"].unique().to_list())
+            roots |= recomputed_roots
         rows_out += self._refresh_conversations(conn, roots, links.dissolved)
         result.rows_in += changed.height + moved.height
         result.rows_out += rows_out
@@ -762,7 +771,9 @@ _DAY_TABLES = {
 _BATCH_ROWS = 1_500_000
 # Events read at a time (whole days): a day of a small warehouse is one or two of DuckDB's
 # row groups, and a scan shares its row groups out among its threads.
-_READ_ROWS = 500_000
+_READ_ROWS = 250_000
+# A full rebuild adds up the conversations' days a share of the roots at a time.
+_CONVERSATION_PARTS = 4
 
 
 def _events_per_day(

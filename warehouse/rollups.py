@@ -220,21 +220,6 @@ def conversation_days_named(priced: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-CONVERSATION_DAYS_SCHEMA: dict[str, pl.DataType] = {
-    "root_id": pl.String(),
-    "bucket": pl.Datetime("us", "UTC"),
-    "user_id": pl.String(),
-    "first_at": pl.Datetime("us", "UTC"),
-    "last_at": pl.Datetime("us", "UTC"),
-    "responses": pl.Int64(),
-    "input_tokens": pl.Int64(),
-    "output_tokens": pl.Int64(),
-    "total_tokens": pl.Int64(),
-    "cost_pico": _MONEY,
-    "unpriced": pl.Int64(),
-}
-
-
 def conversations(days: pl.LazyFrame) -> pl.LazyFrame:
     """What each conversation cost as it grew: its days added up."""
     return days.group_by("root_id").agg(

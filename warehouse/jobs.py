@@ -176,26 +176,25 @@ class RollupJob:
         # Marks first: whatever lands while this run works is picked up by the next one
         # (every read below stops at the watermark, so nothing is counted twice).
         watermark = _scalar(conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
-        price_mark = _scalar(conn, "SELECT coalesce(max(price_id), 0) FROM prices")
+        price_mark, prices, priced_by = self._prices(conn)
         last = fetch_one(conn, _LAST_RUN_SQL, [ROLLUP])
         result.watermark, result.price_mark = watermark, price_mark
-        prices, priced_by = self._prices(conn)
         if full or last is None:
             self._rebuild(conn, watermark, priced_by, result)
         else:
             self._increment(conn, int(last[0]), watermark, int(last[1]), prices, priced_by, result)
 
-    def _prices(self, conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, _Prices]:
-        """The catalog and its intervals, worked out again only when it changed: prices
-        are only ever added, so their count and highest id name the catalog (the count
-        too, since a price given a lower id may commit after a higher one)."""
+    def _prices(self, conn: duckdb.DuckDBPyConnection) -> tuple[int, pl.DataFrame, _Prices]:
+        """The price mark (the highest `price_id`), the catalog and its intervals, worked
+        out again only when the catalog changed: prices are only ever added, so their
+        count and highest id name it."""
         state = fetch_one(conn, "SELECT coalesce(max(price_id), 0), count(*) FROM prices")
         key = (int(state[0]), int(state[1])) if state is not None else (0, 0)
         if self._catalog is None or self._catalog[0] != key:
             prices = price_table(conn)
             models = prices["model"].unique().to_list()
             self._catalog = (key, prices, _Prices(models, pricing.effective_intervals(prices)))
-        return self._catalog[1], self._catalog[2]
+        return key[0], self._catalog[1], self._catalog[2]
 
     # -- a full rebuild ------------------------------------------------------------------
 
@@ -780,25 +779,22 @@ def _events_per_day(
     conn: duckdb.DuckDBPyConnection, watermark: int, days: list[datetime] | None
 ) -> dict[datetime, int]:
     """Events per UTC day, in order: every day's, or those of `days` (0 where none)."""
-    if days is None:
-        rows = conn.execute(
-            """SELECT date_trunc('day', created_at) AS day, count(*) FROM usage_events
-               WHERE ingest_seq <= ? AND created_at IS NOT NULL GROUP BY day""",
-            [watermark],
-        ).fetchall()
-        return dict(sorted(rows))
-    if not days:
+    if days is not None and not days:
         return {}
-    with _registered(conn, "_days", _day_frame(days)):
-        counted = dict(
+    where, params = "ingest_seq <= ? AND created_at IS NOT NULL", list[object]([watermark])
+    if days is not None:
+        on_days, bounds = _on_days("created_at", days)
+        where, params = f"{where} AND {on_days}", [*params, *bounds]
+    with _registered(conn, "_days", _day_frame(days or [])):
+        counted: dict[datetime, int] = dict(
             conn.execute(
-                """SELECT date_trunc('day', created_at) AS day, count(*) FROM usage_events
-                   WHERE ingest_seq <= ? AND created_at >= ? AND created_at < ?
-                     AND date_trunc('day', created_at) IN (SELECT day FROM _days)
-                   GROUP BY day""",
-                [watermark, min(days), max(days) + timedelta(days=1)],
+                f"""SELECT date_trunc('day', created_at) AS day, count(*) FROM usage_events
+                    WHERE {where} GROUP BY day""",
+                params,
             ).fetchall()
         )
+    if days is None:
+        return dict(sorted(counted.items()))
     return {day: counted.get(day, 0) for day in sorted(days)}
 
 
@@ -922,13 +918,19 @@ def _delete_in(
 
 
 def _delete_days(conn: duckdb.DuckDBPyConnection, table: str, days: list[datetime]) -> None:
-    column = _DAY_TABLES[table]
+    on_days, bounds = _on_days(_DAY_TABLES[table], days)
     with _registered(conn, "_days", _day_frame(days)):
-        conn.execute(
-            f"""DELETE FROM {table} WHERE {column} >= ? AND {column} < ?
-                  AND date_trunc('day', {column}) IN (SELECT day FROM _days)""",
-            [min(days), max(days) + timedelta(days=1)],
-        )
+        conn.execute(f"DELETE FROM {table} WHERE {on_days}", bounds)
+
+
+def _on_days(column: str, days: list[datetime]) -> tuple[str, list[object]]:
+    """A condition holding the rows whose `column` falls on one of `days` (registered as
+    `_days`), and its parameters: the bounds let zone maps skip the rest (IN would not)."""
+    within = f"{column} >= ? AND {column} < ?"
+    return (
+        f"{within} AND date_trunc('day', {column}) IN (SELECT day FROM _days)",
+        [min(days), max(days) + timedelta(days=1)],
+    )
 
 
 def _merge_delta(

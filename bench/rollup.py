@@ -9,7 +9,10 @@ One run, in a fresh DuckDB file in a temporary directory:
    with DuckDB SQL alone, and seeds the price catalog;
 2. times a full rebuild (`RollupJob.run(full=True)`), with a breakdown of where it goes;
 3. times the same per-day aggregation (count, token sums, cost from a prices join)
-   written as one plain DuckDB SQL statement: the baseline;
+   written as one plain DuckDB SQL statement: the baseline; then the job's usage rollups
+   themselves (hourly, daily, tags and the two summaries, each at the job's grain, as
+   tables) in plain DuckDB SQL, and checks they hold the job's rows: what DuckDB alone
+   takes to build them; and the floors (reading the events, copying the rows written);
 4. inserts `--new-events` events (most in the last day, a few hundred late ones dated
    days earlier) and completes the background responses still `queued`, then times an
    incremental run in a fresh process (as after a restart) and checks it added to exactly
@@ -510,9 +513,11 @@ def phase_full(db: Path, memory_limit: str | None) -> dict[str, Any]:
     }
 
 
-_BASELINE_SQL = r"""
-CREATE OR REPLACE TABLE bench_baseline_daily AS
-WITH price_now AS (
+# What both SQL phases price with: the default tier's price of each model in force now
+# (by its own name, else its dated snapshot's family), in pico-dollars per token. Exact for
+# the default tier over the window; flex, priority and fine-tunes are not priced by it.
+_PRICED_SQL = r"""
+price_now AS (
     SELECT model,
            CAST(input_per_mtok * 1000000 AS BIGINT) AS input_pico,
            CAST(coalesce(cached_input_per_mtok, input_per_mtok) * 1000000 AS BIGINT)
@@ -524,9 +529,9 @@ WITH price_now AS (
     QUALIFY row_number() OVER (PARTITION BY model
                                ORDER BY priority DESC, recorded_at DESC, price_id DESC) = 1
 ), priced AS (
-    SELECT e.created_at, e.user_id, e.model, e.service_tier, e.status,
-           e.input_tokens, e.cached_input_tokens, e.output_tokens, e.reasoning_tokens,
-           e.total_tokens, e.web_search_calls,
+    SELECT e.created_at, e.user_id, e.model, e.service_tier, e.status, e.endpoint,
+           e.metadata, e.input_tokens, e.cached_input_tokens, e.cache_write_tokens,
+           e.output_tokens, e.reasoning_tokens, e.total_tokens, e.web_search_calls,
            coalesce(exact.input_pico, family.input_pico) AS input_pico,
            coalesce(exact.cached_pico, family.cached_pico) AS cached_pico,
            coalesce(exact.output_pico, family.output_pico) AS output_pico,
@@ -535,7 +540,17 @@ WITH price_now AS (
     LEFT JOIN price_now AS exact ON exact.model = e.model
     LEFT JOIN price_now AS family
            ON family.model = regexp_replace(e.model, '-\d{4}-\d{2}-\d{2}$', '')
-)
+)"""
+_COST_SQL = """sum(CAST((coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0)) * input_pico
+                + coalesce(cached_input_tokens, 0) * cached_pico
+                + coalesce(output_tokens, 0) * output_pico
+                + coalesce(web_search_calls, 0) * search_pico AS DECIMAL(38, 0))) AS cost_pico,
+       count(*) FILTER (input_pico IS NULL
+                        AND coalesce(input_tokens, 0) + coalesce(output_tokens, 0) > 0)
+           AS unpriced"""
+_BASELINE_SQL = f"""
+CREATE OR REPLACE TABLE bench_baseline_daily AS
+WITH {_PRICED_SQL}
 SELECT date_trunc('day', created_at) AS bucket, user_id, model, service_tier, status,
        count(*) AS requests,
        sum(coalesce(input_tokens, 0)) AS input_tokens,
@@ -544,16 +559,66 @@ SELECT date_trunc('day', created_at) AS bucket, user_id, model, service_tier, st
        sum(coalesce(reasoning_tokens, 0)) AS reasoning_tokens,
        sum(coalesce(total_tokens, 0)) AS total_tokens,
        sum(coalesce(web_search_calls, 0)) AS web_search_calls,
-       sum(CAST((coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0)) * input_pico
-                + coalesce(cached_input_tokens, 0) * cached_pico
-                + coalesce(output_tokens, 0) * output_pico
-                + coalesce(web_search_calls, 0) * search_pico AS DECIMAL(38, 0))) AS cost_pico,
-       count(*) FILTER (input_pico IS NULL
-                        AND coalesce(input_tokens, 0) + coalesce(output_tokens, 0) > 0)
-           AS unpriced
+       {_COST_SQL}
 FROM priced
 GROUP BY ALL
 """
+
+# The usage rollups of the job (not its conversations), each at the job's grain, written
+# by plain DuckDB SQL as tables of the same file: what DuckDB alone takes to build them.
+_USAGE_SUMS = (
+    "requests",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "web_search_calls",
+    "cost_pico",
+    "errors",
+    "incomplete",
+    "failed",
+    "unpriced",
+)
+_SUMMED = ", ".join(f"sum({c}) AS {c}" for c in _USAGE_SUMS)
+_GRAIN = "user_id, model, service_tier, status, endpoint"
+_TAG_KEYS = RollupConfig().tag_keys
+_TAG_PATHS = ", ".join("'$.\"" + key + "\"'" for key in _TAG_KEYS)
+_SQL_ROLLUPS: dict[str, str] = {
+    "usage_hourly": f"""
+        WITH {_PRICED_SQL}
+        SELECT date_trunc('hour', created_at) AS bucket, {_GRAIN},
+               count(*) AS requests,
+               {", ".join(f"sum(coalesce({c}, 0)) AS {c}" for c in _USAGE_SUMS[1:8])},
+               {_COST_SQL},
+               count(*) FILTER (status = 'error') AS errors,
+               count(*) FILTER (status = 'incomplete') AS incomplete,
+               count(*) FILTER (status = 'failed') AS failed
+        FROM priced GROUP BY ALL""",
+    "usage_daily": f"""SELECT date_trunc('day', bucket) AS bucket, {_GRAIN}, {_SUMMED}
+        FROM bench_sql_usage_hourly GROUP BY ALL""",
+    "usage_daily_users": f"""SELECT date_trunc('day', bucket) AS bucket, user_id, {_SUMMED},
+               min(bucket) AS first_hour, max(bucket) AS last_hour
+        FROM bench_sql_usage_hourly GROUP BY ALL""",
+    "usage_daily_models": f"""SELECT bucket, model, service_tier, status, endpoint, {_SUMMED}
+        FROM bench_sql_usage_daily GROUP BY ALL""",
+    "usage_daily_tags": f"""
+        WITH {_PRICED_SQL}, tagged AS (
+            SELECT *, json_extract_string(metadata, [{_TAG_PATHS}]) AS tag_values
+            FROM priced
+        ), flat AS (
+            SELECT *, ({list(_TAG_KEYS)})[i] AS tag_key, tag_values[i] AS tag_value
+            FROM tagged, range(1, {len(_TAG_KEYS) + 1}) AS keys(i)
+        )
+        SELECT date_trunc('day', created_at) AS bucket, tag_key, tag_value, model,
+               count(*) AS requests,
+               sum(coalesce(input_tokens, 0)) AS input_tokens,
+               sum(coalesce(output_tokens, 0)) AS output_tokens,
+               sum(coalesce(total_tokens, 0)) AS total_tokens,
+               {_COST_SQL}
+        FROM flat WHERE tag_value IS NOT NULL GROUP BY ALL""",
+}
 
 
 def phase_baseline(db: Path, memory_limit: str | None) -> dict[str, Any]:
@@ -589,6 +654,41 @@ def phase_baseline(db: Path, memory_limit: str | None) -> dict[str, Any]:
         "job_unpriced": int(job[1]),
         "subset_sql_pico": int(subset[0] or 0),
         "subset_job_pico": int(subset[1] or 0),
+    }
+
+
+def phase_sql_rollups(db: Path, memory_limit: str | None) -> dict[str, Any]:
+    """The job's usage rollups (hourly, daily, tags and the two summaries: every table but
+    the conversations') written by plain DuckDB SQL, each at the job's grain, as tables
+    of the same file, then checked against the job's row counts and dropped. Priced more
+    simply than the job (`_PRICED_SQL`), so this is less work than the job's, not more."""
+    conn = _open(db, memory_limit)
+    seconds: dict[str, float] = {}
+    clock, cpu = time.perf_counter(), time.process_time()
+    for table, sql in _SQL_ROLLUPS.items():
+        started = time.perf_counter()
+        conn.execute(f"CREATE TABLE bench_sql_{table} AS {sql}")
+        seconds[table] = time.perf_counter() - started
+    conn.execute("CHECKPOINT")
+    total_s, cpu_s = time.perf_counter() - clock, time.process_time() - cpu
+    rows = {
+        table: (
+            int(_scalar(conn, f"SELECT count(*) FROM bench_sql_{table}")),
+            int(_scalar(conn, f"SELECT count(*) FROM {table}")),
+        )
+        for table in _SQL_ROLLUPS
+    }
+    requests = _scalar(conn, "SELECT sum(requests) FROM bench_sql_usage_daily")
+    for table in reversed(list(_SQL_ROLLUPS)):
+        conn.execute(f"DROP TABLE bench_sql_{table}")
+    conn.execute("CHECKPOINT")
+    conn.close()
+    return {
+        "seconds": total_s,
+        "cpu_s": cpu_s,
+        "tables": seconds,
+        "rows": rows,
+        "requests": int(requests),
     }
 
 
@@ -750,6 +850,8 @@ def run_phase(args: argparse.Namespace) -> None:
         out = phase_full(db, args.memory_limit)
     elif args.phase == "baseline":
         out = phase_baseline(db, args.memory_limit)
+    elif args.phase == "sql_rollups":
+        out = phase_sql_rollups(db, args.memory_limit)
     elif args.phase == "floor":
         out = phase_floor(db, args.memory_limit)
     elif args.phase == "incremental":
@@ -991,6 +1093,26 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         f"({base['job_unpriced']:,} unpriced; prices in force per tier)"
     )
 
+    sql_run = spawn("sql_rollups", db, *limit)
+    sql = sql_run.result
+    sql_s = float(sql["seconds"])
+    same_grain = all(ours == job for ours, job in sql["rows"].values())
+    print(
+        f"\nSQL rollups  {sql_s:.2f} s ({sql['cpu_s']:.1f} CPU-s): the same usage rollups in plain "
+        f"DuckDB SQL, written as tables (every table but the conversations'; simpler prices)"
+    )
+    print(
+        "             "
+        + ", ".join(
+            f"{t} {sql['tables'][t]:.1f} s ({n:,} rows)" for t, (n, _) in sql["rows"].items()
+        )
+    )
+    print(
+        f"             same rows as the job's tables: {'OK' if same_grain else 'WRONG'}; "
+        f"the job (conversations too) takes {full_s / sql_s:.2f}x this; the {FULL_S:.0f} s "
+        f"target is {FULL_S / sql_s:.2f}x it"
+    )
+
     floor_run = spawn("floor", db, *limit)
     floor = floor_run.result
     floor_s = float(floor["seconds"])
@@ -1051,6 +1173,7 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         ("generate", gen_run),
         ("full", full_run),
         ("baseline", base_run),
+        ("sql_rollups", sql_run),
         ("floor", floor_run),
         ("incremental", inc_run),
     )
@@ -1080,6 +1203,13 @@ def drive(args: argparse.Namespace, db: Path) -> int:
             "job cost = SQL cost (default tier, no image tool, no fine-tune)",
             base["subset_sql_pico"] == base["subset_job_pico"],
             f"{_usd(base['subset_job_pico'])} vs {_usd(base['subset_sql_pico'])}",
+        )
+    )
+    checks.append(
+        (
+            "SQL rollups: the job's row count in every table, every event counted",
+            same_grain and sql["requests"] == base["events"],
+            f"{sql['requests']:,} requests",
         )
     )
     checks.append(("incremental added to the changed days only, recomputed none", days_ok, ""))
@@ -1123,6 +1253,13 @@ def drive(args: argparse.Namespace, db: Path) -> int:
             "same daily aggregation, plain DuckDB SQL",
             f"{base['events']:,} in, {base['rows_out']:,} out",
             f"{base_s:.2f} s ({_rate(base['events'], base_s)})",
+            "",
+            "",
+        ],
+        [
+            "the same usage rollups, plain DuckDB SQL (no conversations)",
+            f"{base['events']:,} in, {sum(n for n, _ in sql['rows'].values()):,} out",
+            f"{sql_s:.2f} s ({_rate(base['events'], sql_s)})",
             "",
             "",
         ],

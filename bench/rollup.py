@@ -68,6 +68,7 @@ from warehouse import jobs
 from warehouse.db import open_warehouse
 from warehouse.jobs import RollupConfig, RollupJob, RunResult
 from warehouse.prices import seed_published
+from warehouse.rollups import USAGE_MEASURES
 
 
 def code_fingerprint() -> str:
@@ -566,22 +567,12 @@ GROUP BY ALL
 
 # The usage rollups of the job (not its conversations), each at the job's grain, written
 # by plain DuckDB SQL as tables of the same file: what DuckDB alone takes to build them.
-_USAGE_SUMS = (
-    "requests",
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "web_search_calls",
-    "cost_pico",
-    "errors",
-    "incomplete",
-    "failed",
-    "unpriced",
+_SUMMED = ", ".join(f"sum({c}) AS {c}" for c in USAGE_MEASURES)
+_COUNTED_SQL = ", ".join(
+    f"sum(coalesce({c}, 0)) AS {c}"
+    for c in USAGE_MEASURES
+    if c.endswith("_tokens") or c == "web_search_calls"
 )
-_SUMMED = ", ".join(f"sum({c}) AS {c}" for c in _USAGE_SUMS)
 _GRAIN = "user_id, model, service_tier, status, endpoint"
 _TAG_KEYS = RollupConfig().tag_keys
 _TAG_PATHS = ", ".join("'$.\"" + key + "\"'" for key in _TAG_KEYS)
@@ -590,7 +581,7 @@ _SQL_ROLLUPS: dict[str, str] = {
         WITH {_PRICED_SQL}
         SELECT date_trunc('hour', created_at) AS bucket, {_GRAIN},
                count(*) AS requests,
-               {", ".join(f"sum(coalesce({c}, 0)) AS {c}" for c in _USAGE_SUMS[1:8])},
+               {_COUNTED_SQL},
                {_COST_SQL},
                count(*) FILTER (status = 'error') AS errors,
                count(*) FILTER (status = 'incomplete') AS incomplete,

@@ -68,7 +68,8 @@ from warehouse import jobs
 from warehouse.db import open_warehouse
 from warehouse.jobs import RollupConfig, RollupJob, RunResult
 from warehouse.prices import seed_published
-from warehouse.rollups import USAGE_MEASURES
+from warehouse.rollups import HOURLY_KEYS, USAGE_MEASURES
+from warehouse.summaries import MODEL_KEYS
 
 
 def code_fingerprint() -> str:
@@ -573,7 +574,8 @@ _COUNTED_SQL = ", ".join(
     for c in USAGE_MEASURES
     if c.endswith("_tokens") or c == "web_search_calls"
 )
-_GRAIN = "user_id, model, service_tier, status, endpoint"
+_GRAIN = ", ".join(k for k in HOURLY_KEYS if k != "bucket")
+_MODEL_GRAIN = ", ".join(k for k in MODEL_KEYS if k != "bucket")
 _TAG_KEYS = RollupConfig().tag_keys
 _TAG_PATHS = ", ".join("'$.\"" + key + "\"'" for key in _TAG_KEYS)
 _SQL_ROLLUPS: dict[str, str] = {
@@ -592,7 +594,7 @@ _SQL_ROLLUPS: dict[str, str] = {
     "usage_daily_users": f"""SELECT date_trunc('day', bucket) AS bucket, user_id, {_SUMMED},
                min(bucket) AS first_hour, max(bucket) AS last_hour
         FROM bench_sql_usage_hourly GROUP BY ALL""",
-    "usage_daily_models": f"""SELECT bucket, model, service_tier, status, endpoint, {_SUMMED}
+    "usage_daily_models": f"""SELECT bucket, {_MODEL_GRAIN}, {_SUMMED}
         FROM bench_sql_usage_daily GROUP BY ALL""",
     "usage_daily_tags": f"""
         WITH {_PRICED_SQL}, tagged AS (

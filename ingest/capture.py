@@ -10,6 +10,7 @@ what the client did not ask for, so the client sees what the upstream would have
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 import zlib
@@ -18,24 +19,34 @@ from typing import Any, Literal
 
 import orjson
 
-from ingest import usage
+from ingest import json_text, usage
 from ingest.events import TERMINAL_STATUSES, EventKind, UsageEvent
-from ingest.sse import SSESplitter, event_fields
+from ingest.sse import SSEEvent, SSEParser, replace_data
 
 Endpoint = Literal["responses", "chat.completions"]
 
-_RESPONSE_EVENTS_WITH_OBJECT = frozenset(
-    {
-        b"response.created",
-        b"response.queued",
-        b"response.in_progress",
-        b"response.completed",
-        b"response.incomplete",
-        b"response.failed",
-        b"response.cancelled",
-    }
-)
-_DELTA_MARK = b'"type":"response.output_text.delta"'
+# The pre-filters: bytes an event must contain to be worth parsing. A `\u` escape may
+# spell any of them, so an event with one is always parsed.
+_CHAT_INTEREST = re.compile(rb'"(?:usage|finish_reason)"\s*:\s*[{"]|\\u')
+
+
+def _may_carry_response(data: bytes) -> bool:
+    """A Responses event with a `response` object or an `error` (every terminal event
+    and `response.created`), never a bare delta: deltas are most of the stream."""
+    return b'"response"' in data or b'"error"' in data or b"\\u" in data
+
+
+def _may_carry_chat_usage(data: bytes) -> bool:
+    """A Chat Completions chunk with a usage object or a finish reason."""
+    return _CHAT_INTEREST.search(data) is not None
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def now_us() -> int:
@@ -150,7 +161,13 @@ class JSONCapture:
 
 
 class StreamCapture:
-    """An SSE answer, read event by event as it passes."""
+    """An SSE answer, read event by event as it passes.
+
+    Events are read by their meaning: parsed as SSE, then as JSON, whatever the
+    spacing, key order, line ends or chunk boundaries. Most events are deltas that
+    carry nothing we need; a byte pre-filter skips them, and it can only err towards
+    parsing (see `_may_carry_response` and `_may_carry_chat_usage`).
+    """
 
     def __init__(self, facts: RequestFacts, encoding: str | None, http_status: int) -> None:
         self.facts = facts
@@ -158,9 +175,15 @@ class StreamCapture:
         self.event = facts.new_event()
         self.event.streamed = True
         self.done = False  # the terminal event has been seen
-        self._splitter = SSESplitter()
+        self._parser = SSEParser()
         self._decoder = Decoder(encoding)
         self._seen_first_chunk = False
+
+    @property
+    def rewrites(self) -> bool:
+        """Whether the client gets rebuilt bytes (decoded, re-framed) rather than the
+        upstream's own: then Content-Length and Content-Encoding no longer hold."""
+        return self.facts.strip_chat_usage and self._decoder.supported
 
     def feed(self, chunk: bytes) -> bytes:
         """Read `chunk`; return the bytes to forward to the client."""
@@ -168,38 +191,23 @@ class StreamCapture:
             return chunk
         decoded = self._decoder.feed(chunk)
         if self.facts.strip_chat_usage:
-            # Re-frame on event boundaries: what we forward is rebuilt from whole events.
-            return b"".join(self._strip(raw) for raw in self._splitter.feed(decoded))
-        for raw in self._splitter.feed(decoded):
-            self._read(raw)
+            # Forward what is rebuilt from whole events, less what the client did not ask for.
+            return b"".join(self._strip(sse) for sse in self._parser.feed(decoded))
+        read = self._read_responses_event if self.facts.endpoint == "responses" else self._read_chat
+        for sse in self._parser.feed(decoded):
+            if sse.data is not None:
+                read(sse.data)
         return chunk
 
     def flush_tail(self) -> bytes:
         """Bytes of an unterminated last event (forwarded as they were)."""
-        return self._splitter.pending if self.facts.strip_chat_usage else b""
+        return self._parser.pending if self.rewrites else b""
 
-    def _read(self, raw: bytes) -> None:
-        if self.facts.endpoint == "responses":
-            self._read_responses_event(raw)
-        else:
-            self._read_chat_chunk(raw)
-
-    def _read_responses_event(self, raw: bytes) -> None:
-        # Most events are deltas: reject them on their `event:` line without parsing.
-        if raw.startswith(b"event: "):
-            head = raw[7 : raw.find(b"\n")].rstrip(b"\r")
-            if head not in _RESPONSE_EVENTS_WITH_OBJECT and head != b"error":
-                return
-        name, data = event_fields(raw)
-        if name is not None and name not in _RESPONSE_EVENTS_WITH_OBJECT and name != b"error":
+    def _read_responses_event(self, data: bytes) -> None:
+        if not _may_carry_response(data):
             return
-        if name is None and (not data or _DELTA_MARK in data):
-            return
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(obj, dict):
+        obj = _json_object(data)
+        if obj is None:
             return
         kind = obj.get("type")
         if kind == "error":
@@ -214,30 +222,35 @@ class StreamCapture:
             if self.event.status in TERMINAL_STATUSES and kind != "response.created":
                 self.done = True
 
-    def _read_chat_chunk(self, raw: bytes) -> None:
-        _, data = event_fields(raw)
-        if not data or data == b"[DONE]":
-            return
-        first = not self._seen_first_chunk
-        if not (first or b'"usage":{' in data or b'"finish_reason":"' in data):
-            return
+    def _read_chat(self, data: bytes) -> dict[str, Any] | None:
+        """Read one chunk; return it parsed when it was parsed."""
+        if not self._seen_first_chunk:
+            if data.strip() == b"[DONE]":
+                return None
+        elif not _may_carry_chat_usage(data):
+            return None
+        obj = _json_object(data)
+        if obj is None:
+            return None
         self._seen_first_chunk = True
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(obj, dict):
-            usage.apply_chat_completion(self.event, obj)
-            if isinstance(obj.get("usage"), dict):
-                self.event.status = usage.chat_status(self.event)
-                self.done = True
+        usage.apply_chat_completion(self.event, obj)
+        if isinstance(obj.get("usage"), dict):
+            self.event.status = usage.chat_status(self.event)
+            self.done = True
+        return obj
 
-    def _strip(self, raw: bytes) -> bytes:
-        self._read_chat_chunk(raw)
-        _, data = event_fields(raw)
-        if data.startswith(b"{") and b'"usage":{' in data and b'"choices":[]' in data:
-            return b""  # the usage-only chunk the client did not ask for
-        return raw.replace(b',"usage":null', b"")
+    def _strip(self, sse: SSEEvent) -> bytes:
+        """The event as the client would have had it had we not asked for usage."""
+        if sse.data is None:
+            return sse.raw
+        obj = self._read_chat(sse.data)
+        if obj is None and (b"usage" in sse.data or b"\\u" in sse.data):
+            obj = _json_object(sse.data)
+        if obj is None or "usage" not in obj:
+            return sse.raw
+        if obj.get("choices") == [] and isinstance(obj["usage"], dict):
+            return sse.raw[: sse.lead]  # the usage-only chunk the client did not ask for
+        return replace_data(sse, json_text.without_member(sse.data, obj, "usage"))
 
     def finish(self, *, client_disconnected: bool) -> UsageEvent:
         """The event at the end of the stream, whatever happened to it."""

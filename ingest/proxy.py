@@ -414,7 +414,9 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": upstream.status,
-                "headers": _response_headers(upstream, keep_length=not facts.strip_chat_usage),
+                "headers": _response_headers(
+                    upstream, keep_length=not capture.rewrites, keep_encoding=not capture.rewrites
+                ),
             }
         )
         try:
@@ -504,13 +506,19 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 
 def _response_headers(
-    upstream: UpstreamResponse, *, keep_length: bool
+    upstream: UpstreamResponse, *, keep_length: bool, keep_encoding: bool = True
 ) -> list[tuple[bytes, bytes]]:
-    return [
-        (k, v)
-        for k, v in upstream.raw_headers
-        if (k.lower() not in _HOP_BY_HOP or (keep_length and k.lower() == b"content-length"))
-    ]
+    """The upstream's headers less hop-by-hop ones. A body we rebuild is sent decoded,
+    so it keeps neither the upstream's length nor its encoding."""
+    kept = []
+    for key, value in upstream.raw_headers:
+        name = key.lower()
+        if name in _HOP_BY_HOP and not (keep_length and name == b"content-length"):
+            continue
+        if name == b"content-encoding" and not keep_encoding:
+            continue
+        kept.append((key, value))
+    return kept
 
 
 def _parse_json_object(body: bytes) -> dict[str, Any] | None:

@@ -49,6 +49,7 @@ from tokentill.fakeai.sse import (
 )
 from tokentill.fakeai.store import BackgroundJob, ResponseStore
 from tokentill.fakeai.usage import UsagePlan, UsageSynth, plan_usage
+from tokentill.fakeai.wire import OPENAI, WIRE_HEADER, Wire, WireWriter, parse_wire
 
 RESPONSES_PATH: Final = "/v1/responses"
 CHAT_PATH: Final = "/v1/chat/completions"
@@ -125,7 +126,8 @@ def _api_key(request: Request) -> str:
 class FakeUpstream:
     """State shared by the routes: usage source, stored responses and the ledger."""
 
-    def __init__(self, seed: int | None) -> None:
+    def __init__(self, seed: int | None, wire: Wire = OPENAI) -> None:
+        self.wire = wire
         self.synth = UsageSynth(seed)
         self.ledger = Ledger()
         self.store = ResponseStore()
@@ -142,6 +144,12 @@ class FakeUpstream:
         )
 
     # -- shared request handling ------------------------------------------------------
+
+    def _writer(self, request: Request, key: str) -> WireWriter:
+        """How this answer is spelled: the fake's wire, or the request's ``x-fake-wire``."""
+        spec = request.headers.get(WIRE_HEADER)
+        wire = self.wire if spec is None else parse_wire(spec, self.wire)
+        return wire.writer(key)
 
     async def _accept(
         self, request: Request, endpoint: Endpoint
@@ -244,6 +252,7 @@ class FakeUpstream:
             forced_reason=reason,
         )
         headers = _headers(draft.request_id, started)
+        wire = self._writer(request, draft.id)
         scenario = controls.scenario
         if scenario is Scenario.GARBAGE:
             self._record_response(draft, key, delivered=False)
@@ -252,7 +261,7 @@ class FakeUpstream:
         if controls.initial_delay_s and not info.stream:
             await asyncio.sleep(controls.initial_delay_s)
         if info.background:
-            return self._start_background(draft, key, controls, headers)
+            return self._start_background(draft, key, controls, headers, wire)
         if info.stream:
 
             def finished() -> None:
@@ -262,17 +271,22 @@ class FakeUpstream:
 
             if info.store:
                 self.store.put(draft.id, dump(draft.pending("in_progress")))
-            return self._stream(_response_frames(draft), controls, headers, finished)
+            return self._stream(_response_frames(draft, wire), controls, headers, finished)
         body = dump(draft.final())
         self._record_response(draft, key, delivered=not cut)
         if info.store:
             self.store.put(draft.id, body)
         if cut:
-            return TruncatedBody(body, headers=headers)
-        return _json(body, headers)
+            return TruncatedBody(wire.json(body), headers=headers)
+        return _json(wire.json(body), headers)
 
     def _start_background(
-        self, draft: ResponseDraft, key: str, controls: Controls, headers: dict[str, str]
+        self,
+        draft: ResponseDraft,
+        key: str,
+        controls: Controls,
+        headers: dict[str, str],
+        wire: WireWriter,
     ) -> Response:
         def settled(job: BackgroundJob) -> None:
             self._record_response(draft, key, status=job.status)
@@ -281,8 +295,8 @@ class FakeUpstream:
         self.store.put(draft.id, job)
         job.start(controls.background_delay_s)
         if draft.info.stream:
-            return self._stream(_response_frames(draft), controls, headers, job.finish)
-        return _json(job.body, headers)
+            return self._stream(_response_frames(draft, wire), controls, headers, job.finish)
+        return _json(wire.json(job.body), headers)
 
     @staticmethod
     def _stream(
@@ -369,6 +383,7 @@ class FakeUpstream:
             forced=_CHAT_FORCED.get(controls.scenario),
         )
         headers = _headers(ids.request_id(), started)
+        wire = self._writer(request, draft.id)
         scenario = controls.scenario
         if scenario is Scenario.GARBAGE:
             self._record_chat(draft, key, delivered=False)
@@ -376,7 +391,7 @@ class FakeUpstream:
         cut = scenario is Scenario.CUT
         if info.stream:
             return self._stream(
-                _chat_frames(draft),
+                _chat_frames(draft, wire),
                 controls,
                 headers,
                 lambda: self._record_chat(draft, key, delivered=not cut),
@@ -386,7 +401,7 @@ class FakeUpstream:
         if draft.outcome == "failed":
             self._record_chat(draft, key)
             raise errors.server_error()
-        body = dump(draft.completion())
+        body = wire.json(dump(draft.completion()))
         self._record_chat(draft, key, delivered=not cut)
         if cut:
             return TruncatedBody(body, headers=headers)
@@ -444,16 +459,26 @@ class FakeUpstream:
         raise errors.unknown_url(request.method, request.url.path)
 
 
-def _response_frames(draft: ResponseDraft) -> Iterator[bytes]:
+def _response_frames(draft: ResponseDraft, wire: WireWriter) -> Iterator[bytes]:
     for event in draft.events():
-        yield event_frame(getattr(event, "type", ""), dump(event))
+        if wire.wire.is_openai:
+            yield event_frame(getattr(event, "type", ""), dump(event))
+        else:
+            yield from wire.frame(getattr(event, "type", ""), dump(event))
 
 
-def _chat_frames(draft: ChatDraft) -> Iterator[bytes]:
+def _chat_frames(draft: ChatDraft, wire: WireWriter) -> Iterator[bytes]:
     for chunk in draft.chunks():
-        yield data_frame(chunk if isinstance(chunk, bytes) else dump(chunk))
+        payload = chunk if isinstance(chunk, bytes) else dump(chunk)
+        if wire.wire.is_openai:
+            yield data_frame(payload)
+        else:
+            yield from wire.frame(None, payload)
     if draft.outcome != "failed":
-        yield DONE_FRAME
+        if wire.wire.is_openai:
+            yield DONE_FRAME
+        else:
+            yield from wire.frame(None, b"[DONE]")
 
 
 def _warm_up(fake: FakeUpstream) -> None:
@@ -469,13 +494,14 @@ def _warm_up(fake: FakeUpstream) -> None:
     )
     draft = draft_chat(chat, plan_usage(chat, rng), rng, created=0)
     dump(draft.completion())
-    list(_chat_frames(draft))
+    list(_chat_frames(draft, OPENAI.writer("")))
 
 
-def create_fake_app(*, seed: int | None = None) -> Starlette:
+def create_fake_app(*, seed: int | None = None, wire: Wire = OPENAI) -> Starlette:
     """A fresh fake OpenAI upstream (its own ledger and store); `seed` makes the usage
-    numbers reproducible for a given sequence of requests."""
-    fake = FakeUpstream(seed)
+    numbers reproducible for a given sequence of requests; `wire` is how it spells its
+    answers (OpenAI's compact style by default; see `tokentill.fakeai.wire`)."""
+    fake = FakeUpstream(seed, wire)
     _warm_up(fake)
     fake.synth = UsageSynth(seed)  # warm-up must not shift the seeded sequence
     routes = [

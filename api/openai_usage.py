@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 import polars as pl
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import RuntimeDep
 from api.reports import in_thread
@@ -40,8 +41,13 @@ _BUCKET: dict[str, Bucket] = {"1m": "minute", "1h": "hour", "1d": "day"}
 _USAGE_LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 _COST_LIMITS = (7, 180)
 
-UsageGroup = Literal["project_id", "user_id", "api_key_id", "model", "batch", "service_tier"]
-CostGroup = Literal["project_id", "line_item", "user_id", "model"]
+UsageGroup = Literal[
+    "project_id", "user_id", "api_key_id", "model", "batch", "service_tier", "api_source"
+]
+CostGroup = Literal["project_id", "line_item", "user_id", "api_key_id", "model", "api_source"]
+# OpenAI labels Agents API traffic `agents_api` and all else `unlabeled`; a proxy in
+# front of the API sees no such attribution, so every result is `unlabeled`.
+_API_SOURCE = "unlabeled"
 _DIMENSION = {
     "project_id": "tag:project",
     "user_id": "user",
@@ -51,6 +57,24 @@ _DIMENSION = {
     "service_tier": "service_tier",
     "batch": "service_tier",
 }
+
+
+class BracketArrays:
+    """OpenAI's clients send an array as `name[]=a&name[]=b` (the openai SDK does), others
+    as `name=a&name=b`; OpenAI's API takes both. This spells the first as the second
+    before the routes under `prefix` read their query, so both reach the same field."""
+
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
+        self.app, self.prefix = app, prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            raw: bytes = scope.get("query_string", b"")
+            if b"%5B%5D" in raw.upper() or b"[]" in raw:
+                pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+                renamed = [(k[:-2] if k.endswith("[]") else k, v) for k, v in pairs]
+                scope = {**scope, "query_string": urlencode(renamed).encode("latin-1")}
+        await self.app(scope, receive, send)
 
 
 class OpenAIError(Exception):
@@ -110,7 +134,8 @@ class UsageParams(_Params):
 
 class CostParams(_Params):
     bucket_width: Literal["1d"] = "1d"
-    group_by: list[CostGroup] = Field([], max_length=4)
+    group_by: list[CostGroup] = Field([], max_length=6)
+    line_items: list[str] = Field([], max_length=200, description="Models (line items) only.")
 
 
 class UsageResult(BaseModel):
@@ -129,6 +154,7 @@ class UsageResult(BaseModel):
     model: str | None = None
     batch: bool | None = None
     service_tier: str | None = None
+    api_source: Literal["agents_api", "unlabeled"] | None = None
 
 
 class Amount(BaseModel):
@@ -142,7 +168,9 @@ class CostResult(BaseModel):
     line_item: str | None = None
     project_id: str | None = None
     user_id: str | None = None
+    api_key_id: str | None = None
     model: str | None = None
+    api_source: Literal["agents_api", "unlabeled"] | None = None
 
 
 class UsageBucket(BaseModel):
@@ -171,11 +199,6 @@ class CostPage(BaseModel):
     data: list[CostBucket]
     has_more: bool
     next_page: str | None
-
-
-def _listed(request: Request, name: str, given: Sequence[str]) -> list[str]:
-    # OpenAI's clients send arrays as `models=a&models=b` or `models[]=a`.
-    return [*given, *request.query_params.getlist(name + "[]")]
 
 
 def _page_token(start: int) -> str:
@@ -234,23 +257,17 @@ def _buckets(start: datetime, end: datetime, width: Width) -> list[tuple[datetim
 
 
 def _query(
-    request: Request, params: _Params, start: datetime, end: datetime, width: Width
+    params: UsageParams | CostParams, start: datetime, end: datetime
 ) -> tuple[Filters, list[str]]:
-    projects = _listed(request, "project_ids", params.project_ids)
-    users = _listed(request, "user_ids", params.user_ids)
-    keys = _listed(request, "api_key_ids", params.api_key_ids)
-    models = _listed(request, "models", getattr(params, "models", []))
-    group_by = list(getattr(params, "group_by", []))
-    group_by += request.query_params.getlist("group_by[]")
-    for name in group_by:
-        if name not in _DIMENSION or (isinstance(params, CostParams) and name == "batch"):
-            raise OpenAIError(f"Invalid group_by value: {name!r}.", "group_by")
+    projects = params.project_ids
+    models = params.models if isinstance(params, UsageParams) else params.line_items
+    group_by: list[str] = [g for g in dict.fromkeys(params.group_by) if g != "api_source"]
     filters = Filters(
         start=start,
         end=end,
-        users=tuple(users),
+        users=tuple(params.user_ids),
         models=tuple(models),
-        api_keys=tuple(keys),
+        api_keys=tuple(params.api_key_ids),
         tags=(),
     )
     if projects:
@@ -280,19 +297,20 @@ async def _answer(
     summary="Completions usage, as OpenAI's organization Usage API answers it",
 )
 async def usage_completions(
-    request: Request, runtime: RuntimeDep, params: Annotated[UsageParams, Query()]
+    runtime: RuntimeDep, params: Annotated[UsageParams, Query()]
 ) -> Response:
     start, page_end, _, nxt = _window(
         params, params.bucket_width, _USAGE_LIMITS[params.bucket_width]
     )
-    filters, group_by = _query(request, params, start, page_end, params.bucket_width)
+    filters, group_by = _query(params, start, page_end)
+    source = _API_SOURCE if "api_source" in params.group_by else None
     if params.batch is not None and "batch" not in group_by:
         group_by.append("batch")
         drop_batch = True
     else:
         drop_batch = False
     frame = await _answer(runtime, filters, group_by, params.bucket_width, all_measures=True)
-    projects = set(_listed(request, "project_ids", params.project_ids))
+    projects = set(params.project_ids)
     rows: dict[datetime, list[dict[str, Any]]] = {}
     for row in _regroup(frame, group_by, projects, params.batch, drop_batch).iter_rows(named=True):
         if row["requests"] == row["errors"] and not row["total_tokens"]:
@@ -313,6 +331,7 @@ async def usage_completions(
                 "model": row.get("model"),
                 "batch": row.get("batch") if not drop_batch else None,
                 "service_tier": row.get("service_tier"),
+                "api_source": source,
             }
         )
     page = {
@@ -368,13 +387,12 @@ def _regroup(
     responses=_ERRORS,
     summary="Costs per day, as OpenAI's organization Costs API answers them",
 )
-async def costs(
-    request: Request, runtime: RuntimeDep, params: Annotated[CostParams, Query()]
-) -> CostPage:
+async def costs(runtime: RuntimeDep, params: Annotated[CostParams, Query()]) -> CostPage:
     start, page_end, _, nxt = _window(params, "1d", _COST_LIMITS)
-    filters, group_by = _query(request, params, start, page_end, "1d")
+    filters, group_by = _query(params, start, page_end)
+    source = _API_SOURCE if "api_source" in params.group_by else None
     frame = await _answer(runtime, filters, group_by, "1d", all_measures=False)
-    projects = set(_listed(request, "project_ids", params.project_ids))
+    projects = set(params.project_ids)
     rows: dict[datetime, list[CostResult]] = {}
     for row in _regroup(frame, group_by, projects, None, False).iter_rows(named=True):
         cost = row["cost_pico"] or Decimal(0)
@@ -384,7 +402,9 @@ async def costs(
                 line_item=row.get("line_item"),
                 project_id=row.get("project_id"),
                 user_id=row.get("user_id"),
+                api_key_id=row.get("api_key_id"),
                 model=row.get("model") if "model" in group_by else None,
+                api_source=source,
             )
         )
     data = [

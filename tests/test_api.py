@@ -194,6 +194,67 @@ def test_openai_shaped_costs_page_through_days(served: Any) -> None:
     assert {r["project_id"] for b in by_line["data"] for r in b["results"]} >= {"p1", "p2"}
 
 
+def test_the_openai_sdks_admin_client_reads_usage_and_costs(served: Any) -> None:
+    """The official SDK's admin client, pointed at tokentill: it sends arrays as
+    `group_by[]=...` and parses the answers into its own types."""
+    from openai.types.admin.organization.usage_completions_response import (
+        DataResultOrganizationUsageCompletionsResult as CompletionsResult,
+    )
+    from openai.types.admin.organization.usage_costs_response import (
+        DataResultOrganizationCostsResult as CostsResult,
+    )
+
+    running, api, entries = served
+    admin = openai.OpenAI(admin_api_key=TOKEN, base_url=running.url + "/api/v1", max_retries=0)
+    start = int((datetime.now(UTC) - timedelta(days=1)).timestamp())
+    usage = admin.admin.organization.usage.completions(
+        start_time=start, group_by=["user_id", "model"], bucket_width="1d"
+    )
+    results = [r for bucket in usage.data for r in bucket.results]
+    assert results and all(isinstance(r, CompletionsResult) for r in results)
+    by_user: dict[str, int] = {}
+    for entry in entries:
+        if entry["input_tokens"] is not None:
+            by_user[entry["user"]] = by_user.get(entry["user"], 0) + entry["input_tokens"]
+    got: dict[str, int] = {}
+    for r in results:
+        assert r.user_id is not None and r.model is not None
+        got[r.user_id] = got.get(r.user_id, 0) + r.input_tokens
+    assert got == by_user
+    # Filters as arrays too, and the same answer as the plain query-string spelling.
+    one = admin.admin.organization.usage.completions(
+        start_time=start, group_by=["model"], user_ids=["ana", "bo"], models=["gpt-4o"]
+    )
+    plain = api.get(
+        "/api/v1/organization/usage/completions",
+        start_time=start,
+        group_by="model",
+        user_ids=["ana", "bo"],
+        models="gpt-4o",
+    )
+    assert one.to_dict() == plain
+    assert {r.model for b in one.data for r in b.results} <= {"gpt-4o-2024-08-06"}
+    # Paged with `page`, day by day.
+    week = int((datetime.now(UTC) - timedelta(days=4)).timestamp())
+    page = admin.admin.organization.usage.costs(
+        start_time=week, group_by=["user_id", "line_item"], limit=2
+    )
+    buckets = list(page.data)
+    while page.has_more:
+        assert page.next_page
+        page = admin.admin.organization.usage.costs(
+            start_time=week, group_by=["user_id", "line_item"], limit=2, page=page.next_page
+        )
+        buckets += page.data
+    assert len(buckets) == 5
+    costs = [r for bucket in buckets for r in bucket.results]
+    assert costs and all(isinstance(r, CostsResult) for r in costs)
+    assert {r.user_id for r in costs} == set(USERS)
+    total = sum(Decimal(str(r.amount.value)) for r in costs if r.amount and r.amount.value)
+    ours = Decimal(api.get("/api/costs", **_day_range())["totals"]["cost_usd"])
+    assert abs(total - ours) < Decimal("0.000001")
+
+
 def test_openai_shaped_routes_answer_errors_in_openais_shape(served: Any) -> None:
     _, api, _ = served
     now = int(datetime.now(UTC).timestamp())

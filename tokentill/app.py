@@ -175,6 +175,7 @@ class Tokentill:
             api.include_router(page_router)
         _add_docs(api)
         _add_error_shapes(api)
+        api.add_middleware(openai_usage.BracketArrays, prefix=openai_usage.PREFIX)
         return api
 
     @contextlib.asynccontextmanager

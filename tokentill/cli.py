@@ -122,8 +122,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_fake_upstream(args: argparse.Namespace) -> int:
     from tokentill.fakeai import run_fake_upstream
+    from tokentill.fakeai.errors import OpenAIError
+    from tokentill.fakeai.wire import parse_wire
 
-    run_fake_upstream(args.host, args.port, seed=args.seed)
+    try:
+        wire = parse_wire(args.wire)
+    except OpenAIError as exc:
+        print(f"tokentill fake-upstream: --wire {args.wire!r}: {exc.message}", file=sys.stderr)
+        return 2
+    run_fake_upstream(args.host, args.port, seed=args.seed, wire=wire)
     return 0
 
 
@@ -163,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8788)
     fake.add_argument("--seed", type=int, default=None)
+    fake.add_argument(
+        "--wire",
+        default="compact",
+        help="how answers are spelled: compact (OpenAI's), spaced, crlf, random, ... "
+        "(see tokentill.fakeai.wire)",
+    )
     fake.set_defaults(func=_cmd_fake_upstream)
     return parser
 

@@ -7,6 +7,7 @@ import logging
 import uvicorn
 
 from tokentill.fakeai.app import create_fake_app
+from tokentill.fakeai.wire import OPENAI, Wire
 
 _CUT_MESSAGE = "ASGI callable returned without completing response."
 
@@ -18,10 +19,12 @@ class _DeliberateCuts(logging.Filter):
         return record.getMessage() != _CUT_MESSAGE
 
 
-def run_fake_upstream(host: str, port: int, *, seed: int | None = None) -> None:
+def run_fake_upstream(
+    host: str, port: int, *, seed: int | None = None, wire: Wire = OPENAI
+) -> None:
     """Serve a fresh fake OpenAI API on ``host:port`` under uvicorn until interrupted."""
     config = uvicorn.Config(
-        create_fake_app(seed=seed),
+        create_fake_app(seed=seed, wire=wire),
         host=host,
         port=port,
         log_level="warning",

@@ -8,17 +8,27 @@ true every chunk carries ``"usage": null`` and one extra final chunk has
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from openai.types.chat.chat_completion import ChatCompletion, Choice
-from openai.types.chat.chat_completion_chunk import ChatCompletionChunk, ChoiceDelta
+from openai.types.chat.chat_completion_chunk import (
+    ChatCompletionChunk,
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+)
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_message import ChatCompletionMessage
+from openai.types.chat.chat_completion_message_function_tool_call import (
+    ChatCompletionMessageFunctionToolCall,
+    Function,
+)
 
-from tokentill.fakeai import ids
+from tokentill.fakeai import agentic, ids
 from tokentill.fakeai.catalog import snapshot_for
 from tokentill.fakeai.errors import server_error
 from tokentill.fakeai.request import RequestInfo
@@ -26,7 +36,7 @@ from tokentill.fakeai.sdk import build
 from tokentill.fakeai.text import filler_text, split_deltas
 from tokentill.fakeai.usage import UsagePlan, completion_usage, stopped_plan
 
-FinishReason = Literal["stop", "length", "content_filter"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
 ChatOutcome = Literal["stop", "length", "content_filter", "failed"]
 
 _OBFUSCATION: Final = "pQ8sXw2LzR4nVb7cJm0tYk"
@@ -44,9 +54,13 @@ class ChatDraft:
     plan: UsagePlan
     texts: list[str]
     fingerprint: str
+    tool_calls: list[list[ChatCompletionMessageFunctionToolCall]]
+    """Per choice: the functions it calls (empty lists when it answers in text)."""
 
     @property
     def finish_reason(self) -> FinishReason:
+        if self.outcome == "stop" and any(self.tool_calls):
+            return "tool_calls"
         return "stop" if self.outcome == "failed" else self.outcome
 
     @property
@@ -82,9 +96,10 @@ class ChatDraft:
                 message=build(
                     ChatCompletionMessage,
                     role="assistant",
-                    content=text,
+                    content=text if not self.tool_calls[index] else None,
                     refusal=None,
                     annotations=[],
+                    **({"tool_calls": self.tool_calls[index]} if self.tool_calls[index] else {}),
                 ),
                 logprobs=None,
                 finish_reason=self.finish_reason,
@@ -112,6 +127,26 @@ class ChatDraft:
             fields["obfuscation"] = _OBFUSCATION[: 3 + len(choices) * 5 % 19]
         return build(ChatCompletionChunk, **fields, object="chat.completion.chunk", choices=choices)
 
+    def _tool_call_chunks(self, index: int) -> Iterator[ChatCompletionChunk]:
+        """A choice's calls as OpenAI streams them: id and name first, then arguments."""
+        for position, call in enumerate(self.tool_calls[index]):
+            head = build(
+                ChoiceDeltaToolCall,
+                index=position,
+                id=call.id,
+                type="function",
+                function=build(ChoiceDeltaToolCallFunction, name=call.function.name, arguments=""),
+            )
+            yield self._chunk([self._choice(index, build(ChoiceDelta, tool_calls=[head]), None)])
+            for piece in split_deltas(call.function.arguments, 3):
+                part = build(
+                    ChoiceDeltaToolCall,
+                    index=position,
+                    function=build(ChoiceDeltaToolCallFunction, arguments=piece),
+                )
+                delta = build(ChoiceDelta, tool_calls=[part])
+                yield self._chunk([self._choice(index, delta, None)])
+
     @staticmethod
     def _choice(index: int, delta: ChoiceDelta, finish: FinishReason | None) -> ChunkChoice:
         return build(ChunkChoice, index=index, delta=delta, logprobs=None, finish_reason=finish)
@@ -121,8 +156,16 @@ class ChatDraft:
         object (raw JSON bytes) instead of a finish chunk."""
         for index in range(len(self.texts)):
             opening = build(ChoiceDelta, role="assistant", content="", refusal=None)
+            if self.tool_calls[index]:
+                opening = build(
+                    ChoiceDelta, role="assistant", content=None, refusal=None, tool_calls=[]
+                )
             yield self._chunk([self._choice(index, opening, None)])
-        per_choice = [split_deltas(text, max(3, min(12, len(text) // 64))) for text in self.texts]
+            yield from self._tool_call_chunks(index)
+        per_choice = [
+            split_deltas(text, max(3, min(12, len(text) // 64))) if not calls else []
+            for text, calls in zip(self.texts, self.tool_calls, strict=True)
+        ]
         if self.outcome == "failed":
             per_choice = [deltas[: len(deltas) // 2] for deltas in per_choice]
         for index, deltas in enumerate(per_choice):
@@ -163,6 +206,25 @@ def draft_chat(
     choices = info.choices
     share, spare = divmod(plan.text_tokens, choices)
     texts = [filler_text(share + (1 if i < spare else 0), rng) for i in range(choices)]
+    calls: list[list[ChatCompletionMessageFunctionToolCall]] = [[] for _ in range(choices)]
+    if outcome == "stop":
+        calls = [
+            [
+                build(
+                    ChatCompletionMessageFunctionToolCall,
+                    id=ids.tool_call_id(),
+                    type="function",
+                    function=build(
+                        Function, name=tool.name, arguments=agentic.arguments_for(tool, rng)
+                    ),
+                )
+                for tool in agentic.functions_to_call(info)
+            ]
+            for _ in range(choices)
+        ]
+    schema = agentic.structured_schema(info)
+    if schema is not None:
+        texts = [json.dumps(agentic.instance_of(schema, rng)) if t else t for t in texts]
     model = snapshot_for(info.model)
     return ChatDraft(
         info=info,
@@ -173,4 +235,5 @@ def draft_chat(
         plan=plan,
         texts=texts,
         fingerprint=ids.system_fingerprint(model),
+        tool_calls=calls,
     )

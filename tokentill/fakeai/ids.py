@@ -33,6 +33,15 @@ def image_generation_id() -> str:
     return _hex("ig_")
 
 
+def function_call_id() -> str:
+    return _hex("fc_")
+
+
+def tool_call_id() -> str:
+    raw = os.urandom(24)
+    return "call_" + "".join(_ALPHABET[byte % len(_ALPHABET)] for byte in raw)
+
+
 def file_id() -> str:
     return "file-" + os.urandom(11).hex()
 

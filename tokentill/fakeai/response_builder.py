@@ -8,6 +8,7 @@ events are all views of it, so they always agree.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import time
 from collections.abc import Iterator
@@ -24,6 +25,13 @@ from openai.types.responses.response_content_part_done_event import ResponseCont
 from openai.types.responses.response_created_event import ResponseCreatedEvent
 from openai.types.responses.response_error import ResponseError
 from openai.types.responses.response_failed_event import ResponseFailedEvent
+from openai.types.responses.response_function_call_arguments_delta_event import (
+    ResponseFunctionCallArgumentsDeltaEvent,
+)
+from openai.types.responses.response_function_call_arguments_done_event import (
+    ResponseFunctionCallArgumentsDoneEvent,
+)
+from openai.types.responses.response_function_tool_call import ResponseFunctionToolCall
 from openai.types.responses.response_function_web_search import (
     ActionSearch,
     ResponseFunctionWebSearch,
@@ -61,7 +69,7 @@ from openai.types.responses.response_web_search_call_searching_event import (
 from openai.types.shared.reasoning import Reasoning
 from openai.types.shared.response_format_text import ResponseFormatText
 
-from tokentill.fakeai import ids
+from tokentill.fakeai import agentic, ids
 from tokentill.fakeai.catalog import snapshot_for
 from tokentill.fakeai.request import RequestInfo
 from tokentill.fakeai.sdk import build, coerce
@@ -186,7 +194,7 @@ def _echoed_fields(info: RequestInfo, response_id: str, created_at: int) -> dict
         "temperature": _number(body.get("temperature"), 1.0),
         "text": _text_config(body.get("text")),
         "tool_choice": tool_choice
-        if tool_choice in _TOOL_CHOICES
+        if isinstance(tool_choice, str) and tool_choice in _TOOL_CHOICES
         else _from_json("tool_choice", tool_choice)
         if isinstance(tool_choice, dict)
         else "auto",
@@ -229,6 +237,7 @@ class ResponseDraft:
     web_searches: list[ResponseFunctionWebSearch]
     image_call: ImageGenerationCall | None
     message_id: str | None
+    function_calls: list[ResponseFunctionToolCall]
     _final: Response | None = None
 
     @property
@@ -262,6 +271,7 @@ class ResponseDraft:
         items: list[BaseModel] = []
         if self.reasoning_item is not None:
             items.append(self.reasoning_item)
+        items.extend(self.function_calls)
         items.extend(self.web_searches)
         if self.image_call is not None:
             items.append(self.image_call)
@@ -328,6 +338,8 @@ class ResponseDraft:
             position = next(index)
             yield _item_event(ADDED, seq, position, self.reasoning_item)
             yield _item_event(DONE, seq, position, self.reasoning_item)
+        for function_call in self.function_calls:
+            yield from _function_call_events(function_call, seq, next(index))
         failed = self.outcome == "failed"
         if not failed:
             for call in self.web_searches:
@@ -425,6 +437,34 @@ def _item_event(event_type: str, seq: Iterator[int], index: int, item: BaseModel
     return build(event, type=event_type, sequence_number=next(seq), output_index=index, item=item)
 
 
+def _function_call_events(
+    call: ResponseFunctionToolCall, seq: Iterator[int], index: int
+) -> Iterator[BaseModel]:
+    """A function call: item added with no arguments, the arguments in deltas, done."""
+    assert call.id is not None
+    yield _item_event(
+        ADDED, seq, index, call.model_copy(update={"arguments": "", "status": "in_progress"})
+    )
+    for delta in split_deltas(call.arguments, 3):
+        yield build(
+            ResponseFunctionCallArgumentsDeltaEvent,
+            type="response.function_call_arguments.delta",
+            sequence_number=next(seq),
+            item_id=call.id,
+            output_index=index,
+            delta=delta,
+        )
+    yield build(
+        ResponseFunctionCallArgumentsDoneEvent,
+        type="response.function_call_arguments.done",
+        sequence_number=next(seq),
+        item_id=call.id,
+        output_index=index,
+        arguments=call.arguments,
+    )
+    yield _item_event(DONE, seq, index, call)
+
+
 def _tool_call_events(
     call: ResponseFunctionWebSearch | ImageGenerationCall,
     phases: _Phases,
@@ -465,6 +505,25 @@ def draft_response(
     plan = stopped_plan(plan, reason, info.max_output_tokens)
     response_id = ids.response_id()
     text = filler_text(plan.text_tokens, rng)
+    calls = []
+    if outcome == "completed":
+        calls = [
+            build(
+                ResponseFunctionToolCall,
+                id=ids.function_call_id(),
+                call_id=ids.tool_call_id(),
+                type="function_call",
+                name=tool.name,
+                arguments=agentic.arguments_for(tool, rng),
+                status="completed",
+            )
+            for tool in agentic.functions_to_call(info)
+        ]
+    schema = agentic.structured_schema(info)
+    if calls:
+        text = ""  # the turn is the call; the answer comes with its output
+    elif schema is not None and text:
+        text = json.dumps(agentic.instance_of(schema, rng))
     include = info.body.get("include")
     encrypted = isinstance(include, list) and "reasoning.encrypted_content" in include
     reasoning_item = None
@@ -510,4 +569,5 @@ def draft_response(
         web_searches=searches,
         image_call=image_call,
         message_id=ids.message_id() if text else None,
+        function_calls=calls,
     )

@@ -63,6 +63,7 @@ class UsageEvent:
     latency_ms: float | None = None
     ttft_ms: float | None = None
     key_fingerprint: str | None = None
+    transport: str = "http"  # or "websocket": the Responses API's WebSocket mode
 
     @property
     def is_pending(self) -> bool:
@@ -123,6 +124,7 @@ COLUMNS: dict[str, tuple[str, pl.DataType]] = {
     "ttft_ms": ("ttft_ms", pl.Float64()),
     "key_fingerprint": ("key_fingerprint", pl.String()),
     "recorded_at_us": ("recorded_at", _TS),
+    "transport": ("transport", pl.String()),
 }
 
 # Columns an "update" may change: the outcome, never who asked or what they tagged.

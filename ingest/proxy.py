@@ -180,13 +180,7 @@ class Proxy:
                 body = _stream_body(receive) if _has_body(headers) else None
             else:
                 body = whole = await self._read_body(receive)
-            header_user = _header(headers, USER_HEADER)
-            if header_user is not None and not 0 < len(header_user) <= _MAX_USER_ID:
-                raise RequestRejectedError(
-                    400,
-                    f"X-Tokentill-User must be 1 to {_MAX_USER_ID} characters.",
-                    "invalid_tokentill_user",
-                )
+            header_user = check_user_header(_header(headers, USER_HEADER))
             parsed: dict[str, Any] | None = None
             if facts is not None and facts.kind == "create":
                 facts.key_fingerprint = key_fingerprint(_header(headers, b"authorization"))
@@ -477,6 +471,17 @@ async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
             if message["type"] == "http.disconnect":
                 gone.set()
                 return
+
+
+def check_user_header(value: str | None) -> str | None:
+    """The `X-Tokentill-User` header's end user, or a 400 for one out of bounds."""
+    if value is not None and not 0 < len(value) <= _MAX_USER_ID:
+        raise RequestRejectedError(
+            400,
+            f"X-Tokentill-User must be 1 to {_MAX_USER_ID} characters.",
+            "invalid_tokentill_user",
+        )
+    return value
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import openai
+import pytest
 from pydantic import BaseModel
 
 from tests.conftest import Running
@@ -149,7 +150,12 @@ def test_structured_outputs_parse_into_the_requested_type(tokentill: Running) ->
     assert len(tokentill.rows()) == 2
 
 
-def test_the_agents_sdk_runs_its_tool_loop_through_tokentill(tokentill: Running) -> None:
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_the_agents_sdk_runs_its_tool_loop_through_tokentill(
+    tokentill: Running, transport: str
+) -> None:
+    """openai-agents as the client: over HTTP, and over the Responses WebSocket mode
+    (what `set_default_openai_responses_transport("websocket")` selects)."""
     from agents import (
         Agent,
         OpenAIResponsesModel,
@@ -158,6 +164,7 @@ def test_the_agents_sdk_runs_its_tool_loop_through_tokentill(tokentill: Running)
         function_tool,
         set_tracing_disabled,
     )
+    from agents.models.openai_responses import OpenAIResponsesWSModel
 
     set_tracing_disabled(True)
     called: list[str] = []
@@ -168,23 +175,33 @@ def test_the_agents_sdk_runs_its_tool_loop_through_tokentill(tokentill: Running)
         called.append(city)
         return f"sunny in {city}"
 
-    client = openai.AsyncOpenAI(base_url=tokentill.url + "/v1", api_key="sk-test", max_retries=0)
-    agent = Agent(
-        name="forecaster",
-        instructions="Answer with the weather.",
-        tools=[get_weather],
-        model=OpenAIResponsesModel(model="gpt-4.1-mini", openai_client=client),
-    )
-    result = asyncio.run(
-        Runner.run(
-            agent,
-            "Weather in Rome?",
-            run_config=RunConfig(tracing_disabled=True),
-            max_turns=4,
+    async def run() -> Any:
+        client = openai.AsyncOpenAI(
+            base_url=tokentill.url + "/v1", api_key="sk-test", max_retries=0
         )
-    )
+        model_type = OpenAIResponsesWSModel if transport == "websocket" else OpenAIResponsesModel
+        model = model_type(model="gpt-4.1-mini", openai_client=client)
+        agent = Agent(
+            name="forecaster",
+            instructions="Answer with the weather.",
+            tools=[get_weather],
+            model=model,
+        )
+        try:
+            return await Runner.run(
+                agent,
+                "Weather in Rome?",
+                run_config=RunConfig(tracing_disabled=True),
+                max_turns=4,
+            )
+        finally:
+            if isinstance(model, OpenAIResponsesWSModel):
+                await model.close()
+
+    result = asyncio.run(run())
     assert called and result.final_output
     ids = [r.response_id for r in result.raw_responses]
     assert len(ids) == 2
     rows = tokentill.rows()
     assert sorted(r["response_id"] for r in rows) == sorted(ids)
+    assert {r["transport"] for r in rows} == {transport}

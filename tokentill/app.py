@@ -52,7 +52,9 @@ from ingest.journal import Journal
 from ingest.poller import Poller
 from ingest.proxy import Proxy
 from ingest.recorder import Recorder
+from ingest.socket_proxy import SocketProxy
 from ingest.upstream import Upstream
+from ingest.upstream_socket import WebsocketsUpstream
 from tokentill.alerts import AlertOutbox
 from tokentill.metrics import Metrics
 from tokentill.quota_service import QuotaService
@@ -104,6 +106,14 @@ class Tokentill:
         self.settings = settings
         self.metrics = Metrics()
         self.proxy = Proxy(settings, self.metrics)
+        self.sockets = SocketProxy(
+            settings.upstream,
+            settings.stream_drain_timeout,
+            self.metrics,
+            WebsocketsUpstream(settings.upstream_connect_timeout),
+            recorder=lambda: self.proxy.recorder,
+            admission=lambda: self.proxy.admission,
+        )
         self.runtime: Runtime | None = None
         self._upstream = upstream
         self.api = self._build_api()
@@ -114,10 +124,13 @@ class Tokentill:
         self.api.state.session_lifetime = settings.session_lifetime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             path: str = scope["path"]
             if path.startswith("/v1/") or path == "/v1":
-                await self.proxy(scope, receive, send)
+                if scope["type"] == "http":
+                    await self.proxy(scope, receive, send)
+                else:
+                    await self.sockets(scope, receive, send)
                 return
         await self.api(scope, receive, send)
 

@@ -85,6 +85,8 @@ def read_checkpoint(conn: duckdb.DuckDBPyConnection) -> Position:
 def parse_lines(lines: list[bytes]) -> pl.DataFrame:
     """Journal lines -> a frame shaped like `usage_events` (plus `kind`)."""
     frame = pl.read_ndjson(io.BytesIO(b"".join(lines)), schema=_LINE_SCHEMA)
+    # Lines journaled before `transport` existed were all HTTP.
+    frame = frame.with_columns(pl.col("transport").fill_null("http"))
     return frame.select(
         "kind",
         *(pl.col(field).cast(dtype).alias(column) for field, (column, dtype) in COLUMNS.items()),

@@ -25,7 +25,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from tokentill.fakeai import errors, ids, organization
 from tokentill.fakeai.catalog import listed_models
@@ -40,6 +41,7 @@ from tokentill.fakeai.response_builder import (
 )
 from tokentill.fakeai.scenarios import Controls, Scenario, read_controls
 from tokentill.fakeai.sdk import dump
+from tokentill.fakeai.socket import serve_socket
 from tokentill.fakeai.sse import (
     DONE_FRAME,
     EventStream,
@@ -113,7 +115,10 @@ def _openai_errors(handler: Handler) -> Handler:
 
 def _api_key(request: Request) -> str:
     """The bearer key, or OpenAI's 401: none given, or one starting with ``sk-bad``."""
-    authorization = request.headers.get("authorization", "")
+    return _bearer_key(request.headers.get("authorization", ""))
+
+
+def _bearer_key(authorization: str) -> str:
     scheme, _, key = authorization.partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
@@ -204,7 +209,7 @@ class FakeUpstream:
             )
         )
 
-    def _record_response(
+    def record_response(
         self, draft: ResponseDraft, key: str, *, status: str | None = None, delivered: bool = True
     ) -> None:
         status = status or draft.outcome
@@ -255,7 +260,7 @@ class FakeUpstream:
         wire = self._writer(request, draft.id)
         scenario = controls.scenario
         if scenario is Scenario.GARBAGE:
-            self._record_response(draft, key, delivered=False)
+            self.record_response(draft, key, delivered=False)
             return _json(GARBAGE_BODY, headers)
         cut = scenario is Scenario.CUT
         if controls.initial_delay_s and not info.stream:
@@ -265,7 +270,7 @@ class FakeUpstream:
         if info.stream:
 
             def finished() -> None:
-                self._record_response(draft, key, delivered=not cut)
+                self.record_response(draft, key, delivered=not cut)
                 if info.store:
                     self.store.put(draft.id, dump(draft.final()))
 
@@ -273,7 +278,7 @@ class FakeUpstream:
                 self.store.put(draft.id, dump(draft.pending("in_progress")))
             return self._stream(_response_frames(draft, wire), controls, headers, finished)
         body = dump(draft.final())
-        self._record_response(draft, key, delivered=not cut)
+        self.record_response(draft, key, delivered=not cut)
         if info.store:
             self.store.put(draft.id, body)
         if cut:
@@ -289,7 +294,7 @@ class FakeUpstream:
         wire: WireWriter,
     ) -> Response:
         def settled(job: BackgroundJob) -> None:
-            self._record_response(draft, key, status=job.status)
+            self.record_response(draft, key, status=job.status)
 
         job = BackgroundJob(draft, on_terminal=settled)
         self.store.put(draft.id, job)
@@ -449,6 +454,10 @@ class FakeUpstream:
         body = organization.usage_page(self.ledger, request.query_params, int(time.time()))
         return _json(body, _headers(ids.request_id(), started))
 
+    async def responses_socket(self, websocket: WebSocket) -> None:
+        """The Responses API's WebSocket mode (see `tokentill.fakeai.socket`)."""
+        await serve_socket(self, websocket, _bearer_key, _error_response, _RESPONSE_FORCED)
+
     async def get_ledger(self, request: Request) -> Response:
         return _json(self.ledger.to_json(), {})
 
@@ -506,6 +515,7 @@ def create_fake_app(*, seed: int | None = None, wire: Wire = OPENAI) -> Starlett
     fake.synth = UsageSynth(seed)  # warm-up must not shift the seeded sequence
     routes = [
         Route(RESPONSES_PATH, _openai_errors(fake.create_response), methods=["POST"]),
+        WebSocketRoute(RESPONSES_PATH, fake.responses_socket),
         Route(
             RESPONSES_PATH + "/{response_id}",
             _openai_errors(fake.get_response),

@@ -10,6 +10,8 @@ three with wrk, and reports:
   HTTP client, no metering), the floor any Python/uvicorn proxy pays on this machine:
   tokentill's CPU per request minus the bare forwarder's is its metering overhead;
 - time to the first body byte of a stream, direct vs proxied (sequential requests);
+- the Responses API's WebSocket mode: 8 sockets creating responses one after another,
+  direct vs through tokentill: responses/s, p50/p99 per response, CPU per response;
 - tokentill's CPU time per request (utime + stime from /proc, over each proxied run);
 - its peak RSS, and whether RSS stays flat from 10,000 to `--rss-requests` requests;
 - the capture writer's throughput into DuckDB (in-process micro-benchmark): alone (events
@@ -22,12 +24,16 @@ with direct) and summarised as markdown tables.
 A MISS does not fail the run; something broken (a server that does not start or exit
 cleanly, a captured row count that does not add up) exits 1.
 
-    python bench/proxy.py [--duration 5] [--rss-requests 100000]
+    python bench/proxy.py [--duration 5] [--rss-requests 100000] [--wire spaced,crlf]
+
+`--wire` makes the fake upstream spell its answers another way (see
+`tokentill.fakeai.wire`): the proxy's cost with JSON written by `json.dumps`, say.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import math
@@ -68,6 +74,7 @@ PATH = "/v1/responses"
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
 USERS = 100
 CONNECTIONS = (1, 16, 64)
+SOCKETS = 8
 MODES = ("plain", "stream")
 # The fake itself, a bare forwarder, tokentill with quotas off, tokentill with quotas on
 # (every request checked against a default user limit of each unit and a tag limit).
@@ -168,6 +175,28 @@ class WriterRun:
 
 
 @dataclass
+class SocketRun:
+    """WebSocket mode against one target: responses created one after another per socket."""
+
+    target: str
+    latencies_ms: list[float]
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def responses(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def per_s(self) -> float:
+        return self.responses / max(self.wall_s, 1e-9)
+
+    @property
+    def cpu_us_per_response(self) -> float:
+        return self.cpu_s / max(1, self.responses) * 1e6
+
+
+@dataclass
 class Results:
     runs: dict[tuple[str, str, int], Run] = field(default_factory=dict)
     ttfb_ms: dict[str, list[float]] = field(default_factory=dict)
@@ -179,6 +208,7 @@ class Results:
     writer: dict[str, WriterRun] = field(default_factory=dict)  # "alone", "concurrent"
     tally: Tally = field(default_factory=Tally)
     quota_book_us: float = 0.0
+    sockets: dict[str, SocketRun] = field(default_factory=dict)
 
 
 # -- the two servers -----------------------------------------------------------------------
@@ -195,7 +225,15 @@ class Bench:
         self.fake = Server(
             "fake upstream",
             python_module_argv(
-                "-m", "tokentill", "fake-upstream", "--host", LOOPBACK, "--port", str(fake_port)
+                "-m",
+                "tokentill",
+                "fake-upstream",
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(fake_port),
+                "--wire",
+                args.wire,
             ),
             fake_port,
             workdir / "fake-upstream.log",
@@ -422,6 +460,31 @@ class Bench:
             f"p99 {percentile(proxied, 99):.2f} ms"
         )
 
+    def websocket(self) -> None:
+        """WebSocket mode: the same responses created over sockets, direct then proxied."""
+        per_socket = max(1, self.args.ws_responses // SOCKETS)
+        for target in ("direct", "proxy"):
+            self.quiesce()
+            server = self.server(target)
+            if target == "proxy":
+                self.settle()
+            self.last_target = target
+            before = cpu_seconds(server.pid)
+            started = time.perf_counter()
+            latencies = asyncio.run(socket_load(server.port, SOCKETS, per_socket))
+            wall = time.perf_counter() - started
+            if target == "proxy":
+                self.settle()
+                self.results.tally.other_ok += len(latencies)
+            run = SocketRun(target, latencies, wall, cpu_seconds(server.pid) - before)
+            self.results.sockets[target] = run
+            self.quiesce()
+            print(
+                f"  WebSocket {target:6} {SOCKETS} sockets: {run.per_s:7,.0f} responses/s, "
+                f"p50 {percentile(latencies, 50):.2f} / p99 {percentile(latencies, 99):.2f} ms, "
+                f"CPU {run.cpu_us_per_response:5.0f} µs/response"
+            )
+
     def rss(self) -> None:
         """Mixed plain/streamed traffic at 16 connections: RSS after 10k and after N requests."""
         results = self.results
@@ -459,6 +522,32 @@ class Bench:
         self.results.rows = dict(
             zip(("total", "ok", "streamed", "client_disconnected"), map(int, row), strict=True)
         )
+
+
+async def socket_load(port: int, sockets: int, per_socket: int) -> list[float]:
+    """`sockets` Responses WebSockets, each creating `per_socket` responses in a row; the
+    milliseconds from each `response.create` to its `response.completed`."""
+    from websockets.asyncio.client import connect
+
+    async def one(index: int) -> list[float]:
+        out = []
+        url = f"ws://{LOOPBACK}:{port}{PATH}"
+        async with connect(url, additional_headers=HEADERS, max_size=None) as socket:
+            for n in range(per_socket):
+                event = json.loads(request_body((index * per_socket + n) % USERS, stream=False))
+                started = time.perf_counter()
+                await socket.send(json.dumps({"type": "response.create", **event}))
+                while True:
+                    frame = await socket.recv()
+                    if isinstance(frame, str) and (
+                        '"response.completed"' in frame or '"type":"error"' in frame
+                    ):
+                        break
+                out.append((time.perf_counter() - started) * 1000)
+        return out
+
+    done = await asyncio.gather(*(one(i) for i in range(sockets)))
+    return [latency for run in done for latency in run]
 
 
 def stream_ttfb(port: int, body: bytes, n: int) -> Iterator[float]:
@@ -916,7 +1005,47 @@ def report(bench: Bench) -> bool:
         "tag limit on every request; each server has its own DuckDB); req/s, p50/p99, CPU:\n"
     )
     print(markdown_table(["Case", "Quotas off", "Quotas on", "Difference"], quota_rows))
+    if results.sockets:
+        print(
+            f"\nThe Responses API's WebSocket mode ({SOCKETS} sockets, each creating responses "
+            "one after another); per response:\n"
+        )
+        print(
+            markdown_table(
+                ["Case", "Direct", "Through tokentill", "Difference"], socket_rows(results)
+            )
+        )
     return not broken
+
+
+def socket_rows(results: Results) -> list[list[str]]:
+    direct, proxied = results.sockets["direct"], results.sockets["proxy"]
+    stream = cpu_per_request(results, "stream")
+
+    def cell(run: SocketRun) -> str:
+        lat = run.latencies_ms
+        return (
+            f"{run.per_s:,.0f} responses/s, {percentile(lat, 50):.2f}/{percentile(lat, 99):.2f} "
+            f"ms, {run.cpu_us_per_response:.0f} µs CPU"
+        )
+
+    added = proxied.cpu_us_per_response
+    return [
+        [
+            f"{direct.responses:,} responses",
+            cell(direct),
+            cell(proxied),
+            f"{proxied.per_s / direct.per_s:.0%} of responses/s, "
+            f"{percentile(proxied.latencies_ms, 50) - percentile(direct.latencies_ms, 50):+.2f} "
+            "ms p50",
+        ],
+        [
+            "tokentill's CPU per response: socket vs HTTP stream",
+            "—",
+            f"{added:.0f} µs (socket) vs {stream:.0f} µs (HTTP stream)",
+            f"{added / stream:.2f}x",
+        ],
+    ]
 
 
 def quota_comparison(results: Results) -> list[list[str]]:
@@ -991,6 +1120,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rss-requests", type=int, default=100_000)
     parser.add_argument("--ttfb-requests", type=int, default=300)
     parser.add_argument("--writer-events", type=int, default=200_000)
+    parser.add_argument(
+        "--ws-responses", type=int, default=4_000, help="responses over WebSocket, per target"
+    )
+    parser.add_argument(
+        "--wire", default="compact", help="how the fake spells its answers (compact, spaced, ...)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, DB)")
     args = parser.parse_args(argv)
     if args.duration < 1 or args.rss_requests < 1 or args.ttfb_requests < 1:
@@ -1018,6 +1153,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.matrix()
         print("\n== time to first byte, RSS ==")
         bench.ttfb()
+        print("\n== the Responses API's WebSocket mode ==")
+        bench.websocket()
         bench.rss()
         bench.settle()
         bench.results.peak_rss_mb = peak_rss_mb(bench.till.pid)

@@ -4,7 +4,9 @@ A newcomer without an OpenAI key sees real data flowing within a minute: dozens 
 users (a few heavy, most light), several models and service tiers, metadata tags (team,
 feature, customer), plain, streamed, background and Chat Completions calls, and every
 scenario the fake upstream plays (incomplete, content filter, failures, HTTP errors,
-streams cut off), all through the official openai SDK.
+streams cut off), and agents running tool loops (a chain of responses with function
+calls linked by `previous_response_id`, over HTTP and over the Responses WebSocket
+mode), all through the official openai SDK.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 import httpx
 import openai
@@ -48,7 +50,7 @@ class Call:
     model: str
     metadata: dict[str, str]
     scenario: str | None
-    kind: str  # responses | responses-stream | responses-background | chat | chat-stream
+    kind: str  # responses[-stream|-background] | chat[-stream] | agent | agent-websocket
     service_tier: str
     web_search: bool
 
@@ -67,15 +69,88 @@ def plan_call(rng: random.Random, users: list[str], weights: list[float]) -> Cal
         },
         scenario=scenario,
         kind=rng.choices(
-            ["responses", "responses-stream", "responses-background", "chat", "chat-stream"],
-            [40, 25, 5, 20, 10],
+            [
+                "responses",
+                "responses-stream",
+                "responses-background",
+                "chat",
+                "chat-stream",
+                "agent",
+                "agent-websocket",
+            ],
+            [40, 25, 5, 20, 10, 4, 2],
         )[0],
         service_tier=rng.choices(["auto", "flex", "priority"], [85, 10, 5])[0],
         web_search=rng.random() < 0.05,
     )
 
 
+AGENT_TOOL: dict[str, Any] = {
+    "type": "function",
+    "name": "lookup_order",
+    "description": "Look an order up by its number.",
+    "parameters": {
+        "type": "object",
+        "properties": {"order": {"type": "string"}, "detail": {"type": "boolean"}},
+        "required": ["order", "detail"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+def agent_loop(client: openai.OpenAI, call: Call, *, websocket: bool) -> None:
+    """An agent's tool loop: the model calls the tool (twice for a longer chain), gets
+    its output back through `previous_response_id`, and answers."""
+    turns = 1 + len(call.user) % 2  # tool calls before the answer
+    metadata = {**call.metadata, "feature": "agent"}
+    inputs: Any = "Where is my order?"
+    previous: Any = openai.omit
+    if websocket:
+        with client.responses.connect() as connection:
+            for turn in range(turns + 1):
+                connection.response.create(
+                    model="gpt-4.1-mini",
+                    tools=[AGENT_TOOL],  # type: ignore[list-item]
+                    tool_choice="required" if turn < turns else "auto",
+                    user=call.user,
+                    metadata=metadata,
+                    input=inputs,
+                    previous_response_id=previous,
+                )
+                for event in connection:
+                    if event.type == "error":
+                        return
+                    if event.type == "response.completed":
+                        previous, inputs = event.response.id, _tool_outputs(event.response)
+                        break
+        return
+    for turn in range(turns + 1):
+        choice: Literal["required", "auto"] = "required" if turn < turns else "auto"
+        response = client.responses.create(
+            model="gpt-4.1-mini",
+            tools=[cast(Any, AGENT_TOOL)],
+            tool_choice=choice,
+            user=call.user,
+            metadata=metadata,
+            input=inputs,
+            previous_response_id=previous,
+        )
+        previous, inputs = response.id, _tool_outputs(response)
+
+
+def _tool_outputs(response: Any) -> list[dict[str, str]]:
+    return [
+        {"type": "function_call_output", "call_id": item.call_id, "output": "shipped"}
+        for item in response.output
+        if item.type == "function_call"
+    ]
+
+
 def make_call(client: openai.OpenAI, call: Call) -> None:
+    if call.kind.startswith("agent"):
+        agent_loop(client, call, websocket=call.kind == "agent-websocket")
+        return
     headers = {"x-fake-scenario": call.scenario} if call.scenario else {}
     prompt = "Write a short note about " + random.choice(FEATURES) * random.randint(1, 40)
     common: dict[str, Any] = {"model": call.model, "extra_headers": headers}
@@ -121,7 +196,7 @@ def generate_traffic(
     while not stop.is_set():
         started = time.monotonic()
         # The error scenarios are meant to fail; tokentill records them.
-        with contextlib.suppress(openai.APIError):
+        with contextlib.suppress(openai.APIError, OSError):
             make_call(client, plan_call(rng, names, weights))
         sent += 1
         if sent % 100 == 0:

@@ -35,6 +35,7 @@ from ingest.capture import (
 )
 from ingest.errors import send_error
 from ingest.events import EventKind, key_fingerprint
+from ingest.paths import NonCanonicalPath, canonical_path
 from ingest.poller import CREDENTIAL_HEADERS
 from ingest.recorder import Recorder
 from ingest.upstream import (
@@ -137,7 +138,22 @@ class Proxy:
         started_perf = time.perf_counter()
         started_us = now_us()
         client, recorder = self.client, self.recorder
-        route = classify(scope["method"], scope["path"])
+        raw: str = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        try:
+            path = canonical_path(raw)
+        except NonCanonicalPath as exc:
+            await send_error(
+                send,
+                404,
+                f"Invalid URL ({scope['method']} {raw}): it has {exc}.",
+                "invalid_request_error",
+                "unknown_url",
+            )
+            self._metrics.count_request("invalid_path", 404, time.perf_counter() - started_perf)
+            return
+        # From here on the canonical spelling is the path: classified and forwarded.
+        scope = {**scope, "raw_path": path.encode("latin-1")}
+        route = classify(scope["method"], path)
         if client is None or recorder is None:
             await send_error(
                 send, 503, "tokentill is starting or stopping", "server_error", "unavailable"

@@ -36,6 +36,7 @@ from ingest import usage
 from ingest.capture import RequestFacts, error_event, finalize, now_us
 from ingest.errors import error_body
 from ingest.events import TERMINAL_STATUSES, UsageEvent, key_fingerprint
+from ingest.paths import NonCanonicalPath, canonical_path
 from ingest.poller import CREDENTIAL_HEADERS
 from ingest.proxy import (
     _HOP_BY_HOP,
@@ -148,19 +149,32 @@ class SocketProxy:
         except RequestRejectedError as exc:
             await _deny(scope, send, exc.status, error_body(exc.message, exc.type, exc.code))
             return
-        if scope["path"] != "/v1/responses":
+        raw = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        try:
+            path = canonical_path(raw)
+        except NonCanonicalPath as exc:
             await _deny(
                 scope,
                 send,
                 404,
                 error_body(
-                    f"WebSocket mode is offered on /v1/responses, not {scope['path']}.",
+                    f"Invalid URL ({raw}): it has {exc}.", "invalid_request_error", "unknown_url"
+                ),
+            )
+            return
+        if path != "/v1/responses":
+            await _deny(
+                scope,
+                send,
+                404,
+                error_body(
+                    f"WebSocket mode is offered on /v1/responses, not {path}.",
                     "invalid_request_error",
                     "unknown_url",
                 ),
             )
             return
-        url = self._base + scope["raw_path"].decode("latin-1")
+        url = self._base + path
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         forwarded = [

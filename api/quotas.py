@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from api.deps import RuntimeDep
 from ingest.capture import now_us
+from ingest.identity import BadUserId, end_user_id
 from ingest.quotas import (
     PICO_PER_USD,
     Limit,
@@ -38,6 +39,18 @@ router = APIRouter(
 
 _FOREVER_US = 2**62
 UserId = Path(min_length=1, max_length=256)
+
+
+def _canonical_user(runtime: RuntimeDep, user_id: str = UserId) -> str:
+    """The end user's id as the proxy reads it (NFC, trimmed, case-folded if so set), so
+    a quota set on ` QA-Alice` is the quota of the user the proxy calls `qa-alice`."""
+    try:
+        return end_user_id(user_id, case_fold=runtime.settings.user_id_case_fold)
+    except BadUserId as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"the user id {exc}") from None
+
+
+CanonicalUser = Annotated[str, Depends(_canonical_user)]
 
 
 class LimitIn(BaseModel):
@@ -228,7 +241,7 @@ async def list_blocks(runtime: RuntimeDep) -> list[BlockOut]:
 
 
 @router.delete("/blocks/{user_id:path}", status_code=status.HTTP_204_NO_CONTENT)
-async def lift_block(runtime: RuntimeDep, user_id: str = UserId) -> Response:
+async def lift_block(runtime: RuntimeDep, user_id: CanonicalUser) -> Response:
     if not _service(runtime).book.unblock(user_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"user {user_id!r} is not blocked")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -263,7 +276,7 @@ async def delete_default(runtime: RuntimeDep) -> Response:
 
 
 @router.get("/users/{user_id:path}", response_model=QuotaOut)
-async def get_user(runtime: RuntimeDep, user_id: str = UserId) -> QuotaOut:
+async def get_user(runtime: RuntimeDep, user_id: CanonicalUser) -> QuotaOut:
     book = _service(runtime).book
     view = _view(book, user_subject(user_id))
     if view.source == "none":
@@ -273,7 +286,7 @@ async def get_user(runtime: RuntimeDep, user_id: str = UserId) -> QuotaOut:
 
 @router.put("/users/{user_id:path}", response_model=QuotaOut)
 async def put_user(
-    runtime: RuntimeDep, body: LimitIn | LimitsIn, user_id: str = UserId
+    runtime: RuntimeDep, body: LimitIn | LimitsIn, user_id: CanonicalUser
 ) -> QuotaOut:
     service = _service(runtime)
     subject = user_subject(user_id)
@@ -282,7 +295,7 @@ async def put_user(
 
 
 @router.delete("/users/{user_id:path}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_user(runtime: RuntimeDep, user_id: str = UserId) -> Response:
+async def delete_user(runtime: RuntimeDep, user_id: CanonicalUser) -> Response:
     if not await _service(runtime).replace(user_subject(user_id), []):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"user {user_id!r} has no quota of its own")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

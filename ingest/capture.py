@@ -65,7 +65,9 @@ class RequestFacts:
     requested_model: str | None = None
     user_id: str | None = None
     user_source: str | None = None
+    body_user_id: str | None = None
     metadata: str | None = None
+    truncated: str | None = None  # fields of the request cut to their bounds
     previous_response_id: str | None = None
     stream: bool = False
     background: bool = False
@@ -88,7 +90,9 @@ class RequestFacts:
             model=self.requested_model,
             user_id=self.user_id,
             user_source=self.user_source,
+            body_user_id=self.body_user_id,
             metadata=self.metadata,
+            truncated_fields=self.truncated,
             previous_response_id=self.previous_response_id,
             background=self.background,
             streamed=self.stream,

@@ -64,6 +64,8 @@ class UsageEvent:
     ttft_ms: float | None = None
     key_fingerprint: str | None = None
     transport: str = "http"  # or "websocket": the Responses API's WebSocket mode
+    body_user_id: str | None = None  # the body's user when the header named another
+    truncated_fields: str | None = None  # comma-separated names of fields cut to bounds
 
     @property
     def is_pending(self) -> bool:
@@ -125,6 +127,8 @@ COLUMNS: dict[str, tuple[str, pl.DataType]] = {
     "key_fingerprint": ("key_fingerprint", pl.String()),
     "recorded_at_us": ("recorded_at", _TS),
     "transport": ("transport", pl.String()),
+    "body_user_id": ("body_user_id", pl.String()),
+    "truncated_fields": ("truncated_fields", pl.String()),
 }
 
 # Columns an "update" may change: the outcome, never who asked or what they tagged.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
+from ingest.bounds import bounded_metadata
 from ingest.capture import (
     Endpoint,
     JSONCapture,
@@ -35,6 +37,7 @@ from ingest.capture import (
 )
 from ingest.errors import send_error
 from ingest.events import EventKind, key_fingerprint
+from ingest.identity import MAX_USER_ID, BadUserId, decode_header, end_user_id
 from ingest.paths import NonCanonicalPath, canonical_path
 from ingest.poller import CREDENTIAL_HEADERS
 from ingest.recorder import Recorder
@@ -68,7 +71,6 @@ _HOP_BY_HOP = frozenset(
     }
 )
 USER_HEADER = b"x-tokentill-user"
-_MAX_USER_ID = 256
 _RETRIEVE = re.compile(r"^/v1/responses/([A-Za-z0-9_\-]+)(/cancel)?$")
 
 
@@ -129,6 +131,7 @@ class Proxy:
         self._settings = settings
         self._metrics = metrics
         self._upstream = settings.upstream
+        self._identity = IdentityRules(settings.user_id_case_fold, settings.refuse_user_mismatch)
         # Set by the lifespan once the resources exist.
         self.client: Upstream | None = None
         self.recorder: Recorder | None = None
@@ -196,12 +199,14 @@ class Proxy:
                 body = _stream_body(receive) if _has_body(headers) else None
             else:
                 body = whole = await self._read_body(receive)
-            header_user = check_user_header(_header(headers, USER_HEADER))
+            header_user = check_user_header(
+                _raw_header(headers, USER_HEADER), case_fold=self._identity.case_fold
+            )
             parsed: dict[str, Any] | None = None
             if facts is not None and facts.kind == "create":
                 facts.key_fingerprint = key_fingerprint(_header(headers, b"authorization"))
                 parsed = _parse_json_object(whole)
-                body = _learn_request(facts, parsed, header_user, whole)
+                body = _learn_request(facts, parsed, header_user, whole, self._identity)
                 if self.admission is not None:
                     self.admission(facts, parsed, whole)
         except RequestRejectedError as exc:
@@ -489,15 +494,19 @@ async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
                 return
 
 
-def check_user_header(value: str | None) -> str | None:
-    """The `X-Tokentill-User` header's end user, or a 400 for one out of bounds."""
-    if value is not None and not 0 < len(value) <= _MAX_USER_ID:
+def check_user_header(raw: bytes | None, *, case_fold: bool = False) -> str | None:
+    """The `X-Tokentill-User` header's end user (UTF-8, see `ingest.identity`), or a 400."""
+    if raw is None:
+        return None
+    try:
+        return end_user_id(decode_header(raw), case_fold=case_fold)
+    except BadUserId as exc:
         raise RequestRejectedError(
             400,
-            f"X-Tokentill-User must be 1 to {_MAX_USER_ID} characters.",
+            f"X-Tokentill-User {exc}: it must be 1 to {MAX_USER_ID} characters of UTF-8, "
+            "with no control characters.",
             "invalid_tokentill_user",
-        )
-    return value
+        ) from None
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -517,6 +526,13 @@ async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
             yield chunk
         if not message.get("more_body", False):
             return
+
+
+def _raw_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -556,11 +572,24 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+@dataclass(frozen=True, slots=True)
+class IdentityRules:
+    """How end-user ids are read (see `ingest.identity`)."""
+
+    case_fold: bool = False
+    refuse_mismatch: bool = False  # header and body name different users: 400
+
+
 def _learn_request(
-    facts: RequestFacts, parsed: dict[str, Any] | None, header_user: str | None, body: bytes
+    facts: RequestFacts,
+    parsed: dict[str, Any] | None,
+    header_user: str | None,
+    body: bytes,
+    rules: IdentityRules = IdentityRules(),
 ) -> bytes:
     """Note who is asking and how; return the body to forward (changed only to ask a
-    Chat Completions stream for its usage)."""
+    Chat Completions stream for its usage). An end-user id that cannot be one is a
+    `RequestRejectedError` (400)."""
     if header_user is not None:
         facts.user_id, facts.user_source = header_user, "header"
     if parsed is None:
@@ -570,15 +599,33 @@ def _learn_request(
     facts.background = parsed.get("background") is True
     facts.store = parsed.get("store") is not False
     facts.previous_response_id = _str_or_none(parsed.get("previous_response_id"))
-    metadata = parsed.get("metadata")
-    if isinstance(metadata, dict) and metadata:
-        facts.metadata = orjson.dumps(metadata).decode()
-    if facts.user_id is None:
-        for source in ("user", "safety_identifier"):
-            value = _str_or_none(parsed.get(source))
-            if value:
-                facts.user_id, facts.user_source = value[:_MAX_USER_ID], source
-                break
+    facts.metadata, cut = bounded_metadata(parsed.get("metadata"))
+    if cut:
+        facts.truncated = "metadata"
+    for source in ("user", "safety_identifier"):
+        value = _str_or_none(parsed.get(source))
+        if not value:
+            continue
+        try:
+            body_user = end_user_id(value, case_fold=rules.case_fold)
+        except BadUserId as exc:
+            raise RequestRejectedError(
+                400, f"The end user's id in '{source}' {exc}.", "invalid_end_user", source
+            ) from None
+        if facts.user_id is None:
+            facts.user_id, facts.user_source = body_user, source
+        elif body_user != facts.user_id:
+            # The header wins (it is the operator's word); both are kept.
+            facts.body_user_id = body_user
+            if rules.refuse_mismatch:
+                raise RequestRejectedError(
+                    400,
+                    f"X-Tokentill-User names {facts.user_id!r} but '{source}' names "
+                    f"{body_user!r}; this tokentill refuses requests whose end users differ.",
+                    "user_mismatch",
+                    source,
+                )
+        break
     if facts.endpoint == "chat.completions" and facts.stream:
         options = parsed.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage") is True):
@@ -586,5 +633,19 @@ def _learn_request(
             new_options["include_usage"] = True
             parsed["stream_options"] = new_options
             facts.strip_chat_usage = True
-            return orjson.dumps(parsed)
+            return _encode(parsed)
     return body
+
+
+def _encode(parsed: dict[str, Any]) -> bytes:
+    """A parsed body as JSON again. orjson stops at 255 levels of nesting (it parses up
+    to 1024): deeper bodies take the standard library's encoder."""
+    try:
+        return orjson.dumps(parsed)
+    except TypeError:
+        try:
+            return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
+        except (RecursionError, ValueError):
+            raise RequestRejectedError(
+                400, "The request body is nested too deeply to be read.", "body_too_deep"
+            ) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from ingest.bounds import bound_event
 from ingest.events import UsageEvent
 from ingest.journal import Journal
 from ingest.poller import Poller
@@ -33,7 +34,12 @@ class Recorder:
         hold: Any = None,
     ) -> None:
         """Journal `event` (synchronously: it is in the kernel when this returns). `hold`
-        is the request's quota reservation, if it has one."""
+        is the request's quota reservation, if it has one. Every stored string is cut to
+        its bound first (`ingest.bounds`), and what was cut is counted."""
+        bound_event(event)
+        if event.truncated_fields:
+            for name in event.truncated_fields.split(","):
+                self._metrics.count_cut(name)
         self._journal.append(event)
         self._metrics.count_event(event.endpoint, event.status)
         quotas = self.quotas

@@ -42,9 +42,11 @@ from ingest.proxy import (
     _HOP_BY_HOP,
     USER_HEADER,
     Admission,
+    IdentityRules,
     RequestRejectedError,
     _header,
     _learn_request,
+    _raw_header,
     check_user_header,
 )
 from ingest.recorder import Recorder
@@ -121,6 +123,7 @@ class SocketProxy:
         connector: SocketUpstream,
         recorder: Callable[[], Recorder | None],
         admission: Callable[[], Admission | None],
+        identity: IdentityRules,
     ) -> None:
         base = upstream_url.rstrip("/")
         self._base = "ws" + base[4:] if base.startswith("http") else base
@@ -129,6 +132,7 @@ class SocketProxy:
         self._connector = connector
         self._recorder = recorder
         self._admission = admission
+        self.identity = identity
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -145,7 +149,9 @@ class SocketProxy:
             )
             return
         try:
-            header_user = check_user_header(_header(headers, USER_HEADER))
+            header_user = check_user_header(
+                _raw_header(headers, USER_HEADER), case_fold=self.identity.case_fold
+            )
         except RequestRejectedError as exc:
             await _deny(scope, send, exc.status, error_body(exc.message, exc.type, exc.code))
             return
@@ -296,7 +302,11 @@ class _Relay:
             started_perf=time.perf_counter(),
             key_fingerprint=self._fingerprint,
         )
-        _learn_request(facts, event, self._header_user, b"")
+        try:
+            _learn_request(facts, event, self._header_user, b"", self._proxy.identity)
+        except RequestRejectedError as exc:
+            await self._refuse(facts, exc, _lane(event))
+            return False
         facts.stream = True  # implied on the socket
         lane = _lane(event)
         admission = self._proxy.admission()
@@ -316,6 +326,18 @@ class _Relay:
             return False
         self._session.waiting.setdefault(lane, deque()).append(facts)
         return True
+
+    async def _refuse(
+        self, facts: RequestFacts, exc: RequestRejectedError, lane: str | None
+    ) -> None:
+        """Answer a refused create on the socket and record it as a refused request."""
+        refused = error_event(facts, exc.status, {"error": {"type": exc.type, "code": exc.code}})
+        refused.transport = "websocket"
+        self._recorder.record(refused)
+        self._proxy.count(exc.status, time.perf_counter() - facts.started_perf)
+        await self._to_client_text(
+            _error_frame(exc.status, exc.type, exc.code, exc.message, exc.param, lane)
+        )
 
     # -- upstream -> client -------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from api.openai_usage import OpenAIError
 from ingest.http1 import HTTP1Upstream
 from ingest.journal import Journal
 from ingest.poller import Poller
-from ingest.proxy import Proxy
+from ingest.proxy import IdentityRules, Proxy
 from ingest.recorder import Recorder
 from ingest.socket_proxy import SocketProxy
 from ingest.upstream import Upstream
@@ -113,6 +113,7 @@ class Tokentill:
             WebsocketsUpstream(settings.upstream_connect_timeout),
             recorder=lambda: self.proxy.recorder,
             admission=lambda: self.proxy.admission,
+            identity=IdentityRules(settings.user_id_case_fold, settings.refuse_user_mismatch),
         )
         self.runtime: Runtime | None = None
         self._upstream = upstream

@@ -52,11 +52,20 @@ class Metrics:
             "Events DuckDB refused, kept in the journal's rejected.jsonl.",
             registry=self.registry,
         )
+        self.fields_cut = Counter(
+            "tokentill_stored_fields_cut",
+            "Events with a field cut to its storage bound (metadata, user id, model...).",
+            ["field"],
+            registry=self.registry,
+        )
         self.pending_responses = Gauge(
             "tokentill_pending_responses",
             "Background or interrupted responses being polled for their outcome.",
             registry=self.registry,
         )
+
+    def count_cut(self, field: str) -> None:
+        self.fields_cut.labels(field).inc()
 
     def count_request(self, endpoint: str, status: int, seconds: float) -> None:
         """Hot path: the labelled children are looked up once, not on every request

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     background_poll_min_interval: Seconds = 1.0
     background_poll_max_interval: Seconds = 60.0
 
+    # End-user ids (ingest/identity.py): always UTF-8, NFC, trimmed, no control
+    # characters; with this, case-folded too (`QA-Alice` and `qa-alice` are one user).
+    user_id_case_fold: bool = False
+    # X-Tokentill-User and the body's user/safety_identifier name different users: the
+    # header wins and both are kept; with this, such requests are refused (400).
+    refuse_user_mismatch: bool = False
+
     # DuckDB's buffer pool (its cache of what it read) stays within this.
     warehouse_memory_limit: str = "2GB"
 

@@ -21,24 +21,28 @@ import orjson
 
 from ingest import json_text, usage
 from ingest.events import TERMINAL_STATUSES, EventKind, UsageEvent
-from ingest.sse import SSEEvent, SSEParser, replace_data
+from ingest.sse import SSEParser, event_fields, lead, replace_data
 
 Endpoint = Literal["responses", "chat.completions"]
 
 # The pre-filters: bytes an event must contain to be worth parsing. A `\u` escape may
 # spell any of them, so an event with one is always parsed.
-_CHAT_INTEREST = re.compile(rb'"(?:usage|finish_reason)"\s*:\s*[{"]|\\u')
+# Between a key and its value the raw block may hold blanks and, when the payload is
+# split over several `data:` lines, line ends and `data:` prefixes.
+_GAP = rb"(?:\s|data:)*"
+_CHAT_INTEREST = re.compile(rb'"(?:usage|finish_reason)"' + _GAP + b":" + _GAP + rb'[{"]|\\u')
 
 
-def _may_carry_response(data: bytes) -> bool:
-    """A Responses event with a `response` object or an `error` (every terminal event
-    and `response.created`), never a bare delta: deltas are most of the stream."""
-    return b'"response"' in data or b'"error"' in data or b"\\u" in data
+def _may_carry_response(block: bytes) -> bool:
+    """An event (its raw bytes) that may hold a `response` object or an `error` (every
+    terminal event and `response.created`); never a bare delta, most of the stream."""
+    return b'"response"' in block or b'"error"' in block or b"\\u" in block
 
 
-def _may_carry_chat_usage(data: bytes) -> bool:
-    """A Chat Completions chunk with a usage object or a finish reason."""
-    return _CHAT_INTEREST.search(data) is not None
+def _may_carry_chat_usage(block: bytes) -> bool:
+    """A Chat Completions chunk (its raw bytes) that may hold a usage object or a
+    finish reason."""
+    return _CHAT_INTEREST.search(block) is not None
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
@@ -193,14 +197,22 @@ class StreamCapture:
         """Read `chunk`; return the bytes to forward to the client."""
         if not self._decoder.supported:
             return chunk
-        decoded = self._decoder.feed(chunk)
+        blocks = self._parser.feed(self._decoder.feed(chunk))
         if self.facts.strip_chat_usage:
             # Forward what is rebuilt from whole events, less what the client did not ask for.
-            return b"".join(self._strip(sse) for sse in self._parser.feed(decoded))
-        read = self._read_responses_event if self.facts.endpoint == "responses" else self._read_chat
-        for sse in self._parser.feed(decoded):
-            if sse.data is not None:
-                read(sse.data)
+            return b"".join([self._strip(block) for block in blocks])
+        if self.facts.endpoint == "responses":
+            for block in blocks:
+                if _may_carry_response(block):
+                    data = event_fields(block)[1]
+                    if data is not None:
+                        self._read_responses_event(data)
+        else:
+            for block in blocks:
+                if not self._seen_first_chunk or _may_carry_chat_usage(block):
+                    data = event_fields(block)[1]
+                    if data is not None:
+                        self._read_chat(data)
         return chunk
 
     def flush_tail(self) -> bytes:
@@ -208,8 +220,6 @@ class StreamCapture:
         return self._parser.pending if self.rewrites else b""
 
     def _read_responses_event(self, data: bytes) -> None:
-        if not _may_carry_response(data):
-            return
         obj = _json_object(data)
         if obj is None:
             return
@@ -227,12 +237,7 @@ class StreamCapture:
                 self.done = True
 
     def _read_chat(self, data: bytes) -> dict[str, Any] | None:
-        """Read one chunk; return it parsed when it was parsed."""
-        if not self._seen_first_chunk:
-            if data.strip() == b"[DONE]":
-                return None
-        elif not _may_carry_chat_usage(data):
-            return None
+        """Read one chunk; return it parsed (None: not a JSON object, or `[DONE]`)."""
         obj = _json_object(data)
         if obj is None:
             return None
@@ -243,18 +248,22 @@ class StreamCapture:
             self.done = True
         return obj
 
-    def _strip(self, sse: SSEEvent) -> bytes:
-        """The event as the client would have had it had we not asked for usage."""
-        if sse.data is None:
-            return sse.raw
-        obj = self._read_chat(sse.data)
-        if obj is None and (b"usage" in sse.data or b"\\u" in sse.data):
-            obj = _json_object(sse.data)
-        if obj is None or "usage" not in obj:
-            return sse.raw
-        if obj.get("choices") == [] and isinstance(obj["usage"], dict):
-            return sse.raw[: sse.lead]  # the usage-only chunk the client did not ask for
-        return replace_data(sse, json_text.without_member(sse.data, obj, "usage"))
+    def _strip(self, block: bytes) -> bytes:
+        """The event as the client would have had it had we not asked for usage: the
+        usage-only chunk dropped, the `usage` member cut out of every other chunk."""
+        asks_reading = not self._seen_first_chunk or _may_carry_chat_usage(block)
+        if not asks_reading and b"usage" not in block and b"\\u" not in block:
+            return block
+        data = event_fields(block)[1]
+        if data is None:
+            return block
+        obj = self._read_chat(data) if asks_reading else _json_object(data)
+        if obj is None:
+            return block
+        if obj.get("choices") == [] and isinstance(obj.get("usage"), dict):
+            return lead(block)  # the usage-only chunk the client did not ask for
+        shorter = json_text.without_member(data, "usage", obj)
+        return block if shorter is None else replace_data(block, shorter)
 
     def finish(self, *, client_disconnected: bool) -> UsageEvent:
         """The event at the end of the stream, whatever happened to it."""

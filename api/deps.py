@@ -5,6 +5,10 @@ time), or the session cookie the dashboard's login page sets (api/session.py), s
 dashboard's scripts and /api/docs work in a logged-in browser. A request that sends an
 Authorization header is judged by it alone. With no token configured, only loopback
 clients are served.
+
+A state-changing request authenticated by the cookie must also carry the session's
+CSRF token (`X-CSRF-Token`). Wrong tokens count against the client's address
+(api/auth_limit.py): past the limit it gets 429 without its token being compared.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from api import session
+from api.auth_limit import AuthLimiter
 
 if TYPE_CHECKING:
     from tokentill.app import Runtime
@@ -39,6 +44,30 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def refuse_if_locked_out(request: Request) -> None:
+    limiter: AuthLimiter | None = getattr(request.app.state, "auth_limiter", None)
+    wait = limiter.retry_after(client_address(request)) if limiter else None
+    if wait is not None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            "too many wrong admin tokens from this address: try again later",
+            headers={"Retry-After": str(wait)},
+        )
+
+
+def note_failure(request: Request) -> None:
+    limiter: AuthLimiter | None = getattr(request.app.state, "auth_limiter", None)
+    if limiter is not None:
+        limiter.failed(client_address(request))
+
+
 def require_admin(request: Request) -> None:
     token = request.app.state.admin_token
     if token is None:
@@ -48,13 +77,23 @@ def require_admin(request: Request) -> None:
                 "no admin token is configured: /api is served to loopback clients only",
             )
         return
+    refuse_if_locked_out(request)
     given = request.headers.get("authorization")
-    if given is None and session.is_valid(
-        request.cookies.get(session.COOKIE), token, now=time.time()
-    ):
+    cookie = request.cookies.get(session.COOKIE)
+    if given is None and session.is_valid(cookie, token, now=time.time()):
+        assert cookie is not None
+        if request.method not in _SAFE_METHODS:
+            sent = request.headers.get("x-csrf-token", "")
+            if not hmac.compare_digest(sent.encode(), session.csrf_token(cookie, token).encode()):
+                raise HTTPException(
+                    status.HTTP_403_FORBIDDEN,
+                    "a state-changing request with the session cookie needs its X-CSRF-Token",
+                )
         return
     scheme, _, value = (given or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+        if given is not None:
+            note_failure(request)  # a wrong token, not merely a browser not logged in
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing or wrong admin token (Authorization: Bearer ...)",

@@ -89,7 +89,28 @@ def _presentable(frame: pl.DataFrame) -> pl.DataFrame:
     ).drop("cost_pico", "cost_cents")
 
 
+# OWASP's CSV injection rule: a cell a spreadsheet would read as a formula starts with
+# one of these; it gets a leading apostrophe. Money and counts (plain numbers, negative
+# ones included) are left exact.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = r"^[+-]?\d+(\.\d+)?$"
+
+
+def neutralise_formulas(frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` with every text cell that could run as a spreadsheet formula defused."""
+    columns = [name for name, dtype in frame.schema.items() if dtype == pl.String]
+    return frame.with_columns(_defused(pl.col(name)).alias(name) for name in columns)
+
+
+def _defused(cell: pl.Expr) -> pl.Expr:
+    risky = pl.any_horizontal([cell.str.starts_with(start) for start in _FORMULA_START])
+    return (
+        pl.when(risky & ~cell.str.contains(_PLAIN_NUMBER)).then(pl.lit("'") + cell).otherwise(cell)
+    )
+
+
 def _csv_chunks(frame: pl.DataFrame) -> Iterator[bytes]:
+    frame = neutralise_formulas(frame)
     for offset in range(0, max(frame.height, 1), _CHUNK_ROWS):
         buffer = io.BytesIO()
         frame.slice(offset, _CHUNK_ROWS).write_csv(buffer, include_header=offset == 0)

@@ -41,3 +41,10 @@ def is_valid(cookie: str | None, admin_token: str, *, now: float) -> bool:
         return False
     good = hmac.compare_digest(mac.encode(), _sign(admin_token, body).encode())
     return good and int(expires) > now
+
+
+def csrf_token(cookie: str, admin_token: str) -> str:
+    """The CSRF token of a session: state-changing requests authenticated by the cookie
+    must carry it in `X-CSRF-Token` (a page on another site can make the browser send
+    the cookie, not read this)."""
+    return hmac.new(_key(admin_token), b"csrf\0" + cookie.encode(), hashlib.sha256).hexdigest()

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from api import session
-from api.deps import require_admin
+from api.deps import client_address, note_failure, refuse_if_locked_out, require_admin
 from dashboards.layout import document, esc
 
 router = APIRouter(include_in_schema=False)
@@ -83,13 +83,18 @@ async def log_in(
     admin: str | None = request.app.state.admin_token
     if admin is None:
         return RedirectResponse(safe_next(next), status.HTTP_303_SEE_OTHER)
+    refuse_if_locked_out(request)
     if not hmac.compare_digest(token.encode(), admin.encode()):
+        note_failure(request)
         await asyncio.sleep(WRONG_TOKEN_DELAY)
         return _login_page(
             safe_next(next),
             "That is not the admin token.",
             status_code=status.HTTP_401_UNAUTHORIZED,
         )
+    limiter = getattr(request.app.state, "auth_limiter", None)
+    if limiter is not None:
+        limiter.succeeded(client_address(request))
     lifetime: float = request.app.state.session_lifetime
     answer = RedirectResponse(safe_next(next), status.HTTP_303_SEE_OTHER)
     answer.set_cookie(

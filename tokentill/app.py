@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -44,8 +45,11 @@ from api import (
     quotas,
     reconcile,
     reports,
+    session,
 )
+from api.auth_limit import AuthLimiter
 from api.deps import AdminDep, require_admin
+from api.guard import AdminGuard, default_hosts
 from api.openai_usage import OpenAIError
 from ingest.http1 import HTTP1Upstream
 from ingest.journal import Journal
@@ -61,6 +65,7 @@ from tokentill.quota_service import QuotaService
 from tokentill.settings import Settings
 from tokentill.webhooks import Webhook
 from warehouse.abuse import AbuseConfig, AbuseJob
+from warehouse.alerts import Alert
 from warehouse.db import open_warehouse
 from warehouse.jobs import RollupConfig, RollupJob
 from warehouse.periods import post_adjustments
@@ -123,6 +128,31 @@ class Tokentill:
             settings.admin_token.get_secret_value() if settings.admin_token else None
         )
         self.api.state.session_lifetime = settings.session_lifetime
+        self.api.state.auth_limiter = AuthLimiter(
+            settings.auth_failure_limit,
+            settings.auth_failure_window,
+            self.metrics.auth_failures.inc,
+            self._locked_out,
+        )
+
+    def _locked_out(self, address: str, failures: int) -> None:
+        """An address guessed the admin token too often: count it and raise an alert."""
+        self.metrics.auth_lockouts.inc()
+        runtime = self.runtime
+        if runtime is None:
+            return
+        now = datetime.now(UTC)
+        runtime.alerts.raise_alert(
+            Alert(
+                dedupe_key=f"auth_failures:{address}:{int(now.timestamp()) // 3600}",
+                kind="security",
+                rule="auth_failures",
+                severity="critical",
+                message=f"{failures} wrong admin tokens from {address}: locked out for "
+                f"{self.settings.auth_failure_window:g} s",
+                evidence={"address": address, "failures": failures},
+            )
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -190,6 +220,10 @@ class Tokentill:
         _add_docs(api)
         _add_error_shapes(api)
         api.add_middleware(openai_usage.BracketArrays, prefix=openai_usage.PREFIX)
+        api.add_middleware(
+            AdminGuard,
+            allowed_hosts=self.settings.allowed_hosts or default_hosts(self.settings.host),
+        )
         return api
 
     @contextlib.asynccontextmanager
@@ -364,14 +398,30 @@ def _add_docs(api: FastAPI) -> None:
         return JSONResponse(api.openapi())
 
     @api.get("/api/docs", include_in_schema=False, dependencies=[Depends(require_admin)])
-    async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
+    async def docs(request: Request) -> HTMLResponse:
+        page = get_swagger_ui_html(
             openapi_url="/api/openapi.json",
             title="tokentill admin API",
             swagger_js_url="/api/docs-assets/swagger-ui-bundle.js",
             swagger_css_url="/api/docs-assets/swagger-ui.css",
             swagger_favicon_url="/api/docs-assets/favicon.png",
         )
+        cookie = request.cookies.get(session.COOKIE)
+        admin: str | None = request.app.state.admin_token
+        if cookie is None or admin is None or "authorization" in request.headers:
+            return page
+        # "Try it out" in a logged-in browser sends the session's CSRF token.
+        csrf = json.dumps(session.csrf_token(cookie, admin))
+        html = (
+            bytes(page.body)
+            .decode()
+            .replace(
+                "const ui = SwaggerUIBundle({",
+                "const ui = SwaggerUIBundle({\n    requestInterceptor: (r) => "
+                f"{{ r.headers['X-CSRF-Token'] = {csrf}; return r; }},",
+            )
+        )
+        return HTMLResponse(html)
 
 
 def _add_error_shapes(api: FastAPI) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,11 @@ def _settings(args: argparse.Namespace, names: Sequence[str]) -> Settings:
     return Settings(**given)
 
 
+def _private_files() -> None:
+    """Files the service makes (the warehouse, its WAL, the journal) are its owner's only."""
+    os.umask(0o077)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tokentill.app import create_app
     from tokentill.server import serve
@@ -28,6 +34,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from warehouse.prices import PriceFileError, load_price_file
 
     settings = _settings(args, ("db", "upstream", "host", "port", "prices_file"))
+    _private_files()
     try:
         # Fail before binding the port if another process holds the warehouse, or if the
         # prices file cannot be used.
@@ -35,7 +42,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if settings.prices_file is not None:
             load_price_file(settings.prices_file)
         app = create_app(settings)
-        ok = serve(app, settings.host, settings.port, graceful=settings.shutdown_grace)
+        ok = serve(
+            app,
+            settings.host,
+            settings.port,
+            graceful=settings.shutdown_grace,
+            header_timeout=settings.header_timeout,
+            max_connections=settings.max_connections,
+        )
     except (WarehouseBusyError, PriceFileError) as exc:
         print(f"tokentill: {exc}", file=sys.stderr)
         return 2
@@ -113,7 +127,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     threading.Thread(target=traffic, name="demo-traffic", daemon=True).start()
     try:
-        ok = serve(create_app(settings), settings.host, settings.port)
+        ok = serve(
+            create_app(settings),
+            settings.host,
+            settings.port,
+            header_timeout=settings.header_timeout,
+            max_connections=settings.max_connections,
+        )
     finally:
         stop.set()
         fake.should_exit = True

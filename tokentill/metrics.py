@@ -58,6 +58,16 @@ class Metrics:
             ["field"],
             registry=self.registry,
         )
+        self.auth_failures = Counter(
+            "tokentill_auth_failures",
+            "Wrong admin tokens (bearer or login form).",
+            registry=self.registry,
+        )
+        self.auth_lockouts = Counter(
+            "tokentill_auth_lockouts",
+            "Client addresses locked out after too many wrong admin tokens.",
+            registry=self.registry,
+        )
         self.pending_responses = Gauge(
             "tokentill_pending_responses",
             "Background or interrupted responses being polled for their outcome.",

@@ -1,4 +1,12 @@
-"""Running an app under uvicorn, with a shutdown that exits 0 on SIGTERM/SIGINT."""
+"""Running an app under uvicorn, with a shutdown that exits 0 on SIGTERM/SIGINT, a bound
+on open connections, and a deadline for a request's headers.
+
+uvicorn closes a keep-alive connection that stays idle, but not one that dribbles its
+headers a byte at a time: thousands of those hold their sockets open forever. So every
+connection gets `header_timeout` seconds from its opening (and from the start of each
+later request on it) to send complete headers, or it is closed. `max_connections`
+(uvicorn's `limit_concurrency`) answers 503 past that many connections and requests.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,52 @@ import signal
 import threading
 from collections.abc import Iterator
 
+import asyncio
+
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class HeaderDeadline(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline on each request's headers."""
+
+    header_timeout = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def protocol_with_deadline(seconds: float) -> type[HeaderDeadline]:
+    return type("HeaderDeadlineProtocol", (HeaderDeadline,), {"header_timeout": seconds})
 
 
 class _Server(uvicorn.Server):
@@ -29,13 +81,22 @@ class _Server(uvicorn.Server):
 
 
 def serve(
-    app: ASGIApp, host: str, port: int, *, graceful: int = 5, log_level: str = "info"
+    app: ASGIApp,
+    host: str,
+    port: int,
+    *,
+    graceful: int = 5,
+    log_level: str = "info",
+    header_timeout: float = 10.0,
+    max_connections: int | None = None,
 ) -> bool:
     """Serve until a signal; return True when the server started and stopped cleanly."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=protocol_with_deadline(header_timeout),
+        limit_concurrency=max_connections,
         log_level=log_level,
         access_log=False,
         server_header=False,

@@ -60,6 +60,20 @@ class Settings(BaseSettings):
     # header wins and both are kept; with this, such requests are refused (400).
     refuse_user_mismatch: bool = False
 
+    # The admin surfaces (/api, /dashboard) answer only to these Host names (with or
+    # without a port); empty: the loopback names and `host` when it is an address of
+    # its own. "*" answers to any (behind a proxy that checks Host itself).
+    allowed_hosts: tuple[str, ...] = ()
+    # Guessing the admin token: this many failures from one address within the window
+    # lock that address out for the window (429), with a metric and an alert.
+    auth_failure_limit: Annotated[int, Field(ge=1)] = 10
+    auth_failure_window: Seconds = 60.0
+    # Connections: a request's headers must arrive within `header_timeout` (slow
+    # senders are dropped); past `max_connections` open connections and requests,
+    # new requests get 503.
+    header_timeout: Seconds = 10.0
+    max_connections: Annotated[int, Field(ge=1)] = 2048
+
     # DuckDB's buffer pool (its cache of what it read) stays within this.
     warehouse_memory_limit: str = "2GB"
 

@@ -35,12 +35,24 @@ def open_warehouse(
                 "DuckDB allows one writer: talk to the running server instead, or stop it."
             ) from exc
         raise
+    if not read_only:
+        _owner_only(path)
     conn.execute("SET TimeZone = 'UTC'")
     if memory_limit is not None:
         conn.execute(f"SET memory_limit = '{_size(memory_limit)}'")
     if not read_only:
         migrate(conn)
     return conn
+
+
+def _owner_only(path: Path) -> None:
+    """The warehouse holds who spent what: readable by its owner only (0600), like the
+    journal. DuckDB creates its files with the process umask, which `tokentill serve`
+    sets to 077; files made before (or by another program) are narrowed here."""
+    for file in (path, path.with_name(path.name + ".wal")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
 
 
 def _size(value: str) -> str:

@@ -10,12 +10,11 @@ later request on it) to send complete headers, or it is closed. `max_connections
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import threading
 from collections.abc import Iterator
-
-import asyncio
 
 import uvicorn
 from starlette.types import ASGIApp

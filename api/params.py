@@ -51,7 +51,10 @@ class FilterParams(RangeParams):
     model: Names = Field([], description="Models, as the upstream answered them.")
     service_tier: Names = Field([], description="default, flex, priority, batch, scale.")
     status: Names = Field([], description="completed, incomplete, failed, error...")
-    endpoint: Names = Field([], description="responses or chat.completions.")
+    endpoint: Names = Field(
+        [],
+        description="responses, chat.completions, completions, embeddings or moderations.",
+    )
     tag: Names = Field([], description="Metadata filters as key=value (all must match).")
 
 

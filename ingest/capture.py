@@ -23,7 +23,7 @@ from ingest import json_text, usage
 from ingest.events import TERMINAL_STATUSES, EventKind, UsageEvent
 from ingest.sse import SSEParser, event_fields, lead, replace_data
 
-Endpoint = Literal["responses", "chat.completions"]
+Endpoint = Literal["responses", "chat.completions", "completions", "embeddings", "moderations"]
 
 # The pre-filters: bytes an event must contain to be worth parsing. A `\u` escape may
 # spell any of them, so an event with one is always parsed.
@@ -157,9 +157,14 @@ class JSONCapture:
         """The event for a successful answer, or None if there is nothing to record
         (a retrieve of a response that is still running)."""
         event = self.facts.new_event()
-        if self.facts.endpoint == "responses":
+        endpoint = self.facts.endpoint
+        if endpoint == "responses":
             usage.apply_response(event, obj)
-        else:
+        elif endpoint == "embeddings":
+            usage.apply_embedding(event, obj)
+        elif endpoint == "moderations":
+            usage.apply_moderation(event, obj)
+        else:  # Chat Completions and the legacy Completions share their usage shape
             usage.apply_chat_completion(event, obj)
             event.status = usage.chat_status(event)
         if self.facts.kind == "update" and event.status not in TERMINAL_STATUSES:

@@ -142,8 +142,8 @@ class PriceBook:
         over = r.tier_threshold is not None and inp > r.tier_threshold
         input_rate = r._pick(over, r.tier_input, r.input)
         output_rate = r._pick(over, r.tier_output, r.output)
-        if input_rate is None or output_rate is None:
-            return None
+        if input_rate is None or (out > 0 and output_rate is None):
+            return None  # (embeddings have no output, and no output rate)
         cached_rate = r._pick(over, r.tier_cached_input, r.cached_input)
         write_rate = r._pick(over, r.tier_cache_write, r.cache_write)
         cached, written = _n(event.cached_input_tokens), _n(event.cache_write_tokens)
@@ -151,7 +151,7 @@ class PriceBook:
             (inp - cached - written) * input_rate
             + cached * (input_rate if cached_rate is None else cached_rate)
             + written * (input_rate if write_rate is None else write_rate)
-            + out * output_rate
+            + out * (output_rate or 0)
             + _n(event.web_search_calls) * _n(r.web_search)
         )
         if uses_image:
@@ -199,6 +199,6 @@ class PriceBook:
         )
         output_rate = r._pick(over, r.tier_output, r.output)
         known = [rate for rate in candidates if rate is not None]
-        if not known or output_rate is None:
+        if not known or (output_tokens > 0 and output_rate is None):
             return None
-        return input_tokens * max(known) + output_tokens * output_rate
+        return input_tokens * max(known) + output_tokens * (output_rate or 0)

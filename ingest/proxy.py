@@ -1,9 +1,10 @@
 """The /v1 proxy: forwards every request to the upstream and meters the ones that cost money.
 
 The hot path forwards bytes and reads usage beside them; it never touches the
-database. Metered: `POST /v1/responses`, `POST /v1/chat/completions` (creations),
-and `GET /v1/responses/{id}` / `POST /v1/responses/{id}/cancel` (outcomes of
-responses created earlier). Everything else passes through unmetered.
+database. Metered: `POST /v1/responses`, `POST /v1/chat/completions`,
+`/v1/embeddings`, `/v1/completions` and `/v1/moderations` (creations), and
+`GET /v1/responses/{id}` / `POST /v1/responses/{id}/cancel` (outcomes of responses
+created earlier). Everything else passes through unmetered.
 
 Streams are forwarded chunk by chunk as they arrive. A finished response's event is
 journaled before the client receives the chunk that completes it (for JSON answers:
@@ -83,6 +84,12 @@ class Route:
 
 
 _OTHER = Route("other", None)
+# Billable endpoints beyond Responses and Chat Completions, with token usage in the answer.
+_OTHER_METERED: dict[str, Endpoint] = {
+    "/v1/embeddings": "embeddings",
+    "/v1/completions": "completions",  # the legacy Completions API
+    "/v1/moderations": "moderations",  # free, still counted
+}
 
 
 def classify(method: str, path: str) -> Route:
@@ -90,6 +97,9 @@ def classify(method: str, path: str) -> Route:
         return Route("responses", "responses")
     if method == "POST" and path == "/v1/chat/completions":
         return Route("chat.completions", "chat.completions")
+    if method == "POST" and path in _OTHER_METERED:
+        name = _OTHER_METERED[path]
+        return Route(name, name)
     match = _RETRIEVE.match(path)
     if match:
         cancel = bool(match[2])
@@ -626,7 +636,7 @@ def _learn_request(
                     source,
                 )
         break
-    if facts.endpoint == "chat.completions" and facts.stream:
+    if facts.endpoint in ("chat.completions", "completions") and facts.stream:
         options = parsed.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage") is True):
             new_options = dict(options) if isinstance(options, dict) else {}

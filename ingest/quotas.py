@@ -486,6 +486,8 @@ class QuotaBook:
         return bound
 
     def _output_bound(self, parsed: dict[str, Any] | None, endpoint: str) -> int:
+        if endpoint in ("embeddings", "moderations"):
+            return 0  # input only
         cap = self.config.output_cap
         if parsed is None:
             return cap
@@ -494,7 +496,7 @@ class QuotaBook:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 cap = value
                 break
-        choices = parsed.get("n") if endpoint == "chat.completions" else None
+        choices = parsed.get("n") if endpoint in ("chat.completions", "completions") else None
         if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
             cap *= choices
         return cap

@@ -88,7 +88,8 @@ def apply_tool_usage(event: UsageEvent, tool_usage: dict[str, Any]) -> None:
 
 
 def apply_chat_completion(event: UsageEvent, obj: dict[str, Any]) -> None:
-    """Fill `event` from a `ChatCompletion` or a `ChatCompletionChunk`."""
+    """Fill `event` from a `ChatCompletion` or a `ChatCompletionChunk` (or a legacy
+    `Completion`, which has the same fields where usage is concerned)."""
     event.response_id = _str(obj.get("id")) or event.response_id
     event.model = _str(obj.get("model")) or event.model
     event.created_at_us = _seconds_to_us(obj.get("created")) or event.created_at_us
@@ -101,6 +102,24 @@ def apply_chat_completion(event: UsageEvent, obj: dict[str, Any]) -> None:
     usage = obj.get("usage")
     if isinstance(usage, dict):
         apply_chat_usage(event, usage)
+
+
+def apply_embedding(event: UsageEvent, obj: dict[str, Any]) -> None:
+    """Fill `event` from a `CreateEmbeddingResponse`: input tokens only, and no id (the
+    event gets one of tokentill's)."""
+    event.model = _str(obj.get("model")) or event.model
+    usage = _dict(obj.get("usage"))
+    event.input_tokens = _int(usage.get("prompt_tokens"))
+    event.output_tokens = 0
+    event.total_tokens = _int(usage.get("total_tokens"))
+    event.status = "completed"
+
+
+def apply_moderation(event: UsageEvent, obj: dict[str, Any]) -> None:
+    """A `ModerationCreateResponse`: free, counted (no usage to read)."""
+    event.response_id = _str(obj.get("id")) or event.response_id
+    event.model = _str(obj.get("model")) or event.model
+    event.status = "completed"
 
 
 def apply_chat_usage(event: UsageEvent, usage: dict[str, Any]) -> None:

@@ -250,7 +250,10 @@ def price_events(
         uncached * input_rate
         + pl.col("cached_input_tokens") * cached_rate
         + pl.col("cache_write_tokens") * write_rate
-        + pl.col("output_tokens") * _rate("output")
+        # Output priced only where there is some: embeddings have no output rate at all.
+        + pl.when(pl.col("output_tokens") > 0)
+        .then(pl.col("output_tokens") * _rate("output"))
+        .otherwise(0)
         + pl.col("web_search_calls") * pl.col("web_search_per_call").fill_null(0)
     )
     image_in = pl.col("image_gen_input_tokens")
@@ -271,7 +274,9 @@ def price_events(
     )
     has_tokens = (pl.col("input_tokens") + pl.col("output_tokens")) > 0
     priced = (
-        pl.col("price_id").is_not_null() & input_rate.is_not_null() & _rate("output").is_not_null()
+        pl.col("price_id").is_not_null()
+        & input_rate.is_not_null()
+        & ((pl.col("output_tokens") == 0) | _rate("output").is_not_null())
     )
     image_priced = ~uses_image | (
         pl.col("_img_text").is_not_null()

@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from tokentill.fakeai import errors, ids, organization
+from tokentill.fakeai import endpoints, errors, ids, organization
 from tokentill.fakeai.catalog import listed_models
 from tokentill.fakeai.chat_builder import ChatDraft, ChatOutcome, draft_chat
 from tokentill.fakeai.ledger import Ledger, LedgerEntry, usage_columns
@@ -454,6 +454,35 @@ class FakeUpstream:
         body = organization.usage_page(self.ledger, request.query_params, int(time.time()))
         return _json(body, _headers(ids.request_id(), started))
 
+    # -- embeddings, legacy completions, moderations (tokentill.fakeai.endpoints) --------
+
+    async def create_embeddings(self, request: Request) -> Response:
+        started = time.perf_counter()
+        key = _api_key(request)
+        body = await endpoints.read_json(request)
+        return _json(endpoints.embeddings(self, body, key), _headers(ids.request_id(), started))
+
+    async def create_moderation(self, request: Request) -> Response:
+        started = time.perf_counter()
+        key = _api_key(request)
+        body = await endpoints.read_json(request)
+        return _json(endpoints.moderations(self, body, key), _headers(ids.request_id(), started))
+
+    async def create_completion(self, request: Request) -> Response:
+        started = time.perf_counter()
+        key = _api_key(request)
+        body = await endpoints.read_json(request)
+        answer, draft = endpoints.completion(self, body, key)
+        headers = _headers(ids.request_id(), started)
+        if body.get("stream") is not True:
+            return _json(answer, headers)
+        wire = self._writer(request, draft.id)
+        frames: list[bytes] = []
+        for chunk in draft.chunks():
+            frames.extend(wire.frame(None, dump(chunk)))
+        frames.extend(wire.frame(None, b"[DONE]"))
+        return EventStream(frames, headers=headers)
+
     async def responses_socket(self, websocket: WebSocket) -> None:
         """The Responses API's WebSocket mode (see `tokentill.fakeai.socket`)."""
         await serve_socket(self, websocket, _bearer_key, _error_response, _RESPONSE_FORCED)
@@ -527,6 +556,9 @@ def create_fake_app(*, seed: int | None = None, wire: Wire = OPENAI) -> Starlett
             methods=["POST"],
         ),
         Route(CHAT_PATH, _openai_errors(fake.create_chat_completion), methods=["POST"]),
+        Route(endpoints.EMBEDDINGS_PATH, _openai_errors(fake.create_embeddings), methods=["POST"]),
+        Route(endpoints.COMPLETIONS_PATH, _openai_errors(fake.create_completion), methods=["POST"]),
+        Route(endpoints.MODERATIONS_PATH, _openai_errors(fake.create_moderation), methods=["POST"]),
         Route("/v1/models", _openai_errors(fake.list_models), methods=["GET"]),
         Route("/v1/files", _openai_errors(fake.upload_file), methods=["POST"]),
         Route("/v1/organization/costs", _openai_errors(fake.organization_costs), methods=["GET"]),

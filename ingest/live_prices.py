@@ -184,6 +184,11 @@ class PriceBook:
             + _n(event.image_gen_output_tokens) * out_rate
         )
 
+    def web_search_rate(self, model: str | None, service_tier: str | None) -> int:
+        """The price of one web search call with `model` (0 when the catalog has none)."""
+        r = self.rates(model, service_tier)
+        return _n(r.web_search) if r is not None else 0
+
     def worst_case(
         self, model: str | None, service_tier: str | None, input_tokens: int, output_tokens: int
     ) -> int | None:

@@ -27,13 +27,20 @@ and real <= reserved whenever (1) the request states its output bound
 (`max_output_tokens`, `max_completion_tokens`/`max_tokens` x `n`), or the output stays
 within `quota_output_cap`; (2) its input is in the body, or in a `previous_response_id`
 the proxy saw finish (its input plus output tokens are remembered), images counted at
-`quota_image_tokens` each; (3) it uses no hosted tools billed per call (web search) or
-hidden input (file search results, `conversation`, files by id); (4) the upstream bills
-the service tier asked for. With those, the overshoot is 0 whatever the concurrency.
+`quota_image_tokens` each; (3) web search, billed per call, makes at most the calls
+reserved for it (`max_tool_calls` when the request states it, else `quota_tool_calls`),
+and no other hidden input (file search results, `conversation`, files by id) is used;
+(4) the upstream bills the service tier asked for. With those, the overshoot is 0
+whatever the concurrency; past (3), it is the price of the calls beyond those reserved.
 
-Counters are seeded from the warehouse at start (everything recorded before start, see
-`seed`), then live: every settled response counts for its user and tags, whether or not
-they have limits yet, so a limit added later sees the spend since start at once.
+Counters are kept only for subjects that have limits, seeded from the warehouse with
+everything recorded before the limit was set (at start, or when the API sets it), then
+live from that moment: each event is counted exactly once, by the warehouse or live,
+because recording an event and settling it happen together on the event loop. Memory
+is bounded by the subjects with limits that are active: a subject's counters are
+dropped once every window of its limits has ended since its last use and it holds no
+reservation (they could only read zero), and made anew, at zero, if it returns; a
+`total` limit keeps its counters for good.
 """
 
 from __future__ import annotations
@@ -143,13 +150,29 @@ class Meter:
     """One subject's usage: per period in its current window, what is reserved in
     flight, and per-minute spend for the burn rate."""
 
-    __slots__ = ("born_us", "recent", "reserved", "windows")
+    __slots__ = ("born_us", "last_used_us", "recent", "reserved", "windows")
 
     def __init__(self, now: int) -> None:
         self.windows = {period: Window(*window(period, now)) for period in PERIODS}
         self.reserved = Usage()
         self.recent: deque[tuple[int, Usage]] = deque()
         self.born_us = now
+        self.last_used_us = now
+
+    def idle_through(self, periods: Iterable[Period], now: int) -> bool:
+        """Nothing reserved, and every window of `periods` that held a use has ended: the
+        counters are all zero from here on, so dropping them loses nothing."""
+        if self.reserved.requests:
+            return False
+        return all(
+            period != "total" and window(period, now)[0] > self.last_used_us for period in periods
+        )
+
+    def reset_usage(self, now: int) -> None:
+        """Forget what was counted (a seed from the warehouse replaces it); keep what is
+        reserved in flight."""
+        self.windows = {period: Window(*window(period, now)) for period in PERIODS}
+        self.recent.clear()
 
     def current(self, period: Period, now: int) -> Window:
         found = self.windows[period]
@@ -158,6 +181,7 @@ class Meter:
         return found
 
     def add(self, started_us: int, now: int, cost: int, tokens: int, unpriced: int) -> None:
+        self.last_used_us = now
         windows = self.windows
         for period, current in windows.items():
             if now >= current.end:
@@ -191,6 +215,9 @@ class Reservation:
     """A request's worst case, held on each subject it counts for until settled."""
 
     subjects: tuple[Subject, ...]
+    """Every subject the request counts for: charged if it has limits when it settles."""
+    held: tuple[Subject, ...]
+    """The subjects with limits at admission, on which its worst case is reserved."""
     started_us: int
     pico: int
     tokens: int
@@ -265,15 +292,23 @@ class QuotaConfig:
     unknown_context_tokens: int = 8_192
     # A parked reservation (pending response) is charged its worst case after this.
     pending_max_seconds: float = 6 * 3600.0
+    # Web search calls reserved for a request that offers the tool and states no
+    # `max_tool_calls` of its own.
+    tool_calls: int = 3
 
 
 class QuotaBook:
     """The limits, the live counters and the reservations (one per process)."""
 
     def __init__(
-        self, config: QuotaConfig, prices: PriceBook, alert: Callable[[Alert], None]
+        self,
+        config: QuotaConfig,
+        prices: PriceBook,
+        alert: Callable[[Alert], None],
+        clock: Callable[[], int] = now_us,
     ) -> None:
         self.config = config
+        self._clock = clock
         self.prices = prices  # replaced wholesale by a refresh
         self._alert = alert
         self._default: tuple[Limit, ...] = ()
@@ -350,16 +385,19 @@ class QuotaBook:
         input_tokens = self._input_bound(parsed, body)
         output_tokens = self._output_bound(parsed, facts.endpoint)
         tier = parsed.get("service_tier") if parsed is not None else None
-        worst = self.prices.worst_case(
-            facts.requested_model, tier if isinstance(tier, str) else None,
-            input_tokens, output_tokens,
-        )  # fmt: skip
+        model, tier_name = facts.requested_model, tier if isinstance(tier, str) else None
+        worst = self.prices.worst_case(model, tier_name, input_tokens, output_tokens)
+        calls = self._tool_calls(parsed)
+        if worst is not None and calls:
+            worst += calls * self.prices.web_search_rate(model, tier_name)
         tokens = input_tokens + output_tokens
         pico = worst or 0
+        held: list[Subject] = []
         for subject in subjects:
             limits = self._limits.get(subject) or (self._default if subject[0] == "user" else ())
             if not limits:
-                continue
+                continue  # no counters kept for it (a limit added later reads the warehouse)
+            held.append(subject)
             meter = self._meter(subject, now)
             reserved = meter.reserved
             for limit in limits:
@@ -378,10 +416,12 @@ class QuotaBook:
                 if used >= limit.amount or used + need > limit.amount:
                     raise QuotaExceededError(subject, limit, current, used, need, now)
         reservation = Reservation(
-            tuple(subjects), now, pico, tokens, worst is None, retrievable=facts.store
+            tuple(subjects), tuple(held), now, pico, tokens, worst is None, retrievable=facts.store
         )
-        for subject in subjects:
-            reserved = self._meter(subject, now).reserved
+        for subject in held:
+            meter = self._meter(subject, now)
+            meter.last_used_us = now
+            reserved = meter.reserved
             reserved.pico += pico
             reserved.tokens += tokens
             reserved.requests += 1
@@ -429,7 +469,7 @@ class QuotaBook:
         if reservation.state != "open":
             return
         reservation.state = "done"
-        for subject in reservation.subjects:
+        for subject in reservation.held:
             meter = self._meters.get(subject)
             if meter is not None:
                 _unreserve(meter, reservation)
@@ -443,10 +483,37 @@ class QuotaBook:
             self._charge(reservation, reservation.pico, reservation.tokens, reservation.unpriced)
         return len(stale)
 
+    def evict_idle(self) -> int:
+        """Drop the counters that can only read zero from now on (see `Meter.idle_through`),
+        and those of subjects with no limits any more; return how many."""
+        now = self._clock()
+        dropped = 0
+        for subject, meter in list(self._meters.items()):
+            limits, _ = self.limits_of(subject)
+            periods = {limit.period for limit in limits}
+            if (not limits and not meter.reserved.requests) or (
+                limits and meter.idle_through(periods, now)
+            ):
+                del self._meters[subject]
+                dropped += 1
+        return dropped
+
+    def reset_usage(self, subject: Subject | None) -> None:
+        """Forget a subject's counted usage (None: every user held to the default) before a
+        seed from the warehouse replaces it."""
+        now = self._clock()
+        for key, meter in self._meters.items():
+            if key == subject or (subject is None and key[0] == "user" and key not in self._limits):
+                meter.reset_usage(now)
+
+    def counters(self) -> int:
+        """How many subjects have counters in memory."""
+        return len(self._meters)
+
     # -- reading --------------------------------------------------------------------------
 
     def meter(self, subject: Subject, now: int | None = None) -> Meter:
-        return self._meter(subject, now_us() if now is None else now)
+        return self._meter(subject, self._clock() if now is None else now)
 
     def parked(self) -> int:
         return len(self._parked)
@@ -454,8 +521,8 @@ class QuotaBook:
     # -- seeding (start, and a limit added later) -----------------------------------------
 
     def seed(self, subject: Subject, period: Period, window_start: int, used: Usage) -> None:
-        """Add what the warehouse holds from before start to a subject's window."""
-        meter = self._meter(subject, now_us())
+        """Add what the warehouse holds from before a moment to a subject's window."""
+        meter = self._meter(subject, self._clock())
         current = meter.windows[period]
         if current.start != window_start:
             return  # the window the seed was read for is over
@@ -503,12 +570,32 @@ class QuotaBook:
 
     def _charge(self, reservation: Reservation, cost: int, tokens: int, unpriced: bool) -> None:
         reservation.state = "done"
-        now = now_us()
+        now = self._clock()
+        for subject in reservation.held:
+            meter = self._meters.get(subject)
+            if meter is not None:
+                _unreserve(meter, reservation)
         for subject in reservation.subjects:
+            if not self.limits_of(subject)[0]:
+                continue  # no limits (any more): nothing counted in memory
             meter = self._meter(subject, now)
-            _unreserve(meter, reservation)
             meter.add(reservation.started_us, now, cost, tokens, int(unpriced))
             self._check_thresholds(subject, meter, now)
+
+    def _tool_calls(self, parsed: dict[str, Any] | None) -> int:
+        """Web search calls to reserve: `max_tool_calls` when the request states it, else
+        `tool_calls`, for a request that offers the tool (each call is billed)."""
+        if parsed is None:
+            return 0
+        tools = parsed.get("tools")
+        if not isinstance(tools, list) or not any(
+            isinstance(t, dict) and str(t.get("type", "")).startswith("web_search") for t in tools
+        ):
+            return 0
+        stated = parsed.get("max_tool_calls")
+        if isinstance(stated, int) and not isinstance(stated, bool) and stated >= 0:
+            return stated
+        return self.config.tool_calls
 
     def _check_thresholds(self, subject: Subject, meter: Meter, now: int) -> None:
         limits, _ = self.limits_of(subject)

@@ -147,7 +147,9 @@ class Alerts(list[Alert]):
         self.append(alert)
 
 
-def small_book(**config: Any) -> tuple[QuotaBook, Alerts]:
+def small_book(
+    *, web_search: Decimal | None = None, clock: Any = None, **config: Any
+) -> tuple[QuotaBook, Alerts]:
     rates = pl.DataFrame(
         {
             "price_id": [1],
@@ -179,15 +181,20 @@ def small_book(**config: Any) -> tuple[QuotaBook, Alerts]:
         },
         schema_overrides={"effective_to": pl.Datetime("us", "UTC")},
     )
+    if web_search is not None:
+        rates = rates.with_columns(pl.lit(web_search).alias("web_search_per_call"))
     alerts = Alerts()
-    return QuotaBook(QuotaConfig(**config), PriceBook.build(rates, "none"), alerts), alerts
+    book = QuotaBook(
+        QuotaConfig(**config), PriceBook.build(rates, "none"), alerts, clock=clock or now_us
+    )
+    return book, alerts
 
 
 def facts(user: str | None = "u", **fields: Any) -> RequestFacts:
     fields.setdefault("endpoint", "responses")
+    fields.setdefault("started_us", now_us())
     return RequestFacts(
         kind="create",
-        started_us=now_us(),
         started_perf=time.perf_counter(),
         requested_model="m",
         user_id=user,
@@ -197,6 +204,8 @@ def facts(user: str | None = "u", **fields: Any) -> RequestFacts:
 
 def test_reservation_is_body_bytes_plus_output_bound_at_the_models_price() -> None:
     book, _ = small_book(output_cap=1000)
+    # Only subjects with limits hold counters (a soft one is enough).
+    book.set_limits(user_subject("u"), [Limit("requests", "day", 100, "soft")])
     body = b'{"model":"m","input":"hello","max_output_tokens":50}'
     held = book.admit(facts(), {"model": "m", "max_output_tokens": 50}, body)
     assert (held.tokens, held.pico) == (len(body) + 50, len(body) * 1 + 50 * 10)
@@ -270,6 +279,7 @@ def test_overshoot_is_bounded_by_what_exceeded_its_reservation() -> None:
 def test_pending_responses_keep_their_reservation_until_the_outcome() -> None:
     book, _ = small_book()
     subject = user_subject("u")
+    book.set_limits(subject, [Limit("usd", "day", 10**9, "soft")])  # counters: limits only
     held = book.admit(facts(background=True), {"max_output_tokens": 20}, b"{}")
     queued = event("m", status="queued", response_id="resp_bg")
     book.settle(queued, held)
@@ -284,6 +294,7 @@ def test_pending_responses_keep_their_reservation_until_the_outcome() -> None:
 def test_an_outcome_nobody_can_learn_is_charged_its_worst_case() -> None:
     book, _ = small_book(pending_max_seconds=0.0)
     subject = user_subject("u")
+    book.set_limits(subject, [Limit("usd", "day", 10**9, "soft")])  # counters: limits only
     chat = book.admit(facts(endpoint="chat.completions"), {"max_tokens": 20}, b"{}")
     book.settle(event("m", endpoint="chat.completions", status="interrupted"), chat)
     assert book.meter(subject).current("day", now_us()).used.pico == chat.pico
@@ -358,3 +369,60 @@ def test_burn_rate_is_the_spend_of_the_last_fifteen_minutes_per_hour() -> None:
     young = Meter(start - 2 * minute)  # a counter two minutes old: its own span
     young.add(start, start, 100, 1, 0)
     assert young.burn_per_hour("usd", start) == 100 * 30
+
+
+def test_web_search_calls_are_reserved_so_concurrent_requests_stay_within_the_limit() -> None:
+    book, _ = small_book(web_search=Decimal("0.00000000001"), tool_calls=3)  # 10 pico a call
+    subject = user_subject("u")
+    body = b'{"max_output_tokens":20}'  # 24 in + 200 out = 224 pico without tools
+    book.set_limits(subject, [Limit("usd", "day", 1000, "hard")])
+    tools = {"max_output_tokens": 20, "tools": [{"type": "web_search"}]}
+    stated = book.admit(facts(), {**tools, "max_tool_calls": 5}, body)
+    assert stated.pico == 224 + 5 * 10
+    default = book.admit(facts(), tools, body)
+    assert default.pico == 224 + 3 * 10
+    assert book.admit(facts(), {"max_output_tokens": 20}, body).pico == 224
+    # Concurrent requests each reserve their calls: the fourth would pass the limit.
+    with pytest.raises(QuotaExceededError):
+        book.admit(facts(), tools, body)
+    # Each made its reserved calls at most: spend stays within the limit.
+    for held, calls in ((stated, 5), (default, 3)):
+        book.settle(event("m", input_tokens=24, output_tokens=20, web_search_calls=calls), held)
+    assert book.meter(subject).current("day", now_us()).used.pico <= 1000
+
+
+def test_counters_stay_bounded_under_a_million_distinct_users() -> None:
+    """A client rotating X-Tokentill-User with a default limit set: counters of users
+    whose windows have ended (and hold no reservation) are dropped, so memory plateaus."""
+    import resource
+
+    def rss_mb() -> float:
+        pages = int(open("/proc/self/statm").read().split()[1])  # noqa: SIM115
+        return pages * resource.getpagesize() / 2**20
+
+    clock = [now_us()]
+    book, _ = small_book(clock=lambda: clock[0])
+    book.set_limits(None, [Limit("requests", "minute", 100, "hard")])
+    counters, rss = [], []
+    for i in range(1_000_000):
+        clock[0] += 1_000  # a request a millisecond: 60,000 new users a minute
+        request = facts(f"rotating-{i}", started_us=clock[0])
+        held = book.admit(request, {"max_output_tokens": 1}, b"{}")
+        book.settle(event("m", input_tokens=1, output_tokens=1, total_tokens=2), held)
+        if i % 20_000 == 19_999:
+            book.evict_idle()
+            counters.append(book.counters())
+            rss.append(rss_mb())
+    # At most a minute of users (the limit's window) and those since the last sweep.
+    assert max(counters) <= 60_000 + 20_000
+    # Memory: after the first three minutes (the windows' full cycle), flat to the end.
+    settled = rss[9]
+    assert max(rss[9:]) < settled * 1.15 + 20, (settled, max(rss[9:]))
+
+
+def test_a_limit_added_later_counts_only_from_then_and_users_without_limits_hold_nothing() -> None:
+    book, _ = small_book()
+    for i in range(100):
+        held = book.admit(facts(f"free-{i}"), {"max_output_tokens": 1}, b"{}")
+        book.settle(event("m", input_tokens=1, output_tokens=1, total_tokens=2), held)
+    assert book.counters() == 0  # no limits: nothing kept in memory

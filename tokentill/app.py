@@ -319,7 +319,9 @@ class Tokentill:
             # Counters are seeded from the warehouse: let the journal replay land first.
             if not await asyncio.to_thread(writer.flush, 120.0):
                 raise RuntimeError("the journal replay did not reach DuckDB in time")
-            quota_service = QuotaService(settings, runtime.connect, outbox.raise_alert)
+            quota_service = QuotaService(
+                settings, runtime.connect, outbox.raise_alert, lambda: writer.flush(60.0)
+            )
             await asyncio.to_thread(quota_service.start)
             runtime.quotas = quota_service
             outbox.listeners.append(quota_service.on_alert)

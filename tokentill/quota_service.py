@@ -4,7 +4,9 @@ stored and applied.
 
 Start: the journal is replayed into DuckDB first, then `boot_us` is taken; counters are
 seeded with what the warehouse holds from before `boot_us` and count live from then on.
-A limit added later (API) is seeded the same way for its subject and periods, once.
+A limit set later (API) is applied first (live counting from that moment), then the
+writer is flushed and the subject's counters are replaced by what the warehouse holds
+from before that moment. Idle counters are dropped on the price refresh's schedule.
 Threads: DuckDB reads run in worker threads; the book is only touched on the event loop.
 """
 
@@ -57,9 +59,11 @@ class QuotaService:
         settings: Settings,
         connect: Callable[[], duckdb.DuckDBPyConnection],
         alert: Callable[[Alert], None],
+        flush: Callable[[], bool],
     ) -> None:
         self._settings = settings
         self._connect = connect
+        self._flush = flush
         config = QuotaConfig(
             tag_keys=settings.quota_tag_keys,
             output_cap=settings.quota_output_cap,
@@ -67,11 +71,11 @@ class QuotaService:
             image_tokens=settings.quota_image_tokens,
             unknown_context_tokens=settings.quota_unknown_context_tokens,
             pending_max_seconds=settings.background_poll_max,
+            tool_calls=settings.quota_tool_calls,
         )
         self.book = QuotaBook(config, PriceBook({}, settings.image_gen_model), alert)
         self.boot_us = 0
         self._price_mark: tuple[int, int] | None = None  # (rows, max price_id) last read
-        self._seeded: set[tuple[str, str, str, Period]] = set()
         self._lock = asyncio.Lock()  # one limit change (store + seed + apply) at a time
 
     # -- start ----------------------------------------------------------------------------
@@ -87,11 +91,10 @@ class QuotaService:
                 limit = Limit(row.unit, row.period, row.amount, row.mode)  # type: ignore[arg-type]
                 limits.setdefault((row.scope, row.subject_key, row.subject_value), []).append(limit)
             for scope, found in limits.items():
+                self.book.set_limits(_subject(scope), found)
+            for scope, found in limits.items():
                 subject = _subject(scope)
-                self.book.set_limits(subject, found)
-                for period, start, used in self._read_seed(conn, subject, found):
-                    for key, usage in used:
-                        self.book.seed(key, period, start, usage)
+                self._apply(subject, self._read_seed(conn, subject, found, self.boot_us))
             self.book.note_fired(open_quota_alert_keys(conn))
         finally:
             conn.close()
@@ -125,6 +128,7 @@ class QuotaService:
             expired = self.book.expire_parked()
             if expired:
                 log.warning("%d pending responses never ended: charged their worst case", expired)
+            self.book.evict_idle()
 
     # -- changes from the API -------------------------------------------------------------
 
@@ -135,46 +139,63 @@ class QuotaService:
             rows: list[tuple[str, str, str, int]] = [
                 (lim.unit, lim.period, lim.mode, lim.amount) for lim in limits
             ]
-            had, seeds = await asyncio.to_thread(self._store_and_read, scope, subject, limits, rows)
-            for period, start, used in seeds:
-                for key, usage in used:
-                    self.book.seed(key, period, start, usage)
+            had = await asyncio.to_thread(self._store, scope, rows)
+            # From this moment each of its settled events counts live; what was recorded
+            # before comes from the warehouse, once the writer has it all.
+            set_at = now_us()
             self.book.set_limits(subject, limits)
+            if limits:
+                self.book.reset_usage(subject)
+                seeds = await asyncio.to_thread(self._flush_and_read, subject, limits, set_at)
+                self._apply(subject, seeds)
             return had
+
+    def _apply(
+        self, subject: Subject | None, seeds: list[tuple[Period, int, list[tuple[Subject, Usage]]]]
+    ) -> None:
+        """Add seeds to the counters. The default's reach only the users it holds: one
+        with limits of its own is seeded by its own."""
+        for period, start, used in seeds:
+            for key, usage in used:
+                if subject is None and self.book.limits_of(key)[1] == "own":
+                    continue
+                self.book.seed(key, period, start, usage)
 
     # -- internals ------------------------------------------------------------------------
 
-    def _store_and_read(
-        self,
-        scope: Scope,
-        subject: Subject | None,
-        limits: Sequence[Limit],
-        rows: list[tuple[str, str, str, int]],
-    ) -> tuple[bool, list[tuple[Period, int, list[tuple[Subject, Usage]]]]]:
+    def _store(self, scope: Scope, rows: list[tuple[str, str, str, int]]) -> bool:
         conn = self._connect()
         try:
-            had = replace_limits(conn, *scope, rows)
-            return had, self._read_seed(conn, subject, limits)
+            return replace_limits(conn, *scope, rows)
+        finally:
+            conn.close()
+
+    def _flush_and_read(
+        self, subject: Subject | None, limits: Sequence[Limit], before_us: int
+    ) -> list[tuple[Period, int, list[tuple[Subject, Usage]]]]:
+        if not self._flush():
+            log.warning("quota seed: the writer did not catch up; usage may be undercounted")
+        conn = self._connect()
+        try:
+            return self._read_seed(conn, subject, limits, before_us)
         finally:
             conn.close()
 
     def _read_seed(
-        self, conn: duckdb.DuckDBPyConnection, subject: Subject | None, limits: Sequence[Limit]
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        subject: Subject | None,
+        limits: Sequence[Limit],
+        before_us: int,
     ) -> list[tuple[Period, int, list[tuple[Subject, Usage]]]]:
-        """What the warehouse holds from before start, per period of `limits` not seeded yet
-        for this subject (the default seeds every user)."""
+        """What the warehouse holds recorded before `before_us`, per period of `limits`
+        (the default reads every user)."""
         out = []
-        recorded_before = datetime.fromtimestamp(self.boot_us / 1e6, UTC)
+        recorded_before = datetime.fromtimestamp(before_us / 1e6, UTC)
         for period in PERIODS:
             if not any(limit.period == period for limit in limits):
                 continue
-            scope = scope_of(subject)
-            if (*scope, period) in self._seeded or (
-                scope[0] == "user" and ("default", "", "", period) in self._seeded
-            ):
-                continue
-            self._seeded.add((*scope, period))
-            start, _ = window(period, self.boot_us)
+            start, _ = window(period, before_us)
             since = datetime.fromtimestamp(start / 1e6, UTC)
             common: dict[str, Any] = {
                 "recorded_before": recorded_before,

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     quota_tag_keys: tuple[str, ...] = ("project", "team", "feature", "customer")
     # Output tokens reserved for a request that states no bound of its own.
     quota_output_cap: Annotated[int, Field(ge=1)] = 16_384
+    # Web search calls reserved per request offering the tool, when it states no
+    # max_tool_calls (each call is billed: a response making more can overshoot a limit).
+    quota_tool_calls: Annotated[int, Field(ge=0)] = 3
     # Input reserved as body bytes / this. 1 is a true bound for text (every token is at
     # least one byte); more reserves less and lets the real input exceed the reservation.
     quota_input_bytes_per_token: Annotated[int, Field(ge=1, le=16)] = 1

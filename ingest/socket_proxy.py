@@ -427,12 +427,16 @@ class _Relay:
         self._recorder.record(event, self._credentials, live.facts.hold)
         self._proxy.count(status, time.perf_counter() - live.facts.started_perf)
 
-    def _interrupted(self, *, clean: bool) -> None:
-        """The upstream socket ended: what was running is cut, as a broken stream is."""
+    def _cut_live(self) -> None:
+        """The responses running now end here: `interrupted`, as a broken stream's do."""
         for lane, live in list(self._session.live.items()):
             del self._session.live[lane]
             live.event.status = "interrupted"
             self._finish(live, 200)
+
+    def _interrupted(self, *, clean: bool) -> None:
+        """The upstream socket ended: what was running is cut, as a broken stream is."""
+        self._cut_live()
         for queue in self._session.waiting.values():
             while queue:
                 facts = queue.popleft()
@@ -446,10 +450,7 @@ class _Relay:
 
     def _settle_rest(self) -> None:
         """Whatever is still in flight when the relay ends (client gone, drain timed out)."""
-        for lane, live in list(self._session.live.items()):
-            del self._session.live[lane]
-            live.event.status = "interrupted"
-            self._finish(live, 200)
+        self._cut_live()
         for queue in self._session.waiting.values():
             while queue:
                 facts = queue.popleft()

@@ -110,3 +110,11 @@ def tokentill(make_tokentill: Callable[..., Running]) -> Running:
 def ledger(fake_upstream: str) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = httpx.get(fake_upstream + "/_fake/ledger").json()
     return entries
+
+
+def put_user_quota(running: Running, user: str, **limit: Any) -> dict[str, Any]:
+    """Set a user's quota through the admin API (one limit: limit_<unit>, period, mode)."""
+    answer = httpx.put(f"{running.url}/api/quotas/users/{user}", json=limit, timeout=30)
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body

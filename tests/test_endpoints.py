@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Running, ledger
+from tests.conftest import Running, ledger, put_user_quota
 
 
 def test_embeddings_completions_and_moderations_are_metered(tokentill: Running) -> None:
@@ -75,12 +75,7 @@ def test_embeddings_completions_and_moderations_are_metered(tokentill: Running) 
 
 def test_quotas_apply_to_every_metered_endpoint(make_tokentill: Any) -> None:
     running: Running = make_tokentill(quotas_enabled=True)
-    put = httpx.put(
-        running.url + "/api/quotas/users/ep-capped",
-        json={"limit_requests": 2, "period": "day"},
-        timeout=30,
-    )
-    assert put.status_code == 200
+    put_user_quota(running, "ep-capped", limit_requests=2, period="day")
     client = running.client()
     client.embeddings.create(model="text-embedding-3-small", input="x", user="ep-capped")
     client.completions.create(model="gpt-3.5-turbo-instruct", prompt="x", user="ep-capped")

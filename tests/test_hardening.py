@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from ingest.bounds import METADATA_KEY, METADATA_PAIRS, METADATA_VALUE
-from tests.conftest import Running, ledger
+from tests.conftest import Running, ledger, put_user_quota
 
 
 def _post(
@@ -138,12 +138,8 @@ def test_one_end_user_however_spelled(tokentill: Running) -> None:
 
 def test_case_folding_is_a_setting(make_tokentill: Any) -> None:
     running: Running = make_tokentill(user_id_case_fold=True, quotas_enabled=True)
-    put = httpx.put(
-        running.url + "/api/quotas/users/QA-Alice",
-        json={"limit_requests": 1, "period": "day"},
-        timeout=30,
-    )
-    assert put.status_code == 200 and put.json()["subject"] == "user:qa-alice"
+    quota = put_user_quota(running, "QA-Alice", limit_requests=1, period="day")
+    assert quota["subject"] == "user:qa-alice"
     body = json.dumps({"model": "gpt-4o-mini", "input": "x", "user": "qa-alice"}).encode()
     assert _post(running, body)[0] == 200
     for user in ("QA-ALICE", " qa-alice", "Qa-Alice\u200b"):

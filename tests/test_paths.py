@@ -8,11 +8,10 @@ import http.client
 import json
 from typing import Any
 
-import httpx
 import pytest
 
 from ingest.paths import NonCanonicalPath, canonical_path
-from tests.conftest import Running, ledger
+from tests.conftest import Running, ledger, put_user_quota
 
 BODY = {"model": "gpt-4o-mini", "input": "hi"}
 
@@ -98,12 +97,7 @@ def test_every_spelling_of_a_metered_path_is_metered(tokentill: Running) -> None
 
 def test_a_quota_cannot_be_dodged_by_spelling(make_tokentill: Any) -> None:
     running: Running = make_tokentill(quotas_enabled=True)
-    put = httpx.put(
-        running.url + "/api/quotas/users/speller",
-        json={"limit_requests": 1, "period": "day"},
-        timeout=30,
-    )
-    assert put.status_code == 200, put.text
+    put_user_quota(running, "speller", limit_requests=1, period="day")
     assert _post(running, "/v1/responses", {**BODY, "user": "speller"})[0] == 200
     for path in SPELLINGS:
         status, body = _post(running, path, {**BODY, "user": "speller"})

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
-from tests.conftest import Running, ledger
+from tests.conftest import Running, ledger, put_user_quota
 from tests.test_agents import WEATHER_TOOL
 
 
@@ -103,12 +102,7 @@ def test_a_quota_refusal_is_an_error_event_and_the_socket_stays_open(
     make_tokentill: Any,
 ) -> None:
     running: Running = make_tokentill(quotas_enabled=True)
-    put = httpx.put(
-        running.url + "/api/quotas/users/ws-capped",
-        json={"limit_requests": 1, "period": "day"},
-        timeout=30,
-    )
-    assert put.status_code == 200, put.text
+    put_user_quota(running, "ws-capped", limit_requests=1, period="day")
     before = len(ledger(running.settings.upstream))
     client = running.client()
     with client.responses.connect() as connection:

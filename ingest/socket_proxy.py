@@ -255,17 +255,25 @@ class _Relay:
         try:
             done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
             if down in done:
+                failure = down.exception()
+                if failure is not None:
+                    log.error("the client side of a socket failed", exc_info=failure)
                 # The client left: keep reading (bounded) to learn what the upstream billed.
                 self._session.client_gone = True
                 if self._session.in_flight():
-                    with contextlib.suppress(TimeoutError):
+                    with contextlib.suppress(Exception):  # a timeout, or the upstream's end
                         await asyncio.wait_for(asyncio.shield(up), self._proxy.drain_timeout)
             else:
-                code = up.result()
+                try:
+                    code = up.result()
+                except Exception:
+                    log.exception("the upstream side of a socket failed")
+                    code = 1011
                 await self._to_client({"type": "websocket.close", "code": code})
         finally:
             for task in (up, down):
                 task.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._upstream.close()
             self._settle_rest()

@@ -217,9 +217,11 @@ def _tag(runtime: RuntimeDep, key: str, value: str) -> Subject:
 
 @router.get("", response_model=list[QuotaOut])
 async def list_quotas(runtime: RuntimeDep) -> list[QuotaOut]:
-    book = _service(runtime).book
+    service = _service(runtime)
+    book = service.book
     out = [_default_view(book)] if book.default_limits else []
     subjects = sorted(book.subjects_with_limits())
+    await service.current(subjects)
     return out + [_view(book, subject) for subject in subjects]
 
 
@@ -277,8 +279,9 @@ async def delete_default(runtime: RuntimeDep) -> Response:
 
 @router.get("/users/{user_id:path}", response_model=QuotaOut)
 async def get_user(runtime: RuntimeDep, user_id: CanonicalUser) -> QuotaOut:
-    book = _service(runtime).book
-    view = _view(book, user_subject(user_id))
+    service = _service(runtime)
+    await service.current([user_subject(user_id)])
+    view = _view(service.book, user_subject(user_id))
     if view.source == "none":
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no quota applies to user {user_id!r}")
     return view
@@ -306,8 +309,10 @@ async def delete_user(runtime: RuntimeDep, user_id: CanonicalUser) -> Response:
 
 @router.get("/tags/{key}/{value:path}", response_model=QuotaOut)
 async def get_tag(runtime: RuntimeDep, key: str, value: str) -> QuotaOut:
-    book = _service(runtime).book
-    view = _view(book, _tag(runtime, key, value))
+    service = _service(runtime)
+    subject = _tag(runtime, key, value)
+    await service.current([subject])
+    view = _view(service.book, subject)
     if view.source == "none":
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no quota for {key}={value}")
     return view

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +130,10 @@ class RequestRejectedError(Exception):
 # A hook run before forwarding a metered creation, with the parsed body (None when it is
 # not a JSON object) and the raw one. It may refuse (RequestRejectedError) or set
 # `facts.hold` (quotas: the request's reservation), which every event recorded for this
-# request carries to the recorder, and which is released if none is.
-Admission = Callable[[RequestFacts, dict[str, Any] | None, bytes], None]
+# request carries to the recorder, and which is released if none is. It decides in
+# memory and returns None, or, rarely, returns an awaitable that decides (quotas: a
+# subject whose counters were spilled is read back from the warehouse first).
+Admission = Callable[[RequestFacts, dict[str, Any] | None, bytes], Awaitable[None] | None]
 
 
 class Proxy:
@@ -218,7 +220,9 @@ class Proxy:
                 parsed = _parse_json_object(whole)
                 body = _learn_request(facts, parsed, header_user, whole, self._identity)
                 if self.admission is not None:
-                    self.admission(facts, parsed, whole)
+                    pending = self.admission(facts, parsed, whole)
+                    if pending is not None:
+                        await pending  # a spilled quota subject read back (rare)
         except RequestRejectedError as exc:
             if facts is not None and facts.kind == "create":
                 recorder.record(

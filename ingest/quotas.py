@@ -46,6 +46,7 @@ reservation (they could only read zero), and made anew, at zero, if it returns; 
 from __future__ import annotations
 
 import calendar
+import hashlib
 import math
 import time
 from collections import OrderedDict, deque
@@ -295,6 +296,10 @@ class QuotaConfig:
     # Web search calls reserved for a request that offers the tool and states no
     # `max_tool_calls` of its own.
     tool_calls: int = 3
+    # Counters kept in memory before the least recently used (idle this long, holding no
+    # reservation) are spilled: read back from the warehouse if their subject returns.
+    max_counters: int = 100_000
+    spill_after: float = 60.0
 
 
 class QuotaBook:
@@ -318,6 +323,8 @@ class QuotaBook:
         self._context: OrderedDict[str, int] = OrderedDict()
         self._fired_before_start: set[str] = set()
         self._blocked: dict[str, int] = {}  # user id -> blocked until (µs)
+        self._spill = SpillFilter()
+        self._spill_month = 0
         self._tag_keys = frozenset(config.tag_keys)
 
     # -- limits ---------------------------------------------------------------------------
@@ -369,19 +376,11 @@ class QuotaBook:
 
     def admit(self, facts: RequestFacts, parsed: dict[str, Any] | None, body: bytes) -> Reservation:
         now = facts.started_us
-        subjects: list[Subject] = []
-        if facts.user_id:
-            if self._blocked:
-                until = self._blocked.get(facts.user_id)
-                if until is not None and now < until:
-                    raise UserBlockedError(facts.user_id, until, now)
-            subjects.append(user_subject(facts.user_id))
-        metadata = parsed.get("metadata") if parsed is not None else None
-        if isinstance(metadata, dict):
-            for key in self._tag_keys.intersection(metadata):
-                value = metadata[key]
-                if isinstance(value, str):
-                    subjects.append(tag_subject(key, value))
+        if facts.user_id and self._blocked:
+            until = self._blocked.get(facts.user_id)
+            if until is not None and now < until:
+                raise UserBlockedError(facts.user_id, until, now)
+        subjects = self.subjects_of(facts, parsed)
         input_tokens = self._input_bound(parsed, body)
         output_tokens = self._output_bound(parsed, facts.endpoint)
         tier = parsed.get("service_tier") if parsed is not None else None
@@ -426,6 +425,38 @@ class QuotaBook:
             reserved.tokens += tokens
             reserved.requests += 1
         return reservation
+
+    def subjects_of(self, facts: RequestFacts, parsed: dict[str, Any] | None) -> list[Subject]:
+        """The subjects a request counts for: its user, and its tags of the quota keys."""
+        subjects: list[Subject] = []
+        if facts.user_id:
+            subjects.append(user_subject(facts.user_id))
+        metadata = parsed.get("metadata") if parsed is not None else None
+        if isinstance(metadata, dict):
+            for key in self._tag_keys.intersection(metadata):
+                value = metadata[key]
+                if isinstance(value, str):
+                    subjects.append(tag_subject(key, value))
+        return subjects
+
+    def spilled(self, subjects: Iterable[Subject]) -> list[Subject]:
+        """Of `subjects`, those held to limits whose counters may have been spilled (see
+        `evict_idle`): their usage must be read back from the warehouse before admission.
+        A false positive of the filter costs one read, never a wrong count."""
+        if not self._spill:
+            return []
+        return [
+            s
+            for s in subjects
+            if s not in self._meters and s in self._spill and self.limits_of(s)[0]
+        ]
+
+    def revive(self, subject: Subject) -> int:
+        """Counters anew for a spilled subject, from now (live counting starts here); the
+        caller adds what the warehouse holds from before the returned moment."""
+        now = self._clock()
+        self._meters[subject] = Meter(now)
+        return now
 
     def settle(self, event: UsageEvent, reservation: Reservation | None) -> None:
         """Count a journaled event: swap its request's reservation for its real cost."""
@@ -484,10 +515,20 @@ class QuotaBook:
         return len(stale)
 
     def evict_idle(self) -> int:
-        """Drop the counters that can only read zero from now on (see `Meter.idle_through`),
-        and those of subjects with no limits any more; return how many."""
+        """Drop the counters that can only read zero from now on (see `Meter.idle_through`)
+        and those of subjects with no limits any more. Past `max_counters`, spill the least
+        recently used of the rest that hold no reservation and have been idle for
+        `spill_after` (by then the warehouse has all their events): they are remembered in
+        a fixed-size filter and read back from the warehouse if they return. Return how
+        many counters were dropped or spilled."""
         now = self._clock()
+        month = window("month", now)[0]
+        if month != self._spill_month:
+            self._spill.clear()  # every spilled window has ended with the month
+            self._spill_month = month
         dropped = 0
+        idle: list[tuple[int, Subject]] = []
+        cutoff = now - int(self.config.spill_after * 1_000_000)
         for subject, meter in list(self._meters.items()):
             limits, _ = self.limits_of(subject)
             periods = {limit.period for limit in limits}
@@ -495,6 +536,19 @@ class QuotaBook:
                 limits and meter.idle_through(periods, now)
             ):
                 del self._meters[subject]
+                dropped += 1
+            elif (
+                not meter.reserved.requests
+                and meter.last_used_us < cutoff
+                and "total" not in periods
+            ):
+                idle.append((meter.last_used_us, subject))
+        excess = len(self._meters) - self.config.max_counters
+        if excess > 0:
+            idle.sort()
+            for _, subject in idle[:excess]:
+                del self._meters[subject]
+                self._spill.add(subject)
                 dropped += 1
         return dropped
 
@@ -513,7 +567,10 @@ class QuotaBook:
     # -- reading --------------------------------------------------------------------------
 
     def meter(self, subject: Subject, now: int | None = None) -> Meter:
-        return self._meter(subject, self._clock() if now is None else now)
+        """A subject's counters to read (empty ones, not kept, when it has none): reading
+        never creates counters, so a spilled subject stays known as spilled."""
+        found = self._meters.get(subject)
+        return found if found is not None else Meter(self._clock() if now is None else now)
 
     def parked(self) -> int:
         return len(self._parked)
@@ -615,6 +672,39 @@ class QuotaBook:
                     continue
                 current.fired.add(key)
                 self._alert(_threshold_alert(key, subject, limit, current, used, threshold))
+
+
+class SpillFilter:
+    """The subjects whose counters were spilled, as a Bloom filter of fixed size (8 MiB,
+    4 hashes: about one false positive in 100,000 at a million subjects)."""
+
+    _BITS = 1 << 26
+
+    def __init__(self) -> None:
+        self._bits = bytearray(self._BITS // 8)
+        self._count = 0
+
+    def _positions(self, subject: Subject) -> list[int]:
+        digest = hashlib.blake2b("\0".join(subject).encode(), digest_size=16).digest()
+        return [int.from_bytes(digest[i : i + 4], "little") % self._BITS for i in (0, 4, 8, 12)]
+
+    def add(self, subject: Subject) -> None:
+        for bit in self._positions(subject):
+            self._bits[bit >> 3] |= 1 << (bit & 7)
+        self._count += 1
+
+    def __contains__(self, subject: object) -> bool:
+        if not self._count or not isinstance(subject, tuple):
+            return False
+        return all(self._bits[bit >> 3] & (1 << (bit & 7)) for bit in self._positions(subject))
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def clear(self) -> None:
+        if self._count:
+            self._bits = bytearray(self._BITS // 8)
+            self._count = 0
 
 
 def _unreserve(meter: Meter, reservation: Reservation) -> None:

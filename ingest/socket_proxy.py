@@ -320,7 +320,9 @@ class _Relay:
         admission = self._proxy.admission()
         try:
             if admission is not None:
-                admission(facts, event, frame.encode())
+                pending = admission(facts, event, frame.encode())
+                if pending is not None:
+                    await pending
         except RequestRejectedError as exc:
             refused = error_event(
                 facts, exc.status, {"error": {"type": exc.type, "code": exc.code}}

@@ -426,3 +426,27 @@ def test_a_limit_added_later_counts_only_from_then_and_users_without_limits_hold
         held = book.admit(facts(f"free-{i}"), {"max_output_tokens": 1}, b"{}")
         book.settle(event("m", input_tokens=1, output_tokens=1, total_tokens=2), held)
     assert book.counters() == 0  # no limits: nothing kept in memory
+
+
+def test_past_max_counters_idle_ones_are_spilled_and_known_as_such() -> None:
+    """A default per-day limit: a counter cannot be dropped at zero before the day ends,
+    so past `max_counters` the least recently used idle ones are spilled (remembered in a
+    filter, read back from the warehouse on return)."""
+    clock = [now_us()]
+    book, _ = small_book(clock=lambda: clock[0], max_counters=50, spill_after=1.0)
+    book.set_limits(None, [Limit("requests", "day", 5, "hard")])
+    for i in range(500):
+        clock[0] += 10_000  # 10 ms apart: 100 users a second
+        held = book.admit(facts(f"day-{i}", started_us=clock[0]), {"max_output_tokens": 1}, b"{}")
+        book.settle(event("m", input_tokens=1, output_tokens=1, total_tokens=2), held)
+        if i % 50 == 49:
+            book.evict_idle()
+            # The cap, plus the last second's users (not idle long enough to spill).
+            assert book.counters() <= 50 + 100
+    first, recent, stranger = user_subject("day-0"), user_subject("day-499"), user_subject("x")
+    assert book.spilled([first, recent, stranger]) == [first]
+    # Reading a spilled subject's counters does not make them up from nothing.
+    assert book.meter(first).current("day", clock[0]).used.requests == 0
+    assert book.spilled([first]) == [first]
+    before = book.revive(first)
+    assert before == clock[0] and book.spilled([first]) == []

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ingest.quotas import user_subject
 from tests.conftest import Running, ledger
 from tests.servers import serve_in_thread
 from tokentill.app import create_app
@@ -485,3 +486,30 @@ def test_a_new_price_reaches_the_live_counters(make_tokentill: Callable[..., Run
 
     # (The warehouse re-prices the earlier responses too; live counts are not re-priced.)
     running.wait_for(priced_at_override)
+
+
+def test_a_spilled_users_usage_is_read_back_from_the_warehouse(make_tokentill: Any) -> None:
+    """Counters past `quota_max_counters` are spilled when idle; a user who returns has
+    their usage read back from the warehouse before admission, so the limit holds."""
+    running: Running = make_tokentill(
+        quota_max_counters=2, quota_spill_after=0.2, quota_price_refresh=0.2
+    )
+    put = api(running, "PUT", "/quotas/default", json={"limit_requests": 2, "period": "day"})
+    assert put.status_code == 200, put.text
+    client = running.client()
+    for i in range(6):
+        client.responses.create(model="gpt-4o-mini", input="hi", user=f"spill-{i}")
+    runtime = running.app.runtime
+    assert runtime is not None and runtime.quotas is not None
+    book = runtime.quotas.book
+    running.wait_for(lambda: bool(book.spilled([user_subject("spill-0")])))
+    assert book.counters() <= 2
+    # spill-0 has used 1 of its 2 requests: one more is served, the next refused.
+    client.responses.create(model="gpt-4o-mini", input="hi", user="spill-0")
+    with pytest.raises(openai.RateLimitError):
+        client.responses.create(model="gpt-4o-mini", input="hi", user="spill-0")
+    assert runtime.quotas.reseeds >= 1
+    # The API reads a spilled user back too, rather than showing zero.
+    running.wait_for(lambda: bool(book.spilled([user_subject("spill-1")])))
+    (state,) = api(running, "GET", "/quotas/users/spill-1").json()["limits"]
+    assert Decimal(state["used"]) == 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,11 +72,15 @@ class QuotaService:
             unknown_context_tokens=settings.quota_unknown_context_tokens,
             pending_max_seconds=settings.background_poll_max,
             tool_calls=settings.quota_tool_calls,
+            max_counters=settings.quota_max_counters,
+            spill_after=settings.quota_spill_after,
         )
         self.book = QuotaBook(config, PriceBook({}, settings.image_gen_model), alert)
         self.boot_us = 0
         self._price_mark: tuple[int, int] | None = None  # (rows, max price_id) last read
         self._lock = asyncio.Lock()  # one limit change (store + seed + apply) at a time
+        self._warming: dict[Subject, asyncio.Future[None]] = {}  # spilled subjects being read back
+        self.reseeds = 0
 
     # -- start ----------------------------------------------------------------------------
 
@@ -104,9 +108,59 @@ class QuotaService:
             bool(self.book.default_limits),
         )
 
-    def admit(self, facts: RequestFacts, parsed: dict[str, Any] | None, body: bytes) -> None:
-        """The proxy's admission hook."""
+    def admit(
+        self, facts: RequestFacts, parsed: dict[str, Any] | None, body: bytes
+    ) -> Awaitable[None] | None:
+        """The proxy's admission hook: in memory (None) for every subject whose counters
+        are here; an awaitable when one of them was spilled and must be read back from
+        the warehouse first (a worker thread does the read; the loop never waits)."""
+        subjects = self.book.subjects_of(facts, parsed)
+        cold = [s for s in subjects if s in self._warming] + self.book.spilled(subjects)
+        if cold:
+            return self._admit_after_reading(cold, facts, parsed, body)
         facts.hold = self.book.admit(facts, parsed, body)
+        return None
+
+    async def _admit_after_reading(
+        self,
+        cold: list[Subject],
+        facts: RequestFacts,
+        parsed: dict[str, Any] | None,
+        body: bytes,
+    ) -> None:
+        for subject in dict.fromkeys(cold):
+            await self._read_back(subject)
+        facts.hold = self.book.admit(facts, parsed, body)
+
+    async def current(self, subjects: Sequence[Subject]) -> None:
+        """Read back any of `subjects` whose counters were spilled (before showing them)."""
+        for subject in subjects:
+            if subject in self._warming or self.book.spilled([subject]):
+                await self._read_back(subject)
+
+    async def _read_back(self, subject: Subject) -> None:
+        """A spilled subject's counters again: live from now, plus what the warehouse holds
+        from before now (one read, shared by the requests that arrive meanwhile)."""
+        pending = self._warming.get(subject)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        if not self.book.spilled([subject]):
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._warming[subject] = done
+        try:
+            before = self.book.revive(subject)
+            limits, _ = self.book.limits_of(subject)
+            seeds = await asyncio.to_thread(self._flush_and_read, subject, limits, before)
+            self._apply(subject, seeds)
+            self.reseeds += 1
+        except Exception:
+            # Its counters run live from now; what came before is not in them.
+            log.exception("quota: reading %s back from the warehouse failed", subject)
+        finally:
+            done.set_result(None)
+            del self._warming[subject]
 
     def on_alert(self, alert: Alert) -> None:
         """A new alert (event loop): a critical abuse flag may block its user for a while."""

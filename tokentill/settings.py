@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     # Web search calls reserved per request offering the tool, when it states no
     # max_tool_calls (each call is billed: a response making more can overshoot a limit).
     quota_tool_calls: Annotated[int, Field(ge=0)] = 3
+    # Quota counters kept in memory; past this, those idle for `quota_spill_after` and
+    # holding no reservation are spilled and read back from the warehouse on return.
+    quota_max_counters: Annotated[int, Field(ge=1)] = 100_000
+    quota_spill_after: Seconds = 60.0
     # Input reserved as body bytes / this. 1 is a true bound for text (every token is at
     # least one byte); more reserves less and lets the real input exceed the reservation.
     quota_input_bytes_per_token: Annotated[int, Field(ge=1, le=16)] = 1

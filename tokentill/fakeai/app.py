@@ -2,7 +2,9 @@
 
 Routes: ``POST /v1/responses``, ``GET /v1/responses/{id}`` (``?stream=true`` replays a
 background response's events after ``starting_after``), ``POST
-/v1/responses/{id}/cancel``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+/v1/responses/{id}/cancel``, the ``/v1/responses`` WebSocket (``tokentill.fakeai.socket``),
+``POST /v1/chat/completions``, ``/v1/embeddings``, ``/v1/completions`` and
+``/v1/moderations`` (``tokentill.fakeai.endpoints``), ``GET /v1/models``,
 ``GET /v1/organization/costs`` and ``/v1/organization/usage/completions`` (what the
 ledger billed; see `tokentill.fakeai.organization`), ``GET``/``DELETE /_fake/ledger``;
 anything else is OpenAI's 404. See `tokentill.fakeai.scenarios` for the ``x-fake-*``

@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.types import Message, Receive, Scope, Send
@@ -81,9 +81,11 @@ class Route:
     endpoint: Endpoint | None  # None: not metered
     kind: EventKind = "create"
     response_id: str | None = None
+    batch: bool = False  # a batch created or retrieved: watched until it ends
 
 
 _OTHER = Route("other", None)
+_BATCH = re.compile(r"^/v1/batches/([A-Za-z0-9_\-]+)$")
 # Billable endpoints beyond Responses and Chat Completions, with token usage in the answer.
 _OTHER_METERED: dict[str, Endpoint] = {
     "/v1/embeddings": "embeddings",
@@ -100,6 +102,10 @@ def classify(method: str, path: str) -> Route:
     if method == "POST" and path in _OTHER_METERED:
         name = _OTHER_METERED[path]
         return Route(name, name)
+    if method == "POST" and path == "/v1/batches":
+        return Route("batches.create", None, batch=True)
+    if method == "GET" and _BATCH.match(path):
+        return Route("batches.retrieve", None, batch=True)
     match = _RETRIEVE.match(path)
     if match:
         cancel = bool(match[2])
@@ -136,6 +142,18 @@ class RequestRejectedError(Exception):
 Admission = Callable[[RequestFacts, dict[str, Any] | None, bytes], Awaitable[None] | None]
 
 
+class BatchObserver(Protocol):
+    """What meters the Batch API (`ingest.batches.BatchWatcher`)."""
+
+    def observe(
+        self,
+        batch: dict[str, Any],
+        credentials: list[tuple[bytes, bytes]],
+        header_user: str | None,
+        fingerprint: str | None,
+    ) -> None: ...
+
+
 class Proxy:
     """ASGI app for everything under /v1."""
 
@@ -148,6 +166,7 @@ class Proxy:
         self.client: Upstream | None = None
         self.recorder: Recorder | None = None
         self.admission: Admission | None = None
+        self.batches: BatchObserver | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started_perf = time.perf_counter()
@@ -233,7 +252,9 @@ class Proxy:
             )
             return exc.status
         try:
-            return await self._forward(scope, receive, send, facts, client, recorder, body)
+            return await self._forward(
+                scope, receive, send, facts, client, recorder, body, route.batch
+            )
         finally:
             if facts is not None and facts.hold is not None:
                 recorder.release(facts.hold)  # a no-op once an event settled it
@@ -247,6 +268,7 @@ class Proxy:
         client: Upstream,
         recorder: Recorder,
         body: Body,
+        batch: bool = False,
     ) -> int:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
 
@@ -268,7 +290,10 @@ class Proxy:
 
         try:
             if facts is None:
-                await self._pass_through(upstream, receive, send)
+                if batch and self.batches is not None and upstream.status == 200:
+                    await self._watch_batch(upstream, send, headers)
+                else:
+                    await self._pass_through(upstream, receive, send)
                 return upstream.status
             credentials = [(k, v) for k, v in headers if k in CREDENTIAL_HEADERS]
             content_type = upstream.header("content-type") or ""
@@ -345,6 +370,25 @@ class Proxy:
         async for chunk in upstream.iter_raw():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+
+    async def _watch_batch(
+        self, upstream: UpstreamResponse, send: Send, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """A batch created or retrieved: forwarded whole (a small JSON object), then handed
+        to the batch watcher with the caller's credentials."""
+        body = await upstream.read()
+        await self._send_head_and(upstream, send, body)
+        try:
+            batch = orjson.loads(body)
+            header_user = check_user_header(
+                _raw_header(headers, USER_HEADER), case_fold=self._identity.case_fold
+            )
+        except (orjson.JSONDecodeError, RequestRejectedError):
+            return
+        if isinstance(batch, dict) and self.batches is not None:
+            credentials = [(k, v) for k, v in headers if k in CREDENTIAL_HEADERS]
+            fingerprint = key_fingerprint(_header(headers, b"authorization"))
+            self.batches.observe(batch, credentials, header_user, fingerprint)
 
     async def _json(
         self,

@@ -51,6 +51,7 @@ from api.auth_limit import AuthLimiter
 from api.deps import AdminDep, require_admin
 from api.guard import AdminGuard, default_hosts
 from api.openai_usage import OpenAIError
+from ingest.batches import BatchWatcher
 from ingest.http1 import HTTP1Upstream
 from ingest.journal import Journal
 from ingest.poller import Poller
@@ -270,6 +271,15 @@ class Tokentill:
         )
         recorder.poller = poller
         poller_task = asyncio.create_task(poller.run(client), name="tokentill-poller")
+        batches = BatchWatcher(
+            upstream=settings.upstream,
+            record=recorder.record,
+            identity=IdentityRules(settings.user_id_case_fold, settings.refuse_user_mismatch),
+            max_age=settings.batch_watch_max,
+            min_interval=settings.background_poll_min_interval,
+            max_interval=settings.background_poll_max_interval,
+        )
+        batch_task = asyncio.create_task(batches.run(client), name="tokentill-batches")
         self.metrics.bind(
             backlog=lambda: writer.backlog,
             lag=lambda: writer.lag_seconds,
@@ -339,6 +349,7 @@ class Tokentill:
         if self.api.state.admin_token is None:
             log.warning("no TOKENTILL_ADMIN_TOKEN: the admin API answers loopback clients only")
         self.proxy.client, self.proxy.recorder = client, recorder
+        self.proxy.batches = batches
         runtime.ready = True
         # Everything built so far lives as long as the process: keep the cyclic GC from
         # walking it on every collection (shorter pauses on the proxy's hot path).
@@ -349,12 +360,19 @@ class Tokentill:
         finally:
             runtime.ready = False
             self.proxy.client = self.proxy.recorder = None
+            self.proxy.batches = None
             await asyncio.to_thread(stop_scheduler, scheduler, rollup)
-            for task in (poller_task, *background):
+            for task in (poller_task, batch_task, *background):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await outbox.close()
+            if len(batches):
+                log.warning(
+                    "%d batches were still running upstream; each is metered when a client "
+                    "retrieves it through the proxy once it has ended",
+                    len(batches),
+                )
             if len(poller):
                 log.warning(
                     "%d responses were still pending upstream; their rows keep their last "

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # Background responses (and interrupted streams) are polled until terminal, with
     # the caller's credentials held in memory only, for at most this long.
     background_poll_max: Seconds = 6 * 3600.0
+    # A batch (Batch API) is watched until it ends, for at most this long (OpenAI's
+    # completion window is a day).
+    batch_watch_max: Seconds = 26 * 3600.0
     background_poll_min_interval: Seconds = 1.0
     background_poll_max_interval: Seconds = 60.0
 

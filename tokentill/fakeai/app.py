@@ -31,6 +31,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from tokentill.fakeai import endpoints, errors, ids, organization
+from tokentill.fakeai.batches import Batches
 from tokentill.fakeai.catalog import listed_models
 from tokentill.fakeai.chat_builder import ChatDraft, ChatOutcome, draft_chat
 from tokentill.fakeai.ledger import Ledger, LedgerEntry, usage_columns
@@ -138,6 +139,7 @@ class FakeUpstream:
         self.synth = UsageSynth(seed)
         self.ledger = Ledger()
         self.store = ResponseStore()
+        self.batches = Batches(self)
         self.models_body = orjson.dumps(
             {
                 "object": "list",
@@ -188,6 +190,7 @@ class FakeUpstream:
         incomplete_reason: str | None,
         error_code: str | None,
         delivered: bool,
+        tier: str | None = None,
     ) -> None:
         self.ledger.record(
             LedgerEntry(
@@ -199,7 +202,7 @@ class FakeUpstream:
                 incomplete_reason=incomplete_reason,
                 error_code=error_code,
                 **usage_columns(plan),
-                service_tier=info.service_tier,
+                service_tier=tier or info.service_tier,
                 user=info.user,
                 safety_identifier=info.safety_identifier,
                 created_at=created_at,
@@ -212,7 +215,13 @@ class FakeUpstream:
         )
 
     def record_response(
-        self, draft: ResponseDraft, key: str, *, status: str | None = None, delivered: bool = True
+        self,
+        draft: ResponseDraft,
+        key: str,
+        *,
+        status: str | None = None,
+        delivered: bool = True,
+        tier: str | None = None,
     ) -> None:
         status = status or draft.outcome
         self._record(
@@ -226,10 +235,14 @@ class FakeUpstream:
             incomplete_reason=draft.incomplete_reason if status == "incomplete" else None,
             error_code="server_error" if status == "failed" else None,
             delivered=delivered,
+            tier=tier,
         )
 
-    def _record_chat(self, draft: ChatDraft, key: str, *, delivered: bool = True) -> None:
+    def record_chat(
+        self, draft: ChatDraft, key: str, *, delivered: bool = True, tier: str | None = None
+    ) -> None:
         self._record(
+            tier=tier,
             info=draft.info,
             key=key,
             object_id=draft.id,
@@ -393,7 +406,7 @@ class FakeUpstream:
         wire = self._writer(request, draft.id)
         scenario = controls.scenario
         if scenario is Scenario.GARBAGE:
-            self._record_chat(draft, key, delivered=False)
+            self.record_chat(draft, key, delivered=False)
             return _json(GARBAGE_BODY, headers)
         cut = scenario is Scenario.CUT
         if info.stream:
@@ -401,15 +414,15 @@ class FakeUpstream:
                 _chat_frames(draft, wire),
                 controls,
                 headers,
-                lambda: self._record_chat(draft, key, delivered=not cut),
+                lambda: self.record_chat(draft, key, delivered=not cut),
             )
         if controls.initial_delay_s:
             await asyncio.sleep(controls.initial_delay_s)
         if draft.outcome == "failed":
-            self._record_chat(draft, key)
+            self.record_chat(draft, key)
             raise errors.server_error()
         body = wire.json(dump(draft.completion()))
-        self._record_chat(draft, key, delivered=not cut)
+        self.record_chat(draft, key, delivered=not cut)
         if cut:
             return TruncatedBody(body, headers=headers)
         return _json(body, headers)
@@ -440,7 +453,31 @@ class FakeUpstream:
             purpose=str(form.get("purpose", "batch")),
             status="processed",
         )
+        self.batches.files[file.id] = content
         return _json(file.model_dump_json().encode(), _headers(ids.request_id(), started))
+
+    async def file_content(self, request: Request) -> Response:
+        """`GET /v1/files/{id}/content`: an uploaded file, or a batch's output."""
+        _api_key(request)
+        file_id = request.path_params["file_id"]
+        content = self.batches.files.get(file_id)
+        if content is None:
+            raise errors.OpenAIError(404, f"No such File object: {file_id}", param="id")
+        return Response(content, media_type="application/octet-stream")
+
+    async def create_batch(self, request: Request) -> Response:
+        started = time.perf_counter()
+        key = _api_key(request)
+        controls = read_controls(request.headers)
+        body = await endpoints.read_json(request)
+        answer = self.batches.create(body, key, controls.background_delay_s)
+        return _json(answer, _headers(ids.request_id(), started))
+
+    async def get_batch(self, request: Request) -> Response:
+        started = time.perf_counter()
+        _api_key(request)
+        answer = self.batches.render(request.path_params["batch_id"])
+        return _json(answer, _headers(ids.request_id(), started))
 
     # -- organization Costs and Usage (admin keys) --------------------------------------
 
@@ -563,6 +600,9 @@ def create_fake_app(*, seed: int | None = None, wire: Wire = OPENAI) -> Starlett
         Route(endpoints.MODERATIONS_PATH, _openai_errors(fake.create_moderation), methods=["POST"]),
         Route("/v1/models", _openai_errors(fake.list_models), methods=["GET"]),
         Route("/v1/files", _openai_errors(fake.upload_file), methods=["POST"]),
+        Route("/v1/files/{file_id}/content", _openai_errors(fake.file_content), methods=["GET"]),
+        Route("/v1/batches", _openai_errors(fake.create_batch), methods=["POST"]),
+        Route("/v1/batches/{batch_id}", _openai_errors(fake.get_batch), methods=["GET"]),
         Route("/v1/organization/costs", _openai_errors(fake.organization_costs), methods=["GET"]),
         Route(
             "/v1/organization/usage/completions",

@@ -14,6 +14,7 @@ import random
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -120,7 +121,9 @@ def _entry(
     )
 
 
-def embeddings(fake: FakeUpstream, body: dict[str, Any], key: str) -> bytes:
+def embeddings(
+    fake: FakeUpstream, body: dict[str, Any], key: str, *, tier: str = "default"
+) -> bytes:
     model = _required(body, "model")
     texts = _texts(_required(body, "input"))
     if not texts:
@@ -143,7 +146,8 @@ def embeddings(fake: FakeUpstream, body: dict[str, Any], key: str) -> bytes:
         usage=build(EmbeddingUsage, prompt_tokens=tokens, total_tokens=tokens),
     )
     # Embeddings have no id: the ledger keys them by one of its own.
-    fake.ledger.record(_entry(EMBEDDINGS_PATH, ids.request_id(), str(model), body, key, tokens, 0))
+    entry = _entry(EMBEDDINGS_PATH, ids.request_id(), str(model), body, key, tokens, 0)
+    fake.ledger.record(replace(entry, service_tier=tier))
     # The SDK types `embedding` as floats; on the wire base64 is a string it decodes.
     return orjson.dumps(answer.model_dump(exclude_unset=True, warnings=False))
 

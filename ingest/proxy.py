@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ingest.bounds import bounded_metadata
 from ingest.capture import (
+    Decoder,
     Endpoint,
     JSONCapture,
     RequestFacts,
@@ -378,12 +380,13 @@ class Proxy:
         to the batch watcher with the caller's credentials."""
         body = await upstream.read()
         await self._send_head_and(upstream, send, body)
+        decoder = Decoder(upstream.header("content-encoding"))
         try:
-            batch = orjson.loads(body)
+            batch = orjson.loads(decoder.feed(body)) if decoder.supported else None
             header_user = check_user_header(
                 _raw_header(headers, USER_HEADER), case_fold=self._identity.case_fold
             )
-        except (orjson.JSONDecodeError, RequestRejectedError):
+        except (orjson.JSONDecodeError, zlib.error, RequestRejectedError):
             return
         if isinstance(batch, dict) and self.batches is not None:
             credentials = [(k, v) for k, v in headers if k in CREDENTIAL_HEADERS]

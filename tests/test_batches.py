@@ -38,6 +38,9 @@ def test_every_request_of_a_batch_is_metered_once_at_the_batch_tier(tokentill: R
         input_file_id=uploaded.id,
         endpoint="/v1/chat/completions",
         completion_window="24h",
+        # Over 1 KiB, so the fake gzips the Batch it answers (as OpenAI does): tokentill
+        # must read it decoded.
+        metadata={f"note-{i}": "x" * 400 for i in range(4)},
         extra_headers={"x-fake-background-delay-ms": "200"},
     )
     assert batch.status in ("validating", "in_progress")

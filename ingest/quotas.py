@@ -439,6 +439,11 @@ class QuotaBook:
                     subjects.append(tag_subject(key, value))
         return subjects
 
+    @property
+    def has_spilled(self) -> bool:
+        """Whether any counters were spilled this month (else no subject can be cold)."""
+        return bool(self._spill)
+
     def spilled(self, subjects: Iterable[Subject]) -> list[Subject]:
         """Of `subjects`, those held to limits whose counters may have been spilled (see
         `evict_idle`): their usage must be read back from the warehouse before admission.

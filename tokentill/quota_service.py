@@ -114,10 +114,11 @@ class QuotaService:
         """The proxy's admission hook: in memory (None) for every subject whose counters
         are here; an awaitable when one of them was spilled and must be read back from
         the warehouse first (a worker thread does the read; the loop never waits)."""
-        subjects = self.book.subjects_of(facts, parsed)
-        cold = [s for s in subjects if s in self._warming] + self.book.spilled(subjects)
-        if cold:
-            return self._admit_after_reading(cold, facts, parsed, body)
+        if self._warming or self.book.has_spilled:
+            subjects = self.book.subjects_of(facts, parsed)
+            cold = [s for s in subjects if s in self._warming] + self.book.spilled(subjects)
+            if cold:
+                return self._admit_after_reading(cold, facts, parsed, body)
         facts.hold = self.book.admit(facts, parsed, body)
         return None
 

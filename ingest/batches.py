@@ -22,7 +22,6 @@ they run); their spend counts in reports, and in quota counters from the next se
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -35,7 +34,8 @@ import orjson
 
 from ingest.capture import Endpoint, JSONCapture, RequestFacts, error_event, now_us
 from ingest.events import UsageEvent
-from ingest.proxy import IdentityRules, RequestRejectedError, _learn_request
+from ingest.polling import PollSchedule, fetch
+from ingest.proxy import IdentityRules, RequestRejectedError, learn_request
 from ingest.upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,6 @@ class Watched:
     credentials: list[tuple[bytes, bytes]]
     header_user: str | None
     fingerprint: str | None
-    give_up_at: float
-    next_poll_at: float
-    interval: float
 
 
 class BatchWatcher:
@@ -75,15 +72,13 @@ class BatchWatcher:
         self._upstream = upstream
         self._record = record
         self._identity = identity
-        self._max_age = max_age
-        self._min_interval = min_interval
-        self._max_interval = max_interval
-        self._watched: dict[str, Watched] = {}
+        self._schedule: PollSchedule[Watched] = PollSchedule(
+            max_age=max_age, min_interval=min_interval, max_interval=max_interval
+        )
         self._read: OrderedDict[str, None] = OrderedDict()  # batches already read
-        self._wake = asyncio.Event()
 
     def __len__(self) -> int:
-        return len(self._watched)
+        return len(self._schedule)
 
     def observe(
         self,
@@ -97,56 +92,38 @@ class BatchWatcher:
         batch_id = batch.get("id")
         if not isinstance(batch_id, str) or batch_id in self._read:
             return
-        now = time.monotonic()
-        ended = batch.get("status") in TERMINAL
-        self._watched[batch_id] = Watched(
-            batch_id,
-            credentials,
-            header_user,
-            fingerprint,
-            give_up_at=now + self._max_age,
-            next_poll_at=now if ended else now + self._min_interval,
-            interval=self._min_interval,
-        )
-        self._wake.set()
+        watched = Watched(batch_id, credentials, header_user, fingerprint)
+        self._schedule.add(batch_id, watched, due_now=batch.get("status") in TERMINAL)
 
     async def run(self, client: Upstream) -> None:
         while True:
-            now = time.monotonic()
-            for watched in list(self._watched.values()):
-                if now >= watched.give_up_at:
-                    self._watched.pop(watched.batch_id, None)
-                    log.warning("gave up watching batch %s: it did not end", watched.batch_id)
-                elif now >= watched.next_poll_at:
-                    await self._poll(client, watched)
-            self._wake.clear()
-            delay = self._max_interval
-            if self._watched:
-                soonest = min(w.next_poll_at for w in self._watched.values())
-                delay = max(0.05, soonest - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            due, expired = self._schedule.due()
+            for watched in expired:
+                log.warning("gave up watching batch %s: it did not end", watched.batch_id)
+            for watched in due:
+                await self._poll(client, watched)
+            await self._schedule.sleep()
 
     async def _poll(self, client: Upstream, watched: Watched) -> None:
         try:
             batch = await self._get_json(client, f"/v1/batches/{watched.batch_id}", watched)
         except UpstreamError as exc:
             log.info("polling batch %s failed: %s", watched.batch_id, exc)
-            self._backoff(watched)
+            self._schedule.backoff(watched.batch_id)
             return
         if batch is None:
-            self._watched.pop(watched.batch_id, None)  # gone, or not this key's to read
+            self._schedule.remove(watched.batch_id)  # gone, or not this key's to read
             return
         if batch.get("status") not in TERMINAL:
-            self._backoff(watched)
+            self._schedule.backoff(watched.batch_id)
             return
         try:
             events = await self._events(client, watched, batch)
         except UpstreamError as exc:
             log.info("reading batch %s's files failed: %s", watched.batch_id, exc)
-            self._backoff(watched)
+            self._schedule.backoff(watched.batch_id)
             return
-        self._watched.pop(watched.batch_id, None)
+        self._schedule.remove(watched.batch_id)
         self._read[watched.batch_id] = None
         if len(self._read) > 10_000:
             self._read.popitem(last=False)
@@ -188,7 +165,7 @@ class BatchWatcher:
         )
         body = request.get("body") if isinstance(request.get("body"), dict) else None
         try:
-            _learn_request(facts, body, watched.header_user, b"", self._identity)
+            learn_request(facts, body, watched.header_user, b"", self._identity)
         except RequestRejectedError:
             facts.user_id = watched.header_user  # an id the proxy would refuse: not kept
         facts.stream = facts.background = facts.strip_chat_usage = False
@@ -215,11 +192,7 @@ class BatchWatcher:
         if not isinstance(file_id, str):
             return []
         url = f"{self._upstream}/v1/files/{file_id}/content"
-        answer = await client.send("GET", url, watched.credentials, None)
-        try:
-            status, content = answer.status, await answer.read()
-        finally:
-            answer.close()
+        status, content = await fetch(client, url, watched.credentials)
         if status != 200:
             raise UpstreamError(f"GET {url}: HTTP {status}")
         lines = []
@@ -233,11 +206,7 @@ class BatchWatcher:
     async def _get_json(
         self, client: Upstream, path: str, watched: Watched
     ) -> dict[str, Any] | None:
-        answer = await client.send("GET", self._upstream + path, watched.credentials, None)
-        try:
-            status, content = answer.status, await answer.read()
-        finally:
-            answer.close()
+        status, content = await fetch(client, self._upstream + path, watched.credentials)
         if status in (401, 403, 404):
             return None
         if status != 200:
@@ -247,7 +216,3 @@ class BatchWatcher:
         except orjson.JSONDecodeError:
             raise UpstreamError(f"GET {path}: not JSON") from None
         return parsed if isinstance(parsed, dict) else None
-
-    def _backoff(self, watched: Watched) -> None:
-        watched.interval = min(watched.interval * 2, self._max_interval)
-        watched.next_poll_at = time.monotonic() + watched.interval

@@ -10,8 +10,6 @@ retrieves the response itself through the proxy settles it first.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +19,7 @@ import orjson
 
 from ingest.capture import JSONCapture, RequestFacts, now_us
 from ingest.events import UsageEvent
+from ingest.polling import PollSchedule, fetch
 from ingest.upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -33,9 +32,6 @@ CREDENTIAL_HEADERS = frozenset({b"authorization", b"openai-organization", b"open
 class Pending:
     response_id: str
     credentials: list[tuple[bytes, bytes]]
-    give_up_at: float
-    next_poll_at: float
-    interval: float
 
 
 class Poller:
@@ -50,81 +46,49 @@ class Poller:
     ) -> None:
         self._upstream = upstream
         self._record = record
-        self._max_age = max_age
-        self._min_interval = min_interval
-        self._max_interval = max_interval
-        self._pending: dict[str, Pending] = {}
-        self._wake = asyncio.Event()
+        self._schedule: PollSchedule[Pending] = PollSchedule(
+            max_age=max_age, min_interval=min_interval, max_interval=max_interval
+        )
         self.given_up = 0
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._schedule)
 
     def track(self, response_id: str, credentials: list[tuple[bytes, bytes]]) -> None:
-        now = time.monotonic()
-        self._pending[response_id] = Pending(
-            response_id,
-            credentials,
-            give_up_at=now + self._max_age,
-            next_poll_at=now + self._min_interval,
-            interval=self._min_interval,
-        )
-        self._wake.set()
+        self._schedule.add(response_id, Pending(response_id, credentials))
 
     def forget(self, response_id: str) -> None:
-        self._pending.pop(response_id, None)
+        self._schedule.remove(response_id)
 
     async def run(self, client: Upstream) -> None:
         while True:
-            due = self._due()
-            for pending in due:
-                await self._poll(client, pending)
-            self._wake.clear()
-            delay = self._next_delay()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
-
-    def _due(self) -> list[Pending]:
-        now = time.monotonic()
-        due = []
-        for pending in list(self._pending.values()):
-            if now >= pending.give_up_at:
-                self._pending.pop(pending.response_id, None)
+            due, expired = self._schedule.due()
+            for pending in expired:
                 self.given_up += 1
                 log.warning("gave up polling %s: still not finished", pending.response_id)
-            elif now >= pending.next_poll_at:
-                due.append(pending)
-        return due
-
-    def _next_delay(self) -> float:
-        if not self._pending:
-            return self._max_interval
-        soonest = min(p.next_poll_at for p in self._pending.values())
-        return max(0.05, soonest - time.monotonic())
+            for pending in due:
+                await self._poll(client, pending)
+            await self._schedule.sleep()
 
     async def _poll(self, client: Upstream, pending: Pending) -> None:
         url = f"{self._upstream}/v1/responses/{pending.response_id}"
         try:
-            answer = await client.send("GET", url, pending.credentials, None)
-            try:
-                status, content = answer.status, await answer.read()
-            finally:
-                answer.close()
+            status, content = await fetch(client, url, pending.credentials)
         except UpstreamError as exc:
             log.info("polling %s failed: %s", pending.response_id, exc)
-            self._backoff(pending)
+            self._schedule.backoff(pending.response_id)
             return
         if status == 404:
             # Not stored upstream (store: false) or deleted: nothing more to learn.
-            self._pending.pop(pending.response_id, None)
+            self._schedule.remove(pending.response_id)
             return
         if status != 200:
-            self._backoff(pending)
+            self._schedule.backoff(pending.response_id)
             return
         try:
             obj = orjson.loads(content)
         except orjson.JSONDecodeError:
-            self._backoff(pending)
+            self._schedule.backoff(pending.response_id)
             return
         facts = RequestFacts(
             endpoint="responses",
@@ -135,12 +99,8 @@ class Poller:
         )
         event = JSONCapture(facts, None).event(obj, 200) if isinstance(obj, dict) else None
         if event is None:
-            self._backoff(pending)
+            self._schedule.backoff(pending.response_id)
             return
         event.latency_ms = None
-        self._pending.pop(pending.response_id, None)
+        self._schedule.remove(pending.response_id)
         self._record(event)
-
-    def _backoff(self, pending: Pending) -> None:
-        pending.interval = min(pending.interval * 2, self._max_interval)
-        pending.next_poll_at = time.monotonic() + pending.interval

@@ -58,7 +58,7 @@ from tokentill.settings import Settings
 log = logging.getLogger(__name__)
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what the transport recomputes.
-_HOP_BY_HOP = frozenset(
+HOP_BY_HOP = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -163,7 +163,7 @@ class Proxy:
         self._settings = settings
         self._metrics = metrics
         self._upstream = settings.upstream
-        self._identity = IdentityRules(settings.user_id_case_fold, settings.refuse_user_mismatch)
+        self.identity = IdentityRules(settings.user_id_case_fold, settings.refuse_user_mismatch)
         # Set by the lifespan once the resources exist.
         self.client: Upstream | None = None
         self.recorder: Recorder | None = None
@@ -233,13 +233,13 @@ class Proxy:
             else:
                 body = whole = await self._read_body(receive)
             header_user = check_user_header(
-                _raw_header(headers, USER_HEADER), case_fold=self._identity.case_fold
+                raw_header(headers, USER_HEADER), case_fold=self.identity.case_fold
             )
             parsed: dict[str, Any] | None = None
             if facts is not None and facts.kind == "create":
-                facts.key_fingerprint = key_fingerprint(_header(headers, b"authorization"))
+                facts.key_fingerprint = key_fingerprint(header_value(headers, b"authorization"))
                 parsed = _parse_json_object(whole)
-                body = _learn_request(facts, parsed, header_user, whole, self._identity)
+                body = learn_request(facts, parsed, header_user, whole, self.identity)
                 if self.admission is not None:
                     pending = self.admission(facts, parsed, whole)
                     if pending is not None:
@@ -278,7 +278,7 @@ class Proxy:
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
         forwarded = [
-            (k, v) for k, v in headers if k not in _HOP_BY_HOP and not k.startswith(b"x-tokentill-")
+            (k, v) for k, v in headers if k not in HOP_BY_HOP and not k.startswith(b"x-tokentill-")
         ]
         if body is not None and not isinstance(body, bytes):
             # A streamed body keeps the client's length, so the upstream sees no chunking.
@@ -384,13 +384,13 @@ class Proxy:
         try:
             batch = orjson.loads(decoder.feed(body)) if decoder.supported else None
             header_user = check_user_header(
-                _raw_header(headers, USER_HEADER), case_fold=self._identity.case_fold
+                raw_header(headers, USER_HEADER), case_fold=self.identity.case_fold
             )
         except (orjson.JSONDecodeError, zlib.error, RequestRejectedError):
             return
         if isinstance(batch, dict) and self.batches is not None:
             credentials = [(k, v) for k, v in headers if k in CREDENTIAL_HEADERS]
-            fingerprint = key_fingerprint(_header(headers, b"authorization"))
+            fingerprint = key_fingerprint(header_value(headers, b"authorization"))
             self.batches.observe(batch, credentials, header_user, fingerprint)
 
     async def _json(
@@ -571,8 +571,8 @@ def check_user_header(raw: bytes | None, *, case_fold: bool = False) -> str | No
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    length = _header(headers, b"content-length")
-    return (length is not None and length != "0") or _header(
+    length = header_value(headers, b"content-length")
+    return (length is not None and length != "0") or header_value(
         headers, b"transfer-encoding"
     ) is not None
 
@@ -589,14 +589,14 @@ async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-def _raw_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+def raw_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for key, value in headers:
         if key == name:
             return value
     return None
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     for key, value in headers:
         if key == name:
             return value.decode("latin-1")
@@ -611,7 +611,7 @@ def _response_headers(
     kept = []
     for key, value in upstream.raw_headers:
         name = key.lower()
-        if name in _HOP_BY_HOP and not (keep_length and name == b"content-length"):
+        if name in HOP_BY_HOP and not (keep_length and name == b"content-length"):
             continue
         if name == b"content-encoding" and not keep_encoding:
             continue
@@ -641,7 +641,7 @@ class IdentityRules:
     refuse_mismatch: bool = False  # header and body name different users: 400
 
 
-def _learn_request(
+def learn_request(
     facts: RequestFacts,
     parsed: dict[str, Any] | None,
     header_user: str | None,

@@ -39,15 +39,15 @@ from ingest.events import TERMINAL_STATUSES, UsageEvent, key_fingerprint
 from ingest.paths import NonCanonicalPath, canonical_path
 from ingest.poller import CREDENTIAL_HEADERS
 from ingest.proxy import (
-    _HOP_BY_HOP,
+    HOP_BY_HOP,
     USER_HEADER,
     Admission,
     IdentityRules,
     RequestRejectedError,
-    _header,
-    _learn_request,
-    _raw_header,
     check_user_header,
+    header_value,
+    learn_request,
+    raw_header,
 )
 from ingest.recorder import Recorder
 from ingest.upstream import RawHeaders, UpstreamError
@@ -150,7 +150,7 @@ class SocketProxy:
             return
         try:
             header_user = check_user_header(
-                _raw_header(headers, USER_HEADER), case_fold=self.identity.case_fold
+                raw_header(headers, USER_HEADER), case_fold=self.identity.case_fold
             )
         except RequestRejectedError as exc:
             await _deny(scope, send, exc.status, error_body(exc.message, exc.type, exc.code))
@@ -186,7 +186,7 @@ class SocketProxy:
         forwarded = [
             (k, v)
             for k, v in headers
-            if k not in _HOP_BY_HOP
+            if k not in HOP_BY_HOP
             and not k.startswith(b"x-tokentill-")
             and not k.startswith(b"sec-websocket-")
         ]
@@ -214,7 +214,7 @@ class SocketProxy:
             recorder,
             send,
             header_user,
-            key_fingerprint(_header(headers, b"authorization")),
+            key_fingerprint(header_value(headers, b"authorization")),
             [(k, v) for k, v in headers if k in CREDENTIAL_HEADERS],
         )
         await relay.run(receive)
@@ -311,7 +311,7 @@ class _Relay:
             key_fingerprint=self._fingerprint,
         )
         try:
-            _learn_request(facts, event, self._header_user, b"", self._proxy.identity)
+            learn_request(facts, event, self._header_user, b"", self._proxy.identity)
         except RequestRejectedError as exc:
             await self._refuse(facts, exc, _lane(event))
             return False
@@ -324,15 +324,7 @@ class _Relay:
                 if pending is not None:
                     await pending
         except RequestRejectedError as exc:
-            refused = error_event(
-                facts, exc.status, {"error": {"type": exc.type, "code": exc.code}}
-            )
-            refused.transport = "websocket"
-            self._recorder.record(refused)
-            self._proxy.count(exc.status, time.perf_counter() - facts.started_perf)
-            await self._to_client_text(
-                _error_frame(exc.status, exc.type, exc.code, exc.message, exc.param, lane)
-            )
+            await self._refuse(facts, exc, lane)
             return False
         self._session.waiting.setdefault(lane, deque()).append(facts)
         return True
@@ -341,9 +333,7 @@ class _Relay:
         self, facts: RequestFacts, exc: RequestRejectedError, lane: str | None
     ) -> None:
         """Answer a refused create on the socket and record it as a refused request."""
-        refused = error_event(facts, exc.status, {"error": {"type": exc.type, "code": exc.code}})
-        refused.transport = "websocket"
-        self._recorder.record(refused)
+        self._record_error(facts, exc.status, {"error": {"type": exc.type, "code": exc.code}})
         self._proxy.count(exc.status, time.perf_counter() - facts.started_perf)
         await self._to_client_text(
             _error_frame(exc.status, exc.type, exc.code, exc.message, exc.param, lane)
@@ -425,10 +415,16 @@ class _Relay:
         if queue:
             # Refused before a response existed (a bad field, the upstream's own limits).
             facts = queue.popleft()
-            refused = error_event(facts, status, {"error": error})
-            refused.transport = "websocket"
-            self._recorder.record(refused, hold=facts.hold)
+            self._record_error(facts, status, {"error": error}, facts.hold)
             self._proxy.count(status, time.perf_counter() - facts.started_perf)
+
+    def _record_error(
+        self, facts: RequestFacts, status: int, body: dict[str, Any], hold: Any = None
+    ) -> None:
+        """A create that got no response: an error row, as a refused HTTP request's."""
+        refused = error_event(facts, status, body)
+        refused.transport = "websocket"
+        self._recorder.record(refused, hold=hold)
 
     def _finish(self, live: _Live, status: int) -> None:
         live.event.client_disconnected = self._session.client_gone
@@ -450,11 +446,8 @@ class _Relay:
         for queue in self._session.waiting.values():
             while queue:
                 facts = queue.popleft()
-                cut = error_event(
-                    facts, 502, {"error": {"type": "upstream_error", "code": "upstream_closed"}}
-                )
-                cut.transport = "websocket"
-                self._recorder.record(cut, hold=facts.hold)
+                closed = {"error": {"type": "upstream_error", "code": "upstream_closed"}}
+                self._record_error(facts, 502, closed, facts.hold)
         if not clean:
             log.info("upstream socket dropped")
 

@@ -55,7 +55,7 @@ from ingest.batches import BatchWatcher
 from ingest.http1 import HTTP1Upstream
 from ingest.journal import Journal
 from ingest.poller import Poller
-from ingest.proxy import IdentityRules, Proxy
+from ingest.proxy import Proxy
 from ingest.recorder import Recorder
 from ingest.socket_proxy import SocketProxy
 from ingest.upstream import Upstream
@@ -119,7 +119,7 @@ class Tokentill:
             WebsocketsUpstream(settings.upstream_connect_timeout),
             recorder=lambda: self.proxy.recorder,
             admission=lambda: self.proxy.admission,
-            identity=IdentityRules(settings.user_id_case_fold, settings.refuse_user_mismatch),
+            identity=self.proxy.identity,
         )
         self.runtime: Runtime | None = None
         self._upstream = upstream
@@ -274,7 +274,7 @@ class Tokentill:
         batches = BatchWatcher(
             upstream=settings.upstream,
             record=recorder.record,
-            identity=IdentityRules(settings.user_id_case_fold, settings.refuse_user_mismatch),
+            identity=self.proxy.identity,
             max_age=settings.batch_watch_max,
             min_interval=settings.background_poll_min_interval,
             max_interval=settings.background_poll_max_interval,

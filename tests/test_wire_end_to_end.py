@@ -116,6 +116,19 @@ def _traffic(tokentill: Running) -> list[Any]:
             model="gpt-4o", messages=[{"role": "user", "content": "hi"}], user="u4"
         ).usage
     )
+    # The legacy Completions stream (usage asked for on the client's behalf, then cut
+    # out) and an embeddings answer, in the same spellings.
+    legacy = list(
+        client.completions.create(
+            model="gpt-3.5-turbo-instruct", prompt="hi", stream=True, user="u5"
+        )
+    )
+    assert all(chunk.choices for chunk in legacy)
+    assert not any("usage" in chunk.model_fields_set for chunk in legacy)
+    seen.append("".join(c.choices[0].text for c in legacy))
+    seen.append(
+        client.embeddings.create(model="text-embedding-3-small", input="hi", user="u6").usage
+    )
     return seen
 
 
@@ -128,7 +141,7 @@ def test_every_spelling_of_the_same_traffic_gives_the_same_rows(
 ) -> None:
     seen = {name: _traffic(running) for name, running in tokentills.items()}
     rows = {name: _rows(running) for name, running in tokentills.items()}
-    assert len(rows["compact"]) == 6
+    assert len(rows["compact"]) == 8
     assert all(row["input_tokens"] for row in rows["compact"])
     assert {row["status"] for row in rows["compact"]} == {"completed", "incomplete"}
     assert rows["spaced-crlf"] == rows["compact"]

@@ -23,7 +23,20 @@ from ingest import json_text, usage
 from ingest.events import TERMINAL_STATUSES, EventKind, UsageEvent
 from ingest.sse import SSEParser, event_fields, lead, replace_data
 
-Endpoint = Literal["responses", "chat.completions", "completions", "embeddings", "moderations"]
+Endpoint = Literal[
+    "responses",
+    "chat.completions",
+    "completions",
+    "embeddings",
+    "moderations",
+    "images.generations",
+    "images.edits",
+    "images.variations",
+    "audio.transcriptions",
+    "audio.translations",
+    "audio.speech",
+    "realtime",
+]
 
 # The pre-filters: bytes an event must contain to be worth parsing. A `\u` escape may
 # spell any of them, so an event with one is always parsed.

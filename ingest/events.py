@@ -50,6 +50,16 @@ class UsageEvent:
     image_gen_input_image_tokens: int | None = None
     image_gen_cached_tokens: int | None = None
     image_gen_output_tokens: int | None = None
+    # By modality, each a part of its total (see migration 0013).
+    input_audio_tokens: int | None = None
+    cached_audio_tokens: int | None = None
+    output_audio_tokens: int | None = None
+    input_image_tokens: int | None = None
+    cached_image_tokens: int | None = None
+    output_image_tokens: int | None = None
+    audio_ms: int | None = None  # audio transcribed, where it is priced by time
+    input_characters: int | None = None  # text spoken, where it is priced by character
+    usage_unreported: bool = False  # a billable answer that said nothing of its usage
     service_tier: str | None = None
     previous_response_id: str | None = None
     conversation_id: str | None = None
@@ -110,6 +120,15 @@ COLUMNS: dict[str, tuple[str, pl.DataType]] = {
     "image_gen_input_image_tokens": ("image_gen_input_image_tokens", pl.Int64()),
     "image_gen_cached_tokens": ("image_gen_cached_tokens", pl.Int64()),
     "image_gen_output_tokens": ("image_gen_output_tokens", pl.Int64()),
+    "input_audio_tokens": ("input_audio_tokens", pl.Int64()),
+    "cached_audio_tokens": ("cached_audio_tokens", pl.Int64()),
+    "output_audio_tokens": ("output_audio_tokens", pl.Int64()),
+    "input_image_tokens": ("input_image_tokens", pl.Int64()),
+    "cached_image_tokens": ("cached_image_tokens", pl.Int64()),
+    "output_image_tokens": ("output_image_tokens", pl.Int64()),
+    "audio_ms": ("audio_ms", pl.Int64()),
+    "input_characters": ("input_characters", pl.Int64()),
+    "usage_unreported": ("usage_unreported", pl.Boolean()),
     "service_tier": ("service_tier", pl.String()),
     "previous_response_id": ("previous_response_id", pl.String()),
     "conversation_id": ("conversation_id", pl.String()),
@@ -148,6 +167,14 @@ UPDATABLE_COLUMNS = (
     "image_gen_input_image_tokens",
     "image_gen_cached_tokens",
     "image_gen_output_tokens",
+    "input_audio_tokens",
+    "cached_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "cached_image_tokens",
+    "output_image_tokens",
+    "audio_ms",
+    "usage_unreported",
     "service_tier",
     "incomplete_reason",
     "error_type",

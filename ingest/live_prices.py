@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 import polars as pl
 
 from ingest.events import UsageEvent
-from warehouse.pricing import effective_intervals, resolve_model
+from warehouse.pricing import audio_cost_pico, effective_intervals, resolve_model
 
 _DEFAULT_TIERS = frozenset({None, "", "auto", "default"})
 
@@ -47,6 +47,11 @@ class Rates:
     image_input: int | None
     image_cached_input: int | None
     image_output: int | None
+    audio_input: int | None = None
+    audio_cached_input: int | None = None
+    audio_output: int | None = None
+    audio_per_hour: int | None = None  # micro-dollars per hour
+    per_character: int | None = None
 
     def _pick(self, over: bool, tier: int | None, base: int | None) -> int | None:
         return tier if over and tier is not None else base
@@ -71,11 +76,20 @@ def _rates(row: dict[str, object]) -> Rates:
         image_input=get("image_input_per_mtok"),
         image_cached_input=get("image_cached_input_per_mtok"),
         image_output=get("image_output_per_mtok"),
+        audio_input=get("audio_input_per_mtok"),
+        audio_cached_input=get("audio_cached_input_per_mtok"),
+        audio_output=get("audio_output_per_mtok"),
+        audio_per_hour=get("audio_per_hour"),
+        per_character=get("input_per_mchar"),
     )
 
 
 def _n(value: int | None) -> int:
     return value or 0
+
+
+def _or(rate: int | None, fallback: int | None) -> int | None:
+    return fallback if rate is None else rate
 
 
 class PriceBook:
@@ -133,27 +147,57 @@ class PriceBook:
         """The event's cost in pico-dollars; None when unpriced (as the warehouse says)."""
         inp, out = _n(event.input_tokens), _n(event.output_tokens)
         image_in, image_out = _n(event.image_gen_input_tokens), _n(event.image_gen_output_tokens)
+        audio_ms, characters = _n(event.audio_ms), _n(event.input_characters)
         has_tokens, uses_image = inp + out > 0, image_in + image_out > 0
-        if not has_tokens and not uses_image:
+        if not (has_tokens or uses_image or audio_ms or characters or event.usage_unreported):
             return 0
         r = self.rates(event.model, event.service_tier)
-        if r is None:
+        if r is None or event.usage_unreported:
             return None
         over = r.tier_threshold is not None and inp > r.tier_threshold
         input_rate = r._pick(over, r.tier_input, r.input)
         output_rate = r._pick(over, r.tier_output, r.output)
-        if input_rate is None or (out > 0 and output_rate is None):
-            return None  # (embeddings have no output, and no output rate)
-        cached_rate = r._pick(over, r.tier_cached_input, r.cached_input)
-        write_rate = r._pick(over, r.tier_cache_write, r.cache_write)
-        cached, written = _n(event.cached_input_tokens), _n(event.cache_write_tokens)
-        total = (
-            (inp - cached - written) * input_rate
-            + cached * (input_rate if cached_rate is None else cached_rate)
-            + written * (input_rate if write_rate is None else write_rate)
-            + out * (output_rate or 0)
-            + _n(event.web_search_calls) * _n(r.web_search)
+        cached_rate = _or(r._pick(over, r.tier_cached_input, r.cached_input), input_rate)
+        write_rate = _or(r._pick(over, r.tier_cache_write, r.cache_write), input_rate)
+        audio_cached_rate = _or(r.audio_cached_input, r.audio_input)
+        image_in_rate = _or(r.image_input, input_rate)
+        image_cached_rate = _or(r.image_cached_input, image_in_rate)
+        image_out_rate = _or(r.image_output, output_rate)
+        a_in, a_cached = _n(event.input_audio_tokens), _n(event.cached_audio_tokens)
+        i_in, i_cached = _n(event.input_image_tokens), _n(event.cached_image_tokens)
+        a_out, i_out = _n(event.output_audio_tokens), _n(event.output_image_tokens)
+        written = _n(event.cache_write_tokens)
+        text_cached = _n(event.cached_input_tokens) - a_cached - i_cached
+        text_uncached = inp - a_in - i_in - text_cached - written
+        parts = (
+            (text_uncached, input_rate),
+            (text_cached, cached_rate),
+            (written, write_rate),
+            (a_in - a_cached, r.audio_input),
+            (a_cached, audio_cached_rate),
+            (i_in - i_cached, image_in_rate),
+            (i_cached, image_cached_rate),
+            (out - a_out - i_out, output_rate),
+            (a_out, r.audio_output),
+            (i_out, image_out_rate),
         )
+        # Every rate that must be there (as `price_events` checks them).
+        if (
+            (text_uncached + text_cached + written > 0 and input_rate is None)
+            or (a_in > 0 and r.audio_input is None)
+            or (i_in > 0 and image_in_rate is None)
+            or (out - a_out - i_out > 0 and output_rate is None)
+            or (a_out > 0 and r.audio_output is None)
+            or (i_out > 0 and image_out_rate is None)
+            or (audio_ms > 0 and r.audio_per_hour is None)
+            or (characters > 0 and r.per_character is None and not has_tokens)
+        ):
+            return None
+        total = sum(count * rate for count, rate in parts if count > 0 and rate is not None)
+        total += _n(event.web_search_calls) * _n(r.web_search)
+        if audio_ms > 0 and r.audio_per_hour is not None:
+            total += audio_cost_pico(audio_ms, r.audio_per_hour)
+        total += characters * _n(r.per_character)
         if uses_image:
             image = self._image_cost(event)
             if image is None:

@@ -128,8 +128,108 @@ def apply_chat_usage(event: UsageEvent, usage: dict[str, Any]) -> None:
     event.input_tokens = _int(usage.get("prompt_tokens"))
     event.cached_input_tokens = _int(prompt.get("cached_tokens")) or 0
     event.cache_write_tokens = _int(prompt.get("cache_write_tokens")) or 0
+    event.input_audio_tokens = _int(prompt.get("audio_tokens"))  # gpt-audio and kin
     event.output_tokens = _int(usage.get("completion_tokens"))
     event.reasoning_tokens = _int(completion.get("reasoning_tokens")) or 0
+    event.output_audio_tokens = _int(completion.get("audio_tokens"))
+    event.total_tokens = _int(usage.get("total_tokens"))
+
+
+def apply_images(event: UsageEvent, obj: dict[str, Any]) -> None:
+    """An `ImagesResponse`, or the `image_generation.completed` / `image_edit.completed`
+    event that ends an images stream. Only the gpt-image models report usage (the
+    answer names no model: the request's stands); a dall-e answer reports none."""
+    event.created_at_us = (
+        _seconds_to_us(obj.get("created")) or _seconds_to_us(obj.get("created_at"))
+    ) or event.created_at_us
+    event.status = "completed"
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        event.usage_unreported = True
+        return
+    inputs = _dict(usage.get("input_tokens_details"))
+    event.input_tokens = _int(usage.get("input_tokens"))
+    event.input_image_tokens = _int(inputs.get("image_tokens"))
+    event.output_tokens = _int(usage.get("output_tokens"))
+    details = usage.get("output_tokens_details")
+    # Without the split, every output token is an image token (gpt-image-1's answers).
+    event.output_image_tokens = (
+        _int(_dict(details).get("image_tokens")) if details is not None else event.output_tokens
+    )
+    event.total_tokens = _int(usage.get("total_tokens"))
+
+
+def apply_transcription(event: UsageEvent, obj: dict[str, Any]) -> None:
+    """A `Transcription` (or translation, or the `transcript.text.done` event that ends a
+    transcription stream): usage in tokens (the gpt-4o transcription models) or in
+    seconds of audio (whisper-1); none when the answer has no usage."""
+    event.status = "completed"
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        event.usage_unreported = True
+        return
+    apply_transcription_usage(event, usage)
+
+
+def apply_transcription_usage(event: UsageEvent, usage: dict[str, Any]) -> None:
+    if usage.get("type") == "duration":
+        seconds = usage.get("seconds")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0:
+            event.audio_ms = round(seconds * 1000)
+        else:
+            event.usage_unreported = True
+        return
+    details = _dict(usage.get("input_token_details"))
+    event.input_tokens = inputs = _int(usage.get("input_tokens"))
+    audio, text = _int(details.get("audio_tokens")), _int(details.get("text_tokens"))
+    if audio is None and inputs is not None:
+        # The input is the audio, less the prompt's text where the answer says it.
+        audio = inputs - (text or 0)
+    event.input_audio_tokens = audio
+    event.output_tokens = _int(usage.get("output_tokens"))
+    event.total_tokens = _int(usage.get("total_tokens"))
+    if inputs is None and event.output_tokens is None:
+        event.usage_unreported = True
+
+
+def apply_speech_usage(event: UsageEvent, usage: dict[str, Any]) -> None:
+    """The `speech.audio.done` event's usage (speech asked for as SSE): text tokens in,
+    audio tokens out, at the model's input and output prices."""
+    event.input_tokens = _int(usage.get("input_tokens"))
+    event.output_tokens = _int(usage.get("output_tokens"))
+    event.total_tokens = _int(usage.get("total_tokens"))
+
+
+def apply_realtime_response(event: UsageEvent, response: dict[str, Any]) -> None:
+    """A Realtime `response` (`response.created`, `response.done`): text, audio and image
+    tokens in, their cached parts, text and audio tokens out."""
+    event.response_id = _str(response.get("id")) or event.response_id
+    status = _str(response.get("status"))
+    if status:
+        event.status = status
+    event.conversation_id = _str(response.get("conversation_id")) or event.conversation_id
+    details = _dict(response.get("status_details"))
+    reason = _str(details.get("reason"))
+    if status == "incomplete" or (status == "cancelled" and reason):
+        event.incomplete_reason = reason
+    error = _dict(details.get("error"))
+    if error:
+        event.error_type = _str(error.get("type")) or "response_failed"
+        event.error_code = _str(error.get("code"))
+    usage = response.get("usage")
+    if not isinstance(usage, dict):
+        return
+    inputs = _dict(usage.get("input_token_details"))
+    cached = _dict(inputs.get("cached_tokens_details"))
+    outputs = _dict(usage.get("output_token_details"))
+    event.input_tokens = _int(usage.get("input_tokens"))
+    event.cached_input_tokens = _int(inputs.get("cached_tokens")) or 0
+    event.input_audio_tokens = _int(inputs.get("audio_tokens"))
+    event.input_image_tokens = _int(inputs.get("image_tokens"))
+    event.cached_audio_tokens = _int(cached.get("audio_tokens"))
+    event.cached_image_tokens = _int(cached.get("image_tokens"))
+    event.output_tokens = _int(usage.get("output_tokens"))
+    event.output_audio_tokens = _int(outputs.get("audio_tokens"))
     event.total_tokens = _int(usage.get("total_tokens"))
 
 

@@ -374,7 +374,7 @@ note = "negotiated"
     assert parsed.priority == OVERRIDE_PRIORITY and parsed.source == "file:prices.toml"
     assert parsed.prices["input_per_mtok"] == D("0.25")
     for body, message in [
-        ('[[price]]\nmodel = "x"\ninput_per_mtok = 1\n', "output_per_mtok are required"),
+        ('[[price]]\nmodel = "x"\nnote = "free?"\n', "names no rate"),
         ('[[price]]\nmodel = "x"\ninput_per_mtok = -1\noutput_per_mtok = 1\n', ">= 0"),
         ('[[price]]\nmodel = "x"\ninput_per_mtok = 0.0000001\noutput_per_mtok = 1\n', "6 decimals"),
         (

@@ -39,13 +39,24 @@ _IMAGE_PRICES = {
     "image_cached_input_per_mtok": "cache_image_read_mtok",
     "image_output_per_mtok": "output_image_mtok",
 }
+_AUDIO_PRICES = {
+    "audio_input_per_mtok": "input_audio_mtok",
+    "audio_cached_input_per_mtok": "cache_audio_read_mtok",
+    "audio_output_per_mtok": "output_audio_mtok",
+    "input_per_mchar": "input_mchars",
+}
 PRICE_COLUMNS = (
     *_TOKEN_PRICES,
     "tier_threshold",
     *(f"tier_{c}" for c in _TOKEN_PRICES),
     "web_search_per_call",
     *_IMAGE_PRICES,
+    *_AUDIO_PRICES,
+    "audio_per_hour",
 )
+# How the rows are read out of genai-prices: a new reading (new columns) is a new source,
+# so a warehouse seeded by an older one gets the rows again, with what they now carry.
+CATALOG_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ class PriceRow:
 
 
 def source_version() -> str:
-    return f"genai-prices {metadata.version('genai-prices')}"
+    return f"genai-prices {metadata.version('genai-prices')} (format {CATALOG_FORMAT})"
 
 
 def _midnight(day: date) -> datetime:
@@ -104,10 +115,17 @@ def _flatten(model_price: Any) -> dict[str, Decimal | int | None]:
     per_thousand = getattr(model_price, "web_searches_kcount", None)
     if isinstance(per_thousand, Decimal):
         out["web_search_per_call"] = per_thousand / 1000
-    for column, attribute in _IMAGE_PRICES.items():
+    for column, attribute in (_IMAGE_PRICES | _AUDIO_PRICES).items():
         value = getattr(model_price, attribute, None)
         if isinstance(value, Decimal):
             out[column] = value
+    # Transcription by the hour: genai-prices lists the input audio's rate and, for the
+    # same models, the same rate as audio of any direction; one of them is charged.
+    for attribute in ("input_audio_hours", "audio_hours"):
+        value = getattr(model_price, attribute, None)
+        if isinstance(value, Decimal):
+            out["audio_per_hour"] = value
+            break
     return out
 
 

@@ -26,6 +26,8 @@ from warehouse.catalog import (
 from warehouse.db import fetch_one, query_frame, transaction
 
 TIERS = ("default", "flex", "priority", "batch", "scale")
+# A row prices something only with one of these: tokens in, audio by the hour, characters.
+BASE_RATES = ("input_per_mtok", "audio_per_hour", "input_per_mchar")
 _ROW_COLUMNS = (
     "model",
     "service_tier",
@@ -148,8 +150,10 @@ def parse_price_entries(entries: Any, source: str) -> list[PriceRow]:
                     prices[column] = threshold
                 else:
                     prices[column] = _decimal(entry[column], f"{where}.{column}")
-        if prices.get("input_per_mtok") is None or prices.get("output_per_mtok") is None:
-            raise PriceFileError(f"{where}: input_per_mtok and output_per_mtok are required")
+        if all(prices.get(base) is None for base in BASE_RATES):
+            # (An output rate is optional: embeddings have none. An answer with output
+            # and no output rate is unpriced, never free.)
+            raise PriceFileError(f"{where}: it names no rate; give one of {', '.join(BASE_RATES)}")
         note = entry.get("note")
         rows.append(
             PriceRow(

@@ -4,16 +4,27 @@ Money is integer pico-dollars (1e-12 USD). A price of P USD per 1M tokens is P x
 pico-dollars per token, an exact integer for any price with at most 6 decimals, so
 every cost is an exact integer and sums are exact.
 
-    cost = (input - cached - cache_written) x input price
-         + cached x cached-input price          (the input price where there is none)
-         + cache_written x cache-write price    (the input price where there is none)
-         + output x output price                (reasoning tokens are part of output)
+    cost = text input (input less its audio and image parts) at the input price,
+           its cached part at the cached-input price (the input price where there is
+           none), tokens written to the cache at the cache-write price (likewise)
+         + audio input tokens at the audio input price, cached ones at the cached-audio
+           price (the audio input price where there is none)
+         + image input tokens at the image input price (the input price where there is
+           none: a text model bills the images it reads as text), cached likewise
+         + text output at the output price        (reasoning tokens are part of output)
+         + audio output at the audio output price
+         + image output at the image output price (the output price where there is none:
+           genai-prices lists gpt-image-1's image output as plain output)
          + web search calls x price per call
-         + image generation tokens at the image model's rates
+         + image generation tool tokens at the image model's rates
+         + audio transcribed x price per hour    (rounded to the pico-dollar)
+         + characters spoken x price per 1M characters
 
 When a request's input passes a model's long-context threshold, the tier rates apply to
-all of its tokens. An event whose model has no price in force at its `created_at` is
-*unpriced*: counted, reported, its cost null, never silently 0.
+all of its text tokens. An event is *unpriced* (counted, reported, its cost null, never
+silently 0) when its model has no price in force at its `created_at`, when any part of
+its usage has no rate (audio tokens with no audio price), or when the answer reported
+no usage at all (`usage_unreported`).
 """
 
 from __future__ import annotations
@@ -37,7 +48,17 @@ PRICED_COUNTS = (
     "image_gen_input_image_tokens",
     "image_gen_cached_tokens",
     "image_gen_output_tokens",
+    "input_audio_tokens",
+    "cached_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "cached_image_tokens",
+    "output_image_tokens",
+    "audio_ms",
+    "input_characters",
 )
+# With the counts: the flag of an answer that reported no usage (a boolean).
+PRICED_FIELDS = (*PRICED_COUNTS, "usage_unreported")
 _DATED = re.compile(r"^(?P<family>.+?)-(\d{4}-\d{2}-\d{2}|\d{4})$")
 
 _TOKEN_RATES = ("input", "cached_input", "cache_write", "output")
@@ -48,7 +69,13 @@ _RATE_COLUMNS = (
     "image_input_per_mtok",
     "image_cached_input_per_mtok",
     "image_output_per_mtok",
+    "audio_input_per_mtok",
+    "audio_cached_input_per_mtok",
+    "audio_output_per_mtok",
+    "audio_per_hour",  # as integer micro-dollars per hour
+    "input_per_mchar",  # as pico-dollars per character
 )
+MS_PER_HOUR = 3_600_000
 
 
 def resolve_model(model: str, keys: set[str], prefixes: list[str]) -> str | None:
@@ -78,7 +105,15 @@ def model_map(models: Iterable[str], catalog_models: Iterable[str]) -> pl.DataFr
 
 def _pico_per_token(value: Decimal | None) -> int | None:
     # USD per 1M tokens -> pico-dollars per token (per call for web search: x 1e12).
+    # The same factor turns USD per 1M characters into pico-dollars per character, and
+    # USD per hour into micro-dollars per hour (kept so: see `audio_cost_pico`).
     return None if value is None else int(value * 1_000_000)
+
+
+def audio_cost_pico(audio_ms: int, micro_per_hour: int) -> int:
+    """Audio priced by the hour, in pico-dollars, rounded half up: the one rounding in
+    pricing (an hour's price need not divide into pico-dollars per millisecond)."""
+    return (audio_ms * micro_per_hour * 10 + 18) // 36
 
 
 def effective_intervals(prices: pl.DataFrame) -> pl.DataFrame:
@@ -181,6 +216,7 @@ def price_events(
     tiered = events.with_columns(
         pl.col("service_tier").fill_null("default").replace({"auto": "default"}).alias("_tier"),
         *(pl.col(c).fill_null(0) for c in PRICED_COUNTS),
+        pl.col("usage_unreported").fill_null(False),
     )
     # The catalog rows these events can need, keyed by the models they name: a small frame,
     # so that each event is priced by one join on (model, tier) and a range filter.
@@ -245,46 +281,87 @@ def price_events(
     input_rate = _rate("input")
     cached_rate = pl.coalesce(_rate("cached_input"), input_rate)
     write_rate = pl.coalesce(_rate("cache_write"), input_rate)
-    uncached = pl.col("input_tokens") - pl.col("cached_input_tokens") - pl.col("cache_write_tokens")
+    output_rate = _rate("output")
+    audio_in_rate = pl.col("audio_input_per_mtok")
+    audio_cached_rate = pl.coalesce(pl.col("audio_cached_input_per_mtok"), audio_in_rate)
+    audio_out_rate = pl.col("audio_output_per_mtok")
+    image_in_rate = pl.coalesce(pl.col("image_input_per_mtok"), input_rate)
+    image_cached_rate = pl.coalesce(pl.col("image_cached_input_per_mtok"), image_in_rate)
+    image_out_rate = pl.coalesce(pl.col("image_output_per_mtok"), output_rate)
+    audio_in, audio_cached = pl.col("input_audio_tokens"), pl.col("cached_audio_tokens")
+    image_in, image_cached = pl.col("input_image_tokens"), pl.col("cached_image_tokens")
+    audio_out, image_out = pl.col("output_audio_tokens"), pl.col("output_image_tokens")
+    text_cached = pl.col("cached_input_tokens") - audio_cached - image_cached
+    text_in = pl.col("input_tokens") - audio_in - image_in
+    text_uncached = text_in - text_cached - pl.col("cache_write_tokens")
+    text_out = pl.col("output_tokens") - audio_out - image_out
+    audio_ms, characters = pl.col("audio_ms"), pl.col("input_characters")
+
+    def part(count: pl.Expr, rate: pl.Expr) -> pl.Expr:
+        # A part with nothing in it costs nothing, whether or not it has a rate.
+        return pl.when(count > 0).then(count * rate).otherwise(0)
+
     token_cost = (
-        uncached * input_rate
-        + pl.col("cached_input_tokens") * cached_rate
-        + pl.col("cache_write_tokens") * write_rate
-        # Output priced only where there is some: embeddings have no output rate at all.
-        + pl.when(pl.col("output_tokens") > 0)
-        .then(pl.col("output_tokens") * _rate("output"))
-        .otherwise(0)
+        part(text_uncached, input_rate)
+        + part(text_cached, cached_rate)
+        + part(pl.col("cache_write_tokens"), write_rate)
+        + part(audio_in - audio_cached, audio_in_rate)
+        + part(audio_cached, audio_cached_rate)
+        + part(image_in - image_cached, image_in_rate)
+        + part(image_cached, image_cached_rate)
+        + part(text_out, output_rate)
+        + part(audio_out, audio_out_rate)
+        + part(image_out, image_out_rate)
         + pl.col("web_search_calls") * pl.col("web_search_per_call").fill_null(0)
+        + pl.when(audio_ms > 0)
+        .then((audio_ms * pl.col("audio_per_hour") * 10 + 18) // 36)
+        .otherwise(0)
+        + part(characters, pl.col("input_per_mchar").fill_null(0))
     )
-    image_in = pl.col("image_gen_input_tokens")
-    image_image = pl.col("image_gen_input_image_tokens")
+    gen_in = pl.col("image_gen_input_tokens")
+    gen_image = pl.col("image_gen_input_image_tokens")
     # Cached tokens are part of the input: image tokens first, the rest text.
-    cached_image = pl.min_horizontal(pl.col("image_gen_cached_tokens"), image_image)
-    cached_text = pl.col("image_gen_cached_tokens") - cached_image
-    image_rate = pl.coalesce(pl.col("_img_in"), pl.col("_img_text"))
+    gen_cached_image = pl.min_horizontal(pl.col("image_gen_cached_tokens"), gen_image)
+    gen_cached_text = pl.col("image_gen_cached_tokens") - gen_cached_image
+    gen_image_rate = pl.coalesce(pl.col("_img_in"), pl.col("_img_text"))
     image_cost = (
-        (image_in - image_image - cached_text) * pl.col("_img_text")
-        + cached_text * pl.coalesce(pl.col("_img_text_cached"), pl.col("_img_text"))
-        + (image_image - cached_image) * image_rate
-        + cached_image * pl.coalesce(pl.col("_img_cached"), image_rate)
+        (gen_in - gen_image - gen_cached_text) * pl.col("_img_text")
+        + gen_cached_text * pl.coalesce(pl.col("_img_text_cached"), pl.col("_img_text"))
+        + (gen_image - gen_cached_image) * gen_image_rate
+        + gen_cached_image * pl.coalesce(pl.col("_img_cached"), gen_image_rate)
         # The image model's output rate: its image-output price where the catalog has one
         # (genai-prices lists gpt-image-1's as plain output), never an input price.
         + pl.col("image_gen_output_tokens")
         * pl.coalesce(pl.col("_img_out"), pl.col("_img_text_out"))
     )
     has_tokens = (pl.col("input_tokens") + pl.col("output_tokens")) > 0
+    has_usage = has_tokens | (audio_ms > 0) | (characters > 0)
+
+    def rated(count: pl.Expr, rate: pl.Expr) -> pl.Expr:
+        return (count <= 0) | rate.is_not_null()
+
     priced = (
         pl.col("price_id").is_not_null()
-        & input_rate.is_not_null()
-        & ((pl.col("output_tokens") == 0) | _rate("output").is_not_null())
+        & ~pl.col("usage_unreported")
+        & rated(text_uncached + text_cached + pl.col("cache_write_tokens"), input_rate)
+        & rated(audio_in, audio_in_rate)
+        & rated(image_in, image_in_rate)
+        & rated(text_out, output_rate)
+        & rated(audio_out, audio_out_rate)
+        & rated(image_out, image_out_rate)
+        & rated(audio_ms, pl.col("audio_per_hour"))
+        # Characters are the measure only where the model is priced by them; speech from
+        # a token-priced model that reported no tokens is unpriced.
+        & (rated(characters, pl.col("input_per_mchar")) | has_tokens)
     )
     image_priced = ~uses_image | (
         pl.col("_img_text").is_not_null()
         & pl.coalesce(pl.col("_img_out"), pl.col("_img_text_out")).is_not_null()
         & (pl.col("_img_to").is_null() | (pl.col("created_at") < pl.col("_img_to")))
     )
+    billed = has_usage | uses_image | pl.col("usage_unreported")
     cost = (
-        pl.when(~has_tokens & ~uses_image)
+        pl.when(~billed)
         .then(pl.lit(0, pl.Int64))
         .when(priced & image_priced)
         .then(token_cost + pl.when(uses_image).then(image_cost).otherwise(0))
@@ -292,7 +369,7 @@ def price_events(
     )
     return with_image.with_columns(
         cost.cast(pl.Int64).alias("cost_pico"),
-        ((has_tokens | uses_image) & ~(priced & image_priced)).cast(pl.Int64).alias("unpriced"),
+        (billed & ~(priced & image_priced)).cast(pl.Int64).alias("unpriced"),
     ).drop(
         "_tier",
         "_listed",

@@ -36,6 +36,7 @@ Endpoint = Literal[
     "audio.translations",
     "audio.speech",
     "realtime",
+    "realtime.transcription",
 ]
 
 # The pre-filters: bytes an event must contain to be worth parsing. A `\u` escape may
@@ -50,6 +51,28 @@ def _may_carry_response(block: bytes) -> bool:
     """An event (its raw bytes) that may hold a `response` object or an `error` (every
     terminal event and `response.created`); never a bare delta, most of the stream."""
     return b'"response"' in block or b'"error"' in block or b"\\u" in block
+
+
+# The events that end each typed stream, carrying its usage.
+_TYPED_STREAMS: dict[str, frozenset[str]] = {
+    "images.generations": frozenset({"image_generation.completed"}),
+    "images.edits": frozenset({"image_edit.completed"}),
+    "audio.transcriptions": frozenset({"transcript.text.done"}),
+    "audio.translations": frozenset({"transcript.text.done"}),
+    "audio.speech": frozenset({"speech.audio.done"}),
+}
+
+
+def _may_carry_usage(block: bytes) -> bool:
+    """An event of a typed stream (its raw bytes) that may end it: one with a usage
+    object, a `.done`/`.completed` type, or an error; never a delta's audio or image."""
+    return (
+        b'"usage"' in block
+        or b".done" in block
+        or b".completed" in block
+        or b'"error"' in block
+        or b"\\u" in block
+    )
 
 
 def _may_carry_chat_usage(block: bytes) -> bool:
@@ -90,6 +113,7 @@ class RequestFacts:
     background: bool = False
     store: bool = True
     strip_chat_usage: bool = False
+    input_characters: int | None = None  # the text to speak (speech is priced by it)
     response_id: str | None = None  # for retrieve / cancel
     hold: Any = None  # set by the admission hook (a quota reservation); opaque here
 
@@ -114,6 +138,7 @@ class RequestFacts:
             background=self.background,
             streamed=self.stream,
             key_fingerprint=self.key_fingerprint,
+            input_characters=self.input_characters,
         )
 
 
@@ -177,6 +202,12 @@ class JSONCapture:
             usage.apply_embedding(event, obj)
         elif endpoint == "moderations":
             usage.apply_moderation(event, obj)
+        elif endpoint.startswith("images."):
+            usage.apply_images(event, obj)
+        elif endpoint in ("audio.transcriptions", "audio.translations"):
+            usage.apply_transcription(event, obj)
+        elif endpoint == "audio.speech":
+            event.status = "completed"  # a JSON 200 from speech: no usage but the text's
         else:  # Chat Completions and the legacy Completions share their usage shape
             usage.apply_chat_completion(event, obj)
             event.status = usage.chat_status(event)
@@ -225,6 +256,12 @@ class StreamCapture:
                     data = event_fields(block)[1]
                     if data is not None:
                         self._read_responses_event(data)
+        elif self.facts.endpoint in _TYPED_STREAMS:
+            for block in blocks:
+                if _may_carry_usage(block):
+                    data = event_fields(block)[1]
+                    if data is not None:
+                        self._read_typed_event(data)
         else:
             for block in blocks:
                 if not self._seen_first_chunk or _may_carry_chat_usage(block):
@@ -253,6 +290,35 @@ class StreamCapture:
             usage.apply_response(self.event, response)
             if self.event.status in TERMINAL_STATUSES and kind != "response.created":
                 self.done = True
+
+    def _read_typed_event(self, data: bytes) -> None:
+        """An images, transcription or speech stream: usage comes with its last event."""
+        obj = _json_object(data)
+        if obj is None:
+            return
+        kind = obj.get("type")
+        error = obj.get("error")
+        if kind == "error" or isinstance(error, dict):
+            details: dict[str, Any] = error if isinstance(error, dict) else obj
+            self.event.status = "failed"
+            self.event.error_type = "stream_error"
+            code = details.get("code")
+            self.event.error_code = code if isinstance(code, str) else None
+            self.done = True
+            return
+        if kind not in _TYPED_STREAMS[self.facts.endpoint]:
+            return
+        if self.facts.endpoint.startswith("images."):
+            usage.apply_images(self.event, obj)
+        elif self.facts.endpoint == "audio.speech":
+            self.event.status = "completed"
+            if isinstance(obj.get("usage"), dict):
+                usage.apply_speech_usage(self.event, obj["usage"])
+        else:
+            usage.apply_transcription(self.event, obj)
+        # The first image of several ends the record (each image's event carries its
+        # own usage; a stream of several is rare and the record would otherwise wait).
+        self.done = True
 
     def _read_chat(self, data: bytes) -> dict[str, Any] | None:
         """Read one chunk; return it parsed (None: not a JSON object, or `[DONE]`)."""

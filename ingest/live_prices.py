@@ -185,7 +185,9 @@ class PriceBook:
         if (
             (text_uncached + text_cached + written > 0 and input_rate is None)
             or (a_in > 0 and r.audio_input is None)
+            or (a_cached > 0 and audio_cached_rate is None)
             or (i_in > 0 and image_in_rate is None)
+            or (i_cached > 0 and image_cached_rate is None)
             or (out - a_out - i_out > 0 and output_rate is None)
             or (a_out > 0 and r.audio_output is None)
             or (i_out > 0 and image_out_rate is None)
@@ -234,20 +236,37 @@ class PriceBook:
         return _n(r.web_search) if r is not None else 0
 
     def worst_case(
-        self, model: str | None, service_tier: str | None, input_tokens: int, output_tokens: int
+        self,
+        model: str | None,
+        service_tier: str | None,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        media: bool = False,
+        characters: int = 0,
     ) -> int | None:
-        """The most `input_tokens` in and `output_tokens` out can cost (None: unpriced)."""
+        """The most `input_tokens` in and `output_tokens` out can cost (None: unpriced).
+        With `media` the tokens may be audio or image ones, at their own rates; speech
+        priced by the character costs exactly its `characters`."""
         r = self.rates(model, service_tier)
         if r is None:
             return None
+        if characters and r.per_character is not None:
+            return characters * r.per_character
         over = r.tier_threshold is not None and input_tokens > r.tier_threshold
-        candidates = (
-            (r.tier_input, r.tier_cached_input, r.tier_cache_write)
-            if over and r.tier_input is not None
-            else (r.input, r.cached_input, r.cache_write)
-        )
-        output_rate = r._pick(over, r.tier_output, r.output)
+        candidates = [
+            *(
+                (r.tier_input, r.tier_cached_input, r.tier_cache_write)
+                if over and r.tier_input is not None
+                else (r.input, r.cached_input, r.cache_write)
+            )
+        ]
+        outputs = [r._pick(over, r.tier_output, r.output)]
+        if media:
+            candidates += [r.audio_input, r.image_input]
+            outputs += [r.audio_output, r.image_output]
         known = [rate for rate in candidates if rate is not None]
-        if not known or (output_tokens > 0 and output_rate is None):
+        known_out = [rate for rate in outputs if rate is not None]
+        if not known or (output_tokens > 0 and not known_out):
             return None
-        return input_tokens * max(known) + output_tokens * (output_rate or 0)
+        return input_tokens * max(known) + output_tokens * max(known_out, default=0)

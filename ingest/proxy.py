@@ -2,9 +2,15 @@
 
 The hot path forwards bytes and reads usage beside them; it never touches the
 database. Metered: `POST /v1/responses`, `POST /v1/chat/completions`,
-`/v1/embeddings`, `/v1/completions` and `/v1/moderations` (creations), and
-`GET /v1/responses/{id}` / `POST /v1/responses/{id}/cancel` (outcomes of responses
-created earlier). Everything else passes through unmetered.
+`/v1/embeddings`, `/v1/completions`, `/v1/moderations`, `/v1/images/generations`,
+`/edits` and `/variations`, `/v1/audio/transcriptions`, `/translations` and `/speech`
+(creations), and `GET /v1/responses/{id}` / `POST /v1/responses/{id}/cancel`
+(outcomes of responses created earlier); batches are watched until their output file
+can be metered. Everything else passes through unmetered.
+
+Uploads (`multipart/form-data`) are metered by their text fields; audio answers
+(speech, and transcriptions asked for as text, SRT or VTT) are forwarded chunk by
+chunk like streams and recorded when they end.
 
 Streams are forwarded chunk by chunk as they arrive. A finished response's event is
 journaled before the client receives the chunk that completes it (for JSON answers:
@@ -40,6 +46,7 @@ from ingest.capture import (
 )
 from ingest.errors import send_error
 from ingest.events import EventKind, key_fingerprint
+from ingest.forms import form_fields, is_form
 from ingest.identity import MAX_USER_ID, BadUserId, decode_header, end_user_id
 from ingest.paths import NonCanonicalPath, canonical_path
 from ingest.poller import CREDENTIAL_HEADERS
@@ -93,7 +100,15 @@ _OTHER_METERED: dict[str, Endpoint] = {
     "/v1/embeddings": "embeddings",
     "/v1/completions": "completions",  # the legacy Completions API
     "/v1/moderations": "moderations",  # free, still counted
+    "/v1/images/generations": "images.generations",
+    "/v1/images/edits": "images.edits",  # an upload
+    "/v1/images/variations": "images.variations",  # an upload (dall-e-2: no usage)
+    "/v1/audio/transcriptions": "audio.transcriptions",  # an upload
+    "/v1/audio/translations": "audio.translations",  # an upload
+    "/v1/audio/speech": "audio.speech",  # answered with audio
 }
+# Endpoints whose success may be something other than JSON or SSE: audio, plain text.
+_MEDIA_ANSWERS = frozenset({"audio.speech", "audio.transcriptions", "audio.translations"})
 
 
 def classify(method: str, path: str) -> Route:
@@ -238,7 +253,12 @@ class Proxy:
             parsed: dict[str, Any] | None = None
             if facts is not None and facts.kind == "create":
                 facts.key_fingerprint = key_fingerprint(header_value(headers, b"authorization"))
-                parsed = _parse_json_object(whole)
+                content_type = header_value(headers, b"content-type")
+                parsed = (
+                    form_fields(content_type, whole)
+                    if content_type is not None and is_form(content_type)
+                    else _parse_json_object(whole)
+                )
                 body = learn_request(facts, parsed, header_user, whole, self.identity)
                 if self.admission is not None:
                     pending = self.admission(facts, parsed, whole)
@@ -301,6 +321,12 @@ class Proxy:
             content_type = upstream.header("content-type") or ""
             if upstream.status == 200 and content_type.startswith("text/event-stream"):
                 return await self._stream(upstream, receive, send, facts, recorder, credentials)
+            if (
+                upstream.status == 200
+                and facts.endpoint in _MEDIA_ANSWERS
+                and not content_type.startswith("application/json")
+            ):
+                return await self._media(upstream, receive, send, facts, recorder)
             return await self._json(upstream, send, facts, recorder, credentials)
         finally:
             upstream.close()
@@ -531,6 +557,51 @@ class Proxy:
         await send({"type": "http.response.body", "body": b""})
         return upstream.status
 
+    async def _media(
+        self,
+        upstream: UpstreamResponse,
+        receive: Receive,
+        send: Send,
+        facts: RequestFacts,
+        recorder: Recorder,
+    ) -> int:
+        """Audio, or a transcription as plain text: forwarded as it comes (never held),
+        recorded when it ends. Speech is measured by the characters it was asked to say;
+        a transcription in a text format says nothing of its usage."""
+        event = facts.new_event()
+        event.status = "completed"
+        if facts.endpoint != "audio.speech":
+            event.usage_unreported = True
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": upstream.status,
+                "headers": _response_headers(upstream, keep_length=True),
+            }
+        )
+        broken = False
+        try:
+            async for chunk in upstream.iter_raw():
+                if event.ttft_ms is None:
+                    event.ttft_ms = round((time.perf_counter() - facts.started_perf) * 1000, 3)
+                if gone.is_set():
+                    break  # billed in full all the same: the upstream made all of it
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamError as exc:
+            log.info("audio from upstream broke off: %s", exc)
+            broken = True
+            # Ended, but not whole: what the upstream bills for it is its own word.
+            event.status, event.incomplete_reason = "incomplete", "upstream_broke_off"
+        finally:
+            watcher.cancel()
+            event.client_disconnected = gone.is_set()
+            recorder.record(finalize(event, facts, upstream.status), hold=facts.hold)
+        if not broken:
+            await send({"type": "http.response.body", "body": b""})
+        return upstream.status
+
     def _record_stream(
         self,
         capture: StreamCapture,
@@ -687,6 +758,8 @@ def learn_request(
                     source,
                 )
         break
+    if facts.endpoint == "audio.speech" and isinstance(parsed.get("input"), str):
+        facts.input_characters = len(parsed["input"])
     if facts.endpoint in ("chat.completions", "completions") and facts.stream:
         options = parsed.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage") is True):

@@ -385,7 +385,14 @@ class QuotaBook:
         output_tokens = self._output_bound(parsed, facts.endpoint)
         tier = parsed.get("service_tier") if parsed is not None else None
         model, tier_name = facts.requested_model, tier if isinstance(tier, str) else None
-        worst = self.prices.worst_case(model, tier_name, input_tokens, output_tokens)
+        worst = self.prices.worst_case(
+            model,
+            tier_name,
+            input_tokens,
+            output_tokens,
+            media=facts.endpoint.startswith(("audio.", "images.", "realtime")),
+            characters=facts.input_characters or 0,
+        )
         calls = self._tool_calls(parsed)
         if worst is not None and calls:
             worst += calls * self.prices.web_search_rate(model, tier_name)
@@ -625,7 +632,8 @@ class QuotaBook:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 cap = value
                 break
-        choices = parsed.get("n") if endpoint in ("chat.completions", "completions") else None
+        counted = ("chat.completions", "completions", "images.generations", "images.edits")
+        choices = parsed.get("n") if endpoint in counted else None
         if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
             cap *= choices
         return cap

@@ -74,13 +74,29 @@ def test_live_cost_equals_the_warehouse_pricing(published: pl.DataFrame) -> None
         "gpt-4.1-nano",
         "ft:gpt-4o-mini-2024-07-18:acme::x1",
         "no-such-model",
+        # Audio and image models: modality rates, per hour, per character.
+        "gpt-realtime",
+        "gpt-4o-audio-preview",
+        "gpt-image-1",
+        "gpt-image-1.5",
+        "gpt-4o-transcribe",
+        "whisper-1",
+        "tts-1",
+        "gpt-4o-mini-tts",
     ]
     events = []
-    for _ in range(400):
+    for _ in range(1200):
         inp = rng.choice([0, 10, 1000, 300_000])
         cached = rng.randint(0, inp)
         written = rng.randint(0, inp - cached)
+        out = rng.choice([0, 5, 4000])
         image = rng.random() < 0.2
+        media = rng.random() < 0.5
+        audio_in = rng.randint(0, inp - cached - written) if media else None
+        audio_cached = rng.randint(0, cached) if media else None
+        image_in = rng.randint(0, inp - cached - written - (audio_in or 0)) if media else None
+        audio_out = rng.randint(0, out) if media else None
+        image_out = rng.randint(0, out - (audio_out or 0)) if media else None
         events.append(
             event(
                 rng.choice(models),
@@ -88,12 +104,21 @@ def test_live_cost_equals_the_warehouse_pricing(published: pl.DataFrame) -> None
                 input_tokens=inp,
                 cached_input_tokens=cached,
                 cache_write_tokens=written,
-                output_tokens=rng.choice([0, 5, 4000]),
+                output_tokens=out,
                 web_search_calls=rng.choice([None, 0, 2]),
                 image_gen_input_tokens=50 if image else None,
                 image_gen_input_image_tokens=20 if image else None,
                 image_gen_cached_tokens=10 if image else None,
                 image_gen_output_tokens=1056 if image else None,
+                input_audio_tokens=audio_in,
+                cached_audio_tokens=audio_cached,
+                input_image_tokens=image_in,
+                cached_image_tokens=rng.randint(0, cached - (audio_cached or 0)) if media else None,
+                output_audio_tokens=audio_out,
+                output_image_tokens=image_out,
+                audio_ms=rng.choice([None, 0, 1, 12_345, 7_200_000]),
+                input_characters=rng.choice([None, 0, 37, 4096]),
+                usage_unreported=rng.random() < 0.05,
             )
         )
     now = datetime.now(UTC)
@@ -116,6 +141,7 @@ def test_live_cost_equals_the_warehouse_pricing(published: pl.DataFrame) -> None
                         "image_gen_input_image_tokens",
                         "image_gen_cached_tokens",
                         "image_gen_output_tokens",
+                        *MEDIA_FIELDS,
                     )
                 },
             }
@@ -140,6 +166,44 @@ def test_live_cost_equals_the_warehouse_pricing(published: pl.DataFrame) -> None
     for e, a, b in zip(events, live, priced, strict=True):
         assert a == b, (e, a, b)
     assert any(c is None for c in live) and any(c for c in live)
+    assert all(c is None for e, c in zip(events, live, strict=True) if e.usage_unreported)
+    # Units beyond tokens: $0.36 an hour of audio (rounded to the pico-dollar), $15 per
+    # 1M characters; characters of a model priced by tokens measure nothing.
+    assert book.cost(event("whisper-1", audio_ms=12_500)) == 1_250_000_000
+    assert book.cost(event("whisper-1", audio_ms=1)) == 100_000
+    assert book.cost(event("tts-1", input_characters=40)) == 40 * 15_000_000
+    assert book.cost(event("gpt-4o-mini-tts", input_characters=40)) is None
+    assert book.cost(event("gpt-4o-mini-tts", input_characters=40, input_tokens=10)) == 6_000_000
+    # Audio tokens at the audio rates: gpt-realtime $32/M in, $0.40/M cached, $64/M out.
+    realtime = event(
+        "gpt-realtime",
+        input_tokens=1000,
+        input_audio_tokens=800,
+        cached_input_tokens=300,
+        cached_audio_tokens=200,
+        output_tokens=500,
+        output_audio_tokens=400,
+    )
+    assert book.cost(realtime) == (
+        600 * 32_000_000 + 200 * 400_000  # audio in, its cached part
+        + 100 * 4_000_000 + 100 * 400_000  # text in, its cached part
+        + 400 * 64_000_000 + 100 * 16_000_000  # audio out, text out
+    )  # fmt: skip
+    # A model with no audio rate leaves audio tokens unpriced, never at the text rate.
+    assert book.cost(event("gpt-4o-audio-preview", input_tokens=10, input_audio_tokens=5)) is None
+
+
+MEDIA_FIELDS = (
+    "input_audio_tokens",
+    "cached_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "cached_image_tokens",
+    "output_image_tokens",
+    "audio_ms",
+    "input_characters",
+    "usage_unreported",
+)
 
 
 class Alerts(list[Alert]):

@@ -41,7 +41,7 @@ def warehouse_cost(running: Running, user: str) -> int:
     running.flush()
     with duckdb.connect(str(running.db)) as conn:
         events = conn.sql(
-            f"""SELECT model, service_tier, created_at, {", ".join(pricing.PRICED_COUNTS)}
+            f"""SELECT model, service_tier, created_at, {", ".join(pricing.PRICED_FIELDS)}
                 FROM usage_events WHERE user_id = ? AND status <> 'error'""",
             params=[user],
         ).pl()

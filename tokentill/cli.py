@@ -207,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # httpx logs every request at INFO: far too much on a proxy's hot path.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # A malformed upload is the upstream's to refuse; its parser would log each one.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     try:
         result: int = args.func(args)
     except ValidationError as exc:

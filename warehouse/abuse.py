@@ -246,7 +246,7 @@ _COLUMNS = ", ".join(
         "key_fingerprint",
         "CAST(metadata AS VARCHAR) AS metadata",
         "total_tokens",
-        *pricing.PRICED_COUNTS,
+        *pricing.PRICED_FIELDS,
     )
 )
 

@@ -77,7 +77,7 @@ _USAGE_COLUMNS = (
     "created_at",
     "reasoning_tokens",
     "total_tokens",
-    *pricing.PRICED_COUNTS,
+    *pricing.PRICED_FIELDS,
 )
 _ID_COLUMNS = ("event_id", "response_id")
 EVENT_COLUMNS = (*_ID_COLUMNS, *_USAGE_COLUMNS)

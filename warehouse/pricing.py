@@ -147,7 +147,7 @@ def effective_intervals(prices: pl.DataFrame) -> pl.DataFrame:
                 "tier_threshold": best["tier_threshold"],
             }
             for column in _RATE_COLUMNS:
-                value = best[column]
+                value = best.get(column)  # a catalog frame may predate a rate's column
                 if column == "web_search_per_call":
                     record[column] = None if value is None else int(value * PICO_PER_USD)
                 else:
@@ -213,6 +213,13 @@ def price_events(
 ) -> pl.LazyFrame:
     """Add `price_model`, `price_id`, `cost_pico` (null when unpriced) and `unpriced` to
     each event (`price_model` null when no catalog row of its model and tier is in force)."""
+    # Counts a frame does not carry are none of them (a frame of text usage needs no audio).
+    present = set(events.collect_schema().names())
+    events = events.with_columns(
+        pl.lit(None, pl.Boolean if c == "usage_unreported" else pl.Int64).alias(c)
+        for c in PRICED_FIELDS
+        if c not in present
+    )
     tiered = events.with_columns(
         pl.col("service_tier").fill_null("default").replace({"auto": "default"}).alias("_tier"),
         *(pl.col(c).fill_null(0) for c in PRICED_COUNTS),
@@ -345,7 +352,9 @@ def price_events(
         & ~pl.col("usage_unreported")
         & rated(text_uncached + text_cached + pl.col("cache_write_tokens"), input_rate)
         & rated(audio_in, audio_in_rate)
+        & rated(audio_cached, audio_cached_rate)
         & rated(image_in, image_in_rate)
+        & rated(image_cached, image_cached_rate)
         & rated(text_out, output_rate)
         & rated(audio_out, audio_out_rate)
         & rated(image_out, image_out_rate)

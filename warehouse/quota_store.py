@@ -115,7 +115,7 @@ def used_before(
             return []
         where += f" AND {subject} IN ({', '.join('?' for _ in wanted)})"
         params.extend(wanted)
-    counts = ", ".join(pricing.PRICED_COUNTS)
+    counts = ", ".join(pricing.PRICED_FIELDS)
     events = query_frame(
         conn,
         f"""SELECT {subject} AS subject, model, service_tier, created_at, total_tokens, {counts}

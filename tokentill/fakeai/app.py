@@ -23,14 +23,17 @@ import orjson
 from openai.types.file_object import FileObject
 from openai.types.model import Model
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from tokentill.fakeai import endpoints, errors, ids, organization
+from tokentill.fakeai import endpoints, errors, ids, media, organization
 from tokentill.fakeai.batches import Batches
 from tokentill.fakeai.catalog import listed_models
 from tokentill.fakeai.chat_builder import ChatDraft, ChatOutcome, draft_chat
@@ -522,6 +525,72 @@ class FakeUpstream:
         frames.extend(wire.frame(None, b"[DONE]"))
         return EventStream(frames, headers=headers)
 
+    # -- images and audio (tokentill.fakeai.media) ----------------------------------------
+
+    async def _fields(self, request: Request) -> tuple[dict[str, object], int, int]:
+        """A JSON body's or a form's fields, how many files it carried, and their bytes."""
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            return parse_body(await request.body()), 0, 0
+        try:
+            form = await request.form()
+        except (MultiPartException, HTTPException):
+            raise errors.OpenAIError(400, "Could not parse multipart form") from None
+        fields: dict[str, object] = {}
+        files = size = 0
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files += 1
+                size += len(await value.read())
+            else:
+                fields.setdefault(name, value)
+        return fields, files, size
+
+    def _typed_stream(
+        self, request: Request, key: str, events: Iterator[tuple[str, bytes]]
+    ) -> Response:
+        wire = self._writer(request, key)
+        frames: list[bytes] = []
+        for event_type, payload in events:
+            frames.extend(wire.frame(event_type, payload))
+        return EventStream(frames, headers=_headers(ids.request_id(), time.perf_counter()))
+
+    async def create_images(self, request: Request) -> Response:
+        started = time.perf_counter()
+        key = _api_key(request)
+        fields, files, _ = await self._fields(request)
+        path = request.url.path
+        if path != media.IMAGES_GENERATIONS_PATH and not files:
+            raise errors.missing_parameter("image")
+        draft = media.image_draft(path, fields, files)
+        media.bill_images(self, key, draft, fields)
+        if draft.stream:
+            return self._typed_stream(request, key, draft.events())
+        return _json(dump(draft.whole()), _headers(ids.request_id(), started))
+
+    async def create_transcription(self, request: Request) -> Response:
+        started = time.perf_counter()
+        key = _api_key(request)
+        fields, _, size = await self._fields(request)
+        draft = media.transcription_draft(request.url.path, fields, size)
+        media.bill_transcription(self, key, draft, fields)
+        if draft.stream:
+            return self._typed_stream(request, key, draft.events())
+        body, content_type = draft.whole()
+        headers = _headers(ids.request_id(), started)
+        return Response(body, headers=headers, media_type=content_type)
+
+    async def create_speech(self, request: Request) -> Response:
+        started = time.perf_counter()
+        key = _api_key(request)
+        fields = parse_body(await request.body())
+        draft = media.speech_draft(fields)
+        media.bill_speech(self, key, draft, fields)
+        if draft.sse:
+            return self._typed_stream(request, key, draft.events())
+        headers = _headers(ids.request_id(), started)
+        return StreamingResponse(draft.chunks(), headers=headers, media_type=draft.content_type)
+
     async def responses_socket(self, websocket: WebSocket) -> None:
         """The Responses API's WebSocket mode (see `tokentill.fakeai.socket`)."""
         await serve_socket(self, websocket, _bearer_key, _error_response, _RESPONSE_FORCED)
@@ -598,6 +667,19 @@ def create_fake_app(*, seed: int | None = None, wire: Wire = OPENAI) -> Starlett
         Route(endpoints.EMBEDDINGS_PATH, _openai_errors(fake.create_embeddings), methods=["POST"]),
         Route(endpoints.COMPLETIONS_PATH, _openai_errors(fake.create_completion), methods=["POST"]),
         Route(endpoints.MODERATIONS_PATH, _openai_errors(fake.create_moderation), methods=["POST"]),
+        *(
+            Route(path, _openai_errors(fake.create_images), methods=["POST"])
+            for path in (
+                media.IMAGES_GENERATIONS_PATH,
+                media.IMAGES_EDITS_PATH,
+                media.IMAGES_VARIATIONS_PATH,
+            )
+        ),
+        *(
+            Route(path, _openai_errors(fake.create_transcription), methods=["POST"])
+            for path in (media.TRANSCRIPTIONS_PATH, media.TRANSLATIONS_PATH)
+        ),
+        Route(media.SPEECH_PATH, _openai_errors(fake.create_speech), methods=["POST"]),
         Route("/v1/models", _openai_errors(fake.list_models), methods=["GET"]),
         Route("/v1/files", _openai_errors(fake.upload_file), methods=["POST"]),
         Route("/v1/files/{file_id}/content", _openai_errors(fake.file_content), methods=["GET"]),

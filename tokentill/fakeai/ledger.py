@@ -50,6 +50,15 @@ class LedgerEntry:
     streamed: bool
     background: bool
     delivered: bool
+    # By modality and unit (the Images, Audio and Realtime APIs; None where not reported).
+    input_audio_tokens: int | None = None
+    cached_audio_tokens: int | None = None
+    output_audio_tokens: int | None = None
+    input_image_tokens: int | None = None
+    cached_image_tokens: int | None = None
+    output_image_tokens: int | None = None
+    audio_seconds: float | None = None
+    input_characters: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -40,7 +40,7 @@ class FinanceParams(BaseModel):
 
 
 class FinanceRow(BaseModel):
-    section: Literal["model", "user", "tag", "adjustment", "total"]
+    section: Literal["model", "endpoint", "user", "tag", "adjustment", "total"]
     month: date | None
     key: str | None
     user_id: str | None

@@ -62,7 +62,7 @@ def _check_adds_up(report: pl.DataFrame) -> None:
     for total in months.iter_rows(named=True):
         rows = report.filter(pl.col("month") == total["month"])
         adjusted = rows.filter(pl.col("section") == "adjustment")
-        for section in ("model", "user", "tag"):
+        for section in ("model", "endpoint", "user", "tag"):
             part = rows.filter(pl.col("section") == section)
             # Each breakdown plus the month's adjustments is the month's total, to the
             # pico-dollar and to the cent.

@@ -1,5 +1,6 @@
-"""The finance report: per month, cost by model, by end user and by one metadata key,
-plus the adjustments posted into the month, with amounts in cents that add up.
+"""The finance report: per month, cost by model, by endpoint, by end user and by one
+metadata key, plus the adjustments posted into the month, with amounts in cents that add
+up.
 
 Figures for a closed month come from its copy taken at the close (warehouse/periods.py),
 so they never change; open months read the live daily rollup. Exact costs are integer
@@ -24,7 +25,7 @@ from warehouse.spend import COUNTS
 PICO_PER_CENT = 10**10
 _SUMS = (*COUNTS, "unpriced")
 COLUMNS: dict[str, pl.DataType] = {
-    "section": pl.String(),  # model | user | tag | adjustment | total
+    "section": pl.String(),  # model | endpoint | user | tag | adjustment | total
     "month": pl.Date(),
     "key": pl.String(),  # the model, user, tag value; for adjustments the model
     "user_id": pl.String(),  # adjustments: the end user
@@ -85,7 +86,7 @@ def _section(conn: duckdb.DuckDBPyConnection, q: FinanceQuery, section: str) -> 
         where = "WHERE tag_key = $tag_key"
     else:
         source = _BOOKED.format(live="usage_daily", copy="closed_daily")
-        key = "model" if section == "model" else "user_id"
+        key = {"model": "model", "endpoint": "endpoint"}.get(section, "user_id")
         where = ""
     params: dict[str, object] = {"start": q.start, "end": q.end}
     if section == "tag":
@@ -122,13 +123,14 @@ def _conform(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def finance_report(conn: duckdb.DuckDBPyConnection, q: FinanceQuery) -> pl.DataFrame:
-    """Rows of COLUMNS: per month the model, user, tag (with an '(untagged)' row for
+    """Rows of COLUMNS: per month the model, endpoint, user, tag (with an '(untagged)' row for
     responses without the key) and adjustment sections, a total row per month, and a
     grand total row (month null)."""
     models = _conform(_section(conn, q, "model"))
+    endpoints = _conform(_section(conn, q, "endpoint"))
     users = _conform(_section(conn, q, "user"))
     adjustments = _conform(_adjustments(conn, q))
-    sections = [models, users]
+    sections = [models, endpoints, users]
     if q.tag_key:
         tags = _conform(_section(conn, q, "tag"))
         booked = models.group_by("month").agg(pl.col("cost_pico").sum().alias("_all"))

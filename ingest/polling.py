@@ -49,6 +49,10 @@ class PollSchedule(Generic[T]):
         )
         self._wake.set()
 
+    def get(self, key: str) -> T | None:
+        entry = self._entries.get(key)
+        return None if entry is None else entry.item
+
     def remove(self, key: str) -> None:
         self._entries.pop(key, None)
 

@@ -168,7 +168,20 @@ class BatchObserver(Protocol):
         credentials: list[tuple[bytes, bytes]],
         header_user: str | None,
         fingerprint: str | None,
+        holds: dict[str, Any] | None = None,
     ) -> None: ...
+
+    def release_all(self, holds: dict[str, Any] | None) -> None: ...
+
+    async def admit(
+        self,
+        client: Upstream,
+        create: dict[str, Any] | None,
+        credentials: list[tuple[bytes, bytes]],
+        header_user: str | None,
+        fingerprint: str | None,
+        admission: Admission,
+    ) -> dict[str, Any]: ...
 
 
 class Proxy:
@@ -241,8 +254,23 @@ class Proxy:
             )
         body: Body = None
         whole = b""
+        holds: dict[str, Any] | None = None
         try:
-            if facts is None:
+            batches = self.batches
+            if route.label == "batches.create" and self.admission and batches is not None:
+                # Quotas hold each line of the batch before it is created (ingest.batches).
+                body = whole = await self._read_body(receive)
+                holds = await batches.admit(
+                    client,
+                    _parse_json_object(whole),
+                    [(k, v) for k, v in headers if k in CREDENTIAL_HEADERS],
+                    check_user_header(
+                        raw_header(headers, USER_HEADER), case_fold=self.identity.case_fold
+                    ),
+                    key_fingerprint(header_value(headers, b"authorization")),
+                    self.admission,
+                )
+            elif facts is None:
                 # Not metered: nothing to read in the body, so stream it (file uploads).
                 body = _stream_body(receive) if _has_body(headers) else None
             else:
@@ -275,11 +303,13 @@ class Proxy:
             return exc.status
         try:
             return await self._forward(
-                scope, receive, send, facts, client, recorder, body, route.batch
+                scope, receive, send, facts, client, recorder, body, route.batch, holds
             )
         finally:
             if facts is not None and facts.hold is not None:
                 recorder.release(facts.hold)  # a no-op once an event settled it
+            if holds and self.batches is not None:
+                self.batches.release_all(holds)  # no-ops once the batch's lines settled
 
     async def _forward(
         self,
@@ -291,6 +321,7 @@ class Proxy:
         recorder: Recorder,
         body: Body,
         batch: bool = False,
+        holds: dict[str, Any] | None = None,
     ) -> int:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
 
@@ -313,7 +344,7 @@ class Proxy:
         try:
             if facts is None:
                 if batch and self.batches is not None and upstream.status == 200:
-                    await self._watch_batch(upstream, send, headers)
+                    await self._watch_batch(upstream, send, headers, holds)
                 else:
                     await self._pass_through(upstream, receive, send)
                 return upstream.status
@@ -400,7 +431,11 @@ class Proxy:
         await send({"type": "http.response.body", "body": b""})
 
     async def _watch_batch(
-        self, upstream: UpstreamResponse, send: Send, headers: list[tuple[bytes, bytes]]
+        self,
+        upstream: UpstreamResponse,
+        send: Send,
+        headers: list[tuple[bytes, bytes]],
+        holds: dict[str, Any] | None,
     ) -> None:
         """A batch created or retrieved: forwarded whole (a small JSON object), then handed
         to the batch watcher with the caller's credentials."""
@@ -417,7 +452,9 @@ class Proxy:
         if isinstance(batch, dict) and self.batches is not None:
             credentials = [(k, v) for k, v in headers if k in CREDENTIAL_HEADERS]
             fingerprint = key_fingerprint(header_value(headers, b"authorization"))
-            self.batches.observe(batch, credentials, header_user, fingerprint)
+            self.batches.observe(batch, credentials, header_user, fingerprint, dict(holds or {}))
+            if holds:
+                holds.clear()  # the watcher holds them now
 
     async def _json(
         self,

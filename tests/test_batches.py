@@ -9,8 +9,10 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import openai
+import pytest
 
-from tests.conftest import Running, ledger
+from tests.conftest import Running, ledger, put_user_quota
 
 
 def _jsonl(lines: list[dict[str, Any]]) -> io.BytesIO:
@@ -84,3 +86,83 @@ def test_every_request_of_a_batch_is_metered_once_at_the_batch_tier(tokentill: R
         + Decimal(tokens_out) * Decimal("0.3")
     ) / 10**6
     assert batch_cost == expected
+
+
+def _chat_line(i: int, user: str, **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": f"req-{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": f"question {i}"}],
+            "user": user,
+            **body,
+        },
+    }
+
+
+def test_a_line_the_endpoint_refuses_is_an_error_row_from_the_error_file(
+    tokentill: Running,
+) -> None:
+    client = tokentill.client()
+    lines = [_chat_line(0, "err-user"), _chat_line(1, "err-user", model=None)]
+    uploaded = client.files.create(file=("requests.jsonl", _jsonl(lines)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers={"x-fake-background-delay-ms": "100"},
+    )
+    tokentill.wait_for(lambda: len(tokentill.rows("service_tier = 'batch'")) == 2, 20)
+    done = client.batches.retrieve(batch.id)
+    assert done.output_file_id and done.error_file_id  # the refused line is in the error file
+    rows = {r["status"]: r for r in tokentill.rows("service_tier = 'batch'")}
+    assert rows.keys() == {"completed", "error"}
+    refused = rows["error"]
+    assert refused["event_id"] == f"{batch.id}:req-1" and refused["http_status"] == 400
+    assert refused["user_id"] == "err-user" and refused["input_tokens"] is None
+
+
+def test_quotas_admit_a_batch_line_by_line_before_it_is_created(make_tokentill: Any) -> None:
+    running: Running = make_tokentill(quotas_enabled=True)
+    put_user_quota(running, "batch-capped", limit_requests=3, period="day")
+    client = running.client()
+
+    def create(lines: list[dict[str, Any]]) -> Any:
+        uploaded = client.files.create(file=("r.jsonl", _jsonl(lines)), purpose="batch")
+        return client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_headers={"x-fake-background-delay-ms": "400"},
+        )
+
+    # Four lines for a user allowed three requests a day: refused, nothing created.
+    batches_before = [e for e in ledger(running.settings.upstream) if e["user"] == "batch-capped"]
+    with pytest.raises(openai.RateLimitError) as refused:
+        create([_chat_line(i, "batch-capped") for i in range(4)])
+    assert refused.value.code == "user_quota_exceeded"
+    (row,) = running.rows("user_id = 'batch-capped'")
+    assert (row["http_status"], row["service_tier"]) == (429, "batch")
+
+    # Two lines fit; while the batch runs they hold two of the three requests, so a third
+    # line's batch and two direct requests cannot all pass.
+    batch = create([_chat_line(i, "batch-capped") for i in range(2)])
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], user="batch-capped"
+    )
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "y"}], user="batch-capped"
+        )
+    # When the batch ends its lines are settled by their rows: still three requests used.
+    running.wait_for(
+        lambda: len(running.rows("service_tier = 'batch' AND status = 'completed'")) == 2, 20
+    )
+    assert client.batches.retrieve(batch.id).status == "completed"
+    quota = httpx.get(f"{running.url}/api/quotas/users/batch-capped", timeout=30).json()
+    (limit,) = quota["limits"]
+    assert Decimal(limit["used"]) == 3 and Decimal(limit["reserved"]) == 0
+    billed = [e for e in ledger(running.settings.upstream) if e["user"] == "batch-capped"]
+    assert len(billed) == len(batches_before) + 3  # the refused batch never ran

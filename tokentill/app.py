@@ -274,8 +274,10 @@ class Tokentill:
         batches = BatchWatcher(
             upstream=settings.upstream,
             record=recorder.record,
+            release=recorder.release,
             identity=self.proxy.identity,
             max_age=settings.batch_watch_max,
+            max_input_bytes=settings.max_parsed_response_bytes,
             min_interval=settings.background_poll_min_interval,
             max_interval=settings.background_poll_max_interval,
         )

@@ -7,7 +7,8 @@ back. ``POST /v1/batches`` takes an uploaded JSONL file of requests (``custom_id
 each line is answered as the endpoint would (the same builders), billed in the ledger
 at the ``batch`` service tier, and written to an output file of
 ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``
-lines (a line the endpoint refuses gets its error body and status). ``GET
+lines; a line the endpoint refuses goes, with its error body and status, to an error
+file (``error_file_id``), as OpenAI's do. ``GET
 /v1/batches/{id}`` shows the batch (the SDK's `Batch`).
 """
 
@@ -87,12 +88,12 @@ class Batches:
             for raw in self.files[batch["input_file_id"]].splitlines()
             if raw.strip()
         ]
-        out = []
-        failed = 0
+        out: list[bytes] = []
+        failures: list[bytes] = []
         for line in lines:
             status, answer = self._answer(line, key)
-            failed += status != 200
-            out.append(
+            # As OpenAI's: answered requests in the output file, refused ones in the error file.
+            (out if status == 200 else failures).append(
                 orjson.dumps(
                     {
                         "id": "batch_req_" + ids.request_id()[4:],
@@ -106,12 +107,16 @@ class Batches:
                     }
                 )
             )
-        output_id = ids.file_id()
-        self.files[output_id] = b"\n".join(out) + b"\n"
+        files: dict[str, str] = {}
+        for name, content in (("output_file_id", out), ("error_file_id", failures)):
+            if content:
+                files[name] = ids.file_id()
+                self.files[files[name]] = b"\n".join(content) + b"\n"
+        failed = len(failures)
         now = int(time.time())
         batch.update(
             status="completed",
-            output_file_id=output_id,
+            **files,
             finalizing_at=now,
             completed_at=now,
             request_counts={

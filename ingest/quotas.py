@@ -56,6 +56,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, get_args
 
+import orjson
+
 from ingest.capture import RequestFacts, now_us
 from ingest.events import UsageEvent
 from ingest.live_prices import PriceBook
@@ -382,6 +384,10 @@ class QuotaBook:
                 raise UserBlockedError(facts.user_id, until, now)
         subjects = self.subjects_of(facts, parsed)
         input_tokens = self._input_bound(parsed, body)
+        if facts.endpoint == "realtime" and parsed is not None and parsed.get("type"):
+            # A response on a Realtime socket reads the whole conversation so far, which
+            # the proxy never sees in one piece.
+            input_tokens += self.config.unknown_context_tokens
         output_tokens = self._output_bound(parsed, facts.endpoint)
         tier = parsed.get("service_tier") if parsed is not None else None
         model, tier_name = facts.requested_model, tier if isinstance(tier, str) else None
@@ -473,6 +479,11 @@ class QuotaBook:
     def settle(self, event: UsageEvent, reservation: Reservation | None) -> None:
         """Count a journaled event: swap its request's reservation for its real cost."""
         if reservation is None:
+            if event.kind == "create" and not event.is_pending:
+                # Admitted by no request of its own (a response the upstream started on
+                # a Realtime socket, a transcription there): counted all the same.
+                self._charge_unreserved(event)
+                return
             if event.kind != "update" or not event.response_id or event.is_pending:
                 return
             parked = self._parked.pop(event.response_id, None)
@@ -506,6 +517,27 @@ class QuotaBook:
             self._context[event.response_id] = tokens
             if len(self._context) > 100_000:
                 self._context.popitem(last=False)
+
+    def _charge_unreserved(self, event: UsageEvent) -> None:
+        subjects = [user_subject(event.user_id)] if event.user_id else []
+        if event.metadata and self._tag_keys:
+            try:
+                metadata = orjson.loads(event.metadata)
+            except orjson.JSONDecodeError:
+                metadata = None
+            if isinstance(metadata, dict):
+                subjects += [
+                    tag_subject(key, value)
+                    for key in sorted(self._tag_keys.intersection(metadata))
+                    if isinstance(value := metadata[key], str)
+                ]
+        if not subjects:
+            return
+        cost = self.prices.cost(event)
+        tokens = event.total_tokens or (event.input_tokens or 0) + (event.output_tokens or 0)
+        now = self._clock()
+        reservation = Reservation(tuple(subjects), (), now, 0, 0, cost is None, False)
+        self._charge(reservation, cost or 0, tokens, cost is None)
 
     def release(self, reservation: Reservation) -> None:
         """The request ended with nothing recorded: drop its reservation, charge nothing."""

@@ -218,7 +218,10 @@ def apply_realtime_response(event: UsageEvent, response: dict[str, Any]) -> None
         event.error_code = _str(error.get("code"))
     usage = response.get("usage")
     if not isinstance(usage, dict):
+        # `response.created` has none yet; a response that ended with output has one.
+        event.usage_unreported = status in ("completed", "incomplete")
         return
+    event.usage_unreported = False
     inputs = _dict(usage.get("input_token_details"))
     cached = _dict(inputs.get("cached_tokens_details"))
     outputs = _dict(usage.get("output_token_details"))

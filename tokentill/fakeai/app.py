@@ -3,6 +3,7 @@
 Routes: ``POST /v1/responses``, ``GET /v1/responses/{id}`` (``?stream=true`` replays a
 background response's events after ``starting_after``), ``POST
 /v1/responses/{id}/cancel``, the ``/v1/responses`` WebSocket (``tokentill.fakeai.socket``),
+the ``/v1/realtime`` WebSocket (``tokentill.fakeai.realtime``),
 ``POST /v1/chat/completions``, ``/v1/embeddings``, ``/v1/completions`` and
 ``/v1/moderations`` (``tokentill.fakeai.endpoints``), ``GET /v1/models``,
 ``GET /v1/organization/costs`` and ``/v1/organization/usage/completions`` (what the
@@ -38,6 +39,7 @@ from tokentill.fakeai.batches import Batches
 from tokentill.fakeai.catalog import listed_models
 from tokentill.fakeai.chat_builder import ChatDraft, ChatOutcome, draft_chat
 from tokentill.fakeai.ledger import Ledger, LedgerEntry, usage_columns
+from tokentill.fakeai.realtime import REALTIME_PATH, serve_realtime
 from tokentill.fakeai.request import Endpoint, RequestInfo, parse_body, read_request
 from tokentill.fakeai.response_builder import (
     IncompleteReason,
@@ -595,6 +597,10 @@ class FakeUpstream:
         """The Responses API's WebSocket mode (see `tokentill.fakeai.socket`)."""
         await serve_socket(self, websocket, _bearer_key, _error_response, _RESPONSE_FORCED)
 
+    async def realtime_socket(self, websocket: WebSocket) -> None:
+        """The Realtime API (see `tokentill.fakeai.realtime`)."""
+        await serve_realtime(self, websocket, _bearer_key, _error_response)
+
     async def get_ledger(self, request: Request) -> Response:
         return _json(self.ledger.to_json(), {})
 
@@ -653,6 +659,7 @@ def create_fake_app(*, seed: int | None = None, wire: Wire = OPENAI) -> Starlett
     routes = [
         Route(RESPONSES_PATH, _openai_errors(fake.create_response), methods=["POST"]),
         WebSocketRoute(RESPONSES_PATH, fake.responses_socket),
+        WebSocketRoute(REALTIME_PATH, fake.realtime_socket),
         Route(
             RESPONSES_PATH + "/{response_id}",
             _openai_errors(fake.get_response),

@@ -281,10 +281,10 @@ def _query(
 
 
 async def _answer(
-    runtime: Runtime, filters: Filters, group_by: list[str], width: Width, all_measures: bool
+    runtime: Runtime, filters: Filters, group_by: list[str], width: Width
 ) -> pl.DataFrame:
     dims = tuple(dict.fromkeys(_DIMENSION[g] for g in group_by))
-    query = SpendQuery(filters, dims, _BUCKET[width], all_measures=all_measures)
+    query = SpendQuery(filters, dims, _BUCKET[width])
     return await in_thread(
         runtime, lambda conn: spend(conn, query, image_model=runtime.settings.image_gen_model)
     )
@@ -309,7 +309,7 @@ async def usage_completions(
         drop_batch = True
     else:
         drop_batch = False
-    frame = await _answer(runtime, filters, group_by, params.bucket_width, all_measures=True)
+    frame = await _answer(runtime, filters, group_by, params.bucket_width)
     projects = set(params.project_ids)
     rows: dict[datetime, list[dict[str, Any]]] = {}
     for row in _regroup(frame, group_by, projects, params.batch, drop_batch).iter_rows(named=True):
@@ -391,7 +391,7 @@ async def costs(runtime: RuntimeDep, params: Annotated[CostParams, Query()]) -> 
     start, page_end, _, nxt = _window(params, "1d", _COST_LIMITS)
     filters, group_by = _query(params, start, page_end)
     source = _API_SOURCE if "api_source" in params.group_by else None
-    frame = await _answer(runtime, filters, group_by, "1d", all_measures=False)
+    frame = await _answer(runtime, filters, group_by, "1d")
     projects = set(params.project_ids)
     rows: dict[datetime, list[CostResult]] = {}
     for row in _regroup(frame, group_by, projects, None, False).iter_rows(named=True):

@@ -53,6 +53,11 @@ class Price(BaseModel):
     image_input_per_mtok: Decimal | None
     image_cached_input_per_mtok: Decimal | None
     image_output_per_mtok: Decimal | None
+    audio_input_per_mtok: Decimal | None = None
+    audio_cached_input_per_mtok: Decimal | None = None
+    audio_output_per_mtok: Decimal | None = None
+    audio_per_hour: Decimal | None = Field(None, description="USD per hour of audio transcribed.")
+    input_per_mchar: Decimal | None = Field(None, description="USD per 1M characters spoken.")
     source: str
     priority: int
     recorded_at: datetime
@@ -85,11 +90,20 @@ async def list_prices(runtime: RuntimeDep, params: Annotated[ListParams, Query()
         if params.source is not None:
             where.append("priority > 0" if params.source == "override" else "priority = 0")
         if params.in_force_at is not None:
-            where.append("effective_from <= ? AND (effective_to IS NULL OR effective_to > ?)")
+            # A row without an end stops where the next of at least its priority starts
+            # (warehouse.pricing._ends): a corrected row is not in force past its correction's
+            # interval, nor an old price past a later one.
+            where.append(
+                """effective_from <= ? AND coalesce(effective_to, (
+                       SELECT min(q.effective_from) FROM prices AS q
+                       WHERE q.model = p.model AND q.service_tier = p.service_tier
+                         AND q.effective_from > p.effective_from AND q.priority >= p.priority
+                   ), 'infinity'::TIMESTAMPTZ) > ?"""
+            )
             args += [utc(params.in_force_at)] * 2
         return query_frame(
             conn,
-            f"""SELECT *, count(*) OVER () AS total FROM prices WHERE {" AND ".join(where)}
+            f"""SELECT *, count(*) OVER () AS total FROM prices AS p WHERE {" AND ".join(where)}
                 ORDER BY price_id DESC LIMIT ? OFFSET ?""",
             [*args, params.limit, params.offset],
         )
@@ -121,6 +135,11 @@ class NewPrice(BaseModel):
     image_input_per_mtok: Rate
     image_cached_input_per_mtok: Rate
     image_output_per_mtok: Rate
+    audio_input_per_mtok: Rate
+    audio_cached_input_per_mtok: Rate
+    audio_output_per_mtok: Rate
+    audio_per_hour: Rate
+    input_per_mchar: Rate
     note: str | None = Field(None, max_length=1000)
 
 

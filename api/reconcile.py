@@ -87,7 +87,7 @@ class ReconcileDay(BaseModel):
 class ReconcileReport(BaseModel):
     source: Literal["openai_api", "cost_export"]
     start: date
-    end: date
+    end: date = Field(description="The day after the last, exclusive (as the request's)")
     threshold_usd: USD
     threshold_ratio: Decimal
     rolled_up_at: datetime | None = Field(
@@ -129,17 +129,19 @@ async def _report(
     end: date,
     source: Literal["openai_api", "cost_export"],
 ) -> ReconcileReport:
+    """`end` is exclusive, as the request's (and every /api route's)."""
     thresholds = _thresholds(runtime.settings)
+    last = end - timedelta(days=1)
 
     def read() -> tuple[pl.DataFrame, datetime | None]:
         conn = runtime.connect()
         try:
-            return read_ours(conn, start, end), rolled_up_at(conn)
+            return read_ours(conn, start, last), rolled_up_at(conn)
         finally:
             conn.close()
 
     ours, fresh = await asyncio.to_thread(read)
-    in_range = pl.col("day").is_between(start, end)
+    in_range = pl.col("day").is_between(start, last)
     rows = compare(
         bill.costs.lazy().filter(in_range),
         ours.lazy(),
@@ -228,7 +230,7 @@ async def reconcile(
             )
     except BillUnavailableError as exc:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(exc)) from exc
-    return await _report(runtime, bill, start, last, "openai_api")
+    return await _report(runtime, bill, start, end, "openai_api")
 
 
 @router.post(
@@ -270,6 +272,7 @@ async def reconcile_export(
     for day in (first, final):
         if not EARLIEST <= day <= LATEST:
             raise bad_request("file", f"a day ({day}) must be between {EARLIEST} and {LATEST}")
-    last = _last_day(start or first, end or final + timedelta(days=1))
+    end = end or final + timedelta(days=1)
     start = start or first
-    return await _report(runtime, bill, start, last, "cost_export")
+    _last_day(start, end)
+    return await _report(runtime, bill, start, end, "cost_export")

@@ -65,8 +65,12 @@ class Measures(BaseModel):
     output_tokens: int | None
     reasoning_tokens: int | None = Field(description="Part of output_tokens.")
     total_tokens: int | None
-    cost_usd: USD
-    unpriced: int = Field(description="Responses with no price in force: not in cost_usd.")
+    cost_usd: USD | None = Field(
+        description="Exact. Null when some responses had no price in force (`unpriced`): "
+        "then the total is not known, and `priced_cost_usd` is the part that is."
+    )
+    priced_cost_usd: USD = Field(description="What the priced responses cost (exact).")
+    unpriced: int = Field(description="Responses with no price in force: not in the money.")
     errors: int | None
     incomplete: int | None
     failed: int | None
@@ -80,7 +84,9 @@ def measures(row: dict[str, Any]) -> dict[str, Any]:
         "output_tokens": row["output_tokens"],
         "reasoning_tokens": row["reasoning_tokens"],
         "total_tokens": row["total_tokens"],
-        "cost_usd": usd(row["cost_pico"]),
+        # Unpriced money is unknown, never 0: a total missing parts is not a total.
+        "cost_usd": None if row["unpriced"] else usd(row["cost_pico"]),
+        "priced_cost_usd": usd(row["cost_pico"]),
         "unpriced": row["unpriced"] or 0,
         "errors": row["errors"],
         "incomplete": row["incomplete"],
@@ -433,7 +439,7 @@ class ModelReport(BaseModel):
 
 @router.get("/models", response_model=ModelReport, summary="Spend and tokens per model")
 async def models(runtime: RuntimeDep, params: Annotated[FilterParams, Query()]) -> ModelReport:
-    query = SpendQuery(filters(params), ("model",), all_measures=True)
+    query = SpendQuery(filters(params), ("model",))
     frame = await in_thread(
         runtime, lambda conn: spend(conn, query, image_model=runtime.settings.image_gen_model)
     )

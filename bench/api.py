@@ -135,9 +135,7 @@ def cases(now: datetime) -> list[Case]:
             (
                 "GET /api/v1/organization/usage/completions (1d, by model; per page)",
                 days,
-                lambda c, f=f: spend(
-                    c, SpendQuery(f, ("model",), "day", all_measures=True), image_model="x"
-                ),
+                lambda c, f=f: spend(c, SpendQuery(f, ("model",), "day"), image_model="x"),
                 pages,
             )
         )

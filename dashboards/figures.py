@@ -1,5 +1,5 @@
 """Plotly figures from the admin API's own answers (api/reports.py models), so a chart's
-points are the API's numbers: money as `float(Decimal(cost_usd))` (dollars), tokens and
+points are the API's numbers: money as `float(Decimal(priced_cost_usd))` (dollars), tokens and
 counts as given. Pure: no I/O, nothing but the rows in and a figure out."""
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def spend_by_group_over_days(report: CostReport, dimension: str, span: Span) -> 
         name = str(row.group[dimension]) if row.group[dimension] is not None else "(none)"
         xs, ys = series.setdefault(name, ([], []))
         xs.append(day(row.bucket))
-        ys.append(dollars(row.cost_usd))
-        totals[name] = totals.get(name, Decimal(0)) + Decimal(row.cost_usd)
+        ys.append(dollars(row.priced_cost_usd))
+        totals[name] = totals.get(name, Decimal(0)) + Decimal(row.priced_cost_usd)
     order = sorted(series, key=lambda n: (-totals[n], n))
     traces = [go.Bar(name=n, x=series[n][0], y=series[n][1]) for n in order]
     return _figure(
@@ -153,4 +153,4 @@ def shares_by_model(models: Sequence[ModelRow]) -> go.Figure:
 
 
 def measures_total(rows: Sequence[Measures]) -> Decimal:
-    return sum((Decimal(r.cost_usd) for r in rows), Decimal(0))
+    return sum((Decimal(r.priced_cost_usd) for r in rows), Decimal(0))

@@ -6,12 +6,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from decimal import ROUND_HALF_EVEN, Decimal
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 from fastapi.responses import HTMLResponse
 
 from dashboards.filters import ViewFilters
+
+if TYPE_CHECKING:
+    from api.reports import Measures
 
 ASSETS = "/dashboard/assets"
 VIEWS = (
@@ -131,6 +134,12 @@ def money(usd: str | None, digits: int = 2) -> str:
     value = Decimal(usd)
     places = digits if value == 0 or abs(value) >= Decimal("0.01") else 6
     return "$" + f"{value.quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN):,}"
+
+
+def spent(measures: Measures) -> str:
+    """What was spent, and what is not known: priced money plus the unpriced count."""
+    text = money(measures.priced_cost_usd)
+    return text + f" + {measures.unpriced:,} unpriced" if measures.unpriced else text
 
 
 def count(value: int | None) -> str:

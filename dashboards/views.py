@@ -29,7 +29,7 @@ from api.params import filters as api_filters
 from api.reports import in_thread
 from dashboards import figures
 from dashboards.filters import FilterError, ViewFilters
-from dashboards.layout import chart, count, esc, kpis, money, notice, table, view
+from dashboards.layout import chart, count, esc, kpis, money, notice, spent, table, view
 from dashboards.login import ViewerDep
 from warehouse.spend import SpendQuery, choose_source
 
@@ -167,7 +167,7 @@ async def overview(request: Request, runtime: RuntimeDep) -> HTMLResponse:
         parts.append(
             kpis(
                 [
-                    ("range-cost", "Spend in range", money(totals.cost_usd)),
+                    ("range-cost", "Spend in range", spent(totals)),
                     ("range-requests", "Requests in range", count(totals.requests)),
                     ("range-tokens", "Tokens in range", count(totals.total_tokens)),
                     ("range-unpriced", "Unpriced responses", count(totals.unpriced)),
@@ -278,7 +278,9 @@ async def users(
     for row in daily.rows if daily else []:
         user = row.group["user"]
         if user is not None:
-            series.setdefault(user, {})[figures.day(row.bucket)] = figures.dollars(row.cost_usd)
+            series.setdefault(user, {})[figures.day(row.bucket)] = figures.dollars(
+                row.priced_cost_usd
+            )
     days = [d.isoformat() for d in _days(f)]
     labels = [u.user_id if u.user_id is not None else "(no end user)" for u in page.users]
     parts.append(
@@ -290,7 +292,7 @@ async def users(
             "top-users",
             "Top spenders",
             figures.bars(
-                labels, [figures.dollars(u.cost_usd) for u in page.users], "USD", money=True
+                labels, [figures.dollars(u.priced_cost_usd) for u in page.users], "USD", money=True
             )
             if page.users
             else None,
@@ -300,7 +302,7 @@ async def users(
     rows = [
         (
             _user_link(u.user_id, f),
-            esc(money(u.cost_usd)),
+            esc(spent(u)),
             esc(count(u.requests)),
             esc(count(u.total_tokens)),
             esc(count(u.unpriced)),
@@ -398,7 +400,7 @@ async def user_page(
     parts.append(
         kpis(
             [
-                ("user-cost", "Spend in range", money(t.cost_usd)),
+                ("user-cost", "Spend in range", spent(t)),
                 ("user-requests", "Requests", count(t.requests)),
                 ("user-tokens", "Tokens", count(t.total_tokens)),
                 ("user-unpriced", "Unpriced responses", count(t.unpriced)),
@@ -412,7 +414,7 @@ async def user_page(
             "Spend by model",
             figures.bars(
                 [m.model or "(none)" for m in detail.by_model],
-                [figures.dollars(m.cost_usd) for m in detail.by_model],
+                [figures.dollars(m.priced_cost_usd) for m in detail.by_model],
                 "USD",
                 money=True,
             ),
@@ -499,7 +501,9 @@ async def models(request: Request, runtime: RuntimeDep) -> HTMLResponse:
         chart(
             "model-cost",
             "Spend per model",
-            figures.bars(names, [figures.dollars(m.cost_usd) for m in rows], "USD", money=True)
+            figures.bars(
+                names, [figures.dollars(m.priced_cost_usd) for m in rows], "USD", money=True
+            )
             if rows
             else None,
             "No usage in this range.",
@@ -555,7 +559,7 @@ async def models(request: Request, runtime: RuntimeDep) -> HTMLResponse:
             [
                 (
                     m.model or "(none)",
-                    money(m.cost_usd),
+                    spent(m),
                     count(m.requests),
                     money(m.average_cost_per_request_usd, 6),
                     count(m.input_tokens),
@@ -613,7 +617,7 @@ async def tags(request: Request, runtime: RuntimeDep, key: str | None = None) ->
             "tag-spend",
             f"Spend by {chosen}",
             figures.bars(
-                labels, [figures.dollars(r.cost_usd) for r in totals.rows], "USD", money=True
+                labels, [figures.dollars(r.priced_cost_usd) for r in totals.rows], "USD", money=True
             )
             if totals.rows
             else None,
@@ -644,7 +648,7 @@ async def tags(request: Request, runtime: RuntimeDep, key: str | None = None) ->
             [
                 (
                     link(r.group[dimension]),
-                    esc(money(r.cost_usd)),
+                    esc(spent(r)),
                     esc(count(r.requests)),
                     esc(count(r.total_tokens)),
                     esc(count(r.unpriced)),

@@ -25,7 +25,12 @@ from datetime import UTC, datetime
 import polars as pl
 
 from ingest.events import UsageEvent
-from warehouse.pricing import audio_cost_pico, effective_intervals, resolve_model
+from warehouse.pricing import (
+    audio_cost_pico,
+    catalog_names,
+    effective_intervals,
+    model_candidates,
+)
 
 _DEFAULT_TIERS = frozenset({None, "", "auto", "default"})
 
@@ -105,11 +110,8 @@ class PriceBook:
         self._rates = rates
         # The next instant a price starts or ends: the book is stale from then on.
         self.changes_at = changes_at
-        self._keys = {m for m, _ in rates if not m.endswith("*")}
-        self._prefixes = sorted(
-            {m[:-1] for m, _ in rates if m.endswith("*")}, key=len, reverse=True
-        )
-        self._resolved: dict[str, str | None] = {}
+        self._keys, self._prefixes = catalog_names(m for m, _ in rates)
+        self._candidates: dict[str, list[str]] = {}
         self._image = rates.get((image_model, "default"))
 
     @classmethod
@@ -131,17 +133,21 @@ class PriceBook:
         return cls(rates, image_model, changes_at)  # type: ignore[arg-type]
 
     def rates(self, model: str | None, service_tier: str | None) -> Rates | None:
+        """The rates pricing `model` now: those of its most specific catalog name with a
+        price in force for the tier (`warehouse.pricing.model_candidates`)."""
         if model is None:
             return None
-        resolved = self._resolved.get(model, "")
-        if resolved == "":
-            resolved = resolve_model(model, self._keys, self._prefixes)
-            if len(self._resolved) < 100_000:  # bounded: model names come from clients
-                self._resolved[model] = resolved
-        if resolved is None:
-            return None
+        candidates = self._candidates.get(model)
+        if candidates is None:
+            candidates = model_candidates(model, self._keys, self._prefixes)
+            if len(self._candidates) < 100_000:  # bounded: model names come from clients
+                self._candidates[model] = candidates
         tier = "default" if service_tier in _DEFAULT_TIERS else str(service_tier)
-        return self._rates.get((resolved, tier))
+        for name in candidates:
+            found = self._rates.get((name, tier))
+            if found is not None:
+                return found
+        return None
 
     def cost(self, event: UsageEvent) -> int | None:
         """The event's cost in pico-dollars; None when unpriced (as the warehouse says)."""

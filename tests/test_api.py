@@ -112,8 +112,9 @@ def test_costs_from_rollups_equal_costs_priced_from_raw_events(served: Any) -> N
     # The unlisted model is counted, unpriced, and not in the money.
     unlisted = [r for r in rolled["rows"] if r["group"]["model"] == "tt-unlisted-model"]
     assert unlisted and all(r["unpriced"] == r["requests"] - r["errors"] for r in unlisted)
-    assert all(r["cost_usd"] == "0" for r in unlisted)
-    assert Decimal(rolled["totals"]["cost_usd"]) > 0
+    # Unpriced money is unknown, never 0: null, with what is priced beside it.
+    assert all(r["cost_usd"] is None and r["priced_cost_usd"] == "0" for r in unlisted)
+    assert Decimal(rolled["totals"]["priced_cost_usd"]) > 0
 
 
 def test_costs_by_tag_and_by_hour_add_up_to_the_same_total(served: Any) -> None:
@@ -123,17 +124,19 @@ def test_costs_by_tag_and_by_hour_add_up_to_the_same_total(served: Any) -> None:
     by_team = api.get("/api/costs", group_by=["tag:team"], **days)
     assert by_team["source"] == "usage_daily_tags"
     assert {r["group"]["tag:team"] for r in by_team["rows"]} == set(TEAMS)
-    tagged = sum(Decimal(r["cost_usd"]) for r in by_team["rows"])
+    tagged = sum(Decimal(r["priced_cost_usd"]) for r in by_team["rows"])
     # Every priced response but the conversation (no team) carries a team.
     untagged = api.get("/api/costs", user=["ana"], model=["gpt-4o-2024-08-06"], **days)
-    assert tagged < Decimal(total["cost_usd"])
+    assert tagged < Decimal(total["priced_cost_usd"])
     hourly = api.get("/api/costs", bucket="hour", **days)
     assert hourly["source"] == "usage_hourly"
-    assert sum(Decimal(r["cost_usd"]) for r in hourly["rows"]) == Decimal(total["cost_usd"])
+    assert sum(Decimal(r["priced_cost_usd"]) for r in hourly["rows"]) == Decimal(
+        total["priced_cost_usd"]
+    )
     search = api.get("/api/costs", tag=["team=search"], group_by=["user"], **days)
     assert search["source"] == "raw"
     assert {r["group"]["user"] for r in search["rows"]} == set(USERS)
-    assert Decimal(untagged["totals"]["cost_usd"]) > 0
+    assert Decimal(untagged["totals"]["priced_cost_usd"]) > 0
 
 
 def test_openai_shaped_usage_matches_the_fake_upstreams_ledger(served: Any) -> None:
@@ -184,7 +187,7 @@ def test_openai_shaped_costs_page_through_days(served: Any) -> None:
     assert starts == sorted(starts) and len(set(starts)) == len(starts) == 5
     assert all(b["end_time"] - b["start_time"] == 86400 for b in buckets)
     total = sum(Decimal(str(r["amount"]["value"])) for b in buckets for r in b["results"])
-    ours = Decimal(api.get("/api/costs", **_day_range())["totals"]["cost_usd"])
+    ours = Decimal(api.get("/api/costs", **_day_range())["totals"]["priced_cost_usd"])
     assert abs(total - ours) < Decimal("0.000001")
     by_line = api.get(
         "/api/v1/organization/costs", start_time=start, group_by=["line_item", "project_id"]
@@ -251,7 +254,7 @@ def test_the_openai_sdks_admin_client_reads_usage_and_costs(served: Any) -> None
     assert costs and all(isinstance(r, CostsResult) for r in costs)
     assert {r.user_id for r in costs} == set(USERS)
     total = sum(Decimal(str(r.amount.value)) for r in costs if r.amount and r.amount.value)
-    ours = Decimal(api.get("/api/costs", **_day_range())["totals"]["cost_usd"])
+    ours = Decimal(api.get("/api/costs", **_day_range())["totals"]["priced_cost_usd"])
     assert abs(total - ours) < Decimal("0.000001")
 
 
@@ -316,14 +319,14 @@ def test_users_models_and_summary(served: Any) -> None:
     _, api, _ = served
     users = api.get("/api/users")
     assert users["total_users"] == len(USERS)
-    costs = [Decimal(u["cost_usd"]) for u in users["users"]]
+    costs = [Decimal(u["priced_cost_usd"]) for u in users["users"]]
     assert costs == sorted(costs, reverse=True)
     by_name = api.get("/api/users", sort="user_id", order="asc", limit=2, offset=1)
     assert [u["user_id"] for u in by_name["users"]] == ["bo", "cy"]
     ana = api.get("/api/users/ana")
     assert {m["model"] for m in ana["by_model"]} >= {"gpt-4o-2024-08-06"}
-    assert sum(Decimal(m["cost_usd"]) for m in ana["by_model"]) == Decimal(
-        ana["totals"]["cost_usd"]
+    assert sum(Decimal(m["priced_cost_usd"]) for m in ana["by_model"]) == Decimal(
+        ana["totals"]["priced_cost_usd"]
     )
     assert len(ana["recent"]) == 9 and ana["recent"][0]["user_id"] == "ana"
     assert api.http.get("/api/users/nobody").status_code == 404
@@ -399,7 +402,7 @@ def test_finance_report_exports_add_up_in_json_csv_and_parquet(served: Any) -> N
     rows = report["rows"]
     total = next(r for r in rows if r["section"] == "total" and r["month"] is None)
     assert Decimal(total["cost_usd"]) == Decimal(
-        api.get("/api/costs", **_day_range())["totals"]["cost_usd"]
+        api.get("/api/costs", **_day_range())["totals"]["priced_cost_usd"]
     )
     for section in ("model", "user", "tag"):
         part = [r for r in rows if r["section"] == section]

@@ -199,7 +199,7 @@ def _by_group_and_day(report: dict[str, Any], dimension: str) -> dict[str, dict[
     out: dict[str, dict[str, float]] = {}
     for row in report["rows"]:
         name = row["group"][dimension] or "(none)"
-        out.setdefault(name, {})[row["bucket"][:10]] = _dollars(row["cost_usd"])
+        out.setdefault(name, {})[row["bucket"][:10]] = _dollars(row["priced_cost_usd"])
     return out
 
 
@@ -338,7 +338,11 @@ def test_overview_charts_are_the_apis_numbers(tab: Tab, served: Served) -> None:
     summary = served.api("/api/costs/summary")
     assert tab.text("#kpi-month-to-date strong") == money(summary["month_to_date_usd"])
     assert tab.text("#kpi-today strong") == money(summary["today_usd"])
-    assert tab.text("#kpi-range-cost strong") == money(daily["totals"]["cost_usd"])
+    totals = daily["totals"]
+    assert totals["unpriced"] > 0  # the money shown is the priced part, and says so
+    assert tab.text("#kpi-range-cost strong") == (
+        f"{money(totals['priced_cost_usd'])} + {totals['unpriced']} unpriced"
+    )
     fresh = served.api("/api/jobs/freshness")
     assert fresh["last_rollup_at"] is not None
     assert tab.text("#last-rollup").startswith(fresh["last_rollup_at"][:10])
@@ -348,7 +352,7 @@ def test_users_views_are_the_apis_numbers(tab: Tab, served: Served) -> None:
     tab.open(served.url + "/dashboard/users")
     days = _range()
     listed = served.api("/api/users", **days)
-    expected = {u["user_id"]: _dollars(u["cost_usd"]) for u in listed["users"]}
+    expected = {u["user_id"]: _dollars(u["priced_cost_usd"]) for u in listed["users"]}
     assert _hbars(tab.traces("top-users")) == expected and set(expected) == set(USERS)
     per_day = _by_group_and_day(
         served.api("/api/costs", group_by=["user"], bucket="day", **days), "user"
@@ -369,10 +373,10 @@ def test_users_views_are_the_apis_numbers(tab: Tab, served: Served) -> None:
     assert urlsplit(tab.page.url).path == "/dashboard/users/ana"
     detail = served.api("/api/users/ana", **days)
     assert _hbars(tab.traces("user-by-model")) == {
-        m["model"]: _dollars(m["cost_usd"]) for m in detail["by_model"]
+        m["model"]: _dollars(m["priced_cost_usd"]) for m in detail["by_model"]
     }
     assert _chart_by_trace(tab.traces("user-by-day")) == {
-        "ana": {d["day"][:10]: _dollars(d["cost_usd"]) for d in detail["by_day"]}
+        "ana": {d["day"][:10]: _dollars(d["priced_cost_usd"]) for d in detail["by_day"]}
     }
     ids = tab.page.eval_on_selector_all(
         "#recent-table tbody tr", "rows => rows.map(r => r.lastElementChild.textContent)"
@@ -386,7 +390,9 @@ def test_models_view_is_the_apis_numbers_and_names_the_unpriced(tab: Tab, served
     tab.open(served.url + "/dashboard/models")
     report = served.api("/api/models", **_range())
     rows = report["models"]
-    assert _hbars(tab.traces("model-cost")) == {m["model"]: _dollars(m["cost_usd"]) for m in rows}
+    assert _hbars(tab.traces("model-cost")) == {
+        m["model"]: _dollars(m["priced_cost_usd"]) for m in rows
+    }
     assert _hbars(tab.traces("model-average-cost")) == {
         m["model"]: _dollars(m["average_cost_per_request_usd"])
         for m in rows
@@ -411,7 +417,7 @@ def test_tags_view_is_the_apis_numbers(tab: Tab, served: Served) -> None:
     totals = served.api("/api/costs", group_by=["tag:team"], **days)
     assert totals["source"] == "usage_daily_tags"
     assert _hbars(tab.traces("tag-spend")) == {
-        r["group"]["tag:team"]: _dollars(r["cost_usd"]) for r in totals["rows"]
+        r["group"]["tag:team"]: _dollars(r["priced_cost_usd"]) for r in totals["rows"]
     }
     assert set(_hbars(tab.traces("tag-spend"))) == set(TEAMS)
     by_day = served.api("/api/costs", group_by=["tag:team"], bucket="day", **days)
@@ -469,7 +475,7 @@ def test_filters_change_the_charts_and_live_in_the_url(tab: Tab, served: Served)
     tab.open(f"{served.url}/dashboard/models?user=cy")
     by_cy = served.api("/api/models", user=["cy"], **days)
     assert _hbars(tab.traces("model-cost")) == {
-        m["model"]: _dollars(m["cost_usd"]) for m in by_cy["models"]
+        m["model"]: _dollars(m["priced_cost_usd"]) for m in by_cy["models"]
     }
     # A date range: yesterday alone.
     yesterday = _today() - timedelta(days=1)

@@ -323,6 +323,8 @@ def test_reconcile_against_the_fakes_bill(
     assert answer.status_code == 200, answer.text
     report = answer.json()
     assert report["source"] == "openai_api"
+    # The range is answered as it was asked: end exclusive, as on every /api route.
+    assert (report["start"], report["end"]) == (days["start"], days["end"])
     rows = {(date.fromisoformat(r["day"]), r["model"]): r for r in report["rows"]}
     billed = fake_totals(fake[1])
     # OpenAI's figure per day x model is exactly what the fake billed.
@@ -491,6 +493,9 @@ def test_reconcile_a_cost_export(
     whole = httpx.post(url, files={"file": ("costs.csv", export, "text/csv")})
     assert whole.status_code == 200
     assert whole.json()["openai_total_usd"] == report["openai_total_usd"]
+    assert (report["start"], report["end"]) == (days["start"], days["end"])
+    last_day = max(date.fromisoformat(d["day"]) for d in whole.json()["days"])
+    assert date.fromisoformat(whole.json()["end"]) == last_day + timedelta(days=1)
 
 
 @pytest.mark.parametrize(

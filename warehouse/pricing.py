@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import polars as pl
 
@@ -78,28 +79,43 @@ _RATE_COLUMNS = (
 MS_PER_HOUR = 3_600_000
 
 
-def resolve_model(model: str, keys: set[str], prefixes: list[str]) -> str | None:
-    """The catalog key pricing `model`: itself, else the longest matching prefix (fine-
-    tunes), else its family for a dated snapshot (`gpt-4o-2024-08-06` -> `gpt-4o`)."""
+def model_candidates(model: str, keys: set[str], prefixes: list[str]) -> list[str]:
+    """The catalog names that may price `model`, most specific first: itself, then the
+    prefixes it matches (fine-tunes, longest first), then, for a dated snapshot, its
+    family's candidates (`gpt-4o-2024-08-06` -> `gpt-4o`). Which one prices an event is
+    decided at the event's time (`price_events`): the first with a price in force then."""
+    out: list[str] = []
     if model in keys:
-        return model
-    for prefix in prefixes:  # longest first
-        if model.startswith(prefix):
-            return prefix + "*"
+        out.append(model)
+    out += [prefix + "*" for prefix in prefixes if model.startswith(prefix)]  # longest first
     match = _DATED.match(model)
     if match:
-        return resolve_model(match["family"], keys, prefixes)
-    return None
+        out += [c for c in model_candidates(match["family"], keys, prefixes) if c not in out]
+    return out
+
+
+def catalog_names(catalog_models: Iterable[str]) -> tuple[set[str], list[str]]:
+    """The catalog's exact names, and its prefixes (longest first)."""
+    names = set(catalog_models)
+    keys = {m for m in names if not m.endswith("*")}
+    prefixes = sorted((m[:-1] for m in names if m.endswith("*")), key=len, reverse=True)
+    return keys, prefixes
 
 
 def model_map(models: Iterable[str], catalog_models: Iterable[str]) -> pl.DataFrame:
-    """model -> price_model for every distinct model seen (a small frame)."""
-    keys = {m for m in catalog_models if not m.endswith("*")}
-    prefixes = sorted((m[:-1] for m in catalog_models if m.endswith("*")), key=len, reverse=True)
-    distinct = sorted({m for m in models if m is not None})
+    """model -> (price_model, rank) for every distinct model seen and each catalog name
+    that may price it, rank 0 the most specific (a small frame; a model the catalog
+    cannot price has no row)."""
+    keys, prefixes = catalog_names(catalog_models)
+    rows = [
+        (model, name, rank)
+        for model in sorted({m for m in models if m is not None})
+        for rank, name in enumerate(model_candidates(model, keys, prefixes))
+    ]
     return pl.DataFrame(
-        {"model": distinct, "price_model": [resolve_model(m, keys, prefixes) for m in distinct]},
-        schema={"model": pl.String, "price_model": pl.String},
+        rows,
+        schema={"model": pl.String, "price_model": pl.String, "rank": pl.Int32},
+        orient="row",
     )
 
 
@@ -116,24 +132,42 @@ def audio_cost_pico(audio_ms: int, micro_per_hour: int) -> int:
     return (audio_ms * micro_per_hour * 10 + 18) // 36
 
 
+def _ends(rows: list[dict[str, Any]]) -> list[datetime | None]:
+    """Where each row of one (model, tier) stops: its `effective_to`, else where the next
+    price of at least its priority starts. So a correction (the same start, recorded
+    later) replaces exactly the interval of the row it corrects, and a price "from now
+    on" never reaches past a later price already listed."""
+    ends: list[datetime | None] = []
+    for row in rows:
+        end = row["effective_to"]
+        if end is None:
+            later = [
+                other["effective_from"]
+                for other in rows
+                if other["effective_from"] > row["effective_from"]
+                and other["priority"] >= row["priority"]
+            ]
+            end = min(later, default=None)
+        ends.append(end)
+    return ends
+
+
 def effective_intervals(prices: pl.DataFrame) -> pl.DataFrame:
     """Flatten the catalog into non-overlapping intervals per (model, tier), each with the
-    row in force there: highest priority, then the latest recorded. Rates become integer
-    pico-dollars per token (per call for web search)."""
+    row in force there: highest priority, then the latest recorded. A row is in force from
+    its `effective_from` to its end (`_ends`). Rates become integer pico-dollars per
+    token (per call for web search)."""
     out: list[dict[str, object]] = []
     for (model, tier), group in prices.group_by(["model", "service_tier"], maintain_order=True):
         rows = group.to_dicts()
-        bounds = sorted(
-            {r["effective_from"] for r in rows}
-            | {r["effective_to"] for r in rows if r["effective_to"]}
-        )
+        ends = _ends(rows)
+        bounds = sorted({r["effective_from"] for r in rows} | {e for e in ends if e is not None})
         for i, start in enumerate(bounds):
             end: datetime | None = bounds[i + 1] if i + 1 < len(bounds) else None
             live = [
                 r
-                for r in rows
-                if r["effective_from"] <= start
-                and (r["effective_to"] is None or r["effective_to"] > start)
+                for r, stop in zip(rows, ends, strict=True)
+                if r["effective_from"] <= start and (stop is None or stop > start)
             ]
             if not live:
                 continue
@@ -144,7 +178,7 @@ def effective_intervals(prices: pl.DataFrame) -> pl.DataFrame:
                 "valid_from": start,
                 "valid_to": end,
                 "price_id": best["price_id"],
-                "tier_threshold": best["tier_threshold"],
+                "tier_threshold": best.get("tier_threshold"),
             }
             for column in _RATE_COLUMNS:
                 value = best.get(column)  # a catalog frame may predate a rate's column
@@ -177,12 +211,45 @@ def _rate(name: str) -> pl.Expr:
     return pl.when(over & tier.is_not_null()).then(tier).otherwise(base)
 
 
+def _resolve(models: pl.LazyFrame, intervals: pl.LazyFrame) -> pl.LazyFrame:
+    """Each event model's own price timeline, per tier: at every instant, the interval of
+    its most specific catalog name with a price in force then (`model_map` ranks them).
+    A snapshot's own price prices it from where it starts; before that (or after it
+    ends) its family's or prefix's does. Computed on the small frames, never per event."""
+    keys = ["model", "_tier"]
+    candidates = models.join(
+        intervals.rename({"service_tier": "_tier"}), on="price_model", how="inner"
+    )
+    starts = candidates.select(*keys, pl.col("valid_from").alias("_at"))
+    ends = candidates.filter(pl.col("valid_to").is_not_null()).select(
+        *keys, pl.col("valid_to").alias("_at")
+    )
+    segments = (
+        pl.concat([starts, ends])
+        .unique()
+        .sort(*keys, "_at")
+        .with_columns(pl.col("_at").shift(-1).over(keys).alias("_until"))
+    )
+    return (
+        segments.join(candidates, on=keys, how="inner")
+        .filter(
+            (pl.col("valid_from") <= pl.col("_at"))
+            & (pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("_at")))
+        )
+        .sort(*keys, "_at", "rank")
+        .group_by(*keys, "_at", maintain_order=True)
+        .first()
+        .drop("valid_from", "valid_to", "rank")
+        .rename({"_at": "valid_from", "_until": "valid_to"})
+    )
+
+
 def _timeline(intervals: pl.LazyFrame) -> pl.LazyFrame:
     """The intervals of each (model, tier) and the gaps between them (rows with no price;
     a null `valid_from` is the beginning of time), so that every instant falls in exactly
     one row: an equi-join on model and tier and a range filter then price each event, with
     no sort of the events (an as-of join needs them sorted by time)."""
-    pair = ["price_model", "service_tier"]
+    pair = ["model", "_tier"]
     ordered = intervals.sort(*pair, "valid_from").with_columns(pl.lit(True).alias("_listed"))
     first = pl.col("valid_from") == pl.col("valid_from").min().over(pair)
     following = pl.col("valid_from").shift(-1).over(pair)
@@ -230,17 +297,15 @@ def price_events(
     span = events.select(
         pl.col("created_at").min().alias("_lo"), pl.col("created_at").max().alias("_hi")
     )
-    timeline = (
-        _timeline(intervals)
+    lookup = (
+        _timeline(_resolve(models, intervals))
         .join(span, how="cross")
         .filter(
             (pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("_lo")))
             & (pl.col("valid_from").is_null() | (pl.col("valid_from") <= pl.col("_hi")))
         )
         .drop("_lo", "_hi")
-        .rename({"service_tier": "_tier"})
     )
-    lookup = models.join(timeline, on="price_model", how="inner")
     joined = (
         tiered.join(lookup, on=["model", "_tier"], how="left")
         # One row per event: the one interval (or gap) of its model and tier holding its

@@ -79,6 +79,18 @@ def daily_tags(priced: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
             ),
             pl.col("cost_pico").cast(_MONEY).sum().alias("cost_pico"),
             pl.col("unpriced").sum().cast(pl.Int64).alias("unpriced"),
+            *(
+                pl.col(c).fill_null(0).sum().cast(pl.Int64).alias(c)
+                for c in ("cached_input_tokens", "reasoning_tokens")
+            ),
+            *(
+                (pl.col("status") == status).sum().cast(pl.Int64).alias(name)
+                for name, status in (
+                    ("errors", "error"),
+                    ("incomplete", "incomplete"),
+                    ("failed", "failed"),
+                )
+            ),
         )
         for i, key in enumerate(keys)
     ]
@@ -96,6 +108,11 @@ _TAG_SCHEMA: dict[str, pl.DataType] = {
     "total_tokens": pl.Int64(),
     "cost_pico": _MONEY,
     "unpriced": pl.Int64(),
+    "cached_input_tokens": pl.Int64(),
+    "reasoning_tokens": pl.Int64(),
+    "errors": pl.Int64(),
+    "incomplete": pl.Int64(),
+    "failed": pl.Int64(),
 }
 
 

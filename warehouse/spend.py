@@ -55,8 +55,6 @@ COUNTS = (
     "total_tokens",
 )
 MEASURES = (*COUNTS, "cost_pico", "unpriced", "errors", "incomplete", "failed")
-# What usage_daily_tags keeps of them.
-_TAG_MEASURES = ("requests", "input_tokens", "output_tokens", "total_tokens", "cost_pico")
 _MONEY = pl.Decimal(38, 0)
 
 
@@ -97,9 +95,6 @@ class SpendQuery:
     filters: Filters
     group_by: tuple[str, ...] = ()
     bucket: Bucket | None = None
-    # Every measure exact (cached and reasoning tokens too): rules out the tags table,
-    # which keeps only requests, input/output/total tokens and cost.
-    all_measures: bool = False
 
 
 def check_dimension(name: str) -> str:
@@ -149,13 +144,7 @@ def choose_source(query: SpendQuery) -> str:
         return "raw"
     if tag_keys:
         plain = dims - {d for d in dims if d.startswith(TAG_PREFIX)}
-        if (
-            len(tag_keys) == 1
-            and plain <= {"model"}
-            and whole_days
-            and daily_bucket
-            and not query.all_measures
-        ):
+        if len(tag_keys) == 1 and plain <= {"model"} and whole_days and daily_bucket:
             return "usage_daily_tags"
         return "raw"
     if whole_days and daily_bucket:
@@ -206,20 +195,12 @@ def _from_rollup(conn: duckdb.DuckDBPyConnection, query: SpendQuery, table: str)
             select.append(f'{column} AS "{dim}"')
         if f.models:
             where.append(_in_list("model", f.models, params))
-        measures = [
-            f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}"
-            for m in _TAG_MEASURES
-        ]
-        measures.append("sum(unpriced)::BIGINT AS unpriced")
-        missing = [m for m in MEASURES if m not in (*_TAG_MEASURES, "unpriced")]
-        measures += [f"NULL::BIGINT AS {m}" for m in missing]
     else:
         select += [f'{_ROLLUP_COLUMN[dim]} AS "{dim}"' for dim in query.group_by]
         where = [rollup_where(f, params)]
-        measures = [
-            f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}"
-            for m in MEASURES
-        ]
+    measures = [
+        f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}" for m in MEASURES
+    ]
     group = " GROUP BY ALL" if select else ""
     sql = f"SELECT {', '.join(select + measures)} FROM {table} WHERE {' AND '.join(where)}{group}"
     frame = query_frame(conn, sql, params)

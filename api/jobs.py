@@ -56,7 +56,10 @@ async def list_runs(runtime: RuntimeDep, limit: int = Query(20, ge=1, le=1000)) 
 
 class AbuseRunOut(BaseModel):
     job: str
-    flags: int
+    flags: int = Field(description="Flags this run found, all stored when it answers.")
+    new: int = Field(description="Of them, flags not raised before in their window.")
+    repeats: int = Field(description="Of them, flags already raised in their window.")
+    error: str | None
     seconds: float
 
 
@@ -64,8 +67,15 @@ class AbuseRunOut(BaseModel):
 async def run_abuse(runtime: RuntimeDep) -> AbuseRunOut:
     """Score users now (new flags are stored as alerts, and sent to the webhook)."""
     clock = time.perf_counter()
-    found = await asyncio.to_thread(runtime.abuse.run)
-    return AbuseRunOut(job="abuse", flags=len(found), seconds=round(time.perf_counter() - clock, 3))
+    run = await asyncio.to_thread(runtime.abuse.run)
+    return AbuseRunOut(
+        job="abuse",
+        flags=len(run.flags),
+        new=len(run.new),
+        repeats=len(run.flags) - len(run.new),
+        error=run.error,
+        seconds=round(time.perf_counter() - clock, 3),
+    )
 
 
 @router.post("/{job}/run", response_model=RunResultOut)

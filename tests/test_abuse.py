@@ -223,3 +223,65 @@ def test_a_critical_flag_blocks_the_user_for_a_while_when_configured(
     assert httpx.delete(running.url + "/api/quotas/blocks/stormy").status_code == 204
     client.responses.create(model="gpt-4o-mini", input="hi", user="stormy")
     assert httpx.delete(running.url + "/api/quotas/blocks/stormy").status_code == 404
+
+
+def test_new_users_are_flagged_from_their_first_hour(
+    tmp_path: Path, make_tokentill: Callable[..., Running]
+) -> None:
+    rng = random.Random(11)
+    steady = [f"old-{i}" for i in range(12)]
+    events = history(rng, steady)  # about 5,000 tokens an hour each
+    at = NOW - timedelta(minutes=20)
+    # First hours, no history: a 28x spike, a burst, a content-filter storm, and three
+    # new users who use it as everybody does.
+    for n in range(5):
+        events.append(
+            planted("new-spike", at - timedelta(minutes=n), n, input_tokens=22_000,
+                    output_tokens=6_000, total_tokens=28_000)
+        )  # fmt: skip
+    for n in range(45):
+        events.append(planted("new-burst", at + timedelta(seconds=n), n, total_tokens=100))
+    for n in range(20):
+        storm: dict[str, Any] = {"status": "incomplete", "incomplete_reason": "content_filter"}
+        events.append(
+            planted("new-filter", at - timedelta(minutes=n), n, **(storm if n < 8 else {}))
+        )
+    for i in range(3):
+        for n in range(5):
+            out = rng.randint(150, 400)
+            events.append(
+                planted(f"new-steady-{i}", at - timedelta(minutes=7 * n), n,
+                        output_tokens=out, total_tokens=900 + out)
+            )  # fmt: skip
+    db = tmp_path / "first-hour.duckdb"
+    plant(db, events)
+    running = make_tokentill(db=db, abuse_interval=3600)
+
+    ran = httpx.post(running.url + "/api/jobs/abuse/run", timeout=60)
+    assert ran.status_code == 200, ran.text
+    result = ran.json()
+    assert result["error"] is None and result["repeats"] == 0
+    assert result["new"] == result["flags"] > 0
+    # Answered after they were stored: read at once, no waiting.
+    found: list[dict[str, Any]] = httpx.get(
+        running.url + "/api/alerts", params={"kind": "abuse", "limit": 500}
+    ).json()
+    assert len(found) == result["new"]
+    by_user: dict[str, set[str]] = {}
+    for alert in found:
+        by_user.setdefault(alert["user_id"], set()).add(alert["rule"])
+    assert {"new_user_spike", "new_user_spend_spike"} <= by_user["new-spike"]
+    assert "request_burst" in by_user["new-burst"]
+    assert "content_filter_rate" in by_user["new-filter"]
+    assert set(by_user) == {"new-spike", "new-burst", "new-filter"}, by_user
+    spike = next(a for a in found if a["rule"] == "new_user_spike")
+    assert spike["evidence"]["tokens"] == 140_000 and spike["severity"] == "critical"
+    assert spike["evidence"]["active_users"] == 18
+    assert "no history" in spike["message"]
+
+    # Run again in the same window: the same flags, all repeats, nothing stored twice.
+    again = httpx.post(running.url + "/api/jobs/abuse/run", timeout=60).json()
+    assert (again["new"], again["repeats"]) == (0, result["flags"])
+    assert len(httpx.get(running.url + "/api/alerts", params={"kind": "abuse"}).json()) == len(
+        found
+    )

@@ -29,6 +29,7 @@ class AlertOutbox:
         self.listeners: list[Callable[[Alert], None]] = []
         self._queue: asyncio.Queue[Alert] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        self._storing = asyncio.Lock()  # one writer of the alerts table at a time
         self.stored = 0
 
     def raise_alert(self, alert: Alert) -> None:
@@ -37,6 +38,13 @@ class AlertOutbox:
 
     def raise_from_thread(self, alert: Alert) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, alert)
+
+    def store_from_thread(self, batch: list[Alert], timeout: float = 60.0) -> list[Alert]:
+        """From a worker thread (a job): store `batch` now and wait until it is committed;
+        return the alerts that were new (the rest repeat one already raised)."""
+        if not batch:
+            return []
+        return asyncio.run_coroutine_threadsafe(self._store(batch), self._loop).result(timeout)
 
     async def run(self) -> None:
         while True:
@@ -55,13 +63,14 @@ class AlertOutbox:
         if self._webhook is not None:
             await self._webhook.close()
 
-    async def _store(self, batch: list[Alert]) -> None:
+    async def _store(self, batch: list[Alert]) -> list[Alert]:
         try:
-            fresh = await asyncio.to_thread(self._insert, batch)
+            async with self._storing:
+                fresh = await asyncio.to_thread(self._insert, batch)
         except Exception:
             # Not on the money path: the counters are unaffected; the alert is lost.
             log.exception("could not store %d alerts", len(batch))
-            return
+            return []
         self.stored += len(fresh)
         for alert in fresh:
             log.warning("alert: %s", alert.message)
@@ -69,6 +78,7 @@ class AlertOutbox:
                 listener(alert)
             if self._webhook is not None:
                 self._webhook.send(alert.payload())
+        return fresh
 
     def _insert(self, batch: list[Alert]) -> list[Alert]:
         conn = self._connect()

@@ -321,7 +321,7 @@ class Tokentill:
                     history_days=settings.abuse_history_days,
                     image_model=settings.image_gen_model,
                 ),
-                outbox.raise_from_thread,
+                outbox.store_from_thread,
             ),
         )
         self.runtime = runtime

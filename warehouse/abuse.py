@@ -10,6 +10,10 @@ Rules, each flag with its evidence (the numbers, the baseline and the window):
 
 - `spend_spike`, `token_spike`: the window's cost / tokens has a robust z-score >= 6
   over the user's own history (>= 10: critical);
+- `new_user_spike`, `new_user_spend_spike`: a user with fewer than three past windows
+  (a new account: where abuse starts) is scored against the users active in the same
+  window (at least `min_population` of them): tokens / cost with a robust z >= 6 over
+  theirs and at least `new_user_factor` (10) times their median (z >= 10: critical);
 - `population_outlier`: log tokens with a robust z >= 6 over the active users (at least
   `min_population` of them): info (warning >= 10);
 - `request_burst`: peak requests in one minute >= `burst_floor` and a robust z >= 6 over
@@ -61,6 +65,8 @@ class AbuseConfig:
     max_metadata: int = 50
     long_output_floor: int = 4_000
     min_population: int = 5
+    # A user without history is flagged at this multiple of the active users' median.
+    new_user_factor: float = 10.0
     image_model: str = "gpt-image-1"
 
 
@@ -121,6 +127,8 @@ def population(current: pl.LazyFrame) -> pl.LazyFrame:
     stats = [pl.len().alias("active_users")]
     for name, column in (
         ("log_tokens", pl.col("tokens").cast(pl.Float64).log1p()),
+        ("tokens", pl.col("tokens").cast(pl.Float64)),
+        ("cost_pico", pl.col("cost_pico").cast(pl.Float64)),
         ("peak_rpm", pl.col("peak_rpm").cast(pl.Float64)),
         ("output_p95", pl.col("output_p95").cast(pl.Float64)),
     ):
@@ -156,6 +164,16 @@ def flags(per_window: pl.LazyFrame, config: AbuseConfig) -> pl.DataFrame:
                 pl.col("pop_log_tokens_median"),
                 pl.col("pop_log_tokens_mad"),
             ).alias("z_population"),
+            _robust_z(
+                pl.col("tokens").cast(pl.Float64),
+                pl.col("pop_tokens_median"),
+                pl.col("pop_tokens_mad"),
+            ).alias("z_new_tokens"),
+            _robust_z(
+                pl.col("cost_pico").cast(pl.Float64),
+                pl.col("pop_cost_pico_median"),
+                pl.col("pop_cost_pico_mad"),
+            ).alias("z_new_cost"),
             _robust_z(
                 pl.col("output_p95").cast(pl.Float64),
                 pl.col("pop_output_p95_median"),
@@ -196,6 +214,8 @@ def flags(per_window: pl.LazyFrame, config: AbuseConfig) -> pl.DataFrame:
             "cost_pico_median",
             "tokens_median",
             "active_users",
+            "pop_tokens_median",
+            "pop_cost_pico_median",
         )
 
     found = [
@@ -203,6 +223,16 @@ def flags(per_window: pl.LazyFrame, config: AbuseConfig) -> pl.DataFrame:
              pl.col("z_cost") >= zc, "cost_pico", "z_cost"),
         rule("token_spike", has_history & (pl.col("z_tokens") >= zw), pl.col("z_tokens") >= zc,
              "tokens", "z_tokens"),
+        # No history of its own (a new account, or one back after weeks): scored against
+        # the users active in the same window, on tokens and on spend.
+        rule("new_user_spike",
+             ~has_history & populous & (pl.col("z_new_tokens") >= zw)
+             & (pl.col("tokens") >= config.new_user_factor * pl.col("pop_tokens_median")),
+             pl.col("z_new_tokens") >= zc, "tokens", "z_new_tokens"),
+        rule("new_user_spend_spike",
+             ~has_history & populous & (pl.col("z_new_cost") >= zw) & (pl.col("cost_pico") > 0)
+             & (pl.col("cost_pico") >= config.new_user_factor * pl.col("pop_cost_pico_median")),
+             pl.col("z_new_cost") >= zc, "cost_pico", "z_new_cost"),
         rule("population_outlier", populous & (pl.col("z_population") >= zw), pl.lit(False),
              "tokens", "z_population").with_columns(
             pl.when(pl.col("z") >= zc).then(pl.lit("warning")).otherwise(pl.lit("info"))
@@ -338,6 +368,12 @@ def _message(row: dict[str, Any], config: AbuseConfig) -> str:
         f"{row.get('tokens_median') or 0:,.0f}{z}",
         "population_outlier": f"used {value:,.0f} tokens in {minutes} min, far above the "
         f"{row['active_users']} active users{z}",
+        "new_user_spike": f"has no history and used {value:,.0f} tokens in {minutes} min, "
+        f"against the {row['active_users']} active users' median of "
+        f"{row.get('pop_tokens_median') or 0:,.0f}{z}",
+        "new_user_spend_spike": f"has no history and spent ${value / 1e12:.4f} in {minutes} "
+        f"min, against the {row['active_users']} active users' median of "
+        f"${(row.get('pop_cost_pico_median') or 0) / 1e12:.4f}{z}",
         "request_burst": f"sent {value:,.0f} requests in one minute{z}",
         "error_rate": f"{value:.0%} of {row['requests']} requests failed or were refused",
         "content_filter_rate": f"{value:.0%} of {row['requests']} responses were stopped by "
@@ -357,13 +393,15 @@ class AbuseJob:
         self,
         connect: Callable[[], duckdb.DuckDBPyConnection],
         config: AbuseConfig,
-        alert: Callable[[Alert], None],
+        store: Callable[[list[Alert]], list[Alert]],
     ) -> None:
+        """`store` keeps a run's alerts and returns once they are committed, with the new
+        ones (a flag raised again in its window is a repeat, stored once)."""
         self._connect = connect
         self._config = config
-        self._alert = alert
+        self._store = store
 
-    def run(self, now: datetime | None = None) -> list[Alert]:
+    def run(self, now: datetime | None = None) -> AbuseRun:
         moment = now or datetime.now(UTC)
         conn = self._connect()
         clock = time.perf_counter()
@@ -389,7 +427,15 @@ class AbuseJob:
             )
         finally:
             conn.close()
-        for alert in alerts:
-            self._alert(alert)
-        log.info("abuse run: %d flags in %.2f s", len(alerts), time.perf_counter() - clock)
-        return alerts
+        fresh = self._store(alerts)
+        seconds = time.perf_counter() - clock
+        log.info("abuse run: %d flags (%d new) in %.2f s", len(alerts), len(fresh), seconds)
+        return AbuseRun(alerts, fresh, error, seconds)
+
+
+@dataclass(frozen=True)
+class AbuseRun:
+    flags: list[Alert]  # everything the run found
+    new: list[Alert]  # of them, those not raised before in their window
+    error: str | None
+    seconds: float

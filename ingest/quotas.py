@@ -479,9 +479,10 @@ class QuotaBook:
     def settle(self, event: UsageEvent, reservation: Reservation | None) -> None:
         """Count a journaled event: swap its request's reservation for its real cost."""
         if reservation is None:
-            if event.kind == "create" and not event.is_pending:
+            if event.kind == "create" and not event.is_pending and event.status != "error":
                 # Admitted by no request of its own (a response the upstream started on
-                # a Realtime socket, a transcription there): counted all the same.
+                # a Realtime socket, a transcription there): counted all the same. (An
+                # error row without a reservation is a refusal of tokentill's own.)
                 self._charge_unreserved(event)
                 return
             if event.kind != "update" or not event.response_id or event.is_pending:

@@ -239,8 +239,9 @@ def test_new_users_are_flagged_from_their_first_hour(
             planted("new-spike", at - timedelta(minutes=n), n, input_tokens=22_000,
                     output_tokens=6_000, total_tokens=28_000)
         )  # fmt: skip
+    minute = at.replace(second=0, microsecond=0)  # the burst within one clock minute
     for n in range(45):
-        events.append(planted("new-burst", at + timedelta(seconds=n), n, total_tokens=100))
+        events.append(planted("new-burst", minute + timedelta(seconds=n), n, total_tokens=100))
     for n in range(20):
         storm: dict[str, Any] = {"status": "incomplete", "incomplete_reason": "content_filter"}
         events.append(

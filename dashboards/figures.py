@@ -32,6 +32,16 @@ def day(moment: datetime | None) -> str:
 Span = tuple[date, date]  # the view's first and last day, both shown
 
 
+# A day's bar is 80% of a day wide. On a date axis Plotly otherwise guesses a bar's width
+# from the gaps between the x values, and with one day of data (a first day, a new user)
+# there is none: the bar is drawn 0 px wide.
+DAY_BAR_MS = int(0.8 * 86_400_000)
+
+
+def _day_bar(**trace: object) -> go.Bar:
+    return go.Bar(width=DAY_BAR_MS, **trace)
+
+
 def _day_axis(span: Span) -> dict[str, object]:
     """The whole range on the x axis, a day per bar, even where no day has data."""
     first = datetime(span[0].year, span[0].month, span[0].day) - timedelta(hours=12)
@@ -54,7 +64,7 @@ def spend_by_group_over_days(report: CostReport, dimension: str, span: Span) -> 
         ys.append(dollars(row.priced_cost_usd))
         totals[name] = totals.get(name, Decimal(0)) + Decimal(row.priced_cost_usd)
     order = sorted(series, key=lambda n: (-totals[n], n))
-    traces = [go.Bar(name=n, x=series[n][0], y=series[n][1]) for n in order]
+    traces = [_day_bar(name=n, x=series[n][0], y=series[n][1]) for n in order]
     return _figure(
         traces, barmode="stack", xaxis=_day_axis(span), yaxis={"title": "USD", "tickprefix": "$"}
     )
@@ -82,7 +92,7 @@ def token_mix_over_days(report: CostReport, span: Span) -> go.Figure:
             "input": [r.input_tokens or 0 for r in rows],
             "output": [r.output_tokens or 0 for r in rows],
         }
-    traces = [go.Bar(name=name, x=days, y=ys) for name, ys in parts.items()]
+    traces = [_day_bar(name=name, x=days, y=ys) for name, ys in parts.items()]
     return _figure(traces, barmode="stack", xaxis=_day_axis(span), yaxis={"title": "tokens"})
 
 
@@ -90,7 +100,7 @@ def requests_and_errors(report: CostReport, span: Span) -> go.Figure:
     """Requests per day, and the error rate (HTTP errors / requests) on a second axis."""
     days = [day(r.bucket) for r in report.rows]
     traces: list[go.BaseTraceType] = [
-        go.Bar(name="requests", x=days, y=[r.requests for r in report.rows])
+        _day_bar(name="requests", x=days, y=[r.requests for r in report.rows])
     ]
     if all(r.errors is not None for r in report.rows):
         rates = [

@@ -581,3 +581,48 @@ def test_without_a_token_loopback_needs_no_login(make_tokentill: Any) -> None:
     # An end user id with a slash has a page of its own.
     page = httpx.get(running.url + "/dashboard/users/team%2Fa%20b")
     assert page.status_code == 200 and 'id="user-by-model"' in page.text
+
+
+def _drawn_bar_widths(page: Page, chart_id: str) -> list[float]:
+    """The width, in screen pixels, of every bar plotly.js drew in the chart."""
+    widths: list[float] = page.evaluate(
+        """id => Array.from(document.querySelectorAll(`#${id} .barlayer .point path`))
+               .map(p => p.getBoundingClientRect().width)""",
+        chart_id,
+    )
+    return widths
+
+
+@pytest.mark.parametrize("days", [1, 7, 90])
+def test_day_charts_draw_visible_bars_for_one_day_a_week_and_ninety_days(
+    browser: Browser, make_tokentill: Any, tmp_path: Path, days: int
+) -> None:
+    """What a person sees, not only the figure's data: every day with traffic is a bar
+    wide enough to see, on the first day of an install too."""
+    running: Running = make_tokentill(rollup_interval=3600)
+    client = running.client()
+    now = int(time.time())
+    for ago in range(days):
+        client.responses.create(
+            model="gpt-4o-mini",
+            input="hello",
+            user="first-day" if ago == 0 else "old-hand",
+            extra_headers={"x-fake-created-at": str(now - ago * 86400)},
+        )
+    running.flush()
+    assert httpx.post(running.url + "/api/jobs/rollup/run", timeout=120).status_code == 200
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        tab = _tab(context, tmp_path)
+        today = _today()
+        start = today - timedelta(days=days - 1)
+        tab.open(f"{running.url}/dashboard/?from={start}&to={today}")
+        for chart_id in ("spend-by-model", "token-mix", "requests-errors"):
+            widths = _drawn_bar_widths(tab.page, chart_id)
+            visible = [w for w in widths if w >= 2]
+            assert len(visible) >= days, (chart_id, widths)
+        tab.open(f"{running.url}/dashboard/users/first-day?from={start}&to={today}")
+        assert [w for w in _drawn_bar_widths(tab.page, "user-by-day") if w >= 2], "user page"
+        assert tab.errors == []
+    finally:
+        context.close()

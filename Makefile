@@ -41,8 +41,8 @@ pytest: sync chromium
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-screenshots: sync chromium  ## refresh the dashboard screenshots in docs/ (from the browser tests)
-	TOKENTILL_SCREENSHOTS=docs $(RUN) pytest -q tests/test_dashboard.py
+screenshots: sync chromium  ## refresh the dashboard screenshots in docs/ (the browser tests, then the demo's overview)
+	TOKENTILL_SCREENSHOTS=docs $(RUN) pytest -q tests/test_dashboard.py tests/test_demo.py
 
 bench: sync  ## needs wrk (Debian package), installed here if missing
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)

@@ -110,7 +110,7 @@ class Conversation(BaseModel):
     input_tokens: int
     output_tokens: int
     total_tokens: int
-    cost_usd: USD
+    cost_usd: USD | None = Field(description="Null while any of its responses is unpriced.")
     unpriced: int
 
 
@@ -128,7 +128,7 @@ class ConversationParams(RangeParams):
 def _conversation(row: dict[str, Any]) -> Conversation:
     return Conversation(
         **{k: row[k] for k in Conversation.model_fields if k != "cost_usd"},
-        cost_usd=usd(row["cost_pico"]),
+        cost_usd=None if row["unpriced"] else usd(row["cost_pico"]),
     )
 
 
@@ -162,8 +162,21 @@ async def conversations(
     )
 
 
+class Turn(BaseModel):
+    response_id: str
+    created_at: datetime
+    model: str | None
+    total_tokens: int | None
+    cost_usd: USD | None = Field(description="Null when unpriced.")
+    cumulative_cost_usd: USD = Field(description="What the chain had cost up to this turn.")
+
+
 class ConversationDetail(Conversation):
     days: list[dict[str, Any]]
+    turns: list[Turn] = Field(
+        description="Its responses in order (at most 500), each with what the chain had "
+        "cost so far: each turn reads the whole conversation again, so the cost grows."
+    )
 
 
 @router.get(
@@ -175,16 +188,26 @@ class ConversationDetail(Conversation):
 async def conversation(
     runtime: RuntimeDep, root_id: Annotated[str, Path(min_length=1, max_length=256)]
 ) -> ConversationDetail:
-    def read(conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.DataFrame]:
+    image_model = runtime.settings.image_gen_model
+
+    def read(conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
         head = query_frame(conn, "SELECT * FROM conversations WHERE root_id = ?", [root_id])
         days = query_frame(
             conn,
             "SELECT * FROM conversation_days WHERE root_id = ? ORDER BY bucket",
             [root_id],
         )
-        return head, days
+        turns = priced_events(
+            conn,
+            """(response_id = ? OR response_id IN (
+                   SELECT response_id FROM conversation_links WHERE root_id = ?))""",
+            [root_id, root_id],
+            image_model=image_model,
+            order="ORDER BY created_at, response_id LIMIT 500",
+        ).sort("created_at", "response_id")
+        return head, days, turns
 
-    head, days = await in_thread(runtime, read)
+    head, days, turns = await in_thread(runtime, read)
     if head.height == 0:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no conversation starts at {root_id!r}")
     growing = days.with_columns(
@@ -204,4 +227,23 @@ async def conversation(
             }
             for r in growing.iter_rows(named=True)
         ],
+        turns=_turns(turns),
     )
+
+
+def _turns(events: pl.DataFrame) -> list[Turn]:
+    out, spent = [], 0
+    for row in events.iter_rows(named=True):
+        cost = row["cost_pico"]
+        spent += cost or 0
+        out.append(
+            Turn(
+                response_id=row["response_id"],
+                created_at=row["created_at"],
+                model=row["model"],
+                total_tokens=row["total_tokens"],
+                cost_usd=None if cost is None else usd(cost),
+                cumulative_cost_usd=usd(spent),
+            )
+        )
+    return out

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import plotly.graph_objects as go
 
+from api.events import Turn
 from api.reports import CostReport, Measures, ModelRow
 
 _LAYOUT = {
@@ -164,3 +165,23 @@ def shares_by_model(models: Sequence[ModelRow]) -> go.Figure:
 
 def measures_total(rows: Sequence[Measures]) -> Decimal:
     return sum((Decimal(r.priced_cost_usd) for r in rows), Decimal(0))
+
+
+def conversation_growth(turns: Sequence[Turn]) -> go.Figure:
+    """Each turn's cost (bars) and what the chain had cost so far (a line), by turn."""
+    numbers = list(range(1, len(turns) + 1))
+    traces: list[go.BaseTraceType] = [
+        go.Bar(name="turn", x=numbers, y=[dollars(t.cost_usd or "0") for t in turns]),
+        go.Scatter(
+            name="so far",
+            x=numbers,
+            y=[dollars(t.cumulative_cost_usd) for t in turns],
+            mode="lines+markers",
+        ),
+    ]
+    return _figure(
+        traces,
+        xaxis={"title": "turn", "dtick": 1},
+        yaxis={"title": "USD", "tickprefix": "$"},
+        hovermode="closest",
+    )

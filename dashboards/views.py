@@ -22,7 +22,7 @@ from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Match
 
-from api import jobs, reports
+from api import events, jobs, reports
 from api.deps import RuntimeDep
 from api.params import FilterParams
 from api.params import filters as api_filters
@@ -462,7 +462,93 @@ async def user_page(
         )
         + "</section>"
     )
+    parts.append(await _conversations_section(runtime, user_id, f))
     return view(title, "users", f, "".join(parts), models=await _known_models(runtime))
+
+
+async def _conversations_section(runtime: RuntimeDep, user_id: str, f: ViewFilters) -> str:
+    """The user's costliest conversations (previous_response_id chains) in the range."""
+    range_ = f.api_params()
+    page = await _api(
+        events.conversations(
+            runtime,
+            events.ConversationParams(
+                start=range_["start"], end=range_["end"], user=user_id, limit=10
+            ),
+        )
+    )
+    rows = [
+        (
+            f'<a href="/dashboard/conversations/{quote(c.root_id, safe="")}?{esc(f.query())}">'
+            f"{esc(c.root_id)}</a>",
+            esc(count(c.responses)),
+            esc(count(c.total_tokens)),
+            esc(money(c.cost_usd, 6) if c.cost_usd is not None else "unpriced"),
+            esc(_when(c.last_at)),
+        )
+        for c in page.conversations
+    ]
+    if not rows:
+        return ""
+    return (
+        '<section class="card"><h2>Conversations, costliest first</h2>'
+        + table(
+            "conversations-table",
+            ["First response", "Responses", "Tokens", "Cost", "Last"],
+            rows,
+            raw=True,
+        )
+        + "</section>"
+    )
+
+
+@router.get("/conversations/{root_id}")
+async def conversation_page(
+    request: Request, runtime: RuntimeDep, root_id: str = Path(min_length=1, max_length=256)
+) -> HTMLResponse:
+    """One conversation: what it had cost after each turn (each turn reads the whole
+    conversation again, so a long chain costs more per turn)."""
+    f, error = _filters(request)
+    title = f"Conversation {root_id}"
+    try:
+        detail = await _api(events.conversation(runtime, root_id))
+    except Refused as exc:
+        return view(title, "users", f, error + notice(str(exc)))
+    turns = detail.turns
+    parts = [
+        error,
+        kpis(
+            [
+                ("conversation-user", "End user", detail.user_id or "(none)"),
+                ("conversation-responses", "Responses", count(detail.responses)),
+                ("conversation-cost", "Cost", money(detail.cost_usd, 6)),
+            ]
+        ),
+        chart(
+            "conversation-growth",
+            "Cost as the conversation grew",
+            figures.conversation_growth(turns) if turns else None,
+            "No responses of this conversation are in the warehouse.",
+        ),
+        '<section class="card"><h2>Turns</h2>'
+        + table(
+            "turns-table",
+            ["#", "Created", "Model", "Tokens", "Cost", "So far"],
+            [
+                (
+                    i + 1,
+                    _when(t.created_at),
+                    t.model or "",
+                    count(t.total_tokens),
+                    money(t.cost_usd, 6) if t.cost_usd is not None else "unpriced",
+                    money(t.cumulative_cost_usd, 6),
+                )
+                for i, t in enumerate(turns)
+            ],
+        )
+        + "</section>",
+    ]
+    return view(title, "users", f, "".join(parts))
 
 
 # -- models ------------------------------------------------------------------------------

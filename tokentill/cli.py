@@ -109,21 +109,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from tokentill.app import create_app
     from tokentill.server import serve
 
+    if not args.verbose:
+        # One status line says what happens; the server speaks up only when something
+        # goes wrong (a line per proxied request would bury it).
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("tokentill.alerts").setLevel(logging.ERROR)  # on the dashboard
     fake = demo.start_fake_upstream("127.0.0.1", args.fake_port)
     settings = Settings(
         db=args.db,
         upstream=f"http://127.0.0.1:{args.fake_port}",
         host=args.host or "127.0.0.1",
         port=args.port or 8787,
+        abuse_interval=120.0,
     )
     base = f"http://127.0.0.1:{settings.port}"
     stop = threading.Event()
+    progress = demo.Progress()
 
     def traffic() -> None:
-        if demo.wait_healthy(base):
-            print(f"tokentill demo: traffic flowing through {base}/v1 into {settings.db}")
-            print(f"tokentill demo: the dashboard is at {base}/dashboard/ (rolled up every minute)")
-            demo.generate_traffic(base, rate=args.rate, stop=stop)
+        if not demo.wait_healthy(base):
+            return
+        print(f"tokentill demo: the dashboard is at {base}/dashboard/", flush=True)
+        print(f"tokentill demo: the proxy is {base}/v1, the warehouse {settings.db}", flush=True)
+        threading.Thread(
+            target=demo.show_status, args=(base, progress, stop), name="demo-status", daemon=True
+        ).start()
+        if not args.no_showcase:
+            demo.Showcase(base, progress).run()
+        demo.generate_traffic(base, rate=args.rate, stop=stop, progress=progress)
 
     threading.Thread(target=traffic, name="demo-traffic", daemon=True).start()
     try:
@@ -133,6 +146,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             settings.port,
             header_timeout=settings.header_timeout,
             max_connections=settings.max_connections,
+            log_level="info" if args.verbose else "warning",
         )
     finally:
         stop.set()
@@ -184,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=None)
     demo.add_argument("--fake-port", type=int, default=8788)
     demo.add_argument("--rate", type=float, default=20.0, help="calls per second")
+    demo.add_argument(
+        "--no-showcase", action="store_true", help="live traffic only: no history, quotas, abuse"
+    )
+    demo.add_argument("--verbose", action="store_true", help="log every request, as serve does")
     demo.set_defaults(func=_cmd_demo)
 
     fake = sub.add_parser("fake-upstream", help="run the built-in fake OpenAI API")

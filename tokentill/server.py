@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -106,5 +107,20 @@ def serve(
         backlog=4096,
     )
     server = _Server(config)
-    server.run()
+    deliberate = _DeliberateCuts()
+    logging.getLogger("uvicorn.error").addFilter(deliberate)
+    try:
+        server.run()
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(deliberate)
     return server.started
+
+
+class _DeliberateCuts(logging.Filter):
+    """The proxy ends a response mid-body on purpose when the upstream's broke off (an
+    answer ended cleanly would tell the client it was whole); uvicorn logs each as an
+    error. Those are the upstream's failures, recorded in the row and counted in the
+    metrics, not tokentill's: they are not logged as errors of the server."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing response."

@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 SRC := tokentill ingest warehouse api dashboards
 
-.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api sync fake-upstream chromium screenshots bench-dashboard
+.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api sync fake-upstream chromium screenshots bench-dashboard docs
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -40,6 +40,9 @@ pytest: sync chromium
 # package from uv.lock); Playwright never downloads a browser of its own.
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+docs: sync  ## rewrite docs/configuration.md from tokentill/settings.py
+	$(RUN) python -m tokentill.settings_doc
 
 screenshots: sync chromium  ## refresh the dashboard screenshots in docs/ (the browser tests, then the demo's overview)
 	TOKENTILL_SCREENSHOTS=docs $(RUN) pytest -q tests/test_dashboard.py tests/test_demo.py

@@ -19,10 +19,15 @@ class Settings(BaseSettings):
         env_prefix="TOKENTILL_", extra="forbid", frozen=True, env_ignore_empty=True
     )
 
+    # The warehouse: one DuckDB file (its journal and checkpoints sit beside it).
     db: Path = Path("data/tokentill.duckdb")
+    # Where /v1 is forwarded: OpenAI, or anything that speaks its API.
     upstream: str = "https://api.openai.com"
+    # Where tokentill listens (the proxy, the admin API and the dashboard on one port).
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8787
+    # The bearer token of the admin API and the dashboard's login (16+ characters).
+    # Without one they answer loopback clients only.
     admin_token: SecretStr | None = None
 
     # The capture journal: where finished responses are appended before the client
@@ -31,11 +36,15 @@ class Settings(BaseSettings):
     # How often the journal is fsynced (group fsync). A kill -9 loses nothing
     # (the bytes are in the kernel); a power cut loses at most this window.
     journal_fsync_interval: Seconds = 0.05
+    # A journal segment is closed (and later deleted, once in DuckDB) past this size.
     journal_segment_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
 
+    # The one writer: events are inserted into DuckDB in batches of at most this many,
+    # at least this often.
     writer_batch_max: Annotated[int, Field(ge=1)] = 20_000
     writer_flush_interval: Seconds = 0.5
 
+    # The upstream client: connect and read timeouts, pooled connections.
     upstream_connect_timeout: Seconds = 10.0
     upstream_read_timeout: Seconds = 600.0
     upstream_max_connections: Annotated[int, Field(ge=1)] = 512
@@ -53,6 +62,7 @@ class Settings(BaseSettings):
     # A batch (Batch API) is watched until it ends, for at most this long (OpenAI's
     # completion window is a day).
     batch_watch_max: Seconds = 26 * 3600.0
+    # Polling backs off from the first interval to the second.
     background_poll_min_interval: Seconds = 1.0
     background_poll_max_interval: Seconds = 60.0
 

@@ -35,7 +35,13 @@ Moment = Annotated[
     Field(description="A date (YYYY-MM-DD, midnight UTC) or an RFC 3339 date-time."),
 ]
 IsoTime = Annotated[datetime, BeforeValidator(_iso_only)]
-Day = Annotated[date, BeforeValidator(_iso_only), Field(description="YYYY-MM-DD (UTC).")]
+# Days far outside any usage (year 1, year 9999) are refused up front: a month or a day
+# before or after them does not exist, and no report is about them.
+Day = Annotated[
+    date,
+    BeforeValidator(_iso_only),
+    Field(description="YYYY-MM-DD (UTC).", ge=date(2000, 1, 1), le=date(2199, 12, 31)),
+]
 Names = Annotated[list[str], Field(max_length=MAX_LIST)]
 
 

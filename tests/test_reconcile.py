@@ -404,7 +404,7 @@ def test_reconcile_refuses_clearly(
     too_long = httpx.get(url, params={"start": "2020-01-01", "end": "2026-01-01"})
     assert too_long.status_code == 422 and "split the range" in too_long.json()["detail"][0]["msg"]
     far = httpx.get(url, params={"start": "9999-12-31", "end": "9999-12-31"})
-    assert far.status_code == 422 and "less than or equal to 2199-12-31" in str(far.json())
+    assert far.status_code == 422 and far.json()["detail"][0]["type"] == "less_than_equal"
     early = httpx.get(url, params={"start": "2019-12-01", "end": "2020-01-02"})
     assert early.status_code == 422 and "must be between" in early.json()["detail"][0]["msg"]
 

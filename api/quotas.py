@@ -17,21 +17,20 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from api.deps import RuntimeDep
-from ingest.capture import now_us
-from ingest.identity import BadUserId, end_user_id
-from ingest.quotas import (
-    PICO_PER_USD,
+from tokentill.quota_service import QuotaBook, QuotaService
+from warehouse.events import now_us
+from warehouse.identity import BadUserId, end_user_id
+from warehouse.pricing import PICO_PER_USD
+from warehouse.quota_rules import (
     Limit,
     Mode,
     Period,
-    QuotaBook,
     Subject,
     Unit,
     subject_label,
     tag_subject,
     user_subject,
 )
-from tokentill.quota_service import QuotaService
 
 router = APIRouter(
     prefix="/quotas", tags=["quotas"], responses={404: {"description": "No such quota or block"}}

@@ -26,8 +26,8 @@ from api.params import Day, bad_request
 from tokentill.settings import Settings
 from warehouse.openai_bill import Bill, BillUnavailableError, ExportError, fetch_bill
 from warehouse.openai_bill import read_cost_export as parse_export
+from warehouse.pricing import PICO_PER_USD
 from warehouse.reconcile import (
-    PICO_PER_USD,
     Thresholds,
     by_day,
     compare,

@@ -578,10 +578,10 @@ def quota_book_benchmark(results: Results, workdir: Path, n: int) -> None:
     default limit of each unit and a tag limit (as the `quota` target is set up), and the
     same request's forwarding-free baseline: parsing its body, which the proxy does anyway."""
     from ingest.capture import RequestFacts, now_us
-    from ingest.events import UsageEvent
     from ingest.live_prices import PriceBook
     from ingest.quotas import Limit, QuotaBook, QuotaConfig, tag_subject
     from warehouse.db import open_warehouse
+    from warehouse.events import UsageEvent
     from warehouse.prices import price_table, seed_published
 
     conn = open_warehouse(workdir / "quota-book.duckdb")
@@ -670,9 +670,9 @@ def writer_benchmark(results: Results, workdir: Path, n: int) -> None:
     the events are journaled, timed from the first append until all are committed)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from ingest.events import UsageEvent, key_fingerprint
     from ingest.journal import Journal
     from warehouse.db import open_warehouse
+    from warehouse.events import UsageEvent, key_fingerprint
     from warehouse.writer import Writer
 
     now = time.time_ns() // 1000

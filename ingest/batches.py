@@ -39,10 +39,10 @@ from typing import Any, Protocol
 import orjson
 
 from ingest.capture import Endpoint, JSONCapture, RequestFacts, error_event, now_us
-from ingest.events import UsageEvent
 from ingest.polling import PollSchedule, fetch
 from ingest.proxy import Admission, IdentityRules, RequestRejectedError, learn_request
 from ingest.upstream import Upstream, UpstreamError
+from warehouse.events import UsageEvent
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from typing import Any, Literal
 import orjson
 
 from ingest import json_text, usage
-from ingest.events import TERMINAL_STATUSES, EventKind, UsageEvent
 from ingest.sse import SSEParser, event_fields, lead, replace_data
+from warehouse.events import TERMINAL_STATUSES, EventKind, UsageEvent
+from warehouse.events import now_us as now_us  # re-exported: the proxy's clock
 
 Endpoint = Literal[
     "responses",
@@ -87,10 +88,6 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 @dataclass(slots=True)

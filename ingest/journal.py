@@ -21,18 +21,13 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import orjson
 
-from ingest.events import UsageEvent
+from warehouse.events import UsageEvent
+from warehouse.writer import Position
 
 log = logging.getLogger(__name__)
-
-
-class Position(NamedTuple):
-    segment: int
-    offset: int
 
 
 class JournalLockedError(RuntimeError):

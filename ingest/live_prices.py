@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 import polars as pl
 
-from ingest.events import UsageEvent
+from warehouse.events import UsageEvent
 from warehouse.pricing import (
     audio_cost_pico,
     catalog_names,

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import orjson
 
 from ingest.capture import JSONCapture, RequestFacts, now_us
-from ingest.events import UsageEvent
 from ingest.polling import PollSchedule, fetch
 from ingest.upstream import Upstream, UpstreamError
+from warehouse.events import UsageEvent
 
 log = logging.getLogger(__name__)
 

@@ -45,9 +45,8 @@ from ingest.capture import (
     now_us,
 )
 from ingest.errors import send_error
-from ingest.events import EventKind, key_fingerprint
 from ingest.forms import form_fields, is_form
-from ingest.identity import MAX_USER_ID, BadUserId, decode_header, end_user_id
+from ingest.metrics import Metrics
 from ingest.paths import NonCanonicalPath, canonical_path
 from ingest.poller import CREDENTIAL_HEADERS
 from ingest.recorder import Recorder
@@ -59,8 +58,8 @@ from ingest.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from tokentill.metrics import Metrics
-from tokentill.settings import Settings
+from warehouse.events import EventKind, key_fingerprint
+from warehouse.identity import MAX_USER_ID, BadUserId, decode_header, end_user_id
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +183,22 @@ class BatchObserver(Protocol):
     ) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """What the proxy is told (the composition root takes it from `Settings`)."""
+
+    upstream: str
+    max_request_bytes: int
+    max_parsed_response_bytes: int
+    stream_drain_timeout: float
+    user_id_case_fold: bool = False
+    refuse_user_mismatch: bool = False
+
+
 class Proxy:
     """ASGI app for everything under /v1."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: ProxyConfig, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
         self._upstream = settings.upstream
@@ -664,7 +675,7 @@ async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
 
 
 def check_user_header(raw: bytes | None, *, case_fold: bool = False) -> str | None:
-    """The `X-Tokentill-User` header's end user (UTF-8, see `ingest.identity`), or a 400."""
+    """The `X-Tokentill-User` header's end user (UTF-8, see `warehouse.identity`), or a 400."""
     if raw is None:
         return None
     try:
@@ -743,7 +754,7 @@ def _str_or_none(value: Any) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class IdentityRules:
-    """How end-user ids are read (see `ingest.identity`)."""
+    """How end-user ids are read (see `warehouse.identity`)."""
 
     case_fold: bool = False
     refuse_mismatch: bool = False  # header and body name different users: 400

@@ -45,7 +45,6 @@ reservation (they could only read zero), and made anew, at zero, if it returns; 
 
 from __future__ import annotations
 
-import calendar
 import hashlib
 import math
 import time
@@ -54,79 +53,33 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import orjson
 
 from ingest.capture import RequestFacts, now_us
-from ingest.events import UsageEvent
 from ingest.live_prices import PriceBook
 from ingest.proxy import RequestRejectedError
 from warehouse.alerts import Alert, Severity
+from warehouse.events import UsageEvent
+from warehouse.quota_rules import (
+    FOREVER,
+    PERIODS,
+    THRESHOLDS,
+    Limit,
+    Period,
+    Subject,
+    Unit,
+    subject_label,
+    tag_subject,
+    usd,
+    user_subject,
+    window,
+)
 
-Unit = Literal["usd", "tokens", "requests"]
-Period = Literal["minute", "day", "month", "total"]
-Mode = Literal["hard", "soft"]
-UNITS: tuple[Unit, ...] = get_args(Unit)
-PERIODS: tuple[Period, ...] = get_args(Period)
-THRESHOLDS = (50, 80, 100)
-PICO_PER_USD = 10**12
-_US_MINUTE = 60_000_000
-_US_DAY = 86_400_000_000
-_FOREVER = 2**62
 # Burn rate: spend over the last this many minutes.
 BURN_MINUTES = 15
-
-# ("user", user_id, "") or ("tag", key, value)
-Subject = tuple[str, str, str]
-
-
-def user_subject(user_id: str) -> Subject:
-    return ("user", user_id, "")
-
-
-def tag_subject(key: str, value: str) -> Subject:
-    return ("tag", key, value)
-
-
-def subject_label(subject: Subject) -> str:
-    return f"user:{subject[1]}" if subject[0] == "user" else f"tag:{subject[1]}={subject[2]}"
-
-
-@dataclass(frozen=True, slots=True)
-class Limit:
-    unit: Unit
-    period: Period
-    amount: int  # pico-dollars for usd, else a count
-    mode: Mode = "hard"
-
-    def describe(self, value: int) -> str:
-        if self.unit == "usd":
-            return f"${usd(value)}"
-        return f"{value} {self.unit}"
-
-
-def usd(pico: int) -> Decimal:
-    """Pico-dollars as an exact Decimal of USD, without trailing zeros past the cent."""
-    value = Decimal(pico) / PICO_PER_USD
-    return value.quantize(Decimal("0.01")) if value == value.quantize(Decimal("0.01")) else value
-
-
-def window(period: Period, t_us: int) -> tuple[int, int]:
-    """The UTC window [start, end) in microseconds holding `t_us`."""
-    if period == "minute":
-        start = t_us - t_us % _US_MINUTE
-        return start, start + _US_MINUTE
-    if period == "day":
-        start = t_us - t_us % _US_DAY
-        return start, start + _US_DAY
-    if period == "month":
-        moment = datetime.fromtimestamp(t_us / 1e6, UTC)
-        first = datetime(moment.year, moment.month, 1, tzinfo=UTC)
-        days = calendar.monthrange(moment.year, moment.month)[1]
-        start = int(first.timestamp()) * 1_000_000
-        return start, start + days * _US_DAY
-    return 0, _FOREVER
+_US_MINUTE = 60_000_000
 
 
 @dataclass(slots=True)
@@ -268,7 +221,7 @@ class QuotaExceededError(RequestRejectedError):
             message += f", and this request may use up to {limit.describe(need)}"
             if limit.unit != "requests":
                 message += " (a lower max_output_tokens may fit)"
-        if current.end < _FOREVER:
+        if current.end < FOREVER:
             reset = datetime.fromtimestamp(current.end / 1e6, UTC)
             seconds = max(1, math.ceil((current.end - now) / 1e6))
             headers += [
@@ -776,7 +729,7 @@ def _threshold_alert(
         message += (
             " (requests are now refused)" if limit.mode == "hard" else " (soft: not enforced)"
         )
-    end = None if current.end >= _FOREVER else datetime.fromtimestamp(current.end / 1e6, UTC)
+    end = None if current.end >= FOREVER else datetime.fromtimestamp(current.end / 1e6, UTC)
     return Alert(
         dedupe_key=key,
         kind="quota_threshold",

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ingest.bounds import bound_event
-from ingest.events import UsageEvent
 from ingest.journal import Journal
+from ingest.metrics import Metrics
 from ingest.poller import Poller
-from tokentill.metrics import Metrics
+from warehouse.events import UsageEvent
 
 
 class Settlement(Protocol):

@@ -62,7 +62,7 @@ from ingest import usage
 from ingest.bounds import bounded_metadata
 from ingest.capture import Endpoint, RequestFacts, error_event, finalize, now_us
 from ingest.errors import error_body
-from ingest.events import TERMINAL_STATUSES, UsageEvent, key_fingerprint
+from ingest.metrics import Metrics
 from ingest.paths import NonCanonicalPath, canonical_path
 from ingest.poller import CREDENTIAL_HEADERS
 from ingest.proxy import (
@@ -78,7 +78,7 @@ from ingest.proxy import (
 )
 from ingest.recorder import Recorder
 from ingest.upstream import RawHeaders, UpstreamError
-from tokentill.metrics import Metrics
+from warehouse.events import TERMINAL_STATUSES, UsageEvent, key_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import openai
 import polars as pl
 import pytest
 
-from ingest.events import UsageEvent
 from ingest.journal import Journal
 from tests.conftest import Running, ledger
 from warehouse.abuse import AbuseConfig, features, flags, with_window
 from warehouse.db import open_warehouse
+from warehouse.events import UsageEvent
 from warehouse.writer import Writer
 
 NOW = datetime.now(UTC)

@@ -7,9 +7,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ingest.events import UsageEvent
 from ingest.journal import Journal, JournalLockedError
 from warehouse.db import open_warehouse
+from warehouse.events import UsageEvent
 from warehouse.writer import Writer, parse_lines
 
 T0 = 1_764_000_000_000_000

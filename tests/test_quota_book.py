@@ -15,21 +15,14 @@ import polars as pl
 import pytest
 
 from ingest.capture import RequestFacts, now_us
-from ingest.events import UsageEvent
 from ingest.live_prices import PriceBook
-from ingest.quotas import (
-    Limit,
-    QuotaBook,
-    QuotaConfig,
-    QuotaExceededError,
-    Reservation,
-    user_subject,
-    window,
-)
+from ingest.quotas import QuotaBook, QuotaConfig, QuotaExceededError, Reservation
 from warehouse.alerts import Alert
 from warehouse.db import open_warehouse
+from warehouse.events import UsageEvent
 from warehouse.prices import price_table, seed_published
 from warehouse.pricing import effective_intervals, model_map, price_events
+from warehouse.quota_rules import Limit, user_subject, window
 
 USD = 10**12
 

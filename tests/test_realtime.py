@@ -20,10 +20,10 @@ from pydantic import TypeAdapter
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from ingest import usage
-from ingest.events import key_fingerprint
 from ingest.socket_proxy import Handshake
 from tests.conftest import Running, ledger, put_user_quota
 from warehouse.catalog import published_prices
+from warehouse.events import key_fingerprint
 
 # Every server event is validated with the SDK's own types (the SDK's iterator only
 # constructs them): the fake's payloads, and the proxy's own error events, must be real.

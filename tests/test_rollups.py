@@ -22,12 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.events import UsageEvent
 from ingest.journal import Journal
 from tests.conftest import Running
 from warehouse import jobs, rollups
 from warehouse.catalog import EPOCH, PriceRow
 from warehouse.db import open_warehouse, query_frame
+from warehouse.events import UsageEvent
 from warehouse.jobs import RollupConfig, RollupJob
 from warehouse.migrate import migrate
 from warehouse.prices import adding_prices, insert_rows, price_table

@@ -54,14 +54,14 @@ from api.openai_usage import OpenAIError
 from ingest.batches import BatchWatcher
 from ingest.http1 import HTTP1Upstream
 from ingest.journal import Journal
+from ingest.metrics import Metrics
 from ingest.poller import Poller
-from ingest.proxy import Proxy
+from ingest.proxy import Proxy, ProxyConfig
 from ingest.recorder import Recorder
 from ingest.socket_proxy import SocketProxy
 from ingest.upstream import Upstream
 from ingest.upstream_socket import WebsocketsUpstream
 from tokentill.alerts import AlertOutbox
-from tokentill.metrics import Metrics
 from tokentill.quota_service import QuotaService
 from tokentill.settings import Settings
 from tokentill.webhooks import Webhook
@@ -111,7 +111,17 @@ class Tokentill:
     def __init__(self, settings: Settings, upstream: Upstream | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.proxy = Proxy(settings, self.metrics)
+        self.proxy = Proxy(
+            ProxyConfig(
+                upstream=settings.upstream,
+                max_request_bytes=settings.max_request_bytes,
+                max_parsed_response_bytes=settings.max_parsed_response_bytes,
+                stream_drain_timeout=settings.stream_drain_timeout,
+                user_id_case_fold=settings.user_id_case_fold,
+                refuse_user_mismatch=settings.refuse_user_mismatch,
+            ),
+            self.metrics,
+        )
         self.sockets = SocketProxy(
             settings.upstream,
             settings.stream_drain_timeout,

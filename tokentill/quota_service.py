@@ -23,23 +23,22 @@ import duckdb
 
 from ingest.capture import RequestFacts, now_us
 from ingest.live_prices import PriceBook
-from ingest.quotas import (
-    PERIODS,
-    UNITS,
-    Limit,
-    Period,
-    QuotaBook,
-    QuotaConfig,
-    Subject,
-    Usage,
-    tag_subject,
-    user_subject,
-    window,
-)
+from ingest.quotas import QuotaBook as QuotaBook  # the API reads the book through here
+from ingest.quotas import QuotaConfig, Usage
 from tokentill.settings import Settings
 from warehouse.alerts import Alert, open_quota_alert_keys
 from warehouse.db import fetch_one
 from warehouse.prices import price_table
+from warehouse.quota_rules import (
+    PERIODS,
+    UNITS,
+    Limit,
+    Period,
+    Subject,
+    tag_subject,
+    user_subject,
+    window,
+)
 from warehouse.quota_store import load_limits, replace_limits, used_before
 
 log = logging.getLogger(__name__)

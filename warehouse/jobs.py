@@ -34,9 +34,9 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import polars as pl
 
-from ingest.events import PENDING_STATUSES
 from warehouse import pricing, rollups, summaries
 from warehouse.db import fetch_one, query_frame, transaction
+from warehouse.events import PENDING_STATUSES
 from warehouse.prices import price_table
 
 log = logging.getLogger(__name__)

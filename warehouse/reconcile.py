@@ -34,8 +34,8 @@ import duckdb
 import polars as pl
 
 from warehouse.db import query_frame
+from warehouse.pricing import PICO_PER_USD
 
-PICO_PER_USD = 10**12
 MONEY = pl.Decimal(38, 0)
 # A dated snapshot's family: the same rule as the price catalog's model resolution.
 _DATED = r"-(\d{4}-\d{2}-\d{2}|\d{4})$"

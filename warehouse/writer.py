@@ -15,16 +15,37 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import duckdb
 import polars as pl
 
-from ingest.events import COLUMNS, PENDING_STATUSES, UPDATABLE_COLUMNS
-from ingest.journal import Journal, Position
 from warehouse.db import fetch_one, transaction
+from warehouse.events import COLUMNS, PENDING_STATUSES, UPDATABLE_COLUMNS
 
 log = logging.getLogger(__name__)
+
+
+class Position(NamedTuple):
+    """A place in the journal: how far it has been written into DuckDB."""
+
+    segment: int
+    offset: int
+
+
+class JournalSource(Protocol):
+    """What the writer needs of the journal (`ingest.journal.Journal` is one): its lines
+    after a checkpoint, to replay at start; to be told what is safely in DuckDB, so it
+    can let segments go; and a directory for the lines DuckDB refused."""
+
+    directory: Path
+
+    def replay(self, after: Position) -> Iterator[tuple[Position, bytes]]: ...
+
+    def release(self, upto: Position) -> None: ...
 
 
 def _as_read(dtype: pl.DataType) -> pl.DataType:
@@ -115,7 +136,7 @@ class Writer:
     def __init__(
         self,
         conn: duckdb.DuckDBPyConnection,
-        journal: Journal,
+        journal: JournalSource,
         *,
         batch_max: int,
         flush_interval: float,

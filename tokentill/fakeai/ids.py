@@ -63,6 +63,6 @@ def system_fingerprint(model: str) -> str:
 def key_fingerprint(api_key: str) -> str:
     """A short non-reversible tag for an API key: ``sha256:`` + 16 hex digits.
 
-    Same recipe as the proxy's `ingest.events.key_fingerprint`, so rows compare directly.
+    Same recipe as the proxy's `warehouse.events.key_fingerprint`, so rows compare directly.
     """
     return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]

@@ -9,6 +9,7 @@ response that finished, an interrupted stream whose outcome was fetched later).
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,6 +81,11 @@ class UsageEvent:
     @property
     def is_pending(self) -> bool:
         return self.status in PENDING_STATUSES
+
+
+def now_us() -> int:
+    """Now, in integer microseconds (the unit of every timestamp an event carries)."""
+    return time.time_ns() // 1000
 
 
 def key_fingerprint(authorization: str | None) -> str | None:

@@ -1,0 +1,83 @@
+"""Imports follow the flow: ingest -> warehouse -> api -> dashboards, the composition root
+(`tokentill/`) above them all (`ALLOWED` says what each layer may import): the proxy
+writes into and prices with the warehouse, the API reads the warehouse, the dashboards
+read the API; the warehouse imports neither the proxy nor the API, the API not the
+proxy, and nothing imports the composition root.
+
+Arrows still running back are listed in `KNOWN`, each with why; the test fails on any
+new one, and on a listed one that is gone (so the list only shrinks)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# What each layer may import besides itself. The warehouse (storage, prices, the event
+# contract, pure pipelines) is the bottom; the proxy and the API both stand on it and
+# never on each other; the dashboards stand on the API; the composition root on all.
+ALLOWED: dict[str, frozenset[str]] = {
+    "warehouse": frozenset(),
+    "ingest": frozenset({"warehouse"}),
+    "api": frozenset({"warehouse"}),
+    "dashboards": frozenset({"warehouse", "api"}),
+    "tokentill": frozenset({"warehouse", "ingest", "api", "dashboards"}),
+}
+# (importing module, imported module): why it still runs back (issue 17).
+KNOWN: dict[tuple[str, str], str] = {
+    ("api/quotas.py", "ingest.capture"): "now_us: the quota service's clock",
+    ("api/quotas.py", "warehouse.identity"): "the end-user id rules, for the path parameter",
+    ("api/quotas.py", "ingest.quotas"): "the quota book's types: one quota unit is to come",
+    ("api/quotas.py", "tokentill.quota_service"): "the service the API calls",
+    ("api/deps.py", "tokentill.app"): "Runtime, the request handlers' view of the app",
+    ("api/openai_usage.py", "tokentill.app"): "Runtime",
+    ("api/reports.py", "tokentill.app"): "Runtime",
+    ("api/reconcile.py", "tokentill.settings"): "Settings (thresholds)",
+    ("dashboards/views.py", "tokentill.app"): "Runtime (for type checking only)",
+}
+# The fake upstream and the demo are tools beside the product, above everything.
+TOOLS = ("tokentill/fakeai/", "tokentill/demo.py")
+
+
+def _layer(module: str) -> str | None:
+    top = module.split(".")[0]
+    return top if top in ALLOWED else None
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def backward_imports() -> set[tuple[str, str]]:
+    backward = set()
+    for layer, allowed in ALLOWED.items():
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            name = path.relative_to(ROOT).as_posix()
+            if name.startswith(TOOLS):
+                continue
+            for module in _imports(path):
+                target = _layer(module)
+                if target is not None and target != layer and target not in allowed:
+                    backward.add((name, module))
+    return backward
+
+
+def test_imports_follow_the_flow() -> None:
+    backward = backward_imports()
+    new = sorted(backward - KNOWN.keys())
+    assert new == [], f"imports against the flow: {new}"
+    gone = sorted(KNOWN.keys() - backward)
+    assert gone == [], f"fixed: remove them from KNOWN: {gone}"
+
+
+def test_the_warehouse_imports_no_ingest_and_ingest_no_composition_root() -> None:
+    """The arrows issue 17 named first are gone for good (never allowed in KNOWN)."""
+    for importer, module in backward_imports():
+        assert not (importer.startswith("warehouse/") and module.startswith("ingest")), importer
+        assert not (importer.startswith("ingest/") and module.startswith("tokentill")), importer

@@ -17,6 +17,7 @@ from api.money import USD, usd
 from api.params import FilterParams, RangeParams, bad_request, filters, time_range
 from api.reports import EventRow, event_rows, in_thread
 from warehouse.db import query_frame
+from warehouse.prices import CatalogCache
 from warehouse.spend import Filters, priced_events, raw_where
 
 router = APIRouter(tags=["events"])
@@ -53,6 +54,7 @@ def newest_events(
     limit: int,
     after: tuple[datetime, str] | None,
     image_model: str,
+    catalog: CatalogCache,
 ) -> pl.DataFrame:
     """Newest first, `limit` of them, older than `after`. Looks back a day at a time,
     widening the window, so a page reads recent data rather than the whole range."""
@@ -73,6 +75,7 @@ def newest_events(
             where,
             params,
             image_model=image_model,
+            catalog=catalog,
             order=f"ORDER BY created_at DESC, event_id DESC LIMIT {limit + 1}",
         )
         if found.height > limit or start <= f.start:
@@ -87,7 +90,9 @@ async def events(runtime: RuntimeDep, params: Annotated[EventParams, Query()]) -
     after = _decode(params.cursor) if params.cursor else None
     frame = await in_thread(
         runtime,
-        lambda conn: newest_events(conn, f, params.limit, after, runtime.settings.image_gen_model),
+        lambda conn: newest_events(
+            conn, f, params.limit, after, runtime.settings.image_gen_model, runtime.catalog
+        ),
     )
     page = frame.head(params.limit)
     more = frame.height > params.limit
@@ -188,7 +193,7 @@ class ConversationDetail(Conversation):
 async def conversation(
     runtime: RuntimeDep, root_id: Annotated[str, Path(min_length=1, max_length=256)]
 ) -> ConversationDetail:
-    image_model = runtime.settings.image_gen_model
+    image_model, catalog = runtime.settings.image_gen_model, runtime.catalog
 
     def read(conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
         head = query_frame(conn, "SELECT * FROM conversations WHERE root_id = ?", [root_id])
@@ -203,6 +208,7 @@ async def conversation(
                    SELECT response_id FROM conversation_links WHERE root_id = ?))""",
             [root_id, root_id],
             image_model=image_model,
+            catalog=catalog,
             order="ORDER BY created_at, response_id LIMIT 500",
         ).sort("created_at", "response_id")
         return head, days, turns

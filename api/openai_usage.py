@@ -286,7 +286,10 @@ async def _answer(
     dims = tuple(dict.fromkeys(_DIMENSION[g] for g in group_by))
     query = SpendQuery(filters, dims, _BUCKET[width])
     return await in_thread(
-        runtime, lambda conn: spend(conn, query, image_model=runtime.settings.image_gen_model)
+        runtime,
+        lambda conn: spend(
+            conn, query, image_model=runtime.settings.image_gen_model, catalog=runtime.catalog
+        ),
     )
 
 

@@ -139,7 +139,10 @@ async def cost_report(runtime: Runtime, params: CostParams) -> dict[str, Any]:
         raise bad_request(exc.param, str(exc)) from exc
     query = SpendQuery(filters(params), dims, params.bucket)
     frame = await in_thread(
-        runtime, lambda conn: spend(conn, query, image_model=runtime.settings.image_gen_model)
+        runtime,
+        lambda conn: spend(
+            conn, query, image_model=runtime.settings.image_gen_model, catalog=runtime.catalog
+        ),
     )
     rows = [
         {"bucket": row.get("bucket"), "group": {d: row[d] for d in dims}, **measures(row)}
@@ -390,11 +393,11 @@ async def user_detail(
 ) -> UserDetail:
     base = filters(params)
     f = Filters(**{**base.__dict__, "users": (user_id,)})
-    image_model = runtime.settings.image_gen_model
+    image_model, catalog = runtime.settings.image_gen_model, runtime.catalog
 
     def read(conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-        by_model = spend(conn, SpendQuery(f, ("model",)), image_model=image_model)
-        by_day = spend(conn, SpendQuery(f, (), "day"), image_model=image_model)
+        by_model = spend(conn, SpendQuery(f, ("model",)), image_model=image_model, catalog=catalog)
+        by_day = spend(conn, SpendQuery(f, (), "day"), image_model=image_model, catalog=catalog)
         params_: list[object] = []
         where = raw_where(f, params_)
         recent = priced_events(
@@ -402,6 +405,7 @@ async def user_detail(
             where,
             params_,
             image_model=image_model,
+            catalog=catalog,
             order="ORDER BY created_at DESC, event_id DESC LIMIT 20",
         ).sort("created_at", "event_id", descending=True)
         return by_model, by_day, recent
@@ -441,7 +445,10 @@ class ModelReport(BaseModel):
 async def models(runtime: RuntimeDep, params: Annotated[FilterParams, Query()]) -> ModelReport:
     query = SpendQuery(filters(params), ("model",))
     frame = await in_thread(
-        runtime, lambda conn: spend(conn, query, image_model=runtime.settings.image_gen_model)
+        runtime,
+        lambda conn: spend(
+            conn, query, image_model=runtime.settings.image_gen_model, catalog=runtime.catalog
+        ),
     )
     out = []
     for row in frame.iter_rows(named=True):

@@ -45,7 +45,10 @@ from _common import (  # noqa: E402
 
 from api.reports import list_users, month_summary  # noqa: E402
 from warehouse.db import open_warehouse  # noqa: E402
+from warehouse.prices import CatalogCache  # noqa: E402
 from warehouse.spend import Filters, SpendQuery, spend  # noqa: E402
+
+CATALOG = CatalogCache()  # the bench's one price snapshot, as the server's runtime holds one
 
 TOKEN = "bench-api-admin-token-0123456789"
 TARGET_P95_MS = 100.0
@@ -93,7 +96,9 @@ def cases(now: datetime) -> list[Case]:
             (
                 "GET /api/costs (by model, per day)",
                 days,
-                lambda c, f=f: spend(c, SpendQuery(f, ("model",), "day"), image_model="x"),
+                lambda c, f=f: spend(
+                    c, SpendQuery(f, ("model",), "day"), image_model="x", catalog=CATALOG
+                ),
                 [("/api/costs", {**span, "group_by": "model", "bucket": "day"})],
             )
         )
@@ -101,7 +106,7 @@ def cases(now: datetime) -> list[Case]:
             (
                 "GET /api/costs (by user)",
                 days,
-                lambda c, f=f: spend(c, SpendQuery(f, ("user",)), image_model="x"),
+                lambda c, f=f: spend(c, SpendQuery(f, ("user",)), image_model="x", catalog=CATALOG),
                 [("/api/costs", {**span, "group_by": "user", "limit": 100})],
             )
         )
@@ -135,7 +140,9 @@ def cases(now: datetime) -> list[Case]:
             (
                 "GET /api/v1/organization/usage/completions (1d, by model; per page)",
                 days,
-                lambda c, f=f: spend(c, SpendQuery(f, ("model",), "day"), image_model="x"),
+                lambda c, f=f: spend(
+                    c, SpendQuery(f, ("model",), "day"), image_model="x", catalog=CATALOG
+                ),
                 pages,
             )
         )

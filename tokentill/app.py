@@ -70,7 +70,7 @@ from warehouse.alerts import Alert
 from warehouse.db import open_warehouse
 from warehouse.jobs import RollupConfig, RollupJob
 from warehouse.periods import post_adjustments
-from warehouse.prices import insert_rows, load_price_file, seed_published
+from warehouse.prices import CatalogCache, insert_rows, load_price_file, seed_published
 from warehouse.scheduler import start_scheduler, stop_scheduler
 from warehouse.writer import Writer
 
@@ -92,6 +92,7 @@ class Runtime:
     rollup: RollupJob
     alerts: AlertOutbox
     abuse: AbuseJob
+    catalog: CatalogCache  # the one price snapshot: rollups, reports and quotas
     quotas: QuotaService | None = None
     ready: bool = False
     _cursor_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -299,9 +300,11 @@ class Tokentill:
             rejected=lambda: writer.stats.rejected,
             pending=lambda: len(poller),
         )
+        catalog = CatalogCache()
         rollup = RollupJob(
             lambda: runtime.connect(),
             RollupConfig(tag_keys=settings.rollup_tag_keys, image_model=settings.image_gen_model),
+            catalog,
         )
         webhook = None
         if settings.alert_webhook_url is not None:
@@ -333,6 +336,7 @@ class Tokentill:
                 ),
                 outbox.store_from_thread,
             ),
+            catalog,
         )
         self.runtime = runtime
         self.api.state.runtime = runtime
@@ -342,7 +346,11 @@ class Tokentill:
             if not await asyncio.to_thread(writer.flush, 120.0):
                 raise RuntimeError("the journal replay did not reach DuckDB in time")
             quota_service = QuotaService(
-                settings, runtime.connect, outbox.raise_alert, lambda: writer.flush(60.0)
+                settings,
+                runtime.connect,
+                outbox.raise_alert,
+                lambda: writer.flush(60.0),
+                catalog,
             )
             await asyncio.to_thread(quota_service.start)
             runtime.quotas = quota_service

@@ -13,7 +13,6 @@ Threads: DuckDB reads run in worker threads; the book is only touched on the eve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -27,8 +26,7 @@ from ingest.quotas import QuotaBook as QuotaBook  # the API reads the book throu
 from ingest.quotas import QuotaConfig, Usage
 from tokentill.settings import Settings
 from warehouse.alerts import Alert, open_quota_alert_keys
-from warehouse.db import fetch_one
-from warehouse.prices import price_table
+from warehouse.prices import CatalogCache
 from warehouse.quota_rules import (
     PERIODS,
     UNITS,
@@ -59,10 +57,12 @@ class QuotaService:
         connect: Callable[[], duckdb.DuckDBPyConnection],
         alert: Callable[[Alert], None],
         flush: Callable[[], bool],
+        catalog: CatalogCache,
     ) -> None:
         self._settings = settings
         self._connect = connect
         self._flush = flush
+        self._catalog = catalog
         config = QuotaConfig(
             tag_keys=settings.quota_tag_keys,
             output_cap=settings.quota_output_cap,
@@ -273,21 +273,19 @@ class QuotaService:
         started or ended since the last one was built; else None (a cheap check)."""
         conn = self._connect()
         try:
-            row = fetch_one(conn, "SELECT count(*), coalesce(max(price_id), 0) FROM prices")
-            mark = (int(row[0]), int(row[1])) if row else (0, 0)
             changes_at = self.book.prices.changes_at
             due = changes_at is not None and datetime.now(UTC) >= changes_at
-            if mark == self._price_mark and not due:
+            catalog = self._catalog.read(conn)
+            if catalog.mark == self._price_mark and not due:
                 return None
             return self._price_book(conn)
         finally:
-            with contextlib.suppress(duckdb.Error):
-                conn.close()
+            conn.close()
 
     def _price_book(self, conn: duckdb.DuckDBPyConnection) -> PriceBook:
-        row = fetch_one(conn, "SELECT count(*), coalesce(max(price_id), 0) FROM prices")
-        self._price_mark = (int(row[0]), int(row[1])) if row else (0, 0)
-        return PriceBook.build(price_table(conn), self._settings.image_gen_model)
+        catalog = self._catalog.read(conn)
+        self._price_mark = catalog.mark
+        return PriceBook.build(catalog.prices, self._settings.image_gen_model)
 
 
 def _subject(scope: Scope) -> Subject | None:

@@ -20,6 +20,8 @@ EventKind = Literal["create", "update"]
 TERMINAL_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled", "error"})
 # Statuses a later event may still change.
 PENDING_STATUSES = frozenset({"queued", "in_progress", "interrupted"})
+# The same, as a SQL list (`status IN (...)`).
+PENDING_SQL = ", ".join(f"'{status}'" for status in sorted(PENDING_STATUSES))
 
 
 @dataclass(slots=True)

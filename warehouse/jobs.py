@@ -36,8 +36,8 @@ import polars as pl
 
 from warehouse import pricing, rollups, summaries
 from warehouse.db import fetch_one, query_frame, transaction
-from warehouse.events import PENDING_STATUSES
-from warehouse.prices import price_table
+from warehouse.events import PENDING_SQL, PENDING_STATUSES
+from warehouse.prices import CatalogCache
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,6 @@ _COUNTED_COLUMNS = (
     "cost_pico",
     "unpriced",
 )
-_PENDING_SQL = ", ".join(f"'{status}'" for status in sorted(PENDING_STATUSES))
 _DAY = pl.col("created_at").dt.truncate("1d")
 _LINKS_SCHEMA = {"response_id": pl.String, "root_id": pl.String, "depth": pl.Int32}
 
@@ -105,13 +104,18 @@ class RollupJob:
     """Runs one at a time (a lock), from the scheduler, the API or the CLI."""
 
     def __init__(
-        self, connect: Callable[[], duckdb.DuckDBPyConnection], config: RollupConfig
+        self,
+        connect: Callable[[], duckdb.DuckDBPyConnection],
+        config: RollupConfig,
+        catalog: CatalogCache | None = None,
     ) -> None:
+        """`catalog`: the process's price snapshot, shared with the reports and the
+        quotas (a job of its own, in the CLI or a bench, makes its own)."""
         self._connect = connect
         self._config = config
+        self._catalog_cache = catalog or CatalogCache()
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
-        self._catalog: tuple[tuple[int, int], pl.DataFrame, _Prices] | None = None
 
     def cancel(self) -> None:
         """Make a run in progress stop after its current chunk (shutdown)."""
@@ -185,16 +189,9 @@ class RollupJob:
             self._increment(conn, int(last[0]), watermark, int(last[1]), prices, priced_by, result)
 
     def _prices(self, conn: duckdb.DuckDBPyConnection) -> tuple[int, pl.DataFrame, _Prices]:
-        """The price mark (the highest `price_id`), the catalog and its intervals, worked
-        out again only when the catalog changed: prices are only ever added, so their
-        count and highest id name it."""
-        state = fetch_one(conn, "SELECT coalesce(max(price_id), 0), count(*) FROM prices")
-        key = (int(state[0]), int(state[1])) if state is not None else (0, 0)
-        if self._catalog is None or self._catalog[0] != key:
-            prices = price_table(conn)
-            models = prices["model"].unique().to_list()
-            self._catalog = (key, prices, _Prices(models, pricing.effective_intervals(prices)))
-        return key[0], self._catalog[1], self._catalog[2]
+        """The price mark (the highest `price_id`), the catalog and its intervals."""
+        catalog = self._catalog_cache.read(conn)
+        return catalog.price_mark, catalog.prices, _Prices(catalog.names, catalog.intervals)
 
     # -- a full rebuild ------------------------------------------------------------------
 
@@ -276,7 +273,7 @@ class RollupJob:
         return query_frame(
             conn,
             f"""SELECT {self._select(_USAGE_COLUMNS, tags=True)}, e.response_id,
-                    CASE WHEN e.status IN ({_PENDING_SQL}) THEN e.event_id END AS event_id,
+                    CASE WHEN e.status IN ({PENDING_SQL}) THEN e.event_id END AS event_id,
                     c.root_id AS conversation_root
                 FROM usage_events AS e LEFT JOIN _in_conversation AS c
                   ON c.response_id = e.response_id AND c.created_at = e.created_at

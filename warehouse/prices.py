@@ -7,6 +7,7 @@ import contextlib
 import threading
 import tomllib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -24,6 +25,7 @@ from warehouse.catalog import (
     source_version,
 )
 from warehouse.db import fetch_one, query_frame, transaction
+from warehouse.pricing import effective_intervals
 
 TIERS = ("default", "flex", "priority", "batch", "scale")
 # A row prices something only with one of these: tokens in, audio by the hour, characters.
@@ -191,3 +193,44 @@ def load_price_file(path: Path) -> list[PriceRow]:
 
 def price_table(conn: duckdb.DuckDBPyConnection) -> pl.DataFrame:
     return query_frame(conn, "SELECT * FROM prices ORDER BY price_id")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The price catalog at one moment: its rows and their flattened intervals
+    (`pricing.effective_intervals`). `mark` (the highest price_id, the row count) names
+    it: prices are only ever added."""
+
+    mark: tuple[int, int]
+    prices: pl.DataFrame
+    intervals: pl.DataFrame
+
+    @property
+    def price_mark(self) -> int:
+        return self.mark[0]
+
+    @property
+    def names(self) -> list[str]:
+        """The catalog's model names and prefixes."""
+        names: list[str] = self.prices["model"].unique().to_list() if self.prices.height else []
+        return names
+
+
+class CatalogCache:
+    """The process's one snapshot of the price catalog, shared by the rollup job, the
+    report queries and the quotas: worked out again only when a price was added (a
+    cheap check of the mark on each read). Owned by the composition root."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: Catalog | None = None
+
+    def read(self, conn: duckdb.DuckDBPyConnection) -> Catalog:
+        row = fetch_one(conn, "SELECT coalesce(max(price_id), 0), count(*) FROM prices")
+        mark = (int(row[0]), int(row[1])) if row else (0, 0)
+        with self._lock:
+            current = self._current
+            if current is None or current.mark != mark:
+                prices = price_table(conn)
+                current = self._current = Catalog(mark, prices, effective_intervals(prices))
+            return current

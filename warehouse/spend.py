@@ -18,9 +18,8 @@ rollups and the raw path agree to the pico-dollar (tests/test_spend.py checks it
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -28,9 +27,9 @@ import duckdb
 import polars as pl
 
 from warehouse import pricing
-from warehouse.db import fetch_one, query_frame
+from warehouse.db import query_frame
 from warehouse.jobs import EVENT_COLUMNS
-from warehouse.prices import price_table
+from warehouse.prices import CatalogCache
 
 Bucket = Literal["minute", "hour", "day", "month"]
 # Group-by dimensions; `tag:<key>` groups by a metadata key's value.
@@ -108,14 +107,16 @@ def check_dimension(name: str) -> str:
     )
 
 
-def spend(conn: duckdb.DuckDBPyConnection, query: SpendQuery, *, image_model: str) -> pl.DataFrame:
+def spend(
+    conn: duckdb.DuckDBPyConnection, query: SpendQuery, *, image_model: str, catalog: CatalogCache
+) -> pl.DataFrame:
     """Rows of `bucket` (when bucketed), the group-by dimensions (named as asked) and
     MEASURES, ordered by bucket then cost (highest first)."""
     for name in query.group_by:
         check_dimension(name)
     source = choose_source(query)
     if source == "raw":
-        frame = _from_raw(conn, query, image_model)
+        frame = _from_raw(conn, query, image_model, catalog)
     else:
         frame = _from_rollup(conn, query, source)
     order = (["bucket"] if query.bucket else []) + ["cost_pico", *query.group_by]
@@ -221,29 +222,6 @@ def _typed(frame: pl.DataFrame, query: SpendQuery) -> pl.DataFrame:
 # -- the raw path ------------------------------------------------------------------------
 
 
-@dataclass
-class _PriceBook:
-    mark: tuple[int, int] = (-1, -1)
-    prices: pl.DataFrame = field(default_factory=pl.DataFrame)
-    intervals: pl.DataFrame = field(default_factory=pl.DataFrame)
-
-
-_BOOK = _PriceBook()
-_BOOK_LOCK = threading.Lock()
-
-
-def price_book(conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The catalog and its flattened intervals, rebuilt only when a price was added."""
-    row = fetch_one(conn, "SELECT coalesce(max(price_id), 0), count(*) FROM prices")
-    mark = (int(row[0]), int(row[1])) if row else (0, 0)
-    with _BOOK_LOCK:
-        if _BOOK.mark != mark:
-            _BOOK.prices = price_table(conn)
-            _BOOK.intervals = pricing.effective_intervals(_BOOK.prices)
-            _BOOK.mark = mark
-        return _BOOK.prices, _BOOK.intervals
-
-
 def tag_path(key: str) -> str:
     """A JSON path naming a metadata key (keys are free text: quote them)."""
     return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -272,6 +250,7 @@ def priced_events(
     params: list[object],
     *,
     image_model: str,
+    catalog: CatalogCache,
     extra: Sequence[str] = (),
     order: str = "",
 ) -> pl.DataFrame:
@@ -279,13 +258,15 @@ def priced_events(
     `unpriced` flag, priced exactly as the rollup job prices them."""
     columns = ", ".join([*RAW_COLUMNS, *extra])
     events = query_frame(conn, f"SELECT {columns} FROM usage_events WHERE {where} {order}", params)
-    prices, intervals = price_book(conn)
-    models = pricing.model_map(events["model"].unique().to_list(), prices["model"].to_list())
-    priced = pricing.price_events(events.lazy(), models.lazy(), intervals.lazy(), image_model)
+    book = catalog.read(conn)
+    models = pricing.model_map(events["model"].unique().to_list(), book.names)
+    priced = pricing.price_events(events.lazy(), models.lazy(), book.intervals.lazy(), image_model)
     return priced.collect()
 
 
-def _from_raw(conn: duckdb.DuckDBPyConnection, query: SpendQuery, image_model: str) -> pl.DataFrame:
+def _from_raw(
+    conn: duckdb.DuckDBPyConnection, query: SpendQuery, image_model: str, catalog: CatalogCache
+) -> pl.DataFrame:
     params: list[object] = []
     extra: list[str] = []
     for dim in query.group_by:
@@ -295,7 +276,9 @@ def _from_raw(conn: duckdb.DuckDBPyConnection, query: SpendQuery, image_model: s
         elif dim not in RAW_COLUMNS:
             extra.append(f'{_RAW_COLUMN[dim]} AS "{dim}"')
     where = raw_where(query.filters, params)
-    events = priced_events(conn, where, params, image_model=image_model, extra=extra)
+    events = priced_events(
+        conn, where, params, image_model=image_model, catalog=catalog, extra=extra
+    )
     renames = {"user": "user_id"}
     keys: list[pl.Expr] = []
     if query.bucket:

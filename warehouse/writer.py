@@ -24,7 +24,7 @@ import duckdb
 import polars as pl
 
 from warehouse.db import fetch_one, transaction
-from warehouse.events import COLUMNS, PENDING_STATUSES, UPDATABLE_COLUMNS
+from warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ _LINE_SCHEMA: dict[str, pl.DataType] = {
     **{field: _as_read(dtype) for field, (_, dtype) in COLUMNS.items()},
 }
 _COLUMN_LIST = ", ".join(f'"{column}"' for column, _ in COLUMNS.values())
-_PENDING_SQL = ", ".join(f"'{status}'" for status in sorted(PENDING_STATUSES))
 
 # Idempotent on event_id: a replayed event carries its original recorded_at, so looking
 # for it among rows recorded in the batch's time window finds it, and zone maps on
@@ -87,7 +86,7 @@ UPDATE usage_events AS u SET
 FROM _updates AS b
 -- An update carries the created_at of the same response, which lets zone maps skip
 -- every row group but its own.
-WHERE u.event_id = b.event_id AND u.created_at = b.created_at AND u.status IN ({_PENDING_SQL})
+WHERE u.event_id = b.event_id AND u.created_at = b.created_at AND u.status IN ({PENDING_SQL})
 """
 
 _CHECKPOINT_SQL = """

@@ -39,13 +39,11 @@ class Poller:
         self,
         *,
         upstream: str,
-        record: Callable[[UsageEvent], None],
         max_age: float,
         min_interval: float,
         max_interval: float,
     ) -> None:
         self._upstream = upstream
-        self._record = record
         self._schedule: PollSchedule[Pending] = PollSchedule(
             max_age=max_age, min_interval=min_interval, max_interval=max_interval
         )
@@ -60,17 +58,22 @@ class Poller:
     def forget(self, response_id: str) -> None:
         self._schedule.remove(response_id)
 
-    async def run(self, client: Upstream) -> None:
+    async def run(self, client: Upstream, record: Callable[[UsageEvent], None]) -> None:
+        """Poll what is tracked until cancelled, recording each outcome with `record` (the
+        recorder, which also tells this poller what to track: each needs the other, so
+        the poller is handed its half when it starts)."""
         while True:
             due, expired = self._schedule.due()
             for pending in expired:
                 self.given_up += 1
                 log.warning("gave up polling %s: still not finished", pending.response_id)
             for pending in due:
-                await self._poll(client, pending)
+                await self._poll(client, pending, record)
             await self._schedule.sleep()
 
-    async def _poll(self, client: Upstream, pending: Pending) -> None:
+    async def _poll(
+        self, client: Upstream, pending: Pending, record: Callable[[UsageEvent], None]
+    ) -> None:
         url = f"{self._upstream}/v1/responses/{pending.response_id}"
         try:
             status, content = await fetch(client, url, pending.credentials)
@@ -103,4 +106,4 @@ class Poller:
             return
         event.latency_ms = None
         self._schedule.remove(pending.response_id)
-        self._record(event)
+        record(event)

@@ -198,16 +198,27 @@ class ProxyConfig:
 class Proxy:
     """ASGI app for everything under /v1."""
 
-    def __init__(self, settings: ProxyConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: ProxyConfig,
+        metrics: Metrics,
+        *,
+        identity: IdentityRules,
+        client: Upstream,
+        recorder: Recorder,
+        admission: Admission | None = None,
+        batches: BatchObserver | None = None,
+    ) -> None:
+        """`admission`: the quota check before forwarding (None: quotas off);
+        `batches`: what meters the Batch API (None: batches pass unmetered)."""
         self._settings = settings
         self._metrics = metrics
         self._upstream = settings.upstream
-        self.identity = IdentityRules(settings.user_id_case_fold, settings.refuse_user_mismatch)
-        # Set by the lifespan once the resources exist.
-        self.client: Upstream | None = None
-        self.recorder: Recorder | None = None
-        self.admission: Admission | None = None
-        self.batches: BatchObserver | None = None
+        self.identity = identity
+        self.client = client
+        self.recorder = recorder
+        self.admission = admission
+        self.batches = batches
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started_perf = time.perf_counter()
@@ -229,11 +240,6 @@ class Proxy:
         # From here on the canonical spelling is the path: classified and forwarded.
         scope = {**scope, "raw_path": path.encode("latin-1")}
         route = classify(scope["method"], path)
-        if client is None or recorder is None:
-            await send_error(
-                send, 503, "tokentill is starting or stopping", "server_error", "unavailable"
-            )
-            return
         status = 500
         try:
             status = await self._handle(

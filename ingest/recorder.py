@@ -21,11 +21,19 @@ class Settlement(Protocol):
 
 
 class Recorder:
-    def __init__(self, journal: Journal, metrics: Metrics, poller: Poller | None = None) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        metrics: Metrics,
+        poller: Poller | None = None,
+        quotas: Settlement | None = None,
+    ) -> None:
+        """`poller` learns of responses still pending; `quotas` (None: quotas off)
+        settles each recorded event against its request's reservation."""
         self._journal = journal
         self._metrics = metrics
-        self.poller = poller
-        self.quotas: Settlement | None = None
+        self._poller = poller
+        self._quotas = quotas
 
     def record(
         self,
@@ -42,10 +50,10 @@ class Recorder:
                 self._metrics.count_cut(name)
         self._journal.append(event)
         self._metrics.count_event(event.endpoint, event.status)
-        quotas = self.quotas
+        quotas = self._quotas
         if quotas is not None:
             quotas.settle(event, hold)
-        poller = self.poller
+        poller = self._poller
         if poller is None or event.endpoint != "responses" or not event.response_id:
             return
         if event.is_pending and credentials:
@@ -55,6 +63,6 @@ class Recorder:
 
     def release(self, hold: Any) -> None:
         """The request ended without an event settling `hold`."""
-        quotas = self.quotas
+        quotas = self._quotas
         if quotas is not None:
             quotas.release(hold)

@@ -50,7 +50,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Protocol
 from urllib.parse import parse_qsl
@@ -163,8 +163,8 @@ class SocketProxy:
         drain_timeout: float,
         metrics: Metrics,
         connector: SocketUpstream,
-        recorder: Callable[[], Recorder | None],
-        admission: Callable[[], Admission | None],
+        recorder: Recorder,
+        admission: Admission | None,
         identity: IdentityRules,
     ) -> None:
         base = upstream_url.rstrip("/")
@@ -180,28 +180,20 @@ class SocketProxy:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        recorder = self._recorder()
+        recorder = self._recorder
         headers: Headers = scope["headers"]
-        if recorder is None:
-            await _deny(
-                scope,
-                send,
-                503,
-                error_body("tokentill is starting or stopping", "server_error", "unavailable"),
-            )
-            return
         try:
             header_user = check_user_header(
                 raw_header(headers, USER_HEADER), case_fold=self.identity.case_fold
             )
         except RequestRejectedError as exc:
-            await _deny(scope, send, exc.status, error_body(exc.message, exc.type, exc.code))
+            await deny(scope, send, exc.status, error_body(exc.message, exc.type, exc.code))
             return
         raw = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         try:
             path = canonical_path(raw)
         except NonCanonicalPath as exc:
-            await _deny(
+            await deny(
                 scope,
                 send,
                 404,
@@ -212,7 +204,7 @@ class SocketProxy:
             return
         mode = _MODES.get(path)
         if mode is None:
-            await _deny(
+            await deny(
                 scope,
                 send,
                 404,
@@ -233,7 +225,7 @@ class SocketProxy:
         refused = await mode.check_handshake(self, recorder, handshake)
         if refused is not None:
             body = error_body(refused.message, refused.type, refused.code)
-            await _deny(scope, send, refused.status, body, refused.headers or ())
+            await deny(scope, send, refused.status, body, refused.headers or ())
             return
         url = self._base + path + ("?" + query.decode("latin-1") if query else "")
         forwarded = [
@@ -246,10 +238,10 @@ class SocketProxy:
         try:
             upstream = await self._connector.connect(url, forwarded, scope.get("subprotocols", []))
         except UpstreamRefused as exc:
-            await _deny(scope, send, exc.status, exc.body)
+            await deny(scope, send, exc.status, exc.body)
             return
         except UpstreamError as exc:
-            await _deny(
+            await deny(
                 scope,
                 send,
                 502,
@@ -271,7 +263,7 @@ class SocketProxy:
         return self._drain_timeout
 
     def admission(self) -> Admission | None:
-        return self._admission()
+        return self._admission
 
 
 class _Relay:
@@ -902,7 +894,7 @@ _MODES: Final[dict[str, type[_Relay]]] = {
 }
 
 
-async def _deny(
+async def deny(
     scope: Scope, send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
     """Refuse the handshake with an HTTP answer where the server can send one (uvicorn

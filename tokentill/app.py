@@ -14,10 +14,11 @@ import gc
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
+from typing import Any
 
 import duckdb
 from fastapi import Depends, FastAPI, Request
@@ -52,13 +53,14 @@ from api.deps import AdminDep, require_admin
 from api.guard import AdminGuard, default_hosts
 from api.openai_usage import OpenAIError
 from ingest.batches import BatchWatcher
+from ingest.errors import error_body, send_error
 from ingest.http1 import HTTP1Upstream
 from ingest.journal import Journal
 from ingest.metrics import Metrics
 from ingest.poller import Poller
-from ingest.proxy import Proxy, ProxyConfig
+from ingest.proxy import IdentityRules, Proxy, ProxyConfig
 from ingest.recorder import Recorder
-from ingest.socket_proxy import SocketProxy
+from ingest.socket_proxy import SocketProxy, deny
 from ingest.upstream import Upstream
 from ingest.upstream_socket import WebsocketsUpstream
 from tokentill.alerts import AlertOutbox
@@ -77,33 +79,44 @@ from warehouse.writer import Writer
 log = logging.getLogger("tokentill")
 
 
-@dataclass
-class Runtime:
-    """What the lifespan builds; reachable from routes as `request.app.state.runtime`."""
+class Readers:
+    """Read connections to the warehouse, one per thread that asks (the writer thread
+    keeps the main connection to itself)."""
 
-    settings: Settings
-    metrics: Metrics
-    journal: Journal
-    writer: Writer
-    recorder: Recorder
-    poller: Poller
-    client: Upstream
-    readers: duckdb.DuckDBPyConnection
-    rollup: RollupJob
-    alerts: AlertOutbox
-    abuse: AbuseJob
-    catalog: CatalogCache  # the one price snapshot: rollups, reports and quotas
-    quotas: QuotaService | None = None
-    ready: bool = False
-    _cursor_lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
+        self._readers = conn.cursor()
+        self._lock = threading.Lock()
 
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """A connection of its own for one thread's reads (or the rollup's writes): the
-        writer thread keeps the main one to itself."""
-        with self._cursor_lock:
-            cursor = self.readers.cursor()
+        with self._lock:
+            cursor = self._readers.cursor()
         cursor.execute("SET TimeZone = 'UTC'")
         return cursor
+
+    def close(self) -> None:
+        self._readers.close()
+
+
+@dataclass
+class Runtime:
+    """What the request handlers reach (`request.app.state.runtime`), built by the
+    lifespan once everything it names runs."""
+
+    settings: Settings
+    readers: Readers
+    writer: Writer  # its backlog and lag, for freshness and health
+    proxy: Proxy
+    sockets: SocketProxy
+    rollup: RollupJob
+    abuse: AbuseJob
+    alerts: AlertOutbox
+    catalog: CatalogCache  # the one price snapshot: rollups, reports and quotas
+    quotas: QuotaService | None
+    ready: bool = False
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A connection of its own for one thread's reads (or the rollup's writes)."""
+        return self.readers.connect()
 
 
 class Tokentill:
@@ -112,28 +125,12 @@ class Tokentill:
     def __init__(self, settings: Settings, upstream: Upstream | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.proxy = Proxy(
-            ProxyConfig(
-                upstream=settings.upstream,
-                max_request_bytes=settings.max_request_bytes,
-                max_parsed_response_bytes=settings.max_parsed_response_bytes,
-                stream_drain_timeout=settings.stream_drain_timeout,
-                user_id_case_fold=settings.user_id_case_fold,
-                refuse_user_mismatch=settings.refuse_user_mismatch,
-            ),
-            self.metrics,
-        )
-        self.sockets = SocketProxy(
-            settings.upstream,
-            settings.stream_drain_timeout,
-            self.metrics,
-            WebsocketsUpstream(settings.upstream_connect_timeout),
-            recorder=lambda: self.proxy.recorder,
-            admission=lambda: self.proxy.admission,
-            identity=self.proxy.identity,
-        )
+        self.identity = IdentityRules(settings.user_id_case_fold, settings.refuse_user_mismatch)
         self.runtime: Runtime | None = None
         self._upstream = upstream
+        # Whether the writer drained into DuckDB at shutdown (else the file is left to the
+        # writer thread, and the journal replays at the next start).
+        self._drained = True
         self.api = self._build_api()
         self.api.state.runtime = None
         self.api.state.admin_token = (
@@ -170,10 +167,13 @@ class Tokentill:
         if scope["type"] in ("http", "websocket"):
             path: str = scope["path"]
             if path.startswith("/v1/") or path == "/v1":
-                if scope["type"] == "http":
-                    await self.proxy(scope, receive, send)
+                runtime = self.runtime
+                if runtime is None or not runtime.ready:
+                    await _unavailable(scope, receive, send)
+                elif scope["type"] == "http":
+                    await runtime.proxy(scope, receive, send)
                 else:
-                    await self.sockets(scope, receive, send)
+                    await runtime.sockets(scope, receive, send)
                 return
         await self.api(scope, receive, send)
 
@@ -240,15 +240,135 @@ class Tokentill:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        """The service, step by step; each step owns its teardown, run in reverse."""
+        settings = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            conn = self._open_warehouse(stack)
+            journal, writer = self._start_writer(stack, conn)
+            readers = Readers(conn)
+            stack.callback(self._close_warehouse, readers)
+            client = self._upstream or HTTP1Upstream(
+                settings.upstream,
+                connect_timeout=settings.upstream_connect_timeout,
+                read_timeout=settings.upstream_read_timeout,
+                max_connections=settings.upstream_max_connections,
+            )
+            stack.push_async_callback(client.aclose)
+            catalog = CatalogCache()
+            outbox = self._start_alerts(stack, readers)
+            quotas = await self._start_quotas(stack, readers, writer, outbox, catalog)
+            poller = Poller(
+                upstream=settings.upstream,
+                max_age=settings.background_poll_max,
+                min_interval=settings.background_poll_min_interval,
+                max_interval=settings.background_poll_max_interval,
+            )
+            recorder = Recorder(journal, self.metrics, poller, quotas.book if quotas else None)
+            batches = BatchWatcher(
+                upstream=settings.upstream,
+                record=recorder.record,
+                release=recorder.release,
+                identity=self.identity,
+                max_age=settings.batch_watch_max,
+                max_input_bytes=settings.max_parsed_response_bytes,
+                min_interval=settings.background_poll_min_interval,
+                max_interval=settings.background_poll_max_interval,
+            )
+            _run_until_closed(stack, poller.run(client, recorder.record), "tokentill-poller")
+            _run_until_closed(stack, batches.run(client), "tokentill-batches")
+            stack.callback(_say_what_is_left, poller, batches)
+            self.metrics.bind(
+                backlog=lambda: writer.backlog,
+                lag=lambda: writer.lag_seconds,
+                written=lambda: writer.stats.events_written,
+                rejected=lambda: writer.stats.rejected,
+                pending=lambda: len(poller),
+            )
+            admission = quotas.admit if quotas else None
+            proxy = Proxy(
+                ProxyConfig(
+                    upstream=settings.upstream,
+                    max_request_bytes=settings.max_request_bytes,
+                    max_parsed_response_bytes=settings.max_parsed_response_bytes,
+                    stream_drain_timeout=settings.stream_drain_timeout,
+                    user_id_case_fold=settings.user_id_case_fold,
+                    refuse_user_mismatch=settings.refuse_user_mismatch,
+                ),
+                self.metrics,
+                identity=self.identity,
+                client=client,
+                recorder=recorder,
+                admission=admission,
+                batches=batches,
+            )
+            sockets = SocketProxy(
+                settings.upstream,
+                settings.stream_drain_timeout,
+                self.metrics,
+                WebsocketsUpstream(settings.upstream_connect_timeout),
+                recorder=recorder,
+                admission=admission,
+                identity=self.identity,
+            )
+            rollup = RollupJob(
+                readers.connect,
+                RollupConfig(
+                    tag_keys=settings.rollup_tag_keys, image_model=settings.image_gen_model
+                ),
+                catalog,
+            )
+            abuse = AbuseJob(
+                readers.connect,
+                AbuseConfig(
+                    window_seconds=settings.abuse_window,
+                    history_days=settings.abuse_history_days,
+                    image_model=settings.image_gen_model,
+                ),
+                outbox.store_from_thread,
+            )
+            runtime = Runtime(
+                settings, readers, writer, proxy, sockets, rollup, abuse, outbox, catalog, quotas
+            )
+            self._start_scheduler(stack, runtime)
+            if self.api.state.admin_token is None:
+                log.warning("no TOKENTILL_ADMIN_TOKEN: the admin API answers loopback clients only")
+            self.runtime = runtime
+            self.api.state.runtime = runtime
+            runtime.ready = True
+            # Everything built so far lives as long as the process: keep the cyclic GC from
+            # walking it on every collection (shorter pauses on the proxy's hot path).
+            gc.freeze()
+            log.info("tokentill ready: proxy -> %s, warehouse %s", settings.upstream, settings.db)
+            try:
+                yield
+            finally:
+                runtime.ready = False
+
+    def _open_warehouse(self, stack: contextlib.AsyncExitStack) -> duckdb.DuckDBPyConnection:
+        """Open (and migrate) the warehouse, load the price catalog and the operator's
+        prices. Closed last, once the writer has drained into it."""
         settings = self.settings
         conn = open_warehouse(settings.db, memory_limit=settings.warehouse_memory_limit)
+        stack.callback(self._close_warehouse, conn)
         seeded = seed_published(conn)
         if seeded:
             log.info("price catalog: %d published prices loaded", seeded)
         if settings.prices_file is not None:
             added = insert_rows(conn, load_price_file(settings.prices_file))
             log.info("price catalog: %d prices from %s", added, settings.prices_file)
-        readers = conn.cursor()
+        return conn
+
+    def _close_warehouse(self, conn: duckdb.DuckDBPyConnection | Readers) -> None:
+        if self._drained:
+            conn.close()
+
+    def _start_writer(
+        self, stack: contextlib.AsyncExitStack, conn: duckdb.DuckDBPyConnection
+    ) -> tuple[Journal, Writer]:
+        """Lock the journal, replay into DuckDB what it holds beyond the checkpoint, and
+        start the writer. At shutdown the writer drains (within the 10 s budget), or the
+        journal is replayed at the next start."""
+        settings = self.settings
         journal = Journal(
             settings.journal_path,
             segment_bytes=settings.journal_segment_bytes,
@@ -266,46 +386,22 @@ class Tokentill:
             log.info("replaying %d journaled events not yet in DuckDB", replayed)
         journal.start(writer.submit)
         writer.start()
-        client = self._upstream or HTTP1Upstream(
-            settings.upstream,
-            connect_timeout=settings.upstream_connect_timeout,
-            read_timeout=settings.upstream_read_timeout,
-            max_connections=settings.upstream_max_connections,
-        )
-        recorder = Recorder(journal, self.metrics)
-        poller = Poller(
-            upstream=settings.upstream,
-            record=recorder.record,
-            max_age=settings.background_poll_max,
-            min_interval=settings.background_poll_min_interval,
-            max_interval=settings.background_poll_max_interval,
-        )
-        recorder.poller = poller
-        poller_task = asyncio.create_task(poller.run(client), name="tokentill-poller")
-        batches = BatchWatcher(
-            upstream=settings.upstream,
-            record=recorder.record,
-            release=recorder.release,
-            identity=self.proxy.identity,
-            max_age=settings.batch_watch_max,
-            max_input_bytes=settings.max_parsed_response_bytes,
-            min_interval=settings.background_poll_min_interval,
-            max_interval=settings.background_poll_max_interval,
-        )
-        batch_task = asyncio.create_task(batches.run(client), name="tokentill-batches")
-        self.metrics.bind(
-            backlog=lambda: writer.backlog,
-            lag=lambda: writer.lag_seconds,
-            written=lambda: writer.stats.events_written,
-            rejected=lambda: writer.stats.rejected,
-            pending=lambda: len(poller),
-        )
-        catalog = CatalogCache()
-        rollup = RollupJob(
-            lambda: runtime.connect(),
-            RollupConfig(tag_keys=settings.rollup_tag_keys, image_model=settings.image_gen_model),
-            catalog,
-        )
+        stack.push_async_callback(self._stop_writer, journal, writer)
+        return journal, writer
+
+    async def _stop_writer(self, journal: Journal, writer: Writer) -> None:
+        # The whole shutdown stays under 10 s: uvicorn used up to `shutdown_grace` already.
+        budget = max(1.0, 9.0 - self.settings.shutdown_grace)
+        self._drained = await asyncio.to_thread(writer.stop, budget)
+        journal.close()
+        if self._drained:
+            log.info("writer flushed: %d events written this run", writer.stats.events_written)
+        else:
+            log.error("writer did not drain in time; the journal will be replayed at next start")
+
+    def _start_alerts(self, stack: contextlib.AsyncExitStack, readers: Readers) -> AlertOutbox:
+        """The alert outbox (and the webhook, when one is configured)."""
+        settings = self.settings
         webhook = None
         if settings.alert_webhook_url is not None:
             secret = settings.alert_webhook_secret
@@ -315,102 +411,93 @@ class Tokentill:
                 max_attempts=settings.alert_webhook_max_attempts,
                 backoff=settings.alert_webhook_backoff,
             )
-        outbox = AlertOutbox(lambda: runtime.connect(), webhook)
-        runtime = Runtime(
+        outbox = AlertOutbox(readers.connect, webhook)
+        stack.push_async_callback(outbox.close)
+        _run_until_closed(stack, outbox.run(), "tokentill-alerts")
+        return outbox
+
+    async def _start_quotas(
+        self,
+        stack: contextlib.AsyncExitStack,
+        readers: Readers,
+        writer: Writer,
+        outbox: AlertOutbox,
+        catalog: CatalogCache,
+    ) -> QuotaService | None:
+        """The quota service, its counters seeded from the warehouse (so the journal's
+        replay must have landed first), and its price refresh."""
+        settings = self.settings
+        if not settings.quotas_enabled:
+            return None
+        if not await asyncio.to_thread(writer.flush, 120.0):
+            raise RuntimeError("the journal replay did not reach DuckDB in time")
+        service = QuotaService(
             settings,
-            self.metrics,
-            journal,
-            writer,
-            recorder,
-            poller,
-            client,
-            readers,
-            rollup,
-            outbox,
-            AbuseJob(
-                lambda: runtime.connect(),
-                AbuseConfig(
-                    window_seconds=settings.abuse_window,
-                    history_days=settings.abuse_history_days,
-                    image_model=settings.image_gen_model,
-                ),
-                outbox.store_from_thread,
-            ),
+            readers.connect,
+            outbox.raise_alert,
+            lambda: writer.flush(60.0),
             catalog,
         )
-        self.runtime = runtime
-        self.api.state.runtime = runtime
-        background = [asyncio.create_task(outbox.run(), name="tokentill-alerts")]
-        if settings.quotas_enabled:
-            # Counters are seeded from the warehouse: let the journal replay land first.
-            if not await asyncio.to_thread(writer.flush, 120.0):
-                raise RuntimeError("the journal replay did not reach DuckDB in time")
-            quota_service = QuotaService(
-                settings,
-                runtime.connect,
-                outbox.raise_alert,
-                lambda: writer.flush(60.0),
-                catalog,
-            )
-            await asyncio.to_thread(quota_service.start)
-            runtime.quotas = quota_service
-            outbox.listeners.append(quota_service.on_alert)
-            recorder.quotas = quota_service.book
-            self.proxy.admission = quota_service.admit
-            background.append(
-                asyncio.create_task(quota_service.refresh_forever(), name="tokentill-prices")
-            )
+        await asyncio.to_thread(service.start)
+        outbox.listeners.append(service.on_alert)
+        _run_until_closed(stack, service.refresh_forever(), "tokentill-prices")
+        return service
+
+    def _start_scheduler(self, stack: contextlib.AsyncExitStack, runtime: Runtime) -> None:
+        """The rollup and abuse jobs on their schedule; stopped first at shutdown."""
         scheduler = start_scheduler(
-            rollup,
-            settings.rollup_interval,
-            {"abuse": (runtime.abuse.run, settings.abuse_interval)},
+            runtime.rollup,
+            self.settings.rollup_interval,
+            {"abuse": (runtime.abuse.run, self.settings.abuse_interval)},
             then=lambda: _post_adjustments(runtime),
         )
-        if self.api.state.admin_token is None:
-            log.warning("no TOKENTILL_ADMIN_TOKEN: the admin API answers loopback clients only")
-        self.proxy.client, self.proxy.recorder = client, recorder
-        self.proxy.batches = batches
-        runtime.ready = True
-        # Everything built so far lives as long as the process: keep the cyclic GC from
-        # walking it on every collection (shorter pauses on the proxy's hot path).
-        gc.freeze()
-        log.info("tokentill ready: proxy -> %s, warehouse %s", settings.upstream, settings.db)
-        try:
-            yield
-        finally:
-            runtime.ready = False
-            self.proxy.client = self.proxy.recorder = None
-            self.proxy.batches = None
-            await asyncio.to_thread(stop_scheduler, scheduler, rollup)
-            for task in (poller_task, batch_task, *background):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await outbox.close()
-            if len(batches):
-                log.warning(
-                    "%d batches were still running upstream; each is metered when a client "
-                    "retrieves it through the proxy once it has ended",
-                    len(batches),
-                )
-            if len(poller):
-                log.warning(
-                    "%d responses were still pending upstream; their rows keep their last "
-                    "known status until a client retrieves them through the proxy",
-                    len(poller),
-                )
-            await client.aclose()
-            # The whole shutdown stays under 10 s: uvicorn used up to `shutdown_grace` already.
-            drained = await asyncio.to_thread(writer.stop, max(1.0, 9.0 - settings.shutdown_grace))
-            journal.close()
-            if drained:
-                readers.close()
-                conn.close()
-                log.info("writer flushed: %d events written this run", writer.stats.events_written)
-            else:
-                log.error(
-                    "writer did not drain in time; the journal will be replayed at next start"
-                )
+
+        async def stop() -> None:
+            await asyncio.to_thread(stop_scheduler, scheduler, runtime.rollup)
+
+        stack.push_async_callback(stop)
+
+
+def _run_until_closed(
+    stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None], name: str
+) -> None:
+    """Run `work` as a task until the stack closes (then cancel it and wait)."""
+    task = asyncio.create_task(work, name=name)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
+
+
+def _say_what_is_left(poller: Poller, batches: BatchWatcher) -> None:
+    if len(batches):
+        log.warning(
+            "%d batches were still running upstream; each is metered when a client "
+            "retrieves it through the proxy once it has ended",
+            len(batches),
+        )
+    if len(poller):
+        log.warning(
+            "%d responses were still pending upstream; their rows keep their last "
+            "known status until a client retrieves them through the proxy",
+            len(poller),
+        )
+
+
+async def _unavailable(scope: Scope, receive: Receive, send: Send) -> None:
+    """/v1 before the service runs or once it stops: 503 in OpenAI's shape."""
+    body = error_body("tokentill is starting or stopping", "server_error", "unavailable")
+    if scope["type"] == "http":
+        await send_error(
+            send, 503, "tokentill is starting or stopping", "server_error", "unavailable"
+        )
+        return
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await deny(scope, send, 503, body)
 
 
 def _post_adjustments(runtime: Runtime) -> None:

@@ -24,7 +24,6 @@ from warehouse.db import query_frame
 from warehouse.prices import (
     TIERS,
     PriceFileError,
-    adding_prices,
     insert_rows,
     parse_price_entries,
 )
@@ -171,7 +170,7 @@ async def add_prices(runtime: RuntimeDep, change: PriceChange) -> PriceChangeRes
         raise bad_request("prices", str(exc), "body") from exc
 
     def write(conn: duckdb.DuckDBPyConnection) -> tuple[int, pl.DataFrame]:
-        with adding_prices(conn):
+        with runtime.catalog.adding(conn):
             before = conn.execute("SELECT coalesce(max(price_id), 0) FROM prices").fetchall()
             added = insert_rows(conn, rows)
             frame = query_frame(

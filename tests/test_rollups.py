@@ -30,7 +30,7 @@ from warehouse.db import open_warehouse, query_frame
 from warehouse.events import UsageEvent
 from warehouse.jobs import RollupConfig, RollupJob
 from warehouse.migrate import migrate
-from warehouse.prices import adding_prices, insert_rows, price_table
+from warehouse.prices import CatalogCache, insert_rows, price_table
 from warehouse.pricing import effective_intervals, model_map, price_events
 from warehouse.writer import Writer
 
@@ -461,19 +461,20 @@ def test_prices_added_at_once_commit_in_the_order_of_their_ids(tmp_path: Path) -
     conn = open_warehouse(tmp_path / "w.duckdb")
     first, second, observer = conn.cursor(), conn.cursor(), conn.cursor()
     holding, release = threading.Event(), threading.Event()
+    catalog = CatalogCache()  # the process's one: the API adds prices through it
 
     def price(model: str) -> list[PriceRow]:
         rates = {"input_per_mtok": Decimal("1"), "output_per_mtok": Decimal("2")}
         return [PriceRow(model, "default", DAY0, None, rates, "api:test", 100)]
 
     def slow() -> None:
-        with adding_prices(first):
+        with catalog.adding(first):
             insert_rows(first, price("model-a"))
             holding.set()
             release.wait(30)
 
     def fast() -> None:
-        with adding_prices(second):
+        with catalog.adding(second):
             insert_rows(second, price("model-b"))
 
     a = threading.Thread(target=slow)

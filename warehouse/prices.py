@@ -46,19 +46,6 @@ class PriceFileError(ValueError):
     """A prices file that cannot be used, with what to fix."""
 
 
-# The rollup job takes the prices above the highest id it has seen as new (and re-prices
-# what they cover): a price whose lower id committed after a higher one would be missed.
-# One writer at a time commits ids in order.
-_WRITES = threading.Lock()
-
-
-@contextlib.contextmanager
-def adding_prices(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    """A transaction for adding prices, committed before any other price is added."""
-    with _WRITES, transaction(conn):
-        yield
-
-
 def insert_rows(conn: duckdb.DuckDBPyConnection, rows: Sequence[PriceRow]) -> int:
     """Add rows to the catalog, skipping any identical row already there (so loading the
     same file or snapshot twice changes nothing). Returns how many were added."""
@@ -224,6 +211,16 @@ class CatalogCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._current: Catalog | None = None
+        # The rollup job takes the prices above the highest id it has seen as new (and
+        # re-prices what they cover): a price whose lower id committed after a higher one
+        # would be missed. One writer at a time commits ids in order.
+        self._adding = threading.Lock()
+
+    @contextlib.contextmanager
+    def adding(self, conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
+        """A transaction for adding prices, committed before any other price is added."""
+        with self._adding, transaction(conn):
+            yield
 
     def read(self, conn: duckdb.DuckDBPyConnection) -> Catalog:
         row = fetch_one(conn, "SELECT coalesce(max(price_id), 0), count(*) FROM prices")

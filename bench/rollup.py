@@ -64,7 +64,7 @@ from _common import (
     verdict,
 )
 
-from warehouse import jobs
+from warehouse import jobs, prices
 from warehouse.db import open_warehouse
 from warehouse.jobs import RollupConfig, RollupJob, RunResult
 from warehouse.prices import seed_published
@@ -435,7 +435,9 @@ class Profile:
         ):
             setattr(RollupJob, name, self.stage_wrapper(name, fn))
         jobs.query_frame = self.inner_wrapper("read", jobs.query_frame)
-        jobs.price_table = self.stage_wrapper("price_table", jobs.price_table)
+        # The job reads the catalog through the process's CatalogCache, which reads the
+        # table with warehouse.prices.price_table.
+        prices.price_table = self.stage_wrapper("price_table", prices.price_table)
         pl.collect_all = self.inner_wrapper("polars", pl.collect_all)  # type: ignore[assignment]
         pl.LazyFrame.collect = self.inner_wrapper(  # type: ignore[method-assign]
             "polars", pl.LazyFrame.collect

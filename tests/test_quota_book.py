@@ -19,7 +19,7 @@ from ingest.live_prices import PriceBook
 from ingest.quotas import QuotaBook, QuotaConfig, QuotaExceededError, Reservation
 from warehouse.alerts import Alert
 from warehouse.db import open_warehouse
-from warehouse.events import UsageEvent
+from warehouse.events import MODALITY_COUNTS, UsageEvent
 from warehouse.prices import price_table, seed_published
 from warehouse.pricing import effective_intervals, model_map, price_events
 from warehouse.quota_rules import Limit, user_subject, window
@@ -186,17 +186,7 @@ def test_live_cost_equals_the_warehouse_pricing(published: pl.DataFrame) -> None
     assert book.cost(event("gpt-4o-audio-preview", input_tokens=10, input_audio_tokens=5)) is None
 
 
-MEDIA_FIELDS = (
-    "input_audio_tokens",
-    "cached_audio_tokens",
-    "output_audio_tokens",
-    "input_image_tokens",
-    "cached_image_tokens",
-    "output_image_tokens",
-    "audio_ms",
-    "input_characters",
-    "usage_unreported",
-)
+MEDIA_FIELDS = (*MODALITY_COUNTS, "input_characters", "usage_unreported")
 
 
 class Alerts(list[Alert]):

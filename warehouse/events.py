@@ -158,6 +158,17 @@ COLUMNS: dict[str, tuple[str, pl.DataType]] = {
     "truncated_fields": ("truncated_fields", pl.String()),
 }
 
+# Usage by modality and by units beyond tokens (migration 0013): what the answer reports.
+MODALITY_COUNTS = (
+    "input_audio_tokens",
+    "cached_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "cached_image_tokens",
+    "output_image_tokens",
+    "audio_ms",
+)
+
 # Columns an "update" may change: the outcome, never who asked or what they tagged.
 UPDATABLE_COLUMNS = (
     "model",
@@ -175,13 +186,7 @@ UPDATABLE_COLUMNS = (
     "image_gen_input_image_tokens",
     "image_gen_cached_tokens",
     "image_gen_output_tokens",
-    "input_audio_tokens",
-    "cached_audio_tokens",
-    "output_audio_tokens",
-    "input_image_tokens",
-    "cached_image_tokens",
-    "output_image_tokens",
-    "audio_ms",
+    *MODALITY_COUNTS,
     "usage_unreported",
     "service_tier",
     "incomplete_reason",

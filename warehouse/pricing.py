@@ -37,6 +37,8 @@ from typing import Any
 
 import polars as pl
 
+from warehouse.events import MODALITY_COUNTS
+
 PICO_PER_USD = 10**12
 # The usage counts a cost is made of (what `price_events` needs besides model, tier, time).
 PRICED_COUNTS = (
@@ -49,14 +51,8 @@ PRICED_COUNTS = (
     "image_gen_input_image_tokens",
     "image_gen_cached_tokens",
     "image_gen_output_tokens",
-    "input_audio_tokens",
-    "cached_audio_tokens",
-    "output_audio_tokens",
-    "input_image_tokens",
-    "cached_image_tokens",
-    "output_image_tokens",
-    "audio_ms",
-    "input_characters",
+    *MODALITY_COUNTS,
+    "input_characters",  # asked for (speech): known from the request, not the answer
 )
 # With the counts: the flag of an answer that reported no usage (a boolean).
 PRICED_FIELDS = (*PRICED_COUNTS, "usage_unreported")

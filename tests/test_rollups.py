@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from ingest.journal import Journal
 from tests.conftest import Running
-from warehouse import jobs, rollups
+from warehouse import rollups
 from warehouse.catalog import EPOCH, PriceRow
 from warehouse.db import open_warehouse, query_frame
 from warehouse.events import UsageEvent
@@ -582,9 +582,9 @@ def test_cli_rollup_alone_and_through_the_server(
 
 @pytest.mark.parametrize("read_rows", [1, 24, 36])
 def test_reading_days_together_or_apart_gives_the_same_rollups(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_rows: int
+    tmp_path: Path, read_rows: int
 ) -> None:
-    # A rebuild reads runs of consecutive days of up to `_READ_ROWS` events at once and
+    # A rebuild reads runs of consecutive days of up to `read_rows` events at once and
     # rolls each day up on its own. Days 0-2 and 5-6 (a gap), 12 events a day, two of
     # them at exactly midnight: 1 reads a day at a time, 24 reads [0, 1], [2], [5, 6]
     # (a run split at the limit), 36 reads [0, 1, 2], [5, 6].
@@ -600,16 +600,17 @@ def test_reading_days_together_or_apart_gives_the_same_rollups(
     warehouse = Warehouse(tmp_path)
     try:
         warehouse.ingest(events)
-        monkeypatch.setattr(jobs, "_READ_ROWS", 10**9)  # every run of days in one read
-        assert warehouse.job.run(full=True).error is None
+        keys = ("team", "customer")
+        every_run = RollupConfig(tag_keys=keys, read_rows=10**9)  # each run of days at once
+        assert RollupJob(warehouse.readers.cursor, every_run).run(full=True).error is None
         together = warehouse.snapshot()
         per_day: dict[datetime, int] = {}
         for row in together["usage_daily"]:
             per_day[row[0]] = per_day.get(row[0], 0) + row[6]
         # Each midnight event is counted on the day it opens, once.
         assert list(per_day.values()) == [12] * 5
-        monkeypatch.setattr(jobs, "_READ_ROWS", read_rows)
-        assert warehouse.job.run(full=True).error is None
+        apart = RollupConfig(tag_keys=keys, read_rows=read_rows)
+        assert RollupJob(warehouse.readers.cursor, apart).run(full=True).error is None
         assert warehouse.snapshot() == together
     finally:
         warehouse.close()
@@ -627,21 +628,16 @@ class FailingOnSecondDay(RollupJob):
         return super()._day(*args)
 
 
-def test_a_full_rebuild_that_fails_part_way_is_finished_by_the_next_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_full_rebuild_that_fails_part_way_is_finished_by_the_next_run(tmp_path: Path) -> None:
     # A rebuild reads a few days at a time and commits every so many rows: here it
     # reads one day at a time and commits after each.
-    monkeypatch.setattr(jobs, "_READ_ROWS", 1)
-    monkeypatch.setattr(jobs, "_BATCH_ROWS", 1)
+    day_by_day = RollupConfig(tag_keys=("team", "customer"), read_rows=1, batch_rows=1)
     warehouse = Warehouse(tmp_path)
     try:
         warehouse.ingest([make_event(i, i % 4, i % 24) for i in range(200)])
         assert warehouse.job.run().error is None
         before = warehouse.snapshot()
-        failing = FailingOnSecondDay(
-            warehouse.readers.cursor, RollupConfig(tag_keys=("team", "customer"))
-        )
+        failing = FailingOnSecondDay(warehouse.readers.cursor, day_by_day)
         failed = failing.run(full=True)
         assert failed.error == "RuntimeError: disk full" and failing.calls == 2
         # The first day was rebuilt and committed, the rest not: incomplete tables...

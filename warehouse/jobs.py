@@ -52,6 +52,15 @@ class JobCancelledError(RuntimeError):
 class RollupConfig:
     tag_keys: Sequence[str] = ("project", "team", "feature", "customer")
     image_model: str = "gpt-image-1"
+    # Rows per write, and between the commits of a rebuild (about two weeks of the
+    # benchmark's rollups): each commit costs a checkpoint, each row held uncommitted
+    # costs memory.
+    batch_rows: int = 1_500_000
+    # Events read at a time (whole days): a day of a small warehouse is one or two of
+    # DuckDB's row groups, and a scan shares its row groups out among its threads.
+    read_rows: int = 250_000
+    # A full rebuild adds up the conversations' days a share of the roots at a time.
+    conversation_parts: int = 4
 
 
 @dataclass
@@ -206,11 +215,12 @@ class RollupJob:
         rows_in, rows_out, _ = self._recompute(conn, per_day, watermark, prices, replace=False)
         # Each conversation's totals, from its days as stored, a share of the roots at a
         # time: holding every day's rows until the end was what set the peak of memory.
-        for part in range(_CONVERSATION_PARTS):
+        parts = self._config.conversation_parts
+        for part in range(parts):
             days = query_frame(
                 conn,
                 "SELECT * FROM conversation_days WHERE hash(root_id) % ? = ?",
-                [_CONVERSATION_PARTS, part],
+                [parts, part],
             )
             totals = rollups.conversations(days.lazy()).collect()
             del days
@@ -242,7 +252,7 @@ class RollupJob:
         rows_in, batch = 0, _Batch()
         roots: set[str] = set()
         with _membership(conn, watermark, None if not replace else days):
-            for span in _spans(per_day):
+            for span in _spans(per_day, self._config.read_rows):
                 if self._cancelled.is_set():
                     raise JobCancelledError(
                         "tokentill is stopping; the next run picks up from here"
@@ -254,7 +264,7 @@ class RollupJob:
                     if replace:
                         roots.update(outputs["conversation_days"]["root_id"].unique().to_list())
                     batch.add(outputs)
-                    if batch.rows >= _BATCH_ROWS:
+                    if batch.rows >= self._config.batch_rows:
                         batch.write(conn)
                         if not replace:
                             # A rebuild commits as it goes: DuckDB keeps much of what a
@@ -762,14 +772,6 @@ _DAY_TABLES = {
     "usage_daily_models": "bucket",
     "rollup_pending": "created_at",
 }
-# Rows per write, and between the commits of a rebuild (about two weeks of the benchmark's
-# rollups): each commit costs a checkpoint, each row held uncommitted costs memory.
-_BATCH_ROWS = 1_500_000
-# Events read at a time (whole days): a day of a small warehouse is one or two of DuckDB's
-# row groups, and a scan shares its row groups out among its threads.
-_READ_ROWS = 250_000
-# A full rebuild adds up the conversations' days a share of the roots at a time.
-_CONVERSATION_PARTS = 4
 
 
 def _events_per_day(
@@ -795,12 +797,12 @@ def _events_per_day(
     return {day: counted.get(day, 0) for day in sorted(days)}
 
 
-def _spans(per_day: dict[datetime, int]) -> Iterator[list[datetime]]:
-    """The days in runs of consecutive days of up to `_READ_ROWS` events (or one day)."""
+def _spans(per_day: dict[datetime, int], read_rows: int) -> Iterator[list[datetime]]:
+    """The days in runs of consecutive days of up to `read_rows` events (or one day)."""
     span: list[datetime] = []
     events = 0
     for day, count in per_day.items():
-        if span and (day - span[-1] != timedelta(days=1) or events + count > _READ_ROWS):
+        if span and (day - span[-1] != timedelta(days=1) or events + count > read_rows):
             yield span
             span, events = [], 0
         span.append(day)

@@ -45,6 +45,7 @@ reservation (they could only read zero), and made anew, at zero, if it returns; 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -394,10 +395,13 @@ class QuotaBook:
 
     def subjects_of(self, facts: RequestFacts, parsed: dict[str, Any] | None) -> list[Subject]:
         """The subjects a request counts for: its user, and its tags of the quota keys."""
-        subjects: list[Subject] = []
-        if facts.user_id:
-            subjects.append(user_subject(facts.user_id))
         metadata = parsed.get("metadata") if parsed is not None else None
+        return self._subjects(facts.user_id, metadata)
+
+    def _subjects(self, user_id: str | None, metadata: Any) -> list[Subject]:
+        subjects: list[Subject] = []
+        if user_id:
+            subjects.append(user_subject(user_id))
         if isinstance(metadata, dict):
             for key in self._tag_keys.intersection(metadata):
                 value = metadata[key]
@@ -436,14 +440,16 @@ class QuotaBook:
                 # Admitted by no request of its own (a response the upstream started on
                 # a Realtime socket, a transcription there): counted all the same. (An
                 # error row without a reservation is a refusal of tokentill's own.)
-                self._charge_unreserved(event)
-                return
-            if event.kind != "update" or not event.response_id or event.is_pending:
-                return
-            parked = self._parked.pop(event.response_id, None)
-            if parked is None:
-                return  # a response created before this process started
-            reservation = parked[0]
+                reservation = self._unreserved(event)
+                if reservation is None:
+                    return
+            else:
+                if event.kind != "update" or not event.response_id or event.is_pending:
+                    return
+                parked = self._parked.pop(event.response_id, None)
+                if parked is None:
+                    return  # a response created before this process started
+                reservation = parked[0]
         if reservation.state == "done":
             return
         if event.is_pending:
@@ -472,26 +478,17 @@ class QuotaBook:
             if len(self._context) > 100_000:
                 self._context.popitem(last=False)
 
-    def _charge_unreserved(self, event: UsageEvent) -> None:
-        subjects = [user_subject(event.user_id)] if event.user_id else []
+    def _unreserved(self, event: UsageEvent) -> Reservation | None:
+        """An empty reservation on the event's subjects, to charge it as any other (None:
+        it counts for no subject)."""
+        metadata = None
         if event.metadata and self._tag_keys:
-            try:
+            with contextlib.suppress(orjson.JSONDecodeError):
                 metadata = orjson.loads(event.metadata)
-            except orjson.JSONDecodeError:
-                metadata = None
-            if isinstance(metadata, dict):
-                subjects += [
-                    tag_subject(key, value)
-                    for key in sorted(self._tag_keys.intersection(metadata))
-                    if isinstance(value := metadata[key], str)
-                ]
+        subjects = self._subjects(event.user_id, metadata)
         if not subjects:
-            return
-        cost = self.prices.cost(event)
-        tokens = event.total_tokens or (event.input_tokens or 0) + (event.output_tokens or 0)
-        now = self._clock()
-        reservation = Reservation(tuple(subjects), (), now, 0, 0, cost is None, False)
-        self._charge(reservation, cost or 0, tokens, cost is None)
+            return None
+        return Reservation(tuple(subjects), (), self._clock(), 0, 0, False, False)
 
     def release(self, reservation: Reservation) -> None:
         """The request ended with nothing recorded: drop its reservation, charge nothing."""

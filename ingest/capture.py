@@ -277,16 +277,21 @@ class StreamCapture:
             return
         kind = obj.get("type")
         if kind == "error":
-            self.event.status = "failed"
-            self.event.error_type = "stream_error"
-            self.event.error_code = obj.get("code") if isinstance(obj.get("code"), str) else None
-            self.done = True
+            self._failed(obj)
             return
         response = obj.get("response")
         if isinstance(response, dict):
             usage.apply_response(self.event, response)
             if self.event.status in TERMINAL_STATUSES and kind != "response.created":
                 self.done = True
+
+    def _failed(self, error: dict[str, Any]) -> None:
+        """The stream ended on an error event: the response failed."""
+        code = error.get("code")
+        self.event.status = "failed"
+        self.event.error_type = "stream_error"
+        self.event.error_code = code if isinstance(code, str) else None
+        self.done = True
 
     def _read_typed_event(self, data: bytes) -> None:
         """An images, transcription or speech stream: usage comes with its last event."""
@@ -296,12 +301,7 @@ class StreamCapture:
         kind = obj.get("type")
         error = obj.get("error")
         if kind == "error" or isinstance(error, dict):
-            details: dict[str, Any] = error if isinstance(error, dict) else obj
-            self.event.status = "failed"
-            self.event.error_type = "stream_error"
-            code = details.get("code")
-            self.event.error_code = code if isinstance(code, str) else None
-            self.done = True
+            self._failed(error if isinstance(error, dict) else obj)
             return
         if kind not in _TYPED_STREAMS[self.facts.endpoint]:
             return

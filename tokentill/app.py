@@ -243,10 +243,8 @@ class Tokentill:
         """The service, step by step; each step owns its teardown, run in reverse."""
         settings = self.settings
         async with contextlib.AsyncExitStack() as stack:
-            conn = self._open_warehouse(stack)
+            conn, readers = self._open_warehouse(stack)
             journal, writer = self._start_writer(stack, conn)
-            readers = Readers(conn)
-            stack.callback(self._close_warehouse, readers)
             client = self._upstream or HTTP1Upstream(
                 settings.upstream,
                 connect_timeout=settings.upstream_connect_timeout,
@@ -344,22 +342,26 @@ class Tokentill:
             finally:
                 runtime.ready = False
 
-    def _open_warehouse(self, stack: contextlib.AsyncExitStack) -> duckdb.DuckDBPyConnection:
+    def _open_warehouse(
+        self, stack: contextlib.AsyncExitStack
+    ) -> tuple[duckdb.DuckDBPyConnection, Readers]:
         """Open (and migrate) the warehouse, load the price catalog and the operator's
         prices. Closed last, once the writer has drained into it."""
         settings = self.settings
         conn = open_warehouse(settings.db, memory_limit=settings.warehouse_memory_limit)
-        stack.callback(self._close_warehouse, conn)
+        readers = Readers(conn)
+        stack.callback(self._close_warehouse, conn, readers)
         seeded = seed_published(conn)
         if seeded:
             log.info("price catalog: %d published prices loaded", seeded)
         if settings.prices_file is not None:
             added = insert_rows(conn, load_price_file(settings.prices_file))
             log.info("price catalog: %d prices from %s", added, settings.prices_file)
-        return conn
+        return conn, readers
 
-    def _close_warehouse(self, conn: duckdb.DuckDBPyConnection | Readers) -> None:
-        if self._drained:
+    def _close_warehouse(self, conn: duckdb.DuckDBPyConnection, readers: Readers) -> None:
+        if self._drained:  # else the writer thread may still hold it
+            readers.close()
             conn.close()
 
     def _start_writer(

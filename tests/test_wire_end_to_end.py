@@ -129,6 +129,24 @@ def _traffic(tokentill: Running) -> list[Any]:
     seen.append(
         client.embeddings.create(model="text-embedding-3-small", input="hi", user="u6").usage
     )
+    # Images, transcriptions and speech: their JSON answers and their typed SSE streams.
+    seen.append(client.images.generate(model="gpt-image-1", prompt="a fox", user="u7").usage)
+    images = list(
+        client.images.generate(
+            model="gpt-image-1.5", prompt="a heron", stream=True, partial_images=1
+        )
+    )
+    seen.append([(e.type, getattr(e, "usage", None)) for e in images])
+    audio = ("talk.wav", b"RIFF" + b"\x80" * 32_000)
+    seen.append(client.audio.transcriptions.create(model="gpt-4o-transcribe", file=audio).usage)
+    transcript = list(
+        client.audio.transcriptions.create(model="gpt-4o-mini-transcribe", file=audio, stream=True)
+    )
+    seen.append([(e.type, getattr(e, "usage", None)) for e in transcript])
+    speech = client.audio.speech.create(
+        model="gpt-4o-mini-tts", voice="alloy", input="Hello there.", stream_format="sse"
+    )
+    seen.append(b"speech.audio.done" in speech.content)
     return seen
 
 
@@ -141,7 +159,7 @@ def test_every_spelling_of_the_same_traffic_gives_the_same_rows(
 ) -> None:
     seen = {name: _traffic(running) for name, running in tokentills.items()}
     rows = {name: _rows(running) for name, running in tokentills.items()}
-    assert len(rows["compact"]) == 8
+    assert len(rows["compact"]) == 13
     assert all(row["input_tokens"] for row in rows["compact"])
     assert {row["status"] for row in rows["compact"]} == {"completed", "incomplete"}
     assert rows["spaced-crlf"] == rows["compact"]

@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV_VERSION := 0.13.8
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
-SRC := tokentill ingest warehouse api dashboards
+SRC := tokentill ingest warehouse api dashboards  # ruff walks the real folders, not the links
 
 .PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api sync fake-upstream chromium screenshots bench-dashboard docs
 

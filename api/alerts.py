@@ -10,10 +10,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel
 
-from api.deps import RuntimeDep
-from api.params import IsoTime
-from warehouse.alerts import SEVERITIES, Severity, acknowledge, list_alerts
-from warehouse.db import query_frame
+from tokentill.api.deps import RuntimeDep
+from tokentill.api.params import IsoTime
+from tokentill.warehouse.alerts import SEVERITIES, Severity, acknowledge, list_alerts
+from tokentill.warehouse.db import query_frame
 
 router = APIRouter(
     prefix="/alerts", tags=["alerts"], responses={404: {"description": "No such alert"}}

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
-from api import session
-from api.auth_limit import AuthLimiter
+from tokentill.api import session
+from tokentill.api.auth_limit import AuthLimiter
 
 if TYPE_CHECKING:
     from tokentill.app import Runtime

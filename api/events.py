@@ -12,13 +12,13 @@ import polars as pl
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel, Field
 
-from api.deps import RuntimeDep
-from api.money import USD, usd
-from api.params import FilterParams, RangeParams, bad_request, filters, time_range
-from api.reports import EventRow, event_rows, in_thread
-from warehouse.db import query_frame
-from warehouse.prices import CatalogCache
-from warehouse.spend import Filters, priced_events, raw_where
+from tokentill.api.deps import RuntimeDep
+from tokentill.api.money import USD, usd
+from tokentill.api.params import FilterParams, RangeParams, bad_request, filters, time_range
+from tokentill.api.reports import EventRow, event_rows, in_thread
+from tokentill.warehouse.db import query_frame
+from tokentill.warehouse.prices import CatalogCache
+from tokentill.warehouse.spend import Filters, priced_events, raw_where
 
 router = APIRouter(tags=["events"])
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -16,12 +16,18 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import RuntimeDep
-from api.money import USD, usd
-from api.params import Day, bad_request
-from api.reports import in_thread
-from warehouse.finance import FinanceQuery, finance_report
-from warehouse.periods import PeriodError, close_period, closed_periods, month_of, next_month
+from tokentill.api.deps import RuntimeDep
+from tokentill.api.money import USD, usd
+from tokentill.api.params import Day, bad_request
+from tokentill.api.reports import in_thread
+from tokentill.warehouse.finance import FinanceQuery, finance_report
+from tokentill.warehouse.periods import (
+    PeriodError,
+    close_period,
+    closed_periods,
+    month_of,
+    next_month,
+)
 
 router = APIRouter(tags=["finance"])
 _CHUNK_ROWS = 5_000

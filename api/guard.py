@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import plain_error
+from tokentill.api.errors import plain_error
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _GUARDED = ("/api", "/dashboard")

@@ -10,8 +10,8 @@ from typing import Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from api.deps import RuntimeDep
-from warehouse.jobs import last_runs
+from tokentill.api.deps import RuntimeDep
+from tokentill.warehouse.jobs import last_runs
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.deps import RuntimeDep
-from api.reports import in_thread
-from warehouse.spend import Bucket, Filters, SpendQuery, spend
+from tokentill.api.deps import RuntimeDep
+from tokentill.api.reports import in_thread
+from tokentill.warehouse.spend import Bucket, Filters, SpendQuery, spend
 
 if TYPE_CHECKING:
     from tokentill.app import Runtime

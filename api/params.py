@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import HTTPException, status
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from warehouse.spend import Filters
+from tokentill.warehouse.spend import Filters
 
 MAX_RANGE = timedelta(days=3 * 366)
 MAX_LIST = 200

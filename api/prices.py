@@ -17,11 +17,11 @@ import polars as pl
 from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import RuntimeDep
-from api.params import Moment, bad_request, utc
-from api.reports import in_thread
-from warehouse.db import query_frame
-from warehouse.prices import (
+from tokentill.api.deps import RuntimeDep
+from tokentill.api.params import Moment, bad_request, utc
+from tokentill.api.reports import in_thread
+from tokentill.warehouse.db import query_frame
+from tokentill.warehouse.prices import (
     TIERS,
     PriceFileError,
     insert_rows,

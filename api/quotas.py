@@ -16,12 +16,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from api.deps import RuntimeDep
+from tokentill.api.deps import RuntimeDep
 from tokentill.quota_service import QuotaBook, QuotaService
-from warehouse.events import now_us
-from warehouse.identity import BadUserId, end_user_id
-from warehouse.pricing import PICO_PER_USD
-from warehouse.quota_rules import (
+from tokentill.warehouse.events import now_us
+from tokentill.warehouse.identity import BadUserId, end_user_id
+from tokentill.warehouse.pricing import PICO_PER_USD
+from tokentill.warehouse.quota_rules import (
     Limit,
     Mode,
     Period,

@@ -21,13 +21,13 @@ import polars as pl
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile, status
 from pydantic import BaseModel, Field, PlainSerializer
 
-from api.deps import RuntimeDep
-from api.params import Day, bad_request
+from tokentill.api.deps import RuntimeDep
+from tokentill.api.params import Day, bad_request
 from tokentill.settings import Settings
-from warehouse.openai_bill import Bill, BillUnavailableError, ExportError, fetch_bill
-from warehouse.openai_bill import read_cost_export as parse_export
-from warehouse.pricing import PICO_PER_USD
-from warehouse.reconcile import (
+from tokentill.warehouse.openai_bill import Bill, BillUnavailableError, ExportError, fetch_bill
+from tokentill.warehouse.openai_bill import read_cost_export as parse_export
+from tokentill.warehouse.pricing import PICO_PER_USD
+from tokentill.warehouse.reconcile import (
     Thresholds,
     by_day,
     compare,

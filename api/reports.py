@@ -19,10 +19,10 @@ import polars as pl
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from pydantic import BaseModel, Field
 
-from api.deps import RuntimeDep
-from api.money import USD, usd
-from api.params import FilterParams, bad_request, filters
-from warehouse.spend import (
+from tokentill.api.deps import RuntimeDep
+from tokentill.api.money import USD, usd
+from tokentill.api.params import FilterParams, bad_request, filters
+from tokentill.warehouse.spend import (
     MEASURES,
     Filters,
     QueryError,

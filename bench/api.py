@@ -28,13 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-# This file is bench/api.py: put the project's `api` package ahead of it on the path
-# (and bench/, for _common, behind).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
-
-from _common import (  # noqa: E402
+from _common import (
     ROOT,
     BenchError,
     free_port,
@@ -43,10 +37,10 @@ from _common import (  # noqa: E402
     remove_workdir,
 )
 
-from api.reports import list_users, month_summary  # noqa: E402
-from warehouse.db import open_warehouse  # noqa: E402
-from warehouse.prices import CatalogCache  # noqa: E402
-from warehouse.spend import Filters, SpendQuery, spend  # noqa: E402
+from tokentill.api.reports import list_users, month_summary
+from tokentill.warehouse.db import open_warehouse
+from tokentill.warehouse.prices import CatalogCache
+from tokentill.warehouse.spend import Filters, SpendQuery, spend
 
 CATALOG = CatalogCache()  # the bench's one price snapshot, as the server's runtime holds one
 

@@ -26,8 +26,8 @@ import argparse
 import os
 from typing import Any
 
-from ingest.http1 import HTTP1Upstream
-from ingest.upstream import UpstreamError
+from tokentill.ingest.http1 import HTTP1Upstream
+from tokentill.ingest.upstream import UpstreamError
 
 UPSTREAM_ENV = "BARE_UPSTREAM"
 

@@ -48,7 +48,6 @@ from pathlib import Path
 
 from _common import (
     LOOPBACK,
-    ROOT,
     BenchError,
     Server,
     WrkResult,
@@ -577,12 +576,12 @@ def quota_book_benchmark(results: Results, workdir: Path, n: int) -> None:
     settlement through the real QuotaBook, priced from the published catalog, against a
     default limit of each unit and a tag limit (as the `quota` target is set up), and the
     same request's forwarding-free baseline: parsing its body, which the proxy does anyway."""
-    from ingest.capture import RequestFacts, now_us
-    from ingest.live_prices import PriceBook
-    from ingest.quotas import Limit, QuotaBook, QuotaConfig, tag_subject
-    from warehouse.db import open_warehouse
-    from warehouse.events import UsageEvent
-    from warehouse.prices import price_table, seed_published
+    from tokentill.ingest.capture import RequestFacts, now_us
+    from tokentill.ingest.live_prices import PriceBook
+    from tokentill.ingest.quotas import Limit, QuotaBook, QuotaConfig, tag_subject
+    from tokentill.warehouse.db import open_warehouse
+    from tokentill.warehouse.events import UsageEvent
+    from tokentill.warehouse.prices import price_table, seed_published
 
     conn = open_warehouse(workdir / "quota-book.duckdb")
     seed_published(conn)
@@ -668,12 +667,10 @@ def writer_benchmark(results: Results, workdir: Path, n: int) -> None:
     fresh files: the writer alone (the events journaled and queued first, then the writer
     started and timed until all are committed), and concurrently (the writer running while
     the events are journaled, timed from the first append until all are committed)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from ingest.journal import Journal
-    from warehouse.db import open_warehouse
-    from warehouse.events import UsageEvent, key_fingerprint
-    from warehouse.writer import Writer
+    from tokentill.ingest.journal import Journal
+    from tokentill.warehouse.db import open_warehouse
+    from tokentill.warehouse.events import UsageEvent, key_fingerprint
+    from tokentill.warehouse.writer import Writer
 
     now = time.time_ns() // 1000
     event = UsageEvent(

@@ -64,12 +64,12 @@ from _common import (
     verdict,
 )
 
-from warehouse import jobs, prices
-from warehouse.db import open_warehouse
-from warehouse.jobs import RollupConfig, RollupJob, RunResult
-from warehouse.prices import seed_published
-from warehouse.rollups import HOURLY_KEYS, USAGE_MEASURES
-from warehouse.summaries import MODEL_KEYS
+from tokentill.warehouse import jobs, prices
+from tokentill.warehouse.db import open_warehouse
+from tokentill.warehouse.jobs import RollupConfig, RollupJob, RunResult
+from tokentill.warehouse.prices import seed_published
+from tokentill.warehouse.rollups import HOURLY_KEYS, USAGE_MEASURES
+from tokentill.warehouse.summaries import MODEL_KEYS
 
 
 def code_fingerprint() -> str:

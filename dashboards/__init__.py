@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from dashboards import assets, login, views
+from tokentill.dashboards import assets, login, views
 
 
 def routers() -> list[APIRouter]:

@@ -10,8 +10,8 @@ from decimal import Decimal
 
 import plotly.graph_objects as go
 
-from api.events import Turn
-from api.reports import CostReport, Measures, ModelRow
+from tokentill.api.events import Turn
+from tokentill.api.reports import CostReport, Measures, ModelRow
 
 _LAYOUT = {
     "template": "plotly_white",

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 import plotly.graph_objects as go
 from fastapi.responses import HTMLResponse
 
-from dashboards.filters import ViewFilters
+from tokentill.dashboards.filters import ViewFilters
 
 if TYPE_CHECKING:
-    from api.reports import Measures
+    from tokentill.api.reports import Measures
 
 ASSETS = "/dashboard/assets"
 VIEWS = (

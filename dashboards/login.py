@@ -13,9 +13,9 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from api import session
-from api.deps import client_address, note_failure, refuse_if_locked_out, require_admin
-from dashboards.layout import document, esc
+from tokentill.api import session
+from tokentill.api.deps import client_address, note_failure, refuse_if_locked_out, require_admin
+from tokentill.dashboards.layout import document, esc
 
 router = APIRouter(include_in_schema=False)
 HOME = "/dashboard/"

@@ -22,16 +22,16 @@ from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Match
 
-from api import events, jobs, reports
-from api.deps import RuntimeDep
-from api.params import FilterParams
-from api.params import filters as api_filters
-from api.reports import in_thread
-from dashboards import figures
-from dashboards.filters import FilterError, ViewFilters
-from dashboards.layout import chart, count, esc, kpis, money, notice, spent, table, view
-from dashboards.login import ViewerDep
-from warehouse.spend import SpendQuery, choose_source
+from tokentill.api import events, jobs, reports
+from tokentill.api.deps import RuntimeDep
+from tokentill.api.params import FilterParams
+from tokentill.api.params import filters as api_filters
+from tokentill.api.reports import in_thread
+from tokentill.dashboards import figures
+from tokentill.dashboards.filters import FilterError, ViewFilters
+from tokentill.dashboards.layout import chart, count, esc, kpis, money, notice, spent, table, view
+from tokentill.dashboards.login import ViewerDep
+from tokentill.warehouse.spend import SpendQuery, choose_source
 
 if TYPE_CHECKING:
     from tokentill.app import Runtime

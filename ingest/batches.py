@@ -38,11 +38,11 @@ from typing import Any, Protocol
 
 import orjson
 
-from ingest.capture import Endpoint, JSONCapture, RequestFacts, error_event, now_us
-from ingest.polling import PollSchedule, fetch
-from ingest.proxy import Admission, IdentityRules, RequestRejectedError, learn_request
-from ingest.upstream import Upstream, UpstreamError
-from warehouse.events import UsageEvent
+from tokentill.ingest.capture import Endpoint, JSONCapture, RequestFacts, error_event, now_us
+from tokentill.ingest.polling import PollSchedule, fetch
+from tokentill.ingest.proxy import Admission, IdentityRules, RequestRejectedError, learn_request
+from tokentill.ingest.upstream import Upstream, UpstreamError
+from tokentill.warehouse.events import UsageEvent
 
 log = logging.getLogger(__name__)
 

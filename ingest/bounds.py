@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import orjson
 
-from warehouse.events import UsageEvent
+from tokentill.warehouse.events import UsageEvent
 
 METADATA_PAIRS: Final = 16
 METADATA_KEY: Final = 64

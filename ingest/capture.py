@@ -19,10 +19,10 @@ from typing import Any, Literal
 
 import orjson
 
-from ingest import json_text, usage
-from ingest.sse import SSEParser, event_fields, lead, replace_data
-from warehouse.events import TERMINAL_STATUSES, EventKind, UsageEvent
-from warehouse.events import now_us as now_us  # re-exported: the proxy's clock
+from tokentill.ingest import json_text, usage
+from tokentill.ingest.sse import SSEParser, event_fields, lead, replace_data
+from tokentill.warehouse.events import TERMINAL_STATUSES, EventKind, UsageEvent
+from tokentill.warehouse.events import now_us as now_us  # re-exported: the proxy's clock
 
 Endpoint = Literal[
     "responses",

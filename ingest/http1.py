@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from ingest.upstream import Body, RawHeaders, UpstreamTimeout, UpstreamUnreachable
+from tokentill.ingest.upstream import Body, RawHeaders, UpstreamTimeout, UpstreamUnreachable
 
 _HIGH_WATER = 1 << 20
 _LOW_WATER = 1 << 18

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import orjson
 
-from warehouse.events import UsageEvent
-from warehouse.writer import Position
+from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.writer import Position
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 
 import polars as pl
 
-from warehouse.events import UsageEvent
-from warehouse.pricing import (
+from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.pricing import (
     audio_cost_pico,
     catalog_names,
     effective_intervals,

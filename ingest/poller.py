@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import orjson
 
-from ingest.capture import JSONCapture, RequestFacts, now_us
-from ingest.polling import PollSchedule, fetch
-from ingest.upstream import Upstream, UpstreamError
-from warehouse.events import UsageEvent
+from tokentill.ingest.capture import JSONCapture, RequestFacts, now_us
+from tokentill.ingest.polling import PollSchedule, fetch
+from tokentill.ingest.upstream import Upstream, UpstreamError
+from tokentill.warehouse.events import UsageEvent
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from ingest.upstream import RawHeaders, Upstream
+from tokentill.ingest.upstream import RawHeaders, Upstream
 
 T = TypeVar("T")
 

@@ -33,8 +33,8 @@ from typing import Any, Protocol
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from ingest.bounds import bounded_metadata
-from ingest.capture import (
+from tokentill.ingest.bounds import bounded_metadata
+from tokentill.ingest.capture import (
     Decoder,
     Endpoint,
     JSONCapture,
@@ -44,13 +44,13 @@ from ingest.capture import (
     finalize,
     now_us,
 )
-from ingest.errors import send_error
-from ingest.forms import form_fields, is_form
-from ingest.metrics import Metrics
-from ingest.paths import NonCanonicalPath, canonical_path
-from ingest.poller import CREDENTIAL_HEADERS
-from ingest.recorder import Recorder
-from ingest.upstream import (
+from tokentill.ingest.errors import send_error
+from tokentill.ingest.forms import form_fields, is_form
+from tokentill.ingest.metrics import Metrics
+from tokentill.ingest.paths import NonCanonicalPath, canonical_path
+from tokentill.ingest.poller import CREDENTIAL_HEADERS
+from tokentill.ingest.recorder import Recorder
+from tokentill.ingest.upstream import (
     Body,
     Upstream,
     UpstreamError,
@@ -58,8 +58,8 @@ from ingest.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from warehouse.events import EventKind, key_fingerprint
-from warehouse.identity import MAX_USER_ID, BadUserId, decode_header, end_user_id
+from tokentill.warehouse.events import EventKind, key_fingerprint
+from tokentill.warehouse.identity import MAX_USER_ID, BadUserId, decode_header, end_user_id
 
 log = logging.getLogger(__name__)
 

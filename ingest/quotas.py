@@ -58,12 +58,12 @@ from typing import Any, Literal
 
 import orjson
 
-from ingest.capture import RequestFacts, now_us
-from ingest.live_prices import PriceBook
-from ingest.proxy import RequestRejectedError
-from warehouse.alerts import Alert, Severity
-from warehouse.events import UsageEvent
-from warehouse.quota_rules import (
+from tokentill.ingest.capture import RequestFacts, now_us
+from tokentill.ingest.live_prices import PriceBook
+from tokentill.ingest.proxy import RequestRejectedError
+from tokentill.warehouse.alerts import Alert, Severity
+from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.quota_rules import (
     FOREVER,
     PERIODS,
     THRESHOLDS,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ingest.bounds import bound_event
-from ingest.journal import Journal
-from ingest.metrics import Metrics
-from ingest.poller import Poller
-from warehouse.events import UsageEvent
+from tokentill.ingest.bounds import bound_event
+from tokentill.ingest.journal import Journal
+from tokentill.ingest.metrics import Metrics
+from tokentill.ingest.poller import Poller
+from tokentill.warehouse.events import UsageEvent
 
 
 class Settlement(Protocol):

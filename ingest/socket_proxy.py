@@ -58,14 +58,14 @@ from urllib.parse import parse_qsl
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from ingest import usage
-from ingest.bounds import bounded_metadata
-from ingest.capture import Endpoint, RequestFacts, error_event, finalize, now_us
-from ingest.errors import error_body
-from ingest.metrics import Metrics
-from ingest.paths import NonCanonicalPath, canonical_path
-from ingest.poller import CREDENTIAL_HEADERS
-from ingest.proxy import (
+from tokentill.ingest import usage
+from tokentill.ingest.bounds import bounded_metadata
+from tokentill.ingest.capture import Endpoint, RequestFacts, error_event, finalize, now_us
+from tokentill.ingest.errors import error_body
+from tokentill.ingest.metrics import Metrics
+from tokentill.ingest.paths import NonCanonicalPath, canonical_path
+from tokentill.ingest.poller import CREDENTIAL_HEADERS
+from tokentill.ingest.proxy import (
     HOP_BY_HOP,
     USER_HEADER,
     Admission,
@@ -76,9 +76,9 @@ from ingest.proxy import (
     learn_request,
     raw_header,
 )
-from ingest.recorder import Recorder
-from ingest.upstream import RawHeaders, UpstreamError
-from warehouse.events import TERMINAL_STATUSES, UsageEvent, key_fingerprint
+from tokentill.ingest.recorder import Recorder
+from tokentill.ingest.upstream import RawHeaders, UpstreamError
+from tokentill.warehouse.events import TERMINAL_STATUSES, UsageEvent, key_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidStatus
 from websockets.typing import Subprotocol
 
-from ingest.socket_proxy import Frame, UpstreamRefused, UpstreamSocketClosed
-from ingest.upstream import RawHeaders, UpstreamTimeout, UpstreamUnreachable
+from tokentill.ingest.socket_proxy import Frame, UpstreamRefused, UpstreamSocketClosed
+from tokentill.ingest.upstream import RawHeaders, UpstreamTimeout, UpstreamUnreachable
 
 # One event of the Responses API (an image's base64 in an output item) can be large;
 # the library's 1 MiB default would cut such a socket.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from warehouse.events import UsageEvent
+from tokentill.warehouse.events import UsageEvent
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -15,12 +15,12 @@ import openai
 import polars as pl
 import pytest
 
-from ingest.journal import Journal
 from tests.conftest import Running, ledger
-from warehouse.abuse import AbuseConfig, features, flags, with_window
-from warehouse.db import open_warehouse
-from warehouse.events import UsageEvent
-from warehouse.writer import Writer
+from tokentill.ingest.journal import Journal
+from tokentill.warehouse.abuse import AbuseConfig, features, flags, with_window
+from tokentill.warehouse.db import open_warehouse
+from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.writer import Writer
 
 NOW = datetime.now(UTC)
 

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import polars as pl
 
-from api import session
 from tests.conftest import Running
 from tests.servers import free_port
+from tokentill.api import session
 
 TOKEN = "a-long-admin-token-for-these-tests"
 

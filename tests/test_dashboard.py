@@ -28,8 +28,8 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from starlette.routing import Match
 
-from dashboards.layout import money
 from tests.conftest import Running, serve_tokentill
+from tokentill.dashboards.layout import money
 
 TOKEN = "admin-token-for-the-dashboard-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

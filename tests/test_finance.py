@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.test_rollups import Warehouse, make_event
-from warehouse.catalog import EPOCH, PriceRow
-from warehouse.finance import FinanceQuery, allocate, cents, finance_report
-from warehouse.periods import PeriodError, close_period, post_adjustments
-from warehouse.prices import insert_rows
+from tokentill.warehouse.catalog import EPOCH, PriceRow
+from tokentill.warehouse.finance import FinanceQuery, allocate, cents, finance_report
+from tokentill.warehouse.periods import PeriodError, close_period, post_adjustments
+from tokentill.warehouse.prices import insert_rows
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 MAY, JUNE, JULY = date(2026, 5, 1), date(2026, 6, 1), date(2026, 7, 1)

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
-from ingest.bounds import METADATA_KEY, METADATA_PAIRS, METADATA_VALUE
 from tests.conftest import Running, ledger, put_user_quota
+from tokentill.ingest.bounds import METADATA_KEY, METADATA_PAIRS, METADATA_VALUE
 
 
 def _post(

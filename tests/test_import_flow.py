@@ -36,9 +36,15 @@ KNOWN: dict[tuple[str, str], str] = {
 TOOLS = ("tokentill/fakeai/", "tokentill/demo.py")
 
 
+LAYERS = ("ingest", "warehouse", "api", "dashboards")
+
+
 def _layer(module: str) -> str | None:
-    top = module.split(".")[0]
-    return top if top in ALLOWED else None
+    """`tokentill.ingest.proxy` is in the ingest layer, `tokentill.app` in the root."""
+    parts = module.split(".")
+    if parts[0] != "tokentill":
+        return None
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else "tokentill"
 
 
 def _imports(path: Path) -> set[str]:
@@ -51,10 +57,19 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+def _sources(layer: str) -> list[Path]:
+    """The layer's files, each once: the root's own, not the layers symlinked inside it."""
+    return sorted(
+        path
+        for path in (ROOT / layer).rglob("*.py")
+        if layer != "tokentill" or path.relative_to(ROOT / layer).parts[0] not in LAYERS
+    )
+
+
 def backward_imports() -> set[tuple[str, str]]:
     backward = set()
     for layer, allowed in ALLOWED.items():
-        for path in sorted((ROOT / layer).rglob("*.py")):
+        for path in _sources(layer):
             name = path.relative_to(ROOT).as_posix()
             if name.startswith(TOOLS):
                 continue
@@ -79,3 +94,16 @@ def test_the_warehouse_imports_no_ingest_the_api_no_ingest_ingest_no_composition
         assert not (importer.startswith("warehouse/") and module.startswith("ingest")), importer
         assert not (importer.startswith("api/") and module.startswith("ingest")), importer
         assert not (importer.startswith("ingest/") and module.startswith("tokentill")), importer
+
+
+def test_one_import_name() -> None:
+    """Every module, test and bench imports the layers as `tokentill.<layer>`: the bare
+    names do not exist once installed (tests/test_packaging.py builds the wheel)."""
+    bare = sorted(
+        (path.relative_to(ROOT).as_posix(), module)
+        for folder in (*ALLOWED, "tests", "bench")
+        for path in _sources(folder)
+        for module in _imports(path)
+        if module.split(".")[0] in LAYERS
+    )
+    assert bare == []

@@ -7,10 +7,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ingest.journal import Journal, JournalLockedError
-from warehouse.db import open_warehouse
-from warehouse.events import UsageEvent
-from warehouse.writer import Writer, parse_lines
+from tokentill.ingest.journal import Journal, JournalLockedError
+from tokentill.warehouse.db import open_warehouse
+from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.writer import Writer, parse_lines
 
 T0 = 1_764_000_000_000_000
 

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import tomllib
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -458,3 +459,60 @@ def test_uv_lock_is_in_sync_with_pyproject() -> None:
         check=False,
     )
     assert result.returncode == 0, f"uv.lock is out of date:\n{result.stderr}"
+
+
+# --- one import name -------------------------------------------------------------
+
+LAYERS = ("ingest", "warehouse", "api", "dashboards")
+
+
+def test_the_layers_reach_the_package_through_symlinks_the_image_can_resolve() -> None:
+    """tokentill/<layer> points at the top-level folder, and the image copies both ends."""
+    copied = {src for args in _args("COPY") if "--from=" not in args for src in _copy_sources(args)}
+    for layer in LAYERS:
+        link = ROOT / "tokentill" / layer
+        assert link.is_symlink() and os.readlink(link) == f"../{layer}", layer
+        assert layer in copied, f"the Dockerfile copies tokentill/{layer} but not ../{layer}"
+
+
+def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
+    uv = _find_uv()
+    assert uv is not None, "uv is how the project builds; make sync bootstraps it"
+    subprocess.run(
+        [uv, "build", "--wheel", "--quiet", "--out-dir", str(tmp_path), str(ROOT)],
+        check=True,
+        timeout=240,
+    )
+    [wheel] = tmp_path.glob("tokentill-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert tops == {"tokentill"}
+    for part in (
+        "tokentill/ingest/proxy.py",
+        "tokentill/warehouse/migrations/0001_usage_events.sql",
+        "tokentill/api/reports.py",
+        "tokentill/dashboards/static/dashboard.js",
+    ):
+        assert part in names, part
+    # Installed into a bare virtualenv, the wheel's package imports on its own and the
+    # layers' old top-level names do not exist.
+    venv = tmp_path / "venv"
+    subprocess.run([uv, "venv", "--quiet", str(venv)], check=True, timeout=60)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)  # the files alone: no dependencies, nothing imported
+    probe = (
+        "import importlib.util as u, sys;"
+        "print([n for n in ('tokentill', 'tokentill.ingest', 'ingest', 'warehouse', 'api',"
+        " 'dashboards') if (n == 'tokentill.ingest' and u.find_spec('tokentill') and"
+        " u.find_spec(n)) or (n != 'tokentill.ingest' and u.find_spec(n))])"
+    )
+    found = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    assert found == "['tokentill', 'tokentill.ingest']"

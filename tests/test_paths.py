@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from ingest.paths import NonCanonicalPath, canonical_path
 from tests.conftest import Running, ledger, put_user_quota
+from tokentill.ingest.paths import NonCanonicalPath, canonical_path
 
 BODY = {"model": "gpt-4o-mini", "input": "hi"}
 

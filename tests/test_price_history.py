@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-import warehouse.spend
 from tests.conftest import Running
+from tokentill.warehouse import spend
 
 DAY = 86_400
 
@@ -221,7 +221,7 @@ def _both_ways(
     first = httpx.get(running.url + path, params=params, timeout=60)
     assert first.status_code == 200, first.text
     with monkeypatch.context() as patch:
-        patch.setattr(warehouse.spend, "choose_source", lambda query: "raw")
+        patch.setattr(spend, "choose_source", lambda query: "raw")
         second = httpx.get(running.url + path, params=params, timeout=60)
     assert second.status_code == 200, second.text
     one, other = first.json(), second.json()

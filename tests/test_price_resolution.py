@@ -13,9 +13,9 @@ import polars as pl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.live_prices import PriceBook
-from warehouse.events import UsageEvent
-from warehouse.pricing import effective_intervals, model_map, price_events
+from tokentill.ingest.live_prices import PriceBook
+from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.pricing import effective_intervals, model_map, price_events
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 # Catalog names of one family: the family, a snapshot with its own price, a prefix.

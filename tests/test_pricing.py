@@ -12,16 +12,16 @@ import duckdb
 import polars as pl
 import pytest
 
-from warehouse.catalog import EPOCH, OVERRIDE_PRIORITY, PriceRow, source_version
-from warehouse.db import fetch_one, open_warehouse
-from warehouse.prices import (
+from tokentill.warehouse.catalog import EPOCH, OVERRIDE_PRIORITY, PriceRow, source_version
+from tokentill.warehouse.db import fetch_one, open_warehouse
+from tokentill.warehouse.prices import (
     PriceFileError,
     insert_rows,
     load_price_file,
     price_table,
     seed_published,
 )
-from warehouse.pricing import effective_intervals, model_map, price_events
+from tokentill.warehouse.pricing import effective_intervals, model_map, price_events
 
 NOON = datetime(2026, 3, 10, 12, tzinfo=UTC)
 D = Decimal

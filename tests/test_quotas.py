@@ -21,13 +21,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ingest.quotas import user_subject
 from tests.conftest import Running, ledger
 from tests.servers import serve_in_thread
 from tokentill.app import create_app
+from tokentill.ingest.quotas import user_subject
 from tokentill.settings import Settings
-from warehouse import pricing
-from warehouse.prices import insert_rows, parse_price_entries, price_table
+from tokentill.warehouse import pricing
+from tokentill.warehouse.prices import insert_rows, parse_price_entries, price_table
 
 QUOTA_ERROR_KEYS = {"message", "type", "param", "code"}
 

@@ -19,11 +19,11 @@ from openai.types.realtime.realtime_server_event import RealtimeServerEvent
 from pydantic import TypeAdapter
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
-from ingest import usage
-from ingest.socket_proxy import Handshake
 from tests.conftest import Running, ledger, put_user_quota
-from warehouse.catalog import published_prices
-from warehouse.events import key_fingerprint
+from tokentill.ingest import usage
+from tokentill.ingest.socket_proxy import Handshake
+from tokentill.warehouse.catalog import published_prices
+from tokentill.warehouse.events import key_fingerprint
 
 # Every server event is validated with the SDK's own types (the SDK's iterator only
 # constructs them): the fake's payloads, and the proxy's own error events, must be real.

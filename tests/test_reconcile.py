@@ -25,7 +25,7 @@ from tokentill.app import create_app
 from tokentill.fakeai import FakeUpstream, create_fake_app
 from tokentill.fakeai.billing import line_items
 from tokentill.settings import Settings
-from warehouse.reconcile import (
+from tokentill.warehouse.reconcile import (
     OPENAI_REQUESTS_SCHEMA,
     OPENAI_SCHEMA,
     OURS_SCHEMA,

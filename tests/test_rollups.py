@@ -22,17 +22,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.journal import Journal
 from tests.conftest import Running
-from warehouse import rollups
-from warehouse.catalog import EPOCH, PriceRow
-from warehouse.db import open_warehouse, query_frame
-from warehouse.events import UsageEvent
-from warehouse.jobs import RollupConfig, RollupJob
-from warehouse.migrate import migrate
-from warehouse.prices import CatalogCache, insert_rows, price_table
-from warehouse.pricing import effective_intervals, model_map, price_events
-from warehouse.writer import Writer
+from tokentill.ingest.journal import Journal
+from tokentill.warehouse import rollups
+from tokentill.warehouse.catalog import EPOCH, PriceRow
+from tokentill.warehouse.db import open_warehouse, query_frame
+from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.jobs import RollupConfig, RollupJob
+from tokentill.warehouse.migrate import migrate
+from tokentill.warehouse.prices import CatalogCache, insert_rows, price_table
+from tokentill.warehouse.pricing import effective_intervals, model_map, price_events
+from tokentill.warehouse.writer import Writer
 
 DAY0 = datetime(2026, 5, 1, tzinfo=UTC)
 MODELS = ["gpt-4o", "gpt-4o-2024-08-06", "o4-mini", "mystery-model"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api import session
+from tokentill.api import session
 
 TOKEN = "admin-token-for-the-session-tests"
 

@@ -21,15 +21,15 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest import json_text
-from ingest.capture import RequestFacts, StreamCapture
-from ingest.sse import SSEParser, event_fields, lead
 from tokentill.fakeai.chat_builder import draft_chat
 from tokentill.fakeai.request import read_request
 from tokentill.fakeai.response_builder import draft_response
 from tokentill.fakeai.sdk import dump
 from tokentill.fakeai.usage import plan_usage
 from tokentill.fakeai.wire import OPENAI, Wire
+from tokentill.ingest import json_text
+from tokentill.ingest.capture import RequestFacts, StreamCapture
+from tokentill.ingest.sse import SSEParser, event_fields, lead
 
 _RECORDED = (
     "response_id",

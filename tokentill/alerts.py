@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import duckdb
 
+from tokentill.warehouse.alerts import Alert, insert_alerts
 from tokentill.webhooks import Webhook
-from warehouse.alerts import Alert, insert_alerts
 
 log = logging.getLogger(__name__)
 

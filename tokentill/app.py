@@ -35,8 +35,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-import dashboards
-from api import (
+from tokentill import dashboards
+from tokentill.alerts import AlertOutbox
+from tokentill.api import (
     alerts,
     events,
     finance,
@@ -48,33 +49,32 @@ from api import (
     reports,
     session,
 )
-from api.auth_limit import AuthLimiter
-from api.deps import AdminDep, require_admin
-from api.guard import AdminGuard, default_hosts
-from api.openai_usage import OpenAIError
-from ingest.batches import BatchWatcher
-from ingest.errors import error_body, send_error
-from ingest.http1 import HTTP1Upstream
-from ingest.journal import Journal
-from ingest.metrics import Metrics
-from ingest.poller import Poller
-from ingest.proxy import IdentityRules, Proxy, ProxyConfig
-from ingest.recorder import Recorder
-from ingest.socket_proxy import SocketProxy, deny
-from ingest.upstream import Upstream
-from ingest.upstream_socket import WebsocketsUpstream
-from tokentill.alerts import AlertOutbox
+from tokentill.api.auth_limit import AuthLimiter
+from tokentill.api.deps import AdminDep, require_admin
+from tokentill.api.guard import AdminGuard, default_hosts
+from tokentill.api.openai_usage import OpenAIError
+from tokentill.ingest.batches import BatchWatcher
+from tokentill.ingest.errors import error_body, send_error
+from tokentill.ingest.http1 import HTTP1Upstream
+from tokentill.ingest.journal import Journal
+from tokentill.ingest.metrics import Metrics
+from tokentill.ingest.poller import Poller
+from tokentill.ingest.proxy import IdentityRules, Proxy, ProxyConfig
+from tokentill.ingest.recorder import Recorder
+from tokentill.ingest.socket_proxy import SocketProxy, deny
+from tokentill.ingest.upstream import Upstream
+from tokentill.ingest.upstream_socket import WebsocketsUpstream
 from tokentill.quota_service import QuotaService
 from tokentill.settings import Settings
+from tokentill.warehouse.abuse import AbuseConfig, AbuseJob
+from tokentill.warehouse.alerts import Alert
+from tokentill.warehouse.db import open_warehouse
+from tokentill.warehouse.jobs import RollupConfig, RollupJob
+from tokentill.warehouse.periods import post_adjustments
+from tokentill.warehouse.prices import CatalogCache, insert_rows, load_price_file, seed_published
+from tokentill.warehouse.scheduler import start_scheduler, stop_scheduler
+from tokentill.warehouse.writer import Writer
 from tokentill.webhooks import Webhook
-from warehouse.abuse import AbuseConfig, AbuseJob
-from warehouse.alerts import Alert
-from warehouse.db import open_warehouse
-from warehouse.jobs import RollupConfig, RollupJob
-from warehouse.periods import post_adjustments
-from warehouse.prices import CatalogCache, insert_rows, load_price_file, seed_published
-from warehouse.scheduler import start_scheduler, stop_scheduler
-from warehouse.writer import Writer
 
 log = logging.getLogger("tokentill")
 

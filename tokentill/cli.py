@@ -30,8 +30,8 @@ def _private_files() -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tokentill.app import create_app
     from tokentill.server import serve
-    from warehouse.db import WarehouseBusyError, open_warehouse
-    from warehouse.prices import PriceFileError, load_price_file
+    from tokentill.warehouse.db import WarehouseBusyError, open_warehouse
+    from tokentill.warehouse.prices import PriceFileError, load_price_file
 
     settings = _settings(args, ("db", "upstream", "host", "port", "prices_file"))
     _private_files()
@@ -62,9 +62,9 @@ def _cmd_rollup(args: argparse.Namespace) -> int:
 
     import httpx
 
-    from warehouse.db import WarehouseBusyError, open_warehouse
-    from warehouse.jobs import RollupConfig, RollupJob
-    from warehouse.prices import seed_published
+    from tokentill.warehouse.db import WarehouseBusyError, open_warehouse
+    from tokentill.warehouse.jobs import RollupConfig, RollupJob
+    from tokentill.warehouse.prices import seed_published
 
     settings = _settings(args, ("db", "host", "port"))
     try:

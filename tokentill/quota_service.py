@@ -20,14 +20,14 @@ from typing import Any
 
 import duckdb
 
-from ingest.capture import RequestFacts, now_us
-from ingest.live_prices import PriceBook
-from ingest.quotas import QuotaBook as QuotaBook  # the API reads the book through here
-from ingest.quotas import QuotaConfig, Usage
+from tokentill.ingest.capture import RequestFacts, now_us
+from tokentill.ingest.live_prices import PriceBook
+from tokentill.ingest.quotas import QuotaBook as QuotaBook  # the API reads the book through here
+from tokentill.ingest.quotas import QuotaConfig, Usage
 from tokentill.settings import Settings
-from warehouse.alerts import Alert, open_quota_alert_keys
-from warehouse.prices import CatalogCache
-from warehouse.quota_rules import (
+from tokentill.warehouse.alerts import Alert, open_quota_alert_keys
+from tokentill.warehouse.prices import CatalogCache
+from tokentill.warehouse.quota_rules import (
     PERIODS,
     UNITS,
     Limit,
@@ -37,7 +37,7 @@ from warehouse.quota_rules import (
     user_subject,
     window,
 )
-from warehouse.quota_store import load_limits, replace_limits, used_before
+from tokentill.warehouse.quota_store import load_limits, replace_limits, used_before
 
 log = logging.getLogger(__name__)
 

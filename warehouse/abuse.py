@@ -42,10 +42,10 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from warehouse import pricing
-from warehouse.alerts import Alert, Severity
-from warehouse.db import fetch_one, query_frame
-from warehouse.prices import price_table
+from tokentill.warehouse import pricing
+from tokentill.warehouse.alerts import Alert, Severity
+from tokentill.warehouse.db import fetch_one, query_frame
+from tokentill.warehouse.prices import price_table
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import duckdb
 import polars as pl
 
-from warehouse.db import fetch_one, query_frame
+from tokentill.warehouse.db import fetch_one, query_frame
 
 Severity = Literal["info", "warning", "critical"]
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")

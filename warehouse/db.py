@@ -11,7 +11,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from warehouse.migrate import migrate
+from tokentill.warehouse.migrate import migrate
 
 
 class WarehouseBusyError(RuntimeError):

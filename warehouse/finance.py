@@ -19,8 +19,8 @@ from decimal import ROUND_HALF_UP, Decimal
 import duckdb
 import polars as pl
 
-from warehouse.db import query_frame
-from warehouse.spend import COUNTS
+from tokentill.warehouse.db import query_frame
+from tokentill.warehouse.spend import COUNTS
 
 PICO_PER_CENT = 10**10
 _SUMS = (*COUNTS, "unpriced")

@@ -34,10 +34,10 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import polars as pl
 
-from warehouse import pricing, rollups, summaries
-from warehouse.db import fetch_one, query_frame, transaction
-from warehouse.events import PENDING_SQL, PENDING_STATUSES
-from warehouse.prices import CatalogCache
+from tokentill.warehouse import pricing, rollups, summaries
+from tokentill.warehouse.db import fetch_one, query_frame, transaction
+from tokentill.warehouse.events import PENDING_SQL, PENDING_STATUSES
+from tokentill.warehouse.prices import CatalogCache
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ class Migration:
 
 def available() -> list[Migration]:
     found = []
-    for entry in resources.files("warehouse.migrations").iterdir():
+    for entry in resources.files("tokentill.warehouse.migrations").iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import polars as pl
 
-from warehouse.reconcile import (
+from tokentill.warehouse.reconcile import (
     OPENAI_REQUESTS_SCHEMA,
     OPENAI_SCHEMA,
     model_of_line_item,

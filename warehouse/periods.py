@@ -16,8 +16,8 @@ from datetime import UTC, date, datetime
 
 import duckdb
 
-from warehouse.db import fetch_one, transaction
-from warehouse.spend import COUNTS
+from tokentill.warehouse.db import fetch_one, transaction
+from tokentill.warehouse.spend import COUNTS
 
 
 class PeriodError(ValueError):

@@ -16,7 +16,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from warehouse.catalog import (
+from tokentill.warehouse.catalog import (
     EPOCH,
     OVERRIDE_PRIORITY,
     PRICE_COLUMNS,
@@ -24,8 +24,8 @@ from warehouse.catalog import (
     published_prices,
     source_version,
 )
-from warehouse.db import fetch_one, query_frame, transaction
-from warehouse.pricing import effective_intervals
+from tokentill.warehouse.db import fetch_one, query_frame, transaction
+from tokentill.warehouse.pricing import effective_intervals
 
 TIERS = ("default", "flex", "priority", "batch", "scale")
 # A row prices something only with one of these: tokens in, audio by the hour, characters.

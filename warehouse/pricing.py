@@ -37,7 +37,7 @@ from typing import Any
 
 import polars as pl
 
-from warehouse.events import MODALITY_COUNTS
+from tokentill.warehouse.events import MODALITY_COUNTS
 
 PICO_PER_USD = 10**12
 # The usage counts a cost is made of (what `price_events` needs besides model, tier, time).

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal, get_args
 
-from warehouse.pricing import PICO_PER_USD
+from tokentill.warehouse.pricing import PICO_PER_USD
 
 Unit = Literal["usd", "tokens", "requests"]
 Period = Literal["minute", "day", "month", "total"]

@@ -17,9 +17,9 @@ from decimal import Decimal
 import duckdb
 import polars as pl
 
-from warehouse import pricing
-from warehouse.db import query_frame, transaction
-from warehouse.prices import price_table
+from tokentill.warehouse import pricing
+from tokentill.warehouse.db import query_frame, transaction
+from tokentill.warehouse.prices import price_table
 
 # Requests tokentill refused itself: never forwarded, so never counted in a quota.
 OWN_REFUSALS = (

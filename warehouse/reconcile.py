@@ -33,8 +33,8 @@ from decimal import ROUND_HALF_EVEN, Decimal
 import duckdb
 import polars as pl
 
-from warehouse.db import query_frame
-from warehouse.pricing import PICO_PER_USD
+from tokentill.warehouse.db import query_frame
+from tokentill.warehouse.pricing import PICO_PER_USD
 
 MONEY = pl.Decimal(38, 0)
 # A dated snapshot's family: the same rule as the price catalog's model resolution.

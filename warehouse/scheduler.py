@@ -11,7 +11,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from warehouse.jobs import RollupJob
+from tokentill.warehouse.jobs import RollupJob
 
 
 def start_scheduler(

@@ -26,10 +26,10 @@ from typing import Literal
 import duckdb
 import polars as pl
 
-from warehouse import pricing
-from warehouse.db import query_frame
-from warehouse.jobs import EVENT_COLUMNS
-from warehouse.prices import CatalogCache
+from tokentill.warehouse import pricing
+from tokentill.warehouse.db import query_frame
+from tokentill.warehouse.jobs import EVENT_COLUMNS
+from tokentill.warehouse.prices import CatalogCache
 
 Bucket = Literal["minute", "hour", "day", "month"]
 # Group-by dimensions; `tag:<key>` groups by a metadata key's value.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from warehouse.rollups import USAGE_MEASURES
+from tokentill.warehouse.rollups import USAGE_MEASURES
 
 USER_KEYS = ("bucket", "user_id")
 MODEL_KEYS = ("bucket", "model", "service_tier", "status", "endpoint")

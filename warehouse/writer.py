@@ -23,8 +23,8 @@ from typing import NamedTuple, Protocol
 import duckdb
 import polars as pl
 
-from warehouse.db import fetch_one, transaction
-from warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
+from tokentill.warehouse.db import fetch_one, transaction
+from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from tokentill.app import create_app
 from tokentill.fakeai import FakeUpstream, create_fake_app
 from tokentill.fakeai.billing import line_items
 from tokentill.settings import Settings
+from tokentill.warehouse.openai_bill import read_cost_export
 from tokentill.warehouse.reconcile import (
     OPENAI_REQUESTS_SCHEMA,
     OPENAI_SCHEMA,
@@ -511,6 +512,10 @@ def test_reconcile_a_cost_export(
         (b"\xff\xfe\x00", "UTF-8"),
         (b"start_time,amount_value,line_item\n99999999999999,1,gpt-4o\n", "line 2"),
         (b"date,amount_value,line_item\n9999-12-31,1,gpt-4o\n", "must be between"),
+        # A bare CR ends a line (it used to stop the csv module: a 500).
+        (b"_\ro\xc3\xa9\n", "no 'start_time'"),
+        # What the csv module refuses is a 422 too.
+        (b"date,amount_value,line_item\n2026-05-01,1," + b"x" * 200_000 + b"\n", "not valid CSV"),
     ],
 )
 def test_a_bad_cost_export_gets_a_clear_422(reconciled: Running, content: bytes, says: str) -> None:
@@ -527,3 +532,13 @@ def test_reconcile_is_documented_in_openapi(reconciled: Running) -> None:
     assert "/api/reconcile" in schema["paths"] and "/api/reconcile/import" in schema["paths"]
     report = schema["components"]["schemas"]["ReconcileReport"]
     assert "rows" in report["properties"]
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+def test_a_cost_export_reads_with_any_line_end(end: bytes) -> None:
+    """Spreadsheets write CRLF, old Mac tools CR alone: the same rows either way, and a
+    line break inside a quoted field stays in the field."""
+    rows = [b"date,amount_value,line_item", b'2026-05-01,1.5,"gpt-4o, input"', b"2026-05-02,2,o3"]
+    bill = read_cost_export(end.join(rows) + end)
+    assert bill.costs["model"].to_list() == ["gpt-4o", "o3"]
+    assert [int(v) for v in bill.costs["openai_pico"]] == [1_500_000_000_000, 2_000_000_000_000]

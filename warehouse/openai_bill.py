@@ -194,7 +194,15 @@ def read_cost_export(data: bytes) -> Bill:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ExportError("the export is not UTF-8 text") from None
-    reader = csv.DictReader(io.StringIO(text))
+    # newline="": the csv module reads line ends itself (a CR alone, or inside a quoted
+    # field, is text, not a line of its own).
+    try:
+        return _read_cost_rows(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:  # a NUL byte, an unbalanced quote at the end...
+        raise ExportError(f"the export is not valid CSV: {exc}") from None
+
+
+def _read_cost_rows(reader: csv.DictReader[str]) -> Bill:
     header = [name.strip().lower() for name in reader.fieldnames or []]
     reader.fieldnames = header
     day_column = _pick(header, _DAY_COLUMNS, required=True)

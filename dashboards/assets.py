@@ -13,8 +13,8 @@ router = APIRouter(prefix="/dashboard/assets", include_in_schema=False)
 
 _FILES = {
     "plotly.min.js": ("plotly", "package_data/plotly.min.js", "text/javascript"),
-    "dashboard.js": ("dashboards", "static/dashboard.js", "text/javascript"),
-    "dashboard.css": ("dashboards", "static/dashboard.css", "text/css"),
+    "dashboard.js": ("tokentill.dashboards", "static/dashboard.js", "text/javascript"),
+    "dashboard.css": ("tokentill.dashboards", "static/dashboard.css", "text/css"),
 }
 
 

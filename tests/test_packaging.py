@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 import zipfile
 from collections.abc import Callable, Sequence
@@ -516,3 +517,28 @@ def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
         timeout=60,
     ).stdout.strip()
     assert found == "['tokentill', 'tokentill.ingest']"
+
+
+def test_package_data_is_found_by_the_one_import_name(tmp_path: Path) -> None:
+    """Outside the repository (no checkout on sys.path, as after `pip install`): the
+    dashboard's static files and the migrations load through `tokentill.*`."""
+    probe = (
+        "from tokentill.dashboards.assets import _read;"
+        "from tokentill.warehouse.migrate import migrate;"
+        "import duckdb; c = duckdb.connect(); migrate(c);"
+        "print(len(_read('dashboard.js')) > 0, len(_read('dashboard.css')) > 0,"
+        " c.execute('SELECT count(*) FROM usage_events').fetchone()[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "0"]
+    bare = subprocess.run(
+        [sys.executable, "-I", "-c", "import dashboards"], cwd=tmp_path, capture_output=True
+    )
+    assert bare.returncode != 0, "the layers must not be importable under their folder names"

@@ -12,8 +12,13 @@ from pydantic import BaseModel
 
 from tokentill.api.deps import RuntimeDep
 from tokentill.api.params import IsoTime
-from tokentill.warehouse.alerts import SEVERITIES, Severity, acknowledge, list_alerts
-from tokentill.warehouse.db import query_frame
+from tokentill.warehouse.alerts import (
+    SEVERITIES,
+    Severity,
+    acknowledge,
+    alert_by_id,
+    list_alerts,
+)
 
 router = APIRouter(
     prefix="/alerts", tags=["alerts"], responses={404: {"description": "No such alert"}}
@@ -89,12 +94,10 @@ async def ack(runtime: RuntimeDep, alert_id: int, body: AckIn | None = None) -> 
         try:
             if not acknowledge(conn, alert_id, body.by if body else None):
                 return None
-            frame = query_frame(conn, "SELECT * FROM alerts WHERE alert_id = ?", [alert_id])
+            row = alert_by_id(conn, alert_id)
         finally:
             conn.close()
-        row = frame.drop("dedupe_key").to_dicts()[0]
-        row["evidence"] = json.loads(row["evidence"]) if row["evidence"] else {}
-        return AlertOut.model_validate(row)
+        return None if row is None else AlertOut.model_validate(row)
 
     found = await asyncio.to_thread(write)
     if found is None:

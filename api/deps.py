@@ -24,17 +24,17 @@ from tokentill.api import session
 from tokentill.api.auth_limit import AuthLimiter
 
 if TYPE_CHECKING:
-    from tokentill.app import Runtime
+    from tokentill.api.runtime import AdminRuntime
 
 
-def runtime(request: Request) -> Runtime:
-    found: Runtime | None = request.app.state.runtime
+def runtime(request: Request) -> AdminRuntime:
+    found: AdminRuntime | None = request.app.state.runtime
     if found is None or not found.ready:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "tokentill is starting")
     return found
 
 
-RuntimeDep = Annotated["Runtime", Depends(runtime)]
+RuntimeDep = Annotated["AdminRuntime", Depends(runtime)]
 
 
 def _is_loopback(host: str | None) -> bool:

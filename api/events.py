@@ -16,7 +16,7 @@ from tokentill.api.deps import RuntimeDep
 from tokentill.api.money import USD, usd
 from tokentill.api.params import FilterParams, RangeParams, bad_request, filters, time_range
 from tokentill.api.reports import EventRow, event_rows, in_thread
-from tokentill.warehouse.db import query_frame
+from tokentill.warehouse.conversations import conversation_detail, conversation_page
 from tokentill.warehouse.prices import CatalogCache
 from tokentill.warehouse.spend import Filters, priced_events, raw_where
 
@@ -148,18 +148,7 @@ async def conversations(
     start, end = time_range(params)
 
     def read(conn: duckdb.DuckDBPyConnection) -> tuple[int, pl.DataFrame]:
-        where = "last_at >= ? AND first_at < ?"
-        args: list[object] = [start, end]
-        if params.user is not None:
-            where += " AND user_id = ?"
-            args.append(params.user)
-        frame = query_frame(
-            conn,
-            f"""SELECT *, count(*) OVER () AS total FROM conversations WHERE {where}
-                ORDER BY cost_pico DESC, root_id LIMIT ? OFFSET ?""",
-            [*args, params.limit, params.offset],
-        )
-        return (int(frame["total"][0]) if frame.height else 0), frame
+        return conversation_page(conn, start, end, params.user, params.limit, params.offset)
 
     total, frame = await in_thread(runtime, read)
     return ConversationPage(
@@ -196,22 +185,7 @@ async def conversation(
     image_model, catalog = runtime.settings.image_gen_model, runtime.catalog
 
     def read(conn: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-        head = query_frame(conn, "SELECT * FROM conversations WHERE root_id = ?", [root_id])
-        days = query_frame(
-            conn,
-            "SELECT * FROM conversation_days WHERE root_id = ? ORDER BY bucket",
-            [root_id],
-        )
-        turns = priced_events(
-            conn,
-            """(response_id = ? OR response_id IN (
-                   SELECT response_id FROM conversation_links WHERE root_id = ?))""",
-            [root_id, root_id],
-            image_model=image_model,
-            catalog=catalog,
-            order="ORDER BY created_at, response_id LIMIT 500",
-        ).sort("created_at", "response_id")
-        return head, days, turns
+        return conversation_detail(conn, root_id, image_model=image_model, catalog=catalog)
 
     head, days, turns = await in_thread(runtime, read)
     if head.height == 0:

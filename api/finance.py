@@ -26,7 +26,9 @@ from tokentill.warehouse.periods import (
     close_period,
     closed_periods,
     month_of,
-    next_month,
+)
+from tokentill.warehouse.periods import (
+    adjustments as period_adjustments,
 )
 
 router = APIRouter(tags=["finance"])
@@ -263,21 +265,12 @@ class AdjustmentParams(BaseModel):
 async def adjustments(
     runtime: RuntimeDep, params: Annotated[AdjustmentParams, Query()]
 ) -> list[Adjustment]:
+    posted_in = (
+        _month(params.posted_period, "posted_period", "query") if params.posted_period else None
+    )
+
     def read(conn: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-        where, args = "kind = 'daily'", []
-        if params.posted_period:
-            month = _month(params.posted_period, "posted_period", "query")
-            where += " AND posted_period >= ? AND posted_period < ?"
-            args = [month, next_month(month)]
-        cursor = conn.execute(
-            f"""SELECT adjustment_id, posted_period, posted_at, for_period,
-                       CAST(bucket AS DATE) AS day, user_id, model, requests, total_tokens,
-                       cost_pico
-                FROM period_adjustments WHERE {where} ORDER BY adjustment_id LIMIT ?""",
-            [*args, params.limit],
-        )
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+        return period_adjustments(conn, posted_in, params.limit)
 
     rows = await in_thread(runtime, read)
     return [

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from tokentill.api.deps import RuntimeDep
+from tokentill.warehouse.jobs import freshness as read_freshness
 from tokentill.warehouse.jobs import last_runs
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -102,33 +103,19 @@ class Freshness(BaseModel):
     journal_backlog: int = Field(description="Events journaled, not yet in DuckDB.")
 
 
-_FRESHNESS_SQL = """
-WITH ok AS (
-    SELECT finished_at, watermark FROM job_runs
-    WHERE job = 'rollup' AND error IS NULL AND finished_at IS NOT NULL
-    ORDER BY run_id DESC LIMIT 1
-), newest AS (SELECT error FROM job_runs WHERE job = 'rollup' ORDER BY run_id DESC LIMIT 1)
-SELECT (SELECT max(recorded_at) FROM usage_events),
-       (SELECT finished_at FROM ok),
-       (SELECT error FROM newest),
-       (SELECT count(*) FROM usage_events
-        WHERE ingest_seq > coalesce((SELECT watermark FROM ok), -1))
-"""
-
-
 @router.get("/freshness", response_model=Freshness, summary="How fresh the reports are")
 async def freshness(runtime: RuntimeDep) -> Freshness:
     def read() -> Freshness:
         conn = runtime.connect()
         try:
-            row = conn.execute(_FRESHNESS_SQL).fetchall()[0]
+            found = read_freshness(conn)
         finally:
             conn.close()
         return Freshness(
-            last_event_at=row[0],
-            last_rollup_at=row[1],
-            last_rollup_error=row[2],
-            events_not_rolled_up=row[3],
+            last_event_at=found.last_event_at,
+            last_rollup_at=found.last_rollup_at,
+            last_rollup_error=found.last_rollup_error,
+            events_not_rolled_up=found.events_not_rolled_up,
             journal_backlog=runtime.writer.backlog,
         )
 

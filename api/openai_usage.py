@@ -20,16 +20,16 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 import polars as pl
 from fastapi import APIRouter, Query, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokentill.api.deps import RuntimeDep
 from tokentill.api.reports import in_thread
+from tokentill.warehouse.openai_errors import ErrorBody, error_body
 from tokentill.warehouse.spend import Bucket, Filters, SpendQuery, spend
 
 if TYPE_CHECKING:
-    from tokentill.app import Runtime
+    from tokentill.api.runtime import AdminRuntime
 
 router = APIRouter(prefix="/v1/organization", tags=["openai-compatible"])
 PREFIX = "/api/v1/organization"
@@ -84,27 +84,9 @@ class OpenAIError(Exception):
         super().__init__(message)
         self.message, self.param, self.status = message, param, status
 
-    def response(self) -> JSONResponse:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": "invalid_request_error",
-                "param": self.param,
-                "code": None,
-            }
-        }
-        return JSONResponse(body, status_code=self.status)
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
+    def response(self) -> Response:
+        body = error_body(self.message, "invalid_request_error", param=self.param)
+        return Response(body, status_code=self.status, media_type="application/json")
 
 
 # OpenAI answers bad parameters with 400 in its error shape; so do these routes.
@@ -281,7 +263,7 @@ def _query(
 
 
 async def _answer(
-    runtime: Runtime, filters: Filters, group_by: list[str], width: Width
+    runtime: AdminRuntime, filters: Filters, group_by: list[str], width: Width
 ) -> pl.DataFrame:
     dims = tuple(dict.fromkeys(_DIMENSION[g] for g in group_by))
     query = SpendQuery(filters, dims, _BUCKET[width])

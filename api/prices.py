@@ -20,13 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokentill.api.deps import RuntimeDep
 from tokentill.api.params import Moment, bad_request, utc
 from tokentill.api.reports import in_thread
-from tokentill.warehouse.db import query_frame
 from tokentill.warehouse.prices import (
     TIERS,
     PriceFileError,
-    insert_rows,
+    add_price_rows,
     parse_price_entries,
 )
+from tokentill.warehouse.prices import list_prices as list_catalog
 
 router = APIRouter(prefix="/prices", tags=["prices"])
 Rate = Annotated[Decimal | None, Field(None, ge=0, max_digits=18, decimal_places=6)]
@@ -80,37 +80,22 @@ class ListParams(BaseModel):
 
 @router.get("", response_model=PriceList, summary="The price catalog, newest first")
 async def list_prices(runtime: RuntimeDep, params: Annotated[ListParams, Query()]) -> PriceList:
-    def read(conn: duckdb.DuckDBPyConnection) -> pl.DataFrame:
-        where: list[str] = ["true"]
-        args: list[object] = []
-        if params.model is not None:
-            where.append("model = ?")
-            args.append(params.model)
-        if params.source is not None:
-            where.append("priority > 0" if params.source == "override" else "priority = 0")
-        if params.in_force_at is not None:
-            # A row without an end stops where the next of at least its priority starts
-            # (warehouse.pricing._ends): a corrected row is not in force past its correction's
-            # interval, nor an old price past a later one.
-            where.append(
-                """effective_from <= ? AND coalesce(effective_to, (
-                       SELECT min(q.effective_from) FROM prices AS q
-                       WHERE q.model = p.model AND q.service_tier = p.service_tier
-                         AND q.effective_from > p.effective_from AND q.priority >= p.priority
-                   ), 'infinity'::TIMESTAMPTZ) > ?"""
-            )
-            args += [utc(params.in_force_at)] * 2
-        return query_frame(
+    in_force_at = utc(params.in_force_at) if params.in_force_at is not None else None
+
+    def read(conn: duckdb.DuckDBPyConnection) -> tuple[int, pl.DataFrame]:
+        return list_catalog(
             conn,
-            f"""SELECT *, count(*) OVER () AS total FROM prices AS p WHERE {" AND ".join(where)}
-                ORDER BY price_id DESC LIMIT ? OFFSET ?""",
-            [*args, params.limit, params.offset],
+            model=params.model,
+            source=params.source,
+            in_force_at=in_force_at,
+            limit=params.limit,
+            offset=params.offset,
         )
 
-    frame = await in_thread(runtime, read)
+    total, frame = await in_thread(runtime, read)
     return PriceList(
         prices=[Price.model_validate(r) for r in frame.iter_rows(named=True)],
-        total=int(frame["total"][0]) if frame.height else 0,
+        total=total,
     )
 
 
@@ -170,13 +155,7 @@ async def add_prices(runtime: RuntimeDep, change: PriceChange) -> PriceChangeRes
         raise bad_request("prices", str(exc), "body") from exc
 
     def write(conn: duckdb.DuckDBPyConnection) -> tuple[int, pl.DataFrame]:
-        with runtime.catalog.adding(conn):
-            before = conn.execute("SELECT coalesce(max(price_id), 0) FROM prices").fetchall()
-            added = insert_rows(conn, rows)
-            frame = query_frame(
-                conn, "SELECT * FROM prices WHERE price_id > ? ORDER BY price_id", [before[0][0]]
-            )
-        return added, frame
+        return add_price_rows(conn, runtime.catalog, rows)
 
     added, frame = await in_thread(runtime, write)
     return PriceChangeResult(

@@ -17,10 +17,10 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from tokentill.api.deps import RuntimeDep
-from tokentill.quota_service import QuotaBook, QuotaService
 from tokentill.warehouse.events import now_us
 from tokentill.warehouse.identity import BadUserId, end_user_id
 from tokentill.warehouse.pricing import PICO_PER_USD
+from tokentill.warehouse.quota_book import QuotaBook
 from tokentill.warehouse.quota_rules import (
     Limit,
     Mode,
@@ -31,6 +31,7 @@ from tokentill.warehouse.quota_rules import (
     tag_subject,
     user_subject,
 )
+from tokentill.warehouse.quota_service import QuotaService
 
 router = APIRouter(
     prefix="/quotas", tags=["quotas"], responses={404: {"description": "No such quota or block"}}

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, PlainSerializer
 
 from tokentill.api.deps import RuntimeDep
 from tokentill.api.params import Day, bad_request
-from tokentill.settings import Settings
+from tokentill.api.runtime import AdminSettings
 from tokentill.warehouse.openai_bill import Bill, BillUnavailableError, ExportError, fetch_bill
 from tokentill.warehouse.openai_bill import read_cost_export as parse_export
 from tokentill.warehouse.pricing import PICO_PER_USD
@@ -118,7 +118,7 @@ def _last_day(start: date, end: date) -> date:
     return end - timedelta(days=1)
 
 
-def _thresholds(settings: Settings) -> Thresholds:
+def _thresholds(settings: AdminSettings) -> Thresholds:
     return Thresholds(settings.reconcile_threshold_usd, settings.reconcile_threshold_ratio)
 
 

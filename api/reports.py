@@ -29,20 +29,21 @@ from tokentill.warehouse.spend import (
     SpendQuery,
     check_dimension,
     choose_source,
+    list_users,
     priced_events,
     raw_where,
-    rollup_where,
     spend,
+    spent,
 )
 
 if TYPE_CHECKING:
-    from tokentill.app import Runtime
+    from tokentill.api.runtime import AdminRuntime
 
 router = APIRouter(tags=["reports"])
 T = TypeVar("T")
 
 
-async def in_thread(runtime: Runtime, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+async def in_thread(runtime: AdminRuntime, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
     """Run a warehouse read on its own cursor, off the event loop."""
 
     def run() -> T:
@@ -130,7 +131,7 @@ def _totals(frame: pl.DataFrame) -> dict[str, Any]:
     return measures({k: row.get(k) for k in MEASURES})
 
 
-async def cost_report(runtime: Runtime, params: CostParams) -> dict[str, Any]:
+async def cost_report(runtime: AdminRuntime, params: CostParams) -> dict[str, Any]:
     """CostReport's shape as plain values: what GET /api/costs answers, and what the
     dashboard draws."""
     try:
@@ -183,25 +184,6 @@ class Summary(BaseModel):
     unpriced_month_to_date: int
 
 
-def _midnight(moment: datetime) -> datetime:
-    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def _spent(conn: duckdb.DuckDBPyConnection, start: datetime, end: datetime) -> tuple[int, int]:
-    """Cost and unpriced count over [start, end): whole days from the per-model summary,
-    the hours of a partial last day from usage_hourly."""
-    days_end = max(start, _midnight(end)) if start == _midnight(start) else start
-    row = conn.execute(
-        """SELECT coalesce(sum(cost_pico), 0), coalesce(sum(unpriced), 0) FROM (
-               SELECT cost_pico, unpriced FROM usage_daily_models
-               WHERE bucket >= ? AND bucket < ?
-               UNION ALL
-               SELECT cost_pico, unpriced FROM usage_hourly WHERE bucket >= ? AND bucket < ?)""",
-        [start, days_end, days_end, end],
-    ).fetchall()[0]
-    return int(row[0]), int(row[1])
-
-
 def month_summary(conn: duckdb.DuckDBPyConnection, now: datetime) -> Summary:
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     month = today.replace(day=1)
@@ -209,15 +191,15 @@ def month_summary(conn: duckdb.DuckDBPyConnection, now: datetime) -> Summary:
     month_end = month + timedelta(days=days_in_month)
     last_month = (month - timedelta(days=1)).replace(day=1)
     hour = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
-    spent_today, _ = _spent(conn, today, hour)
-    mtd, unpriced = _spent(conn, month, hour)
+    spent_today, _ = spent(conn, today, hour)
+    mtd, unpriced = spent(conn, month, hour)
     window_start = max(month, today - timedelta(days=7))
-    window, _ = _spent(conn, window_start, hour)
+    window, _ = spent(conn, window_start, hour)
     elapsed = (hour - window_start).total_seconds()
     remaining = (month_end - hour).total_seconds()
     rate = Decimal(window) / Decimal(elapsed) if elapsed > 0 else Decimal(0)
     projected = mtd + int(rate * Decimal(max(remaining, 0)))
-    previous, _ = _spent(conn, last_month, month)
+    previous, _ = spent(conn, last_month, month)
     return Summary(
         as_of=now,
         today_usd=usd(spent_today),
@@ -255,51 +237,6 @@ class UserParams(FilterParams):
     order: Literal["asc", "desc"] = "desc"
     limit: int = Field(100, ge=1, le=10_000)
     offset: int = Field(0, ge=0, le=10_000_000)
-
-
-_SORT = {
-    "cost": "cost_pico",
-    "tokens": "total_tokens",
-    "requests": "requests",
-    "first_seen": "first_seen",
-    "last_seen": "last_seen",
-    "user_id": "user_id",
-}
-_SUMS = ", ".join(
-    f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}" for m in MEASURES
-)
-
-
-def list_users(
-    conn: duckdb.DuckDBPyConnection, f: Filters, sort: str, order: str, limit: int, offset: int
-) -> tuple[int, list[dict[str, Any]]]:
-    if f.tags:
-        raise QueryError("the users list filters by user, model, tier, status and endpoint", "tag")
-    params: list[object] = []
-    where = rollup_where(f, params)
-    whole_days = f.start == _midnight(f.start) and f.end == _midnight(f.end)
-    if whole_days and not (f.models or f.service_tiers or f.statuses or f.endpoints):
-        # A row per user and day: a few hundred thousand rows for 90 days of 10k users.
-        source, first, last = "usage_daily_users", "min(first_hour)", "max(last_hour)"
-    else:
-        source, first, last = "usage_hourly", "min(bucket)", "max(bucket)"
-    sql = f"""
-        WITH per_user AS (
-            SELECT user_id, {_SUMS}, {first} AS first_seen, {last} AS last_seen
-            FROM {source} WHERE {where} GROUP BY user_id
-        )
-        SELECT *, count(*) OVER () AS total_users FROM per_user
-        ORDER BY {_SORT[sort]} {order.upper()} NULLS LAST, user_id ASC NULLS LAST
-        LIMIT ? OFFSET ?"""
-    cursor = conn.execute(sql, [*params, limit, offset])
-    names = [d[0] for d in cursor.description]
-    rows = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-    if rows:
-        return int(rows[0]["total_users"]), rows
-    count = conn.execute(
-        f"SELECT count(DISTINCT user_id) FROM {source} WHERE {where}", params
-    ).fetchall()[0][0]
-    return int(count), []
 
 
 @router.get("/users", response_model=UserPage, summary="End users with spend, sortable")

@@ -37,10 +37,10 @@ from _common import (
     remove_workdir,
 )
 
-from tokentill.api.reports import list_users, month_summary
+from tokentill.api.reports import month_summary
 from tokentill.warehouse.db import open_warehouse
 from tokentill.warehouse.prices import CatalogCache
-from tokentill.warehouse.spend import Filters, SpendQuery, spend
+from tokentill.warehouse.spend import Filters, SpendQuery, list_users, spend
 
 CATALOG = CatalogCache()  # the bench's one price snapshot, as the server's runtime holds one
 

@@ -577,11 +577,11 @@ def quota_book_benchmark(results: Results, workdir: Path, n: int) -> None:
     default limit of each unit and a tag limit (as the `quota` target is set up), and the
     same request's forwarding-free baseline: parsing its body, which the proxy does anyway."""
     from tokentill.ingest.capture import RequestFacts, now_us
-    from tokentill.ingest.live_prices import PriceBook
-    from tokentill.ingest.quotas import Limit, QuotaBook, QuotaConfig, tag_subject
     from tokentill.warehouse.db import open_warehouse
     from tokentill.warehouse.events import UsageEvent
+    from tokentill.warehouse.live_prices import PriceBook
     from tokentill.warehouse.prices import price_table, seed_published
+    from tokentill.warehouse.quota_book import Limit, QuotaBook, QuotaConfig, tag_subject
 
     conn = open_warehouse(workdir / "quota-book.duckdb")
     seed_published(conn)
@@ -669,6 +669,7 @@ def writer_benchmark(results: Results, workdir: Path, n: int) -> None:
     the events are journaled, timed from the first append until all are committed)."""
     from tokentill.ingest.journal import Journal
     from tokentill.warehouse.db import open_warehouse
+    from tokentill.warehouse.duckdb_file import DuckDBEvents
     from tokentill.warehouse.events import UsageEvent, key_fingerprint
     from tokentill.warehouse.writer import Writer
 
@@ -708,7 +709,7 @@ def writer_benchmark(results: Results, workdir: Path, n: int) -> None:
         conn = open_warehouse(directory / "writer.duckdb")
         journal = Journal(directory / "journal", segment_bytes=64 << 20, fsync_interval=0.05)
         journal.lock()
-        writer = Writer(conn, journal, batch_max=20_000, flush_interval=0.25)
+        writer = Writer(DuckDBEvents(conn), journal, batch_max=20_000, flush_interval=0.25)
         writer.recover()
         journal.start(writer.submit)  # every append is queued for the writer
         if not alone:

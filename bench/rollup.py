@@ -33,7 +33,6 @@ that do not add up, an incremental run touching the wrong days) exits 1.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import logging
@@ -44,13 +43,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -64,10 +61,10 @@ from _common import (
     verdict,
 )
 
-from tokentill.warehouse import jobs, prices
 from tokentill.warehouse.db import open_warehouse
 from tokentill.warehouse.jobs import RollupConfig, RollupJob, RunResult
 from tokentill.warehouse.prices import seed_published
+from tokentill.warehouse.rollup_run import EVENT_COLUMNS, select_events, shares
 from tokentill.warehouse.rollups import HOURLY_KEYS, USAGE_MEASURES
 from tokentill.warehouse.summaries import MODEL_KEYS
 
@@ -123,9 +120,6 @@ MODELS: tuple[tuple[str, float, bool, bool, bool], ...] = (
 IMAGE_TOOL_MODELS = ("gpt-4.1", "gpt-5", "gpt-4o")
 UNKNOWN_MODELS = ("acme-llama-3.1-70b", "local-mistral-small")
 FEATURES = ("chat", "search", "summarize", "extract", "agent", "classify", "translate", "draft")
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 # -- synthetic events, in SQL ----------------------------------------------------------------
@@ -371,94 +365,12 @@ def phase_generate(db: Path, events: int) -> dict[str, Any]:
     }
 
 
-class Profile:
-    """Wall time per step of a job run, by wrapping the job's methods and helpers."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self.stage = "run"
-        self.inner_depth = 0  # inner steps nest (eager polars inside a read): count once
-        self.recomputed: list[list[datetime]] = []
-        self.cpu_s = 0.0  # CPU time of the run, all threads (less noisy than wall time)
-
-    def stage_wrapper(self, label: str, fn: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            outer, self.stage = self.stage, label
-            clock = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[label] += time.perf_counter() - clock
-                self.calls[label] += 1
-                self.stage = outer
-
-        return wrapper
-
-    def inner_wrapper(self, label: str, fn: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            if self.inner_depth:
-                return fn(*args, **kwargs)
-            self.inner_depth += 1
-            clock = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[f"{self.stage}/{label}"] += time.perf_counter() - clock
-                self.inner_depth -= 1
-
-        return wrapper
-
-    def install(self) -> None:
-        original_recompute = RollupJob._recompute
-
-        def recompute(
-            job: RollupJob,
-            conn: duckdb.DuckDBPyConnection,
-            per_day: dict[datetime, int],
-            *rest: Any,
-            **named: Any,
-        ) -> tuple[int, int, set[str]]:
-            self.recomputed.append(list(per_day))
-            return original_recompute(job, conn, per_day, *rest, **named)
-
-        for name, fn in (
-            ("_update_links", RollupJob._update_links),
-            ("_repriced_days", RollupJob._repriced_days),
-            ("_recompute", recompute),
-            ("_moved_into_conversations", RollupJob._moved_into_conversations),
-            ("_merge_usage", RollupJob._merge_usage),
-            ("_merge_conversations", RollupJob._merge_conversations),
-            ("_refresh_conversations", RollupJob._refresh_conversations),
-        ):
-            setattr(RollupJob, name, self.stage_wrapper(name, fn))
-        jobs.query_frame = self.inner_wrapper("read", jobs.query_frame)
-        # The job reads the catalog through the process's CatalogCache, which reads the
-        # table with warehouse.prices.price_table.
-        prices.price_table = self.stage_wrapper("price_table", prices.price_table)
-        pl.collect_all = self.inner_wrapper("polars", pl.collect_all)  # type: ignore[assignment]
-        pl.LazyFrame.collect = self.inner_wrapper(  # type: ignore[method-assign]
-            "polars", pl.LazyFrame.collect
-        )
-
-    def report(self, total: float) -> dict[str, float]:
-        """Seconds per step: `<stage>/read` (DuckDB to polars), `<stage>/polars` (lazy
-        plans collected), and the remainder: for `_recompute` its DuckDB writes, elsewhere
-        eager polars, inserts and small queries (`<stage>/other`)."""
-        out: dict[str, float] = {}
-        stages = [k for k in self.seconds if "/" not in k]
-        for stage in stages:
-            inner = {k: v for k, v in self.seconds.items() if k.startswith(stage + "/")}
-            out.update(inner)
-            rest = "writes (DELETE, INSERT, COMMIT)" if stage == "_recompute" else "other"
-            out[f"{stage}/{rest}"] = self.seconds[stage] - sum(inner.values())
-        run_inner = {k: v for k, v in self.seconds.items() if k.startswith("run/")}
-        out.update(run_inner)
-        staged = sum(self.seconds[s] for s in stages) + sum(run_inner.values())
-        out["run/other (COMMITs, setup queries)"] = total - staged
-        return out
+def phase_report(result: RunResult) -> dict[str, float]:
+    """Seconds per `<step>/<kind>` as the job timed them (`RunResult.phases`), and the
+    run's bookkeeping around them (its `job_runs` row, the transaction's COMMIT)."""
+    out = dict(result.phases)
+    out["job/bookkeeping (job_runs, COMMIT)"] = result.seconds - sum(result.phases.values())
+    return out
 
 
 def server_memory_limit() -> str | None:
@@ -477,17 +389,16 @@ def _open(db: Path, memory_limit: str | None) -> duckdb.DuckDBPyConnection:
 
 def _run_job(
     db: Path, full: bool, memory_limit: str | None
-) -> tuple[RunResult, Profile, duckdb.DuckDBPyConnection, RollupJob]:
+) -> tuple[RunResult, float, duckdb.DuckDBPyConnection, RollupJob]:
+    """One run of the job as the server makes it; returns it with its CPU seconds."""
     conn = _open(db, memory_limit)
-    profile = Profile()
-    profile.install()
     job = RollupJob(conn.cursor, RollupConfig())
     cpu = time.process_time()
     result = job.run(full=full)
-    profile.cpu_s = time.process_time() - cpu
+    cpu_s = time.process_time() - cpu
     if result.error:
         raise BenchError(f"the rollup run failed: {result.error}")
-    return result, profile, conn, job
+    return result, cpu_s, conn, job
 
 
 _COUNTED = (
@@ -501,7 +412,7 @@ _COUNTED = (
 
 
 def phase_full(db: Path, memory_limit: str | None) -> dict[str, Any]:
-    result, profile, conn, _ = _run_job(db, True, memory_limit)
+    result, cpu_s, conn, _ = _run_job(db, True, memory_limit)
     tables = {t: _scalar(conn, f"SELECT count(*) FROM {t}") for t in _COUNTED}
     conn.close()
     return {
@@ -510,8 +421,8 @@ def phase_full(db: Path, memory_limit: str | None) -> dict[str, Any]:
         "rows_out": result.rows_out,
         "days": result.days,
         "mode": result.mode,
-        "cpu_s": profile.cpu_s,
-        "profile": profile.report(result.seconds),
+        "cpu_s": cpu_s,
+        "profile": phase_report(result),
         "tables": tables,
         "db_bytes": db.stat().st_size,
     }
@@ -695,8 +606,7 @@ def phase_floor(db: Path, memory_limit: str | None) -> dict[str, Any]:
     conn = _open(db, memory_limit)
     # Reading: the columns the job reads (tag values out of the metadata JSON included),
     # into Arrow, a batch at a time, and nothing done with them.
-    job = RollupJob(conn.cursor, RollupConfig())
-    select = job._select([c for c in jobs.EVENT_COLUMNS if c != "event_id"], tags=True)
+    select = select_events([c for c in EVENT_COLUMNS if c != "event_id"], RollupConfig().tag_keys)
     clock, cpu = time.perf_counter(), time.process_time()
     reader = conn.sql(f"SELECT {select} FROM usage_events AS e").to_arrow_reader(1_000_000)
     read_rows = sum(batch.num_rows for batch in reader)
@@ -788,7 +698,7 @@ def phase_incremental(db: Path, new_events: int, memory_limit: str | None) -> di
     conn.close()
 
     # The first run in a process, as after a restart: nothing cached, in DuckDB or the job.
-    result, profile, conn, job = _run_job(db, False, memory_limit)
+    result, cpu_s, conn, job = _run_job(db, False, memory_limit)
     # The days that changed: those of every event written since the last run (their
     # partial sums are added to the stored buckets; no price changed, so no day is
     # recomputed whole).
@@ -799,13 +709,12 @@ def phase_incremental(db: Path, new_events: int, memory_limit: str | None) -> di
                 WHERE ingest_seq > {last_watermark}"""
         ).fetchall()
     ]
-    touched = sorted({d for chunk in profile.recomputed for d in chunk})
-    report = profile.report(result.seconds)  # before the next run adds to the profile
+    touched = sorted(result.recomputed)
+    report = phase_report(result)
     # A run in a server that has run the job before (every minute, by default): as many
     # new events again, the same job object, DuckDB's buffers as the last run left them.
     conn.execute(_MACROS)
     warm_inserted, warm_late, _, _ = _add_events(conn, new_events, now)
-    recomputed_before = len(profile.recomputed)
     cpu = time.process_time()
     warm = job.run()
     warm_cpu_s = time.process_time() - cpu
@@ -814,7 +723,7 @@ def phase_incremental(db: Path, new_events: int, memory_limit: str | None) -> di
     conn.close()
     return {
         "seconds": result.seconds,
-        "cpu_s": profile.cpu_s,
+        "cpu_s": cpu_s,
         "mode": result.mode,
         "rows_in": result.rows_in,
         "rows_out": result.rows_out,
@@ -832,7 +741,8 @@ def phase_incremental(db: Path, new_events: int, memory_limit: str | None) -> di
         "warm_rows_in": warm.rows_in,
         "warm_mode": warm.mode,
         "warm_late": warm_late,
-        "warm_recomputed": len(profile.recomputed) - recomputed_before,
+        "warm_recomputed": len(warm.recomputed),
+        "warm_profile": phase_report(warm),
     }
 
 
@@ -914,6 +824,11 @@ def _print_profile(profile: dict[str, float], total: float) -> None:
     for label, seconds in sorted(profile.items(), key=lambda kv: -kv[1]):
         if seconds >= 0.005:
             print(f"      {label:<44} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
+    by_kind = shares(profile)
+    print(
+        "      share: "
+        + ", ".join(f"{kind} {100 * by_kind[kind] / total:.0f}%" for kind in by_kind)
+    )
 
 
 def check_sums(db: Path) -> list[tuple[str, bool, str]]:

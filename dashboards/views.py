@@ -17,7 +17,6 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Literal, TypeVar, cast
 from urllib.parse import quote
 
-import duckdb
 from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Match
@@ -31,10 +30,10 @@ from tokentill.dashboards import figures
 from tokentill.dashboards.filters import FilterError, ViewFilters
 from tokentill.dashboards.layout import chart, count, esc, kpis, money, notice, spent, table, view
 from tokentill.dashboards.login import ViewerDep
-from tokentill.warehouse.spend import SpendQuery, choose_source
+from tokentill.warehouse.spend import SpendQuery, choose_source, recent_models
 
 if TYPE_CHECKING:
-    from tokentill.app import Runtime
+    from tokentill.api.runtime import AdminRuntime
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False, dependencies=[ViewerDep])
 root = APIRouter(include_in_schema=False)
@@ -85,7 +84,7 @@ def _why_raw(f: ViewFilters, group_by: list[str]) -> str:
 
 
 async def _costs(
-    runtime: Runtime,
+    runtime: AdminRuntime,
     f: ViewFilters,
     group_by: list[str],
     bucket: Literal["day", "month"] | None,
@@ -105,18 +104,8 @@ async def _costs(
     return report
 
 
-def _recent_models(conn: duckdb.DuckDBPyConnection) -> list[str]:
-    """Models seen in the last 90 days, for the filter form's suggestions (rollup only)."""
-    rows = conn.execute(
-        """SELECT DISTINCT model FROM usage_daily
-           WHERE bucket >= current_date - INTERVAL 90 DAY AND model IS NOT NULL
-           ORDER BY model LIMIT 500"""
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
-async def _known_models(runtime: Runtime) -> list[str]:
-    return await in_thread(runtime, _recent_models)
+async def _known_models(runtime: AdminRuntime) -> list[str]:
+    return await in_thread(runtime, recent_models)
 
 
 def _when(moment: datetime | None) -> str:

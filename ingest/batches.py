@@ -39,8 +39,9 @@ from typing import Any, Protocol
 import orjson
 
 from tokentill.ingest.capture import Endpoint, JSONCapture, RequestFacts, error_event, now_us
+from tokentill.ingest.errors import RequestRejectedError
 from tokentill.ingest.polling import PollSchedule, fetch
-from tokentill.ingest.proxy import Admission, IdentityRules, RequestRejectedError, learn_request
+from tokentill.ingest.proxy import Admission, IdentityRules, learn_request
 from tokentill.ingest.upstream import Upstream, UpstreamError
 from tokentill.warehouse.events import UsageEvent
 

@@ -1,25 +1,16 @@
-"""OpenAI's error shape, for every answer tokentill itself gives on /v1.
-
-`{"error": {"message": str, "type": str, "param": str | null, "code": str | null}}`.
-The types we use: `invalid_request_error` (the client's request is at fault, 4xx),
-`upstream_error` (the upstream could not be reached or answered nonsense, 502/504),
-and, from the quota issue on, `insufficient_quota` (429).
-"""
+"""Answers tokentill itself gives on /v1, in OpenAI's error shape (the body, and the
+refusal every admission hook raises, are defined once in `warehouse/openai_errors.py`)."""
 
 from __future__ import annotations
 
-import orjson
 from starlette.types import Send
+
+from tokentill.warehouse.openai_errors import RequestRejectedError, error_body
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
-def error_body(
-    message: str, type_: str, code: str | None = None, param: str | None = None
-) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    )
+__all__ = ["JSON_HEADERS", "RequestRejectedError", "error_body", "send_error"]
 
 
 async def send_error(

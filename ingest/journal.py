@@ -25,7 +25,7 @@ from pathlib import Path
 import orjson
 
 from tokentill.warehouse.events import UsageEvent
-from tokentill.warehouse.writer import Position
+from tokentill.warehouse.storage import Position
 
 log = logging.getLogger(__name__)
 

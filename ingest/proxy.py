@@ -44,7 +44,7 @@ from tokentill.ingest.capture import (
     finalize,
     now_us,
 )
-from tokentill.ingest.errors import send_error
+from tokentill.ingest.errors import RequestRejectedError, send_error
 from tokentill.ingest.forms import form_fields, is_form
 from tokentill.ingest.metrics import Metrics
 from tokentill.ingest.paths import NonCanonicalPath, canonical_path
@@ -129,24 +129,6 @@ def classify(method: str, path: str) -> Route:
             label = "responses.cancel" if cancel else "responses.retrieve"
             return Route(label, "responses", "update", match[1])
     return _OTHER
-
-
-class RequestRejectedError(Exception):
-    """The request is refused before reaching the upstream (answered in OpenAI's shape)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str,
-        param: str | None = None,
-        *,
-        type_: str = "invalid_request_error",
-        headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.type, self.headers = type_, headers
 
 
 # A hook run before forwarding a metered creation, with the parsed body (None when it is

@@ -13,7 +13,7 @@ from tokentill.warehouse.events import UsageEvent
 
 
 class Settlement(Protocol):
-    """What counts spend live (the quota book): see ingest/quotas.py."""
+    """What counts spend live (the quota book): see warehouse/quota_book.py."""
 
     def settle(self, event: UsageEvent, hold: Any) -> None: ...
 

@@ -61,7 +61,7 @@ from starlette.types import Receive, Scope, Send
 from tokentill.ingest import usage
 from tokentill.ingest.bounds import bounded_metadata
 from tokentill.ingest.capture import Endpoint, RequestFacts, error_event, finalize, now_us
-from tokentill.ingest.errors import error_body
+from tokentill.ingest.errors import RequestRejectedError, error_body
 from tokentill.ingest.metrics import Metrics
 from tokentill.ingest.paths import NonCanonicalPath, canonical_path
 from tokentill.ingest.poller import CREDENTIAL_HEADERS
@@ -70,7 +70,6 @@ from tokentill.ingest.proxy import (
     USER_HEADER,
     Admission,
     IdentityRules,
-    RequestRejectedError,
     check_user_header,
     header_value,
     learn_request,

@@ -19,6 +19,7 @@ from tests.conftest import Running, ledger
 from tokentill.ingest.journal import Journal
 from tokentill.warehouse.abuse import AbuseConfig, features, flags, with_window
 from tokentill.warehouse.db import open_warehouse
+from tokentill.warehouse.duckdb_file import DuckDBEvents
 from tokentill.warehouse.events import UsageEvent
 from tokentill.warehouse.writer import Writer
 
@@ -53,7 +54,7 @@ def plant(db: Path, events: list[UsageEvent]) -> None:
     conn = open_warehouse(db)
     journal = Journal(db.with_name(db.name + ".journal"), segment_bytes=1 << 22, fsync_interval=1)
     journal.lock()
-    writer = Writer(conn, journal, batch_max=10_000, flush_interval=0.01)
+    writer = Writer(DuckDBEvents(conn), journal, batch_max=10_000, flush_interval=0.01)
     writer.recover()
     journal.start(writer.submit)
     writer.start()

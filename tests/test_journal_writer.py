@@ -9,6 +9,7 @@ import pytest
 
 from tokentill.ingest.journal import Journal, JournalLockedError
 from tokentill.warehouse.db import open_warehouse
+from tokentill.warehouse.duckdb_file import DuckDBEvents
 from tokentill.warehouse.events import UsageEvent
 from tokentill.warehouse.writer import Writer, parse_lines
 
@@ -41,7 +42,9 @@ class Stack:
         self.conn = open_warehouse(root / "w.duckdb")
         self.journal = Journal(root / "journal", segment_bytes=4096, fsync_interval=0.01)
         self.journal.lock()
-        self.writer = Writer(self.conn, self.journal, batch_max=1000, flush_interval=flush_interval)
+        self.writer = Writer(
+            DuckDBEvents(self.conn), self.journal, batch_max=1000, flush_interval=flush_interval
+        )
         self.replayed = self.writer.recover()
         self.journal.start(self.writer.submit)
         self.writer.start()

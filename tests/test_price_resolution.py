@@ -13,8 +13,8 @@ import polars as pl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokentill.ingest.live_prices import PriceBook
 from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.live_prices import PriceBook
 from tokentill.warehouse.pricing import effective_intervals, model_map, price_events
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -15,13 +15,13 @@ import polars as pl
 import pytest
 
 from tokentill.ingest.capture import RequestFacts, now_us
-from tokentill.ingest.live_prices import PriceBook
-from tokentill.ingest.quotas import QuotaBook, QuotaConfig, QuotaExceededError, Reservation
 from tokentill.warehouse.alerts import Alert
 from tokentill.warehouse.db import open_warehouse
 from tokentill.warehouse.events import MODALITY_COUNTS, UsageEvent
+from tokentill.warehouse.live_prices import PriceBook
 from tokentill.warehouse.prices import price_table, seed_published
 from tokentill.warehouse.pricing import effective_intervals, model_map, price_events
+from tokentill.warehouse.quota_book import QuotaBook, QuotaConfig, QuotaExceededError, Reservation
 from tokentill.warehouse.quota_rules import Limit, user_subject, window
 
 USD = 10**12
@@ -402,7 +402,7 @@ def test_windows_are_utc_calendar_periods() -> None:
 
 
 def test_burn_rate_is_the_spend_of_the_last_fifteen_minutes_per_hour() -> None:
-    from tokentill.ingest.quotas import Meter
+    from tokentill.warehouse.quota_book import Meter
 
     start = int(datetime(2026, 5, 1, 12, tzinfo=UTC).timestamp() * 1e6)
     minute = 60_000_000

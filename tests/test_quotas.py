@@ -24,10 +24,10 @@ from starlette.routing import Route
 from tests.conftest import Running, ledger
 from tests.servers import serve_in_thread
 from tokentill.app import create_app
-from tokentill.ingest.quotas import user_subject
 from tokentill.settings import Settings
 from tokentill.warehouse import pricing
 from tokentill.warehouse.prices import insert_rows, parse_price_entries, price_table
+from tokentill.warehouse.quota_book import user_subject
 
 QUOTA_ERROR_KEYS = {"message", "type", "param", "code"}
 

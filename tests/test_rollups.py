@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -24,14 +25,16 @@ from hypothesis import strategies as st
 
 from tests.conftest import Running
 from tokentill.ingest.journal import Journal
-from tokentill.warehouse import rollups
+from tokentill.warehouse import rollup_rebuild, rollups
 from tokentill.warehouse.catalog import EPOCH, PriceRow
 from tokentill.warehouse.db import open_warehouse, query_frame
+from tokentill.warehouse.duckdb_file import DuckDBEvents
 from tokentill.warehouse.events import UsageEvent
 from tokentill.warehouse.jobs import RollupConfig, RollupJob
 from tokentill.warehouse.migrate import migrate
 from tokentill.warehouse.prices import CatalogCache, insert_rows, price_table
 from tokentill.warehouse.pricing import effective_intervals, model_map, price_events
+from tokentill.warehouse.rollup_run import Phases, shares
 from tokentill.warehouse.writer import Writer
 
 DAY0 = datetime(2026, 5, 1, tzinfo=UTC)
@@ -91,7 +94,9 @@ class Warehouse:
         insert_rows(self.conn, PRICES)
         self.journal = Journal(root / "journal", segment_bytes=1 << 20, fsync_interval=1)
         self.journal.lock()
-        self.writer = Writer(self.conn, self.journal, batch_max=10_000, flush_interval=0.01)
+        self.writer = Writer(
+            DuckDBEvents(self.conn), self.journal, batch_max=10_000, flush_interval=0.01
+        )
         self.writer.recover()
         self.journal.start(self.writer.submit)
         self.writer.start()
@@ -616,19 +621,25 @@ def test_reading_days_together_or_apart_gives_the_same_rollups(
         warehouse.close()
 
 
-class FailingOnSecondDay(RollupJob):
-    """A rollup whose second day fails (a full disk, say)."""
+def fail_on_second_day(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rollup of the second day fails (a full disk, say): the fault is injected where
+    a day is rolled up. Returns the calls counted."""
+    calls: list[int] = []
+    roll_day = rollup_rebuild._roll_day
 
-    calls = 0
-
-    def _day(self, *args: Any) -> Any:
-        self.calls += 1
-        if self.calls == 2:
+    def failing(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
             raise RuntimeError("disk full")
-        return super()._day(*args)
+        return roll_day(*args)
+
+    monkeypatch.setattr(rollup_rebuild, "_roll_day", failing)
+    return calls
 
 
-def test_a_full_rebuild_that_fails_part_way_is_finished_by_the_next_run(tmp_path: Path) -> None:
+def test_a_full_rebuild_that_fails_part_way_is_finished_by_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A rebuild reads a few days at a time and commits every so many rows: here it
     # reads one day at a time and commits after each.
     day_by_day = RollupConfig(tag_keys=("team", "customer"), read_rows=1, batch_rows=1)
@@ -637,9 +648,10 @@ def test_a_full_rebuild_that_fails_part_way_is_finished_by_the_next_run(tmp_path
         warehouse.ingest([make_event(i, i % 4, i % 24) for i in range(200)])
         assert warehouse.job.run().error is None
         before = warehouse.snapshot()
-        failing = FailingOnSecondDay(warehouse.readers.cursor, day_by_day)
-        failed = failing.run(full=True)
-        assert failed.error == "RuntimeError: disk full" and failing.calls == 2
+        calls = fail_on_second_day(monkeypatch)
+        failed = RollupJob(warehouse.readers.cursor, day_by_day).run(full=True)
+        assert failed.error == "RuntimeError: disk full" and len(calls) == 2
+        monkeypatch.undo()
         # The first day was rebuilt and committed, the rest not: incomplete tables...
         half = warehouse.snapshot()
         assert half != before
@@ -695,3 +707,41 @@ def test_conversation_roots_are_the_same_on_hashes_and_on_ids(
         assert (root, depth) == (at, hops) or cycle
     if not cycle:
         assert incremental_ids.sort("response_id").equals(full_ids)
+
+
+def test_a_run_times_its_steps_by_reading_computing_and_writing(tmp_path: Path) -> None:
+    """The job times itself (no wrapping of its methods): every step's seconds split
+    into read, compute, write and other, exclusive, adding up to at most the run's."""
+    warehouse = Warehouse(tmp_path)
+    try:
+        warehouse.ingest([make_event(i, i % 3, i % 24) for i in range(120)])
+        full = warehouse.job.run(full=True)
+        assert full.error is None and full.recomputed == []
+        for label in ("rebuild/read", "rebuild/compute", "rebuild/write", "conversations/read"):
+            assert full.phases[label] > 0, label
+        assert 0 < sum(full.phases.values()) <= full.seconds
+        warehouse.ingest([make_event(i, 1, 5) for i in range(1000, 1010)])
+        incremental = warehouse.job.run()
+        assert incremental.mode == "incremental"
+        assert {"changed/read", "merge_usage/compute", "merge_usage/write"} <= set(
+            incremental.phases
+        )
+        assert not any(label.startswith("rebuild/") for label in incremental.phases)
+        by_kind = shares(incremental.phases)
+        assert by_kind["read"] > 0 and by_kind["compute"] > 0 and by_kind["write"] > 0
+        assert sum(by_kind.values()) == pytest.approx(sum(incremental.phases.values()))
+    finally:
+        warehouse.close()
+
+
+def test_phases_count_nested_time_once() -> None:
+    phases = Phases()
+    with phases.step("outer"):
+        with phases.kind("read"), phases.kind("compute"):  # a kind inside a kind: read
+            time.sleep(0.002)
+        with phases.step("inner"), phases.kind("write"):
+            time.sleep(0.002)
+    seconds = phases.finish()
+    assert set(seconds) >= {"outer/read", "inner/write", "outer/other", "inner/other"}
+    assert "outer/compute" not in seconds and "outer/write" not in seconds
+    assert seconds["outer/read"] >= 0.002 and seconds["inner/write"] >= 0.002

@@ -13,7 +13,6 @@ import contextlib
 import gc
 import json
 import logging
-import threading
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,6 +52,7 @@ from tokentill.api.auth_limit import AuthLimiter
 from tokentill.api.deps import AdminDep, require_admin
 from tokentill.api.guard import AdminGuard, default_hosts
 from tokentill.api.openai_usage import OpenAIError
+from tokentill.api.runtime import AdminRuntime
 from tokentill.ingest.batches import BatchWatcher
 from tokentill.ingest.errors import error_body, send_error
 from tokentill.ingest.http1 import HTTP1Upstream
@@ -64,46 +64,31 @@ from tokentill.ingest.recorder import Recorder
 from tokentill.ingest.socket_proxy import SocketProxy, deny
 from tokentill.ingest.upstream import Upstream
 from tokentill.ingest.upstream_socket import WebsocketsUpstream
-from tokentill.quota_service import QuotaService
 from tokentill.settings import Settings
 from tokentill.warehouse.abuse import AbuseConfig, AbuseJob
 from tokentill.warehouse.alerts import Alert
-from tokentill.warehouse.db import open_warehouse
+from tokentill.warehouse.duckdb_file import DuckDBFile
 from tokentill.warehouse.jobs import RollupConfig, RollupJob
 from tokentill.warehouse.periods import post_adjustments
 from tokentill.warehouse.prices import CatalogCache, insert_rows, load_price_file, seed_published
+from tokentill.warehouse.quota_book import QuotaConfig
+from tokentill.warehouse.quota_service import QuotaService
 from tokentill.warehouse.scheduler import start_scheduler, stop_scheduler
+from tokentill.warehouse.storage import EventSink, Storage
 from tokentill.warehouse.writer import Writer
 from tokentill.webhooks import Webhook
 
 log = logging.getLogger("tokentill")
 
 
-class Readers:
-    """Read connections to the warehouse, one per thread that asks (the writer thread
-    keeps the main connection to itself)."""
-
-    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
-        self._readers = conn.cursor()
-        self._lock = threading.Lock()
-
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        with self._lock:
-            cursor = self._readers.cursor()
-        cursor.execute("SET TimeZone = 'UTC'")
-        return cursor
-
-    def close(self) -> None:
-        self._readers.close()
-
-
 @dataclass
 class Runtime:
-    """What the request handlers reach (`request.app.state.runtime`), built by the
-    lifespan once everything it names runs."""
+    """The running service, built by the lifespan once everything it names runs: the
+    app's dispatch reads the proxy and the sockets; the request handlers read it through
+    `api.runtime.AdminRuntime` (no proxy, no outbox)."""
 
     settings: Settings
-    readers: Readers
+    storage: Storage
     writer: Writer  # its backlog and lag, for freshness and health
     proxy: Proxy
     sockets: SocketProxy
@@ -116,7 +101,7 @@ class Runtime:
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A connection of its own for one thread's reads (or the rollup's writes)."""
-        return self.readers.connect()
+        return self.storage.session()
 
 
 class Tokentill:
@@ -243,8 +228,8 @@ class Tokentill:
         """The service, step by step; each step owns its teardown, run in reverse."""
         settings = self.settings
         async with contextlib.AsyncExitStack() as stack:
-            conn, readers = self._open_warehouse(stack)
-            journal, writer = self._start_writer(stack, conn)
+            storage = self._open_warehouse(stack)
+            journal, writer = self._start_writer(stack, storage.events)
             client = self._upstream or HTTP1Upstream(
                 settings.upstream,
                 connect_timeout=settings.upstream_connect_timeout,
@@ -253,8 +238,8 @@ class Tokentill:
             )
             stack.push_async_callback(client.aclose)
             catalog = CatalogCache()
-            outbox = self._start_alerts(stack, readers)
-            quotas = await self._start_quotas(stack, readers, writer, outbox, catalog)
+            outbox = self._start_alerts(stack, storage)
+            quotas = await self._start_quotas(stack, storage, writer, outbox, catalog)
             poller = Poller(
                 upstream=settings.upstream,
                 max_age=settings.background_poll_max,
@@ -309,14 +294,14 @@ class Tokentill:
                 identity=self.identity,
             )
             rollup = RollupJob(
-                readers.connect,
+                storage.session,
                 RollupConfig(
                     tag_keys=settings.rollup_tag_keys, image_model=settings.image_gen_model
                 ),
                 catalog,
             )
             abuse = AbuseJob(
-                readers.connect,
+                storage.session,
                 AbuseConfig(
                     window_seconds=settings.abuse_window,
                     history_days=settings.abuse_history_days,
@@ -325,13 +310,14 @@ class Tokentill:
                 outbox.store_from_thread,
             )
             runtime = Runtime(
-                settings, readers, writer, proxy, sockets, rollup, abuse, outbox, catalog, quotas
+                settings, storage, writer, proxy, sockets, rollup, abuse, outbox, catalog, quotas
             )
             self._start_scheduler(stack, runtime)
             if self.api.state.admin_token is None:
                 log.warning("no TOKENTILL_ADMIN_TOKEN: the admin API answers loopback clients only")
             self.runtime = runtime
-            self.api.state.runtime = runtime
+            handlers: AdminRuntime = runtime  # their face of it (api/runtime.py), checked here
+            self.api.state.runtime = handlers
             runtime.ready = True
             # Everything built so far lives as long as the process: keep the cyclic GC from
             # walking it on every collection (shorter pauses on the proxy's hot path).
@@ -342,30 +328,30 @@ class Tokentill:
             finally:
                 runtime.ready = False
 
-    def _open_warehouse(
-        self, stack: contextlib.AsyncExitStack
-    ) -> tuple[duckdb.DuckDBPyConnection, Readers]:
+    def _open_warehouse(self, stack: contextlib.AsyncExitStack) -> DuckDBFile:
         """Open (and migrate) the warehouse, load the price catalog and the operator's
         prices. Closed last, once the writer has drained into it."""
         settings = self.settings
-        conn = open_warehouse(settings.db, memory_limit=settings.warehouse_memory_limit)
-        readers = Readers(conn)
-        stack.callback(self._close_warehouse, conn, readers)
-        seeded = seed_published(conn)
-        if seeded:
-            log.info("price catalog: %d published prices loaded", seeded)
-        if settings.prices_file is not None:
-            added = insert_rows(conn, load_price_file(settings.prices_file))
-            log.info("price catalog: %d prices from %s", added, settings.prices_file)
-        return conn, readers
-
-    def _close_warehouse(self, conn: duckdb.DuckDBPyConnection, readers: Readers) -> None:
-        if self._drained:  # else the writer thread may still hold it
-            readers.close()
+        storage = DuckDBFile(settings.db, memory_limit=settings.warehouse_memory_limit)
+        stack.callback(self._close_warehouse, storage)
+        conn = storage.session()
+        try:
+            seeded = seed_published(conn)
+            if seeded:
+                log.info("price catalog: %d published prices loaded", seeded)
+            if settings.prices_file is not None:
+                added = insert_rows(conn, load_price_file(settings.prices_file))
+                log.info("price catalog: %d prices from %s", added, settings.prices_file)
+        finally:
             conn.close()
+        return storage
+
+    def _close_warehouse(self, storage: Storage) -> None:
+        if self._drained:  # else the writer thread may still hold it
+            storage.close()
 
     def _start_writer(
-        self, stack: contextlib.AsyncExitStack, conn: duckdb.DuckDBPyConnection
+        self, stack: contextlib.AsyncExitStack, events: EventSink
     ) -> tuple[Journal, Writer]:
         """Lock the journal, replay into DuckDB what it holds beyond the checkpoint, and
         start the writer. At shutdown the writer drains (within the 10 s budget), or the
@@ -378,7 +364,7 @@ class Tokentill:
         )
         journal.lock()
         writer = Writer(
-            conn,
+            events,
             journal,
             batch_max=settings.writer_batch_max,
             flush_interval=settings.writer_flush_interval,
@@ -401,7 +387,7 @@ class Tokentill:
         else:
             log.error("writer did not drain in time; the journal will be replayed at next start")
 
-    def _start_alerts(self, stack: contextlib.AsyncExitStack, readers: Readers) -> AlertOutbox:
+    def _start_alerts(self, stack: contextlib.AsyncExitStack, storage: Storage) -> AlertOutbox:
         """The alert outbox (and the webhook, when one is configured)."""
         settings = self.settings
         webhook = None
@@ -413,7 +399,7 @@ class Tokentill:
                 max_attempts=settings.alert_webhook_max_attempts,
                 backoff=settings.alert_webhook_backoff,
             )
-        outbox = AlertOutbox(readers.connect, webhook)
+        outbox = AlertOutbox(storage.session, webhook)
         stack.push_async_callback(outbox.close)
         _run_until_closed(stack, outbox.run(), "tokentill-alerts")
         return outbox
@@ -421,7 +407,7 @@ class Tokentill:
     async def _start_quotas(
         self,
         stack: contextlib.AsyncExitStack,
-        readers: Readers,
+        storage: Storage,
         writer: Writer,
         outbox: AlertOutbox,
         catalog: CatalogCache,
@@ -434,11 +420,24 @@ class Tokentill:
         if not await asyncio.to_thread(writer.flush, 120.0):
             raise RuntimeError("the journal replay did not reach DuckDB in time")
         service = QuotaService(
-            settings,
-            readers.connect,
-            outbox.raise_alert,
-            lambda: writer.flush(60.0),
-            catalog,
+            QuotaConfig(
+                tag_keys=settings.quota_tag_keys,
+                output_cap=settings.quota_output_cap,
+                input_bytes_per_token=settings.quota_input_bytes_per_token,
+                image_tokens=settings.quota_image_tokens,
+                unknown_context_tokens=settings.quota_unknown_context_tokens,
+                pending_max_seconds=settings.background_poll_max,
+                tool_calls=settings.quota_tool_calls,
+                max_counters=settings.quota_max_counters,
+                spill_after=settings.quota_spill_after,
+            ),
+            image_gen_model=settings.image_gen_model,
+            block_seconds=settings.abuse_block_seconds,
+            price_refresh=settings.quota_price_refresh,
+            connect=storage.session,
+            alert=outbox.raise_alert,
+            flush=lambda: writer.flush(60.0),
+            catalog=catalog,
         )
         await asyncio.to_thread(service.start)
         outbox.listeners.append(service.on_alert)

@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     )
     reconcile_threshold_ratio: Annotated[Decimal, Field(ge=0, le=1, decimal_places=6)] = Decimal(0)
 
-    # Quotas (ingest/quotas.py). Off: no admission check and no live counting at all.
+    # Quotas (warehouse/quota_book.py). Off: no admission check and no live counting at all.
     quotas_enabled: bool = True
     # Metadata keys whose values can carry a quota (counted live for every value seen).
     quota_tag_keys: tuple[str, ...] = ("project", "team", "feature", "customer")

@@ -138,6 +138,16 @@ def acknowledge(conn: duckdb.DuckDBPyConnection, alert_id: int, by: str | None) 
     return row is not None
 
 
+def alert_by_id(conn: duckdb.DuckDBPyConnection, alert_id: int) -> dict[str, Any] | None:
+    """One alert as the API shows it (its evidence decoded), or None."""
+    frame = query_frame(conn, "SELECT * FROM alerts WHERE alert_id = ?", [alert_id])
+    if not frame.height:
+        return None
+    row = frame.drop("dedupe_key").to_dicts()[0]
+    row["evidence"] = json.loads(row["evidence"]) if row["evidence"] else {}
+    return row
+
+
 def open_quota_alert_keys(conn: duckdb.DuckDBPyConnection) -> set[str]:
     """The dedupe keys of quota alerts whose period has not ended (not to raise again)."""
     rows = conn.execute(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import Any
 
 import duckdb
 
@@ -145,3 +146,23 @@ def _post(conn: duckdb.DuckDBPyConnection, now: datetime) -> int:
         )
     after = fetch_one(conn, "SELECT count(*) FROM period_adjustments")
     return int(after[0] if after else 0) - int(before[0] if before else 0)
+
+
+def adjustments(
+    conn: duckdb.DuckDBPyConnection, posted_in: date | None, limit: int
+) -> list[dict[str, Any]]:
+    """Adjustments posted after closes, oldest first: all, or those posted in the month
+    `posted_in`."""
+    where, args = "kind = 'daily'", list[object]()
+    if posted_in is not None:
+        where += " AND posted_period >= ? AND posted_period < ?"
+        args = [posted_in, next_month(posted_in)]
+    cursor = conn.execute(
+        f"""SELECT adjustment_id, posted_period, posted_at, for_period,
+                   CAST(bucket AS DATE) AS day, user_id, model, requests, total_tokens,
+                   cost_pico
+            FROM period_adjustments WHERE {where} ORDER BY adjustment_id LIMIT ?""",
+        [*args, limit],
+    )
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]

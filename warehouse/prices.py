@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import duckdb
 import polars as pl
@@ -231,3 +231,59 @@ class CatalogCache:
                 prices = price_table(conn)
                 current = self._current = Catalog(mark, prices, effective_intervals(prices))
             return current
+
+
+def list_prices(
+    conn: duckdb.DuckDBPyConnection,
+    *,
+    model: str | None,
+    source: Literal["published", "override"] | None,
+    in_force_at: datetime | None,
+    limit: int,
+    offset: int,
+) -> tuple[int, pl.DataFrame]:
+    """Catalog rows, newest first, and how many match: of a model, of a source
+    (published rows have priority 0, overrides more), in force at a moment."""
+    where: list[str] = ["true"]
+    args: list[object] = []
+    if model is not None:
+        where.append("model = ?")
+        args.append(model)
+    if source is not None:
+        where.append("priority > 0" if source == "override" else "priority = 0")
+    if in_force_at is not None:
+        # A row without an end stops where the next of at least its priority starts
+        # (pricing._ends): a corrected row is not in force past its correction's
+        # interval, nor an old price past a later one.
+        where.append(
+            """effective_from <= ? AND coalesce(effective_to, (
+                   SELECT min(q.effective_from) FROM prices AS q
+                   WHERE q.model = p.model AND q.service_tier = p.service_tier
+                     AND q.effective_from > p.effective_from AND q.priority >= p.priority
+               ), 'infinity'::TIMESTAMPTZ) > ?"""
+        )
+        args += [in_force_at] * 2
+    frame = query_frame(
+        conn,
+        f"""SELECT *, count(*) OVER () AS total FROM prices AS p WHERE {" AND ".join(where)}
+            ORDER BY price_id DESC LIMIT ? OFFSET ?""",
+        [*args, limit, offset],
+    )
+    total = int(frame["total"][0]) if frame.height else 0
+    return total, frame.drop("total")
+
+
+def add_price_rows(
+    conn: duckdb.DuckDBPyConnection, catalog: CatalogCache, rows: Sequence[PriceRow]
+) -> tuple[int, pl.DataFrame]:
+    """Add catalog rows (in the catalog's one adding transaction); returns how many were
+    new and the rows stored by this call."""
+    with catalog.adding(conn):
+        before = fetch_one(conn, "SELECT coalesce(max(price_id), 0) FROM prices")
+        added = insert_rows(conn, rows)
+        frame = query_frame(
+            conn,
+            "SELECT * FROM prices WHERE price_id > ? ORDER BY price_id",
+            [before[0] if before else 0],
+        )
+    return added, frame

@@ -54,15 +54,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
-from tokentill.ingest.capture import RequestFacts, now_us
-from tokentill.ingest.live_prices import PriceBook
-from tokentill.ingest.proxy import RequestRejectedError
 from tokentill.warehouse.alerts import Alert, Severity
-from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.events import UsageEvent, now_us
+from tokentill.warehouse.live_prices import PriceBook
+from tokentill.warehouse.openai_errors import RequestRejectedError
 from tokentill.warehouse.quota_rules import (
     FOREVER,
     PERIODS,
@@ -165,6 +164,24 @@ class Meter:
         total = sum(u.of(unit) for m, u in self.recent if m > minute - BURN_MINUTES)
         span_us = min(BURN_MINUTES * _US_MINUTE, max(_US_MINUTE, now - self.born_us))
         return Decimal(total) * Decimal(3_600_000_000) / Decimal(span_us)
+
+
+class QuotaRequest(Protocol):
+    """What admission reads of a request: the proxy's `RequestFacts` is one (the book
+    never sees the request's content, only these facts and the parsed body's bounds)."""
+
+    @property
+    def started_us(self) -> int: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def requested_model(self) -> str | None: ...
+    @property
+    def input_characters(self) -> int | None: ...
+    @property
+    def store(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -330,7 +347,7 @@ class QuotaBook:
 
     # -- the hot path ---------------------------------------------------------------------
 
-    def admit(self, facts: RequestFacts, parsed: dict[str, Any] | None, body: bytes) -> Reservation:
+    def admit(self, facts: QuotaRequest, parsed: dict[str, Any] | None, body: bytes) -> Reservation:
         now = facts.started_us
         if facts.user_id and self._blocked:
             until = self._blocked.get(facts.user_id)
@@ -393,7 +410,7 @@ class QuotaBook:
             reserved.requests += 1
         return reservation
 
-    def subjects_of(self, facts: RequestFacts, parsed: dict[str, Any] | None) -> list[Subject]:
+    def subjects_of(self, facts: QuotaRequest, parsed: dict[str, Any] | None) -> list[Subject]:
         """The subjects a request counts for: its user, and its tags of the quota keys."""
         metadata = parsed.get("metadata") if parsed is not None else None
         return self._subjects(facts.user_id, metadata)

@@ -1,4 +1,4 @@
-"""Quotas' vocabulary, shared by the proxy's quota book (ingest/quotas.py), the service
+"""Quotas' vocabulary, shared by the proxy's quota book (warehouse/quota_book.py), the service
 that owns it and the admin API: what is limited (a unit over a period, hard or soft), on
 whom (a subject: an end user or a metadata tag's value), and the windows periods cut
 time into."""

@@ -1,4 +1,4 @@
-"""Quotas in the server: the book (ingest/quotas.py) with its limits loaded, its counters
+"""Quotas in the server: the book (warehouse/quota_book.py) with its limits loaded, its counters
 seeded from the warehouse, its price snapshot kept fresh, and changes from the admin API
 stored and applied.
 
@@ -16,17 +16,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 
-from tokentill.ingest.capture import RequestFacts, now_us
-from tokentill.ingest.live_prices import PriceBook
-from tokentill.ingest.quotas import QuotaBook as QuotaBook  # the API reads the book through here
-from tokentill.ingest.quotas import QuotaConfig, Usage
-from tokentill.settings import Settings
 from tokentill.warehouse.alerts import Alert, open_quota_alert_keys
+from tokentill.warehouse.events import now_us
+from tokentill.warehouse.live_prices import PriceBook
 from tokentill.warehouse.prices import CatalogCache
+from tokentill.warehouse.quota_book import QuotaBook, QuotaConfig, QuotaRequest, Usage
 from tokentill.warehouse.quota_rules import (
     PERIODS,
     UNITS,
@@ -41,6 +39,13 @@ from tokentill.warehouse.quota_store import load_limits, replace_limits, used_be
 
 log = logging.getLogger(__name__)
 
+
+class HeldRequest(QuotaRequest, Protocol):
+    """A request admission may hold a reservation on (`hold`, carried to its events)."""
+
+    hold: Any
+
+
 Scope = tuple[str, str, str]  # (scope, subject_key, subject_value) as stored
 
 
@@ -53,28 +58,23 @@ def scope_of(subject: Subject | None) -> Scope:
 class QuotaService:
     def __init__(
         self,
-        settings: Settings,
+        config: QuotaConfig,
+        *,
+        image_gen_model: str,
+        block_seconds: int,
+        price_refresh: float,
         connect: Callable[[], duckdb.DuckDBPyConnection],
         alert: Callable[[Alert], None],
         flush: Callable[[], bool],
         catalog: CatalogCache,
     ) -> None:
-        self._settings = settings
+        self._image_gen_model = image_gen_model
+        self._block_seconds = block_seconds
+        self._price_refresh = price_refresh
         self._connect = connect
         self._flush = flush
         self._catalog = catalog
-        config = QuotaConfig(
-            tag_keys=settings.quota_tag_keys,
-            output_cap=settings.quota_output_cap,
-            input_bytes_per_token=settings.quota_input_bytes_per_token,
-            image_tokens=settings.quota_image_tokens,
-            unknown_context_tokens=settings.quota_unknown_context_tokens,
-            pending_max_seconds=settings.background_poll_max,
-            tool_calls=settings.quota_tool_calls,
-            max_counters=settings.quota_max_counters,
-            spill_after=settings.quota_spill_after,
-        )
-        self.book = QuotaBook(config, PriceBook({}, settings.image_gen_model), alert)
+        self.book = QuotaBook(config, PriceBook({}, image_gen_model), alert)
         self.boot_us = 0
         self._price_mark: tuple[int, int] | None = None  # (rows, max price_id) last read
         self._lock = asyncio.Lock()  # one limit change (store + seed + apply) at a time
@@ -108,7 +108,7 @@ class QuotaService:
         )
 
     def admit(
-        self, facts: RequestFacts, parsed: dict[str, Any] | None, body: bytes
+        self, facts: HeldRequest, parsed: dict[str, Any] | None, body: bytes
     ) -> Awaitable[None] | None:
         """The proxy's admission hook: in memory (None) for every subject whose counters
         are here; an awaitable when one of them was spilled and must be read back from
@@ -124,7 +124,7 @@ class QuotaService:
     async def _admit_after_reading(
         self,
         cold: list[Subject],
-        facts: RequestFacts,
+        facts: HeldRequest,
         parsed: dict[str, Any] | None,
         body: bytes,
     ) -> None:
@@ -164,7 +164,7 @@ class QuotaService:
 
     def on_alert(self, alert: Alert) -> None:
         """A new alert (event loop): a critical abuse flag may block its user for a while."""
-        seconds = self._settings.abuse_block_seconds
+        seconds = self._block_seconds
         if seconds and alert.kind == "abuse" and alert.severity == "critical" and alert.user_id:
             self.book.block(alert.user_id, now_us() + seconds * 1_000_000)
             log.warning("user %r blocked for %d s: %s", alert.user_id, seconds, alert.message)
@@ -172,7 +172,7 @@ class QuotaService:
     async def refresh_forever(self) -> None:
         """Keep the price snapshot fresh; charge pending responses that never ended."""
         while True:
-            await asyncio.sleep(self._settings.quota_price_refresh)
+            await asyncio.sleep(self._price_refresh)
             try:
                 fresh = await asyncio.to_thread(self._read_prices_if_changed)
                 if fresh is not None:
@@ -254,7 +254,7 @@ class QuotaService:
             common: dict[str, Any] = {
                 "recorded_before": recorded_before,
                 "window_start": since,
-                "image_model": self._settings.image_gen_model,
+                "image_model": self._image_gen_model,
             }
             if subject is None:
                 found = used_before(conn, users=None, **common)
@@ -285,7 +285,7 @@ class QuotaService:
     def _price_book(self, conn: duckdb.DuckDBPyConnection) -> PriceBook:
         catalog = self._catalog.read(conn)
         self._price_mark = catalog.mark
-        return PriceBook.build(catalog.prices, self._settings.image_gen_model)
+        return PriceBook.build(catalog.prices, self._image_gen_model)
 
 
 def _subject(scope: Scope) -> Subject | None:

@@ -21,15 +21,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import duckdb
 import polars as pl
 
 from tokentill.warehouse import pricing
 from tokentill.warehouse.db import query_frame
-from tokentill.warehouse.jobs import EVENT_COLUMNS
 from tokentill.warehouse.prices import CatalogCache
+from tokentill.warehouse.rollup_run import EVENT_COLUMNS
 
 Bucket = Literal["minute", "hour", "day", "month"]
 # Group-by dimensions; `tag:<key>` groups by a metadata key's value.
@@ -310,3 +310,85 @@ def _from_raw(
     else:
         frame = events.select(measures) if events.height else events.select(measures).clear()
     return _typed(frame, query)
+
+
+def midnight(moment: datetime) -> datetime:
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def spent(conn: duckdb.DuckDBPyConnection, start: datetime, end: datetime) -> tuple[int, int]:
+    """Cost (pico-dollars) and unpriced count over [start, end): whole days from the
+    per-model summary, the hours of a partial last day from usage_hourly."""
+    days_end = max(start, midnight(end)) if start == midnight(start) else start
+    row = conn.execute(
+        """SELECT coalesce(sum(cost_pico), 0), coalesce(sum(unpriced), 0) FROM (
+               SELECT cost_pico, unpriced FROM usage_daily_models
+               WHERE bucket >= ? AND bucket < ?
+               UNION ALL
+               SELECT cost_pico, unpriced FROM usage_hourly WHERE bucket >= ? AND bucket < ?)""",
+        [start, days_end, days_end, end],
+    ).fetchall()[0]
+    return int(row[0]), int(row[1])
+
+
+# How the users list sorts, by the API's names.
+USER_SORTS = {
+    "cost": "cost_pico",
+    "tokens": "total_tokens",
+    "requests": "requests",
+    "first_seen": "first_seen",
+    "last_seen": "last_seen",
+    "user_id": "user_id",
+}
+_SUMS = ", ".join(
+    f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}" for m in MEASURES
+)
+
+
+def list_users(
+    conn: duckdb.DuckDBPyConnection,
+    f: Filters,
+    sort: str,
+    order: Literal["asc", "desc"],
+    limit: int,
+    offset: int,
+) -> tuple[int, list[dict[str, Any]]]:
+    """End users with their sums over the filters' range, sorted (`USER_SORTS`), one
+    page, and how many users there are."""
+    if f.tags:
+        raise QueryError("the users list filters by user, model, tier, status and endpoint", "tag")
+    params: list[object] = []
+    where = rollup_where(f, params)
+    whole_days = f.start == midnight(f.start) and f.end == midnight(f.end)
+    if whole_days and not (f.models or f.service_tiers or f.statuses or f.endpoints):
+        # A row per user and day: a few hundred thousand rows for 90 days of 10k users.
+        source, first, last = "usage_daily_users", "min(first_hour)", "max(last_hour)"
+    else:
+        source, first, last = "usage_hourly", "min(bucket)", "max(bucket)"
+    sql = f"""
+        WITH per_user AS (
+            SELECT user_id, {_SUMS}, {first} AS first_seen, {last} AS last_seen
+            FROM {source} WHERE {where} GROUP BY user_id
+        )
+        SELECT *, count(*) OVER () AS total_users FROM per_user
+        ORDER BY {USER_SORTS[sort]} {order.upper()} NULLS LAST, user_id ASC NULLS LAST
+        LIMIT ? OFFSET ?"""
+    cursor = conn.execute(sql, [*params, limit, offset])
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+    if rows:
+        return int(rows[0]["total_users"]), rows
+    count = conn.execute(
+        f"SELECT count(DISTINCT user_id) FROM {source} WHERE {where}", params
+    ).fetchall()[0][0]
+    return int(count), []
+
+
+def recent_models(conn: duckdb.DuckDBPyConnection) -> list[str]:
+    """Models seen in the last 90 days, for filter forms' suggestions (rollup only)."""
+    rows = conn.execute(
+        """SELECT DISTINCT model FROM usage_daily
+           WHERE bucket >= current_date - INTERVAL 90 DAY AND model IS NOT NULL
+           ORDER BY model LIMIT 500"""
+    ).fetchall()
+    return [r[0] for r in rows]

@@ -1,11 +1,12 @@
-"""The one writer: moves journaled usage events into DuckDB in batches.
+"""The one writer: moves journaled usage events into the warehouse in batches.
 
 Fed by a queue (the journal's sink hands it each appended line), it runs in its own
-thread, because DuckDB wants few large transactions and one writing process. A batch
-of journal lines is parsed by polars in one go (no row loops) and written in one
-transaction that inserts the new rows (idempotent on event_id: a replayed event is a
-no-op), applies updates to rows still pending, and advances the journal checkpoint.
-A crash at any point either keeps the whole batch or replays it.
+thread, because the warehouse wants few large transactions. A batch of journal lines is
+parsed by polars in one go (no row loops) and handed to the storage's `EventSink`, which
+commits in one transaction the new rows (idempotent on event_id: a replayed event is a
+no-op), the updates to rows still pending, and the journal checkpoint. A crash at any
+point either keeps the whole batch or replays it. A line the sink refuses even alone is
+set aside in `rejected.jsonl`, never dropped.
 """
 
 from __future__ import annotations
@@ -18,22 +19,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
-import duckdb
 import polars as pl
 
-from tokentill.warehouse.db import fetch_one, transaction
-from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
+from tokentill.warehouse.events import COLUMNS
+from tokentill.warehouse.storage import EventSink, Position
 
 log = logging.getLogger(__name__)
-
-
-class Position(NamedTuple):
-    """A place in the journal: how far it has been written into DuckDB."""
-
-    segment: int
-    offset: int
 
 
 class JournalSource(Protocol):
@@ -60,46 +53,6 @@ _LINE_SCHEMA: dict[str, pl.DataType] = {
     "kind": pl.String(),
     **{field: _as_read(dtype) for field, (_, dtype) in COLUMNS.items()},
 }
-_COLUMN_LIST = ", ".join(f'"{column}"' for column, _ in COLUMNS.values())
-
-# Idempotent on event_id: a replayed event carries its original recorded_at, so looking
-# for it among rows recorded in the batch's time window finds it, and zone maps on
-# recorded_at keep that lookup off the rest of the table.
-_INSERT_SQL = f"""
-INSERT INTO usage_events ({_COLUMN_LIST}, ingest_seq, updated_at)
-SELECT {_COLUMN_LIST}, $seq, now() FROM _new_events
-WHERE event_id NOT IN (
-    SELECT event_id FROM usage_events
-    WHERE recorded_at BETWEEN (SELECT min(recorded_at) FROM _new_events)
-                          AND (SELECT max(recorded_at) FROM _new_events)
-)
-"""
-
-_SET_UPDATED = ",\n    ".join(
-    f'"{c}" = coalesce(b."{c}", u."{c}")' if c == "model" else f'"{c}" = b."{c}"'
-    for c in UPDATABLE_COLUMNS
-)
-_UPDATE_SQL = f"""
-UPDATE usage_events AS u SET
-    {_SET_UPDATED},
-    ingest_seq = $seq, updated_at = now()
-FROM _updates AS b
--- An update carries the created_at of the same response, which lets zone maps skip
--- every row group but its own.
-WHERE u.event_id = b.event_id AND u.created_at = b.created_at AND u.status IN ({PENDING_SQL})
-"""
-
-_CHECKPOINT_SQL = """
-INSERT INTO ingest_checkpoint (id, segment, "offset", updated_at)
-VALUES (1, $segment, $offset, now())
-ON CONFLICT (id) DO UPDATE SET segment = excluded.segment, "offset" = excluded."offset",
-    updated_at = excluded.updated_at
-"""
-
-
-def read_checkpoint(conn: duckdb.DuckDBPyConnection) -> Position:
-    row = fetch_one(conn, 'SELECT segment, "offset" FROM ingest_checkpoint WHERE id = 1')
-    return Position(int(row[0]), int(row[1])) if row else Position(0, 0)
 
 
 def parse_lines(lines: list[bytes]) -> pl.DataFrame:
@@ -130,17 +83,17 @@ Item = tuple[Position, bytes]
 
 
 class Writer:
-    """Owns the writes of usage events to DuckDB."""
+    """Owns the writes of usage events to the warehouse (through its `EventSink`)."""
 
     def __init__(
         self,
-        conn: duckdb.DuckDBPyConnection,
+        events: EventSink,
         journal: JournalSource,
         *,
         batch_max: int,
         flush_interval: float,
     ) -> None:
-        self._conn = conn
+        self._events = events
         self._journal = journal
         self._batch_max = batch_max
         self._flush_interval = flush_interval
@@ -178,9 +131,8 @@ class Writer:
 
     def recover(self) -> int:
         """Queue every journaled event DuckDB has not got yet; return how many."""
-        self.checkpoint = read_checkpoint(self._conn)
-        row = fetch_one(self._conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
-        self._seq = int(row[0]) if row else 0
+        self.checkpoint = self._events.checkpoint()
+        self._seq = self._events.last_seq()
         replayed = 0
         for position, line in self._journal.replay(self.checkpoint):
             self.submit(position, line)
@@ -275,16 +227,14 @@ class Writer:
         self._write_with_retry(batch[middle:])
 
     def _reject(self, item: Item) -> None:
-        """Keep a line DuckDB refuses in a side file: never drop it silently."""
+        """Keep a line the warehouse refuses in a side file: never drop it silently."""
         position, line = item
         rejected = self._journal.directory / "rejected.jsonl"
         with open(rejected, "ab") as handle:
             handle.write(line)
         self.stats.rejected += 1
         log.error("writer: a journal line was refused; kept in %s", rejected)
-        self._conn.execute(
-            _CHECKPOINT_SQL, {"segment": position.segment, "offset": position.offset}
-        )
+        self._events.skip(position)
         self._advance(1)
 
     def _write(self, batch: list[Item]) -> None:
@@ -294,18 +244,8 @@ class Writer:
         )
         updates = latest_updates(frame.filter(pl.col("kind") == "update"))
         last = batch[-1][0]
-        conn = self._conn
         seq = self._seq + 1
-        with transaction(conn):
-            if creates.height:
-                conn.register("_new_events", creates)
-                conn.execute(_INSERT_SQL, {"seq": seq})
-                conn.unregister("_new_events")
-            if updates.height:
-                conn.register("_updates", updates)
-                conn.execute(_UPDATE_SQL, {"seq": seq})
-                conn.unregister("_updates")
-            conn.execute(_CHECKPOINT_SQL, {"segment": last.segment, "offset": last.offset})
+        self._events.append(creates, updates, seq=seq, upto=last)
         self._seq = seq
         self.checkpoint = last
         self.stats.batches += 1

@@ -1,0 +1,123 @@
+"""The warehouse as one DuckDB file, owned by this process: the first implementation of
+`storage.Storage` (and tokentill's default).
+
+DuckDB allows one read-write process per file, so the sink and the sessions share one
+database instance: the writer thread keeps the main connection to itself, every other
+thread gets a cursor of its own. Exactly once rests on the file's own guarantees: a
+batch, its `ingest_seq` and the journal checkpoint commit in one transaction, and an
+event replayed after a crash is found by its id and skipped.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from tokentill.warehouse.db import fetch_one, open_warehouse, transaction
+from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
+from tokentill.warehouse.storage import Position
+
+_COLUMN_LIST = ", ".join(f'"{column}"' for column, _ in COLUMNS.values())
+
+# Idempotent on event_id: a replayed event carries its original recorded_at, so looking
+# for it among rows recorded in the batch's time window finds it, and zone maps on
+# recorded_at keep that lookup off the rest of the table.
+_INSERT_SQL = f"""
+INSERT INTO usage_events ({_COLUMN_LIST}, ingest_seq, updated_at)
+SELECT {_COLUMN_LIST}, $seq, now() FROM _new_events
+WHERE event_id NOT IN (
+    SELECT event_id FROM usage_events
+    WHERE recorded_at BETWEEN (SELECT min(recorded_at) FROM _new_events)
+                          AND (SELECT max(recorded_at) FROM _new_events)
+)
+"""
+
+_SET_UPDATED = ",\n    ".join(
+    f'"{c}" = coalesce(b."{c}", u."{c}")' if c == "model" else f'"{c}" = b."{c}"'
+    for c in UPDATABLE_COLUMNS
+)
+_UPDATE_SQL = f"""
+UPDATE usage_events AS u SET
+    {_SET_UPDATED},
+    ingest_seq = $seq, updated_at = now()
+FROM _updates AS b
+-- An update carries the created_at of the same response, which lets zone maps skip
+-- every row group but its own.
+WHERE u.event_id = b.event_id AND u.created_at = b.created_at AND u.status IN ({PENDING_SQL})
+"""
+
+_CHECKPOINT_SQL = """
+INSERT INTO ingest_checkpoint (id, segment, "offset", updated_at)
+VALUES (1, $segment, $offset, now())
+ON CONFLICT (id) DO UPDATE SET segment = excluded.segment, "offset" = excluded."offset",
+    updated_at = excluded.updated_at
+"""
+
+
+class DuckDBEvents:
+    """The writer's sink on a DuckDB connection (the writer thread's alone)."""
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
+        self._conn = conn
+
+    def checkpoint(self) -> Position:
+        row = fetch_one(self._conn, 'SELECT segment, "offset" FROM ingest_checkpoint WHERE id = 1')
+        return Position(int(row[0]), int(row[1])) if row else Position(0, 0)
+
+    def last_seq(self) -> int:
+        row = fetch_one(self._conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
+        return int(row[0]) if row else 0
+
+    def append(
+        self, creates: pl.DataFrame, updates: pl.DataFrame, *, seq: int, upto: Position
+    ) -> None:
+        conn = self._conn
+        with transaction(conn):
+            if creates.height:
+                conn.register("_new_events", creates)
+                try:
+                    conn.execute(_INSERT_SQL, {"seq": seq})
+                finally:
+                    conn.unregister("_new_events")
+            if updates.height:
+                conn.register("_updates", updates)
+                try:
+                    conn.execute(_UPDATE_SQL, {"seq": seq})
+                finally:
+                    conn.unregister("_updates")
+            conn.execute(_CHECKPOINT_SQL, {"segment": upto.segment, "offset": upto.offset})
+
+    def skip(self, upto: Position) -> None:
+        self._conn.execute(_CHECKPOINT_SQL, {"segment": upto.segment, "offset": upto.offset})
+
+
+class DuckDBFile:
+    """One DuckDB file (created and migrated if needed), opened for this process."""
+
+    def __init__(self, path: Path, *, memory_limit: str | None = None) -> None:
+        self._path = path
+        self._conn = open_warehouse(path, memory_limit=memory_limit)
+        self._sessions = self._conn.cursor()
+        self._lock = threading.Lock()
+        self._events = DuckDBEvents(self._conn)
+
+    @property
+    def name(self) -> str:
+        return str(self._path)
+
+    @property
+    def events(self) -> DuckDBEvents:
+        return self._events
+
+    def session(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            cursor = self._sessions.cursor()
+        cursor.execute("SET TimeZone = 'UTC'")
+        return cursor
+
+    def close(self) -> None:
+        self._sessions.close()
+        self._conn.close()

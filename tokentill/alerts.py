@@ -26,11 +26,17 @@ class AlertOutbox:
         self._connect = connect
         self._webhook = webhook
         # Called on the event loop with each new alert (the quota book's blocks listen).
-        self.listeners: list[Callable[[Alert], None]] = []
+        self._listeners: list[Callable[[Alert], None]] = []
         self._queue: asyncio.Queue[Alert] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._storing = asyncio.Lock()  # one writer of the alerts table at a time
         self.stored = 0
+
+    def subscribe(self, listener: Callable[[Alert], None]) -> None:
+        """Hear of each new alert (on the event loop). A subscription, not wiring: the
+        quota service both raises alerts here and listens for the abuse flags that block
+        a user, so one of the two must come after the other's construction."""
+        self._listeners.append(listener)
 
     def raise_alert(self, alert: Alert) -> None:
         """From the event loop: queue it (no I/O here)."""
@@ -74,7 +80,7 @@ class AlertOutbox:
         self.stored += len(fresh)
         for alert in fresh:
             log.warning("alert: %s", alert.message)
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener(alert)
             if self._webhook is not None:
                 self._webhook.send(alert.payload())

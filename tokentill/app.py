@@ -440,7 +440,7 @@ class Tokentill:
             catalog=catalog,
         )
         await asyncio.to_thread(service.start)
-        outbox.listeners.append(service.on_alert)
+        outbox.subscribe(service.on_alert)
         _run_until_closed(stack, service.refresh_forever(), "tokentill-prices")
         return service
 

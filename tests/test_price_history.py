@@ -41,6 +41,7 @@ def _rollup(running: Running, *, full: bool = False) -> None:
 
 
 def _event_costs(running: Running, ids: list[str]) -> dict[str, str | None]:
+    running.flush()  # the events just answered are in the warehouse (the writer batches)
     start = (datetime.now(UTC) - timedelta(days=5)).isoformat()
     page = httpx.get(
         running.url + "/api/events", params={"start": start, "limit": 500}, timeout=30

@@ -28,7 +28,7 @@ from tokentill.ingest.journal import Journal
 from tokentill.warehouse import rollup_rebuild, rollups
 from tokentill.warehouse.catalog import EPOCH, PriceRow
 from tokentill.warehouse.db import open_warehouse, query_frame
-from tokentill.warehouse.duckdb_file import DuckDBEvents
+from tokentill.warehouse.duckdb_file import DuckDBEvents, DuckDBFile
 from tokentill.warehouse.events import UsageEvent
 from tokentill.warehouse.jobs import RollupConfig, RollupJob
 from tokentill.warehouse.migrate import migrate
@@ -745,3 +745,62 @@ def test_phases_count_nested_time_once() -> None:
     assert set(seconds) >= {"outer/read", "inner/write", "outer/other", "inner/other"}
     assert "outer/compute" not in seconds and "outer/write" not in seconds
     assert seconds["outer/read"] >= 0.002 and seconds["inner/write"] >= 0.002
+
+
+def test_stop_waits_for_a_run_someone_else_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown stops a run the API started (in a thread of its own) before the warehouse
+    closes under it: the run ends after its current day, recorded as failed, and the next
+    start finishes the rebuild."""
+    warehouse = Warehouse(tmp_path)
+    try:
+        warehouse.ingest([make_event(i, i % 20, i % 24) for i in range(400)])
+        days: list[int] = []
+        roll_day = rollup_rebuild._roll_day
+
+        def slow(*args: Any) -> Any:  # a slow disk: a day takes 50 ms
+            days.append(1)
+            time.sleep(0.05)
+            return roll_day(*args)
+
+        monkeypatch.setattr(rollup_rebuild, "_roll_day", slow)
+        job = RollupJob(warehouse.readers.cursor, RollupConfig(read_rows=1, batch_rows=1))
+        results: list[Any] = []
+        runner = threading.Thread(target=lambda: results.append(job.run(full=True)))
+        runner.start()
+        while not days:
+            time.sleep(0.005)
+        assert job.stop(timeout=10)
+        assert not runner.is_alive() or (runner.join(1) or not runner.is_alive())
+        (result,) = results
+        assert result.error is not None and result.error.startswith("JobCancelledError")
+        assert 0 < len(days) < 20
+        assert job.run().error is not None  # a stopped job runs no more
+        monkeypatch.undo()
+        assert warehouse.job.run().mode == "full"  # the next start rebuilds in full
+    finally:
+        warehouse.close()
+
+
+def test_closing_the_warehouse_interrupts_a_query_still_running(tmp_path: Path) -> None:
+    """A request's thread cut off by the shutdown may still be querying when the
+    warehouse closes: its query is interrupted (an error in that thread), never a crash
+    of the process."""
+    storage = DuckDBFile(tmp_path / "w.duckdb")
+    session = storage.session()
+    errors: list[BaseException] = []
+
+    def long_query() -> None:
+        try:
+            session.execute("SELECT count(*) FROM range(20_000_000_000) AS t(i) WHERE i % 7 = 3")
+        except BaseException as exc:  # the thread reports whatever it got
+            errors.append(exc)
+
+    worker = threading.Thread(target=long_query)
+    worker.start()
+    time.sleep(0.3)  # the query is running
+    storage.close()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], duckdb.Error)

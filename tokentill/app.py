@@ -454,7 +454,8 @@ class Tokentill:
         )
 
         async def stop() -> None:
-            await asyncio.to_thread(stop_scheduler, scheduler, runtime.rollup)
+            if not await asyncio.to_thread(stop_scheduler, scheduler, runtime.rollup):
+                log.error("a rollup run did not stop in time; the warehouse interrupts it")
 
         stack.push_async_callback(stop)
 

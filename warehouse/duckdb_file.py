@@ -10,7 +10,11 @@ event replayed after a crash is found by its id and skipped.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+import time
+import weakref
 from pathlib import Path
 
 import duckdb
@@ -19,6 +23,8 @@ import polars as pl
 from tokentill.warehouse.db import fetch_one, open_warehouse, transaction
 from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
 from tokentill.warehouse.storage import Position
+
+log = logging.getLogger(__name__)
 
 _COLUMN_LIST = ", ".join(f'"{column}"' for column, _ in COLUMNS.values())
 
@@ -103,6 +109,9 @@ class DuckDBFile:
         self._sessions = self._conn.cursor()
         self._lock = threading.Lock()
         self._events = DuckDBEvents(self._conn)
+        # Sessions still open somewhere (a request's thread cut off by the shutdown):
+        # interrupted before the database closes, never closed under a running query.
+        self._open: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
 
     @property
     def name(self) -> str:
@@ -115,9 +124,28 @@ class DuckDBFile:
     def session(self) -> duckdb.DuckDBPyConnection:
         with self._lock:
             cursor = self._sessions.cursor()
+            self._open.add(cursor)
         cursor.execute("SET TimeZone = 'UTC'")
         return cursor
 
-    def close(self) -> None:
-        self._sessions.close()
-        self._conn.close()
+    def close(self, timeout: float = 5.0) -> bool:
+        """Interrupt the queries still running in sessions, then close the database once
+        they have given it back (DuckDB refuses to close a connection in use). False when
+        one stayed busy past `timeout`: left to the process's exit."""
+        with self._lock:
+            sessions = list(self._open)
+        for session in sessions:
+            with contextlib.suppress(duckdb.Error):
+                session.interrupt()
+        deadline = time.monotonic() + timeout
+        for conn in (self._sessions, self._conn):
+            while True:
+                try:
+                    conn.close()
+                    break
+                except duckdb.Error:
+                    if time.monotonic() > deadline:
+                        log.error("the warehouse is still in use after %.0f s: not closed", timeout)
+                        return False
+                    time.sleep(0.01)
+        return True

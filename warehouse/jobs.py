@@ -79,6 +79,16 @@ class RollupJob:
         """Make a run in progress stop after its current chunk (shutdown)."""
         self._cancelled.set()
 
+    def stop(self, timeout: float) -> bool:
+        """At shutdown: cancel, and wait for a run in progress to end, whoever started it
+        (the schedule, the API): the warehouse must not close under it. True when no run
+        is left; every later run stops at once."""
+        self._cancelled.set()
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True
+
     def run(self, *, full: bool = False) -> RunResult:
         with self._lock:
             conn = self._connect()

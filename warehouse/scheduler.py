@@ -51,7 +51,9 @@ def start_scheduler(
     return scheduler
 
 
-def stop_scheduler(scheduler: BackgroundScheduler, rollup: RollupJob) -> None:
-    """Stop: a run in progress ends after its current chunk of days."""
+def stop_scheduler(scheduler: BackgroundScheduler, rollup: RollupJob) -> bool:
+    """Stop: a run in progress ends after its current chunk of days, whether the schedule
+    or the API started it. False when one is still running after 5 s."""
     rollup.cancel()
     scheduler.shutdown(wait=True)
+    return rollup.stop(timeout=5.0)

@@ -100,6 +100,10 @@ class Freshness(BaseModel):
     last_rollup_at: datetime | None = Field(description="End of the last successful rollup.")
     last_rollup_error: str | None = Field(description="The newest run's error, if it failed.")
     events_not_rolled_up: int = Field(description="Events written since the last rollup.")
+    parts_awaiting_compaction: int = Field(
+        description="Partial sums appended by incremental runs, not yet folded (a day's "
+        "are folded once it has more than TOKENTILL_ROLLUP_COMPACT_PARTS, or has ended)."
+    )
     journal_backlog: int = Field(description="Events journaled, not yet in DuckDB.")
 
 
@@ -116,6 +120,7 @@ async def freshness(runtime: RuntimeDep) -> Freshness:
             last_rollup_at=found.last_rollup_at,
             last_rollup_error=found.last_rollup_error,
             events_not_rolled_up=found.events_not_rolled_up,
+            parts_awaiting_compaction=found.parts_awaiting_compaction,
             journal_backlog=runtime.writer.backlog,
         )
 

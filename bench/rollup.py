@@ -42,6 +42,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -61,10 +62,19 @@ from _common import (
     verdict,
 )
 
+from tokentill.warehouse import rollup_compact
 from tokentill.warehouse.db import open_warehouse
 from tokentill.warehouse.jobs import RollupConfig, RollupJob, RunResult
-from tokentill.warehouse.prices import seed_published
-from tokentill.warehouse.rollup_run import EVENT_COLUMNS, select_events, shares
+from tokentill.warehouse.prices import CatalogCache, seed_published
+from tokentill.warehouse.rollup_merge import append_usage
+from tokentill.warehouse.rollup_rebuild import events_per_day, recompute
+from tokentill.warehouse.rollup_run import (
+    EVENT_COLUMNS,
+    PriceSnapshot,
+    Run,
+    select_events,
+    shares,
+)
 from tokentill.warehouse.rollups import HOURLY_KEYS, USAGE_MEASURES
 from tokentill.warehouse.summaries import MODEL_KEYS
 
@@ -84,6 +94,13 @@ CODE_AT_IMPORT = code_fingerprint()
 
 USERS = 10_000
 DAYS = 90
+# The traffic's shape (`--shape`, passed to the phases' processes in the environment):
+# `uniform`: users log-uniform over 10,000, models as MODELS' shares, load flat over the
+# day; `zipf`: shaped like real traffic: users drawn from a Zipf law (s = 1.1: a few
+# hundred users make most calls), models by a Zipf law of their rank (a few models, most
+# calls), and a diurnal load (four times busier at its peak than at night).
+SHAPE = os.environ.get("TOKENTILL_BENCH_SHAPE", "uniform")
+ZIPF_S = 1.1
 BATCH = 20_000  # events per ingest_seq, like the writer's batches
 LATE_SHARE = 0.004  # of the new events: dated days earlier
 LATE_DAYS = (3, 8, 21)  # how many days earlier the late events are dated
@@ -137,15 +154,33 @@ CREATE OR REPLACE TEMP MACRO bench_chat_id(i) AS
 CREATE OR REPLACE TEMP MACRO bench_parent_ok(j) AS
     j >= 0 AND bench_is_resp(j) AND NOT bench_is_error(j);
 CREATE OR REPLACE TEMP MACRO bench_user(i) AS
-    least(CAST(floor(exp(bench_u(i, 6) * ln({USERS}))) AS BIGINT), {USERS});
+    least(CAST(floor({{user_draw}}) AS BIGINT), {USERS});
 """
+# A draw of user rank in [1, USERS]: log-uniform, or Zipf (the continuous power law's
+# inverse CDF: (1 + u (N^(1-s) - 1))^(1 / (1 - s))).
+_USER_DRAW = {
+    "uniform": f"exp(bench_u(i, 6) * ln({USERS}))",
+    "zipf": f"pow(1 + bench_u(i, 6) * (pow({USERS}, {1 - ZIPF_S}) - 1), {1 / (1 - ZIPF_S)})",
+}
+_MACROS = _MACROS.replace("{user_draw}", _USER_DRAW[SHAPE])
+
+
+def _shares() -> list[tuple[str, int]]:
+    """Each model's slots of 1000: MODELS' shares, or (zipf) by 1 / rank^1.2 in MODELS'
+    order, the unknown models kept in the tail."""
+    if SHAPE != "zipf":
+        return [(model, round(share * 10)) for model, share, *_ in MODELS]
+    weights = [1 / (rank + 1) ** 1.2 for rank in range(len(MODELS))]
+    slots = [max(1, round(1000 * w / sum(weights))) for w in weights]
+    slots[0] += 1000 - sum(slots)
+    return [(model, n) for (model, *_), n in zip(MODELS, slots, strict=True)]
 
 
 def _model_case() -> str:
     """A CASE picking a model from a hash slot in [0, 1000), in proportion to its share."""
     branches, upper = [], 0
-    for model, share, *_ in MODELS:
-        upper += round(share * 10)
+    for model, slots in _shares():
+        upper += slots
         branches.append(f"WHEN slot < {upper} THEN '{model}'")
     if upper != 1000:
         raise BenchError(f"model shares add up to {upper / 10}%, not 100%")
@@ -289,6 +324,20 @@ FROM c
 """
 
 
+def _diurnal(start: datetime, offset_us: str) -> str:
+    """`start` + an offset spread evenly, warped within each day to a diurnal load: a
+    day's fraction x becomes g(x) = x - A/2pi (sin 2pi(x - p) + sin 2pi p), increasing,
+    g(0) = 0 and g(1) = 1, whose density 1 / (1 - A cos 2pi(x - p)) is (1 + A) / (1 - A)
+    = 4 times higher at p (15:00 after start's time of day) than half a day away."""
+    a, p, day = 0.6, 0.625, 86_400_000_000
+    x = f"(({offset_us}) / {day} - floor(({offset_us}) / {day}))"
+    warped = f"({x} - {a} / (2 * pi()) * (sin(2 * pi() * ({x} - {p})) + sin(2 * pi() * {p})))"
+    return (
+        f"TIMESTAMPTZ '{_ts(start)}' + to_microseconds(CAST("
+        f"(floor(({offset_us}) / {day}) + {warped}) * {day} AS BIGINT))"
+    )
+
+
 def _ts(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
 
@@ -324,6 +373,8 @@ def phase_generate(db: Path, events: int) -> dict[str, Any]:
             f"TIMESTAMPTZ '{_ts(start)}' + to_microseconds("
             f"CAST((i + 0.9 * bench_u(i, 1)) * {step_us} AS BIGINT))"
         )
+        if SHAPE == "zipf":
+            created = _diurnal(start, f"(i + 0.9 * bench_u(i, 1)) * {step_us}")
         sql = events_sql(0, events, created, f"i // {BATCH} + 1", "true").replace(
             "{queued_after}", _ts(now - QUEUED_WINDOW)
         )
@@ -414,8 +465,18 @@ _COUNTED = (
 def phase_full(db: Path, memory_limit: str | None) -> dict[str, Any]:
     result, cpu_s, conn, _ = _run_job(db, True, memory_limit)
     tables = {t: _scalar(conn, f"SELECT count(*) FROM {t}") for t in _COUNTED}
+    # Status as counts instead of a key of the grain: how many rows it would save.
+    without_status = {
+        t: _scalar(
+            conn,
+            f"""SELECT count(*) FROM (SELECT bucket, user_id, model, service_tier, endpoint
+                FROM {t} GROUP BY ALL)""",
+        )
+        for t in ("usage_hourly", "usage_daily")
+    }
     conn.close()
     return {
+        "without_status": without_status,
         "seconds": result.seconds,
         "rows_in": result.rows_in,
         "rows_out": result.rows_out,
@@ -746,6 +807,115 @@ def phase_incremental(db: Path, new_events: int, memory_limit: str | None) -> di
     }
 
 
+MINUTE_PARTS = 1_440  # a day of minute runs
+
+
+def minute_parts(conn: duckdb.DuckDBPyConnection, day: datetime) -> dict[str, Any]:
+    """Replace the usage rows of `day` by 1,440 parts, one per minute of its events,
+    appended by the job's own `append_usage` (as 1,440 incremental runs would), in one
+    transaction."""
+    catalog = CatalogCache().read(conn)
+    run = Run(
+        conn,
+        RollupConfig(),
+        PriceSnapshot(catalog.names, catalog.intervals),
+        int(_scalar(conn, "SELECT max(ingest_seq) FROM usage_events")),
+        threading.Event(),
+        run_id=10**9,  # parts need a run id: one far above the job's
+    )
+    clock = time.perf_counter()
+    conn.execute("BEGIN TRANSACTION")
+    for table in rollup_compact.APPENDED:
+        run.delete_days(table, [day])
+    events = run.read(
+        f"""SELECT {run.select(EVENT_COLUMNS, tags=True)} FROM usage_events AS e
+            WHERE e.created_at >= ? AND e.created_at < ?""",
+        [day, day + timedelta(days=1)],
+    ).with_columns(
+        pl.lit(None, pl.String).alias("conversation_root"),
+        (pl.col("created_at") - pl.lit(day)).dt.total_minutes().alias("_minute"),
+    )
+    empty = run.compute(run.price(events.clear().drop("_minute")))
+    part_rows = 0
+    for _, minute in events.group_by("_minute", maintain_order=True):
+        priced = run.compute(run.price(minute.drop("_minute")))
+        run.run_id += 1
+        part_rows += append_usage(run, priced.lazy(), empty.lazy())
+    conn.execute("COMMIT")
+    parts = _scalar(conn, f"SELECT count(*) FROM rollup_parts WHERE day = DATE '{day.date()}'")
+    return {
+        "day": str(day.date()),
+        "events": events.height,
+        "parts": int(parts),
+        "part_rows": part_rows,
+        "parts_s": time.perf_counter() - clock,
+        "watermark": run.watermark,
+        "prices": run.prices,
+    }
+
+
+def parts_day() -> datetime:
+    """The day the parts go to: the day before yesterday (whole, and in every range)."""
+    return (datetime.now(UTC) - timedelta(days=2)).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+
+
+def phase_parts(db: Path, memory_limit: str | None) -> dict[str, Any]:
+    """Leave a day of minute parts in the warehouse, uncompacted (bench/api.py)."""
+    conn = _open(db, memory_limit)
+    made = minute_parts(conn, parts_day())
+    conn.close()
+    return {k: v for k, v in made.items() if k not in ("prices", "watermark")}
+
+
+def phase_compaction(db: Path, memory_limit: str | None) -> dict[str, Any]:
+    """A day of minute runs, folded: `minute_parts`, then compaction is timed, and
+    against it, the day rebuilt from its events (`recompute`), which must leave exactly
+    the rows compaction left."""
+    conn = _open(db, memory_limit)
+    job = RollupJob(conn.cursor, RollupConfig())
+    day = parts_day()
+    made = minute_parts(conn, day)
+    cpu = time.process_time()
+    folded = job.compact(max_parts=made["parts"] - 1, older_than=day)
+    compact_cpu_s = time.process_time() - cpu
+    if folded.error or folded.days != 1:
+        raise BenchError(f"compaction failed: {folded.error} ({folded.days} days)")
+
+    def rows() -> dict[str, list[tuple[Any, ...]]]:
+        return {
+            table: sorted(
+                conn.execute(
+                    f"SELECT * FROM {table} WHERE bucket >= ? AND bucket < ?",
+                    [day, day + timedelta(days=1)],
+                ).fetchall(),
+                key=str,
+            )
+            for table in rollup_compact.APPENDED
+        }
+
+    compacted = rows()
+    cpu = time.process_time()
+    clock = time.perf_counter()
+    conn.execute("BEGIN TRANSACTION")
+    rebuilt_run = Run(conn, RollupConfig(), made["prices"], made["watermark"], threading.Event())
+    recompute(rebuilt_run, events_per_day(rebuilt_run, [day]), replace=True)
+    conn.execute("COMMIT")
+    rebuild_s, rebuild_cpu_s = time.perf_counter() - clock, time.process_time() - cpu
+    same = rows() == compacted
+    conn.close()
+    return {
+        **{k: v for k, v in made.items() if k not in ("prices", "watermark")},
+        "compact_s": folded.seconds,
+        "compact_cpu_s": compact_cpu_s,
+        "rows_after": folded.rows_out,
+        "rebuild_day_s": rebuild_s,
+        "rebuild_day_cpu_s": rebuild_cpu_s,
+        "same_rows": same,
+    }
+
+
 def run_phase(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     db = Path(args.db)
@@ -759,6 +929,10 @@ def run_phase(args: argparse.Namespace) -> None:
         out = phase_sql_rollups(db, args.memory_limit)
     elif args.phase == "floor":
         out = phase_floor(db, args.memory_limit)
+    elif args.phase == "parts":
+        out = phase_parts(db, args.memory_limit)
+    elif args.phase == "compaction":
+        out = phase_compaction(db, args.memory_limit)
     elif args.phase == "incremental":
         out = phase_incremental(db, args.new_events, args.memory_limit)
     else:
@@ -892,6 +1066,12 @@ def main() -> int:
         help="DuckDB memory limit for the job and the baseline (default: the server's, "
         "warehouse_memory_limit; 'none': DuckDB's own, 80%% of RAM)",
     )
+    parser.add_argument(
+        "--shape",
+        choices=("uniform", "zipf"),
+        default=SHAPE,
+        help="the traffic's shape: uniform (the default) or zipf, shaped like real traffic",
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -928,9 +1108,11 @@ def git_revision() -> str:
 
 
 def drive(args: argparse.Namespace, db: Path) -> int:
+    os.environ["TOKENTILL_BENCH_SHAPE"] = args.shape  # the phases' processes read it
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print(
-        f"rollup benchmark: {args.events:,} events, {USERS:,} users, {len(MODELS)} models, "
+        f"rollup benchmark ({args.shape} traffic): {args.events:,} events, {USERS:,} users, "
+        f"{len(MODELS)} models, "
         f"{DAYS} days; then {args.new_events:,} new events"
     )
     print(
@@ -979,6 +1161,13 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         f"file {full['db_bytes'] / 2**30:.2f} GiB"
     )
     print("             " + ", ".join(f"{t} {n:,}" for t, n in full["tables"].items()))
+    print(
+        "             with status as counts instead of a key: "
+        + ", ".join(
+            f"{t} {n:,} rows ({100 * (1 - n / full['tables'][t]):.1f}% fewer)"
+            for t, n in full["without_status"].items()
+        )
+    )
     print("    where the time goes:")
     _print_profile(full["profile"], full_s)
 
@@ -1074,6 +1263,22 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     )
     print("    where the time goes:")
     _print_profile(inc["profile"], inc_s)
+    warm_cpu_us = 1e6 * inc["warm_cpu_s"] / max(1, inc["warm_inserted"])
+    print(f"    warm: {warm_cpu_us:.1f} µs of CPU per new event; where the time goes:")
+    _print_profile(inc["warm_profile"], warm_s)
+
+    comp_run = spawn("compaction", db, *limit)
+    comp = comp_run.result
+    compact_ok = comp["compact_s"] < comp["rebuild_day_s"] and comp["same_rows"]
+    print(
+        f"\ncompaction   {comp['day']}: {comp['events']:,} events as {comp['parts']:,} minute "
+        f"parts ({comp['part_rows']:,} rows, appended in {comp['parts_s']:.1f} s)\n"
+        f"             folded in {comp['compact_s']:.2f} s ({comp['compact_cpu_s']:.2f} CPU-s) "
+        f"into {comp['rows_after']:,} rows; the day rebuilt from its events: "
+        f"{comp['rebuild_day_s']:.2f} s ({comp['rebuild_day_cpu_s']:.2f} CPU-s): "
+        f"{comp['compact_s'] / comp['rebuild_day_s']:.2f}x; the same rows: "
+        f"{'yes' if comp['same_rows'] else 'NO'}"
+    )
 
     print(
         "\nper phase: wall time, peak RSS (wait4 ru_maxrss; VmHWM in the child), CPU used by"
@@ -1086,6 +1291,7 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         ("sql_rollups", sql_run),
         ("floor", floor_run),
         ("incremental", inc_run),
+        ("compaction", comp_run),
     )
     cpus = os.cpu_count() or 1
     for name, run in phases:
@@ -1130,6 +1336,9 @@ def drive(args: argparse.Namespace, db: Path) -> int:
             "",
         )
     )
+    checks.append(
+        ("compaction left the rows the day's rebuild leaves", comp["same_rows"], comp["day"])
+    )
     for label, ok, detail in checks:
         print(f"    {'OK  ' if ok else 'FAIL'} {label}  {detail}")
 
@@ -1144,6 +1353,18 @@ def drive(args: argparse.Namespace, db: Path) -> int:
             warm_s < INCREMENTAL_S,
         ),
         ("peak RSS, full rebuild", f"< {PEAK_GB:.0f} GB", _mb(full_rss), full_gb < PEAK_GB),
+        (
+            "incremental CPU/event",
+            "< 10 µs",
+            f"{warm_cpu_us:.1f} µs",
+            warm_cpu_us < 10,
+        ),
+        (
+            f"compact {comp['parts']:,} parts",
+            "< rebuild",
+            f"{comp['compact_s'] / comp['rebuild_day_s']:.2f}x",
+            compact_ok,
+        ),
     ]
     print("\ntargets")
     for label, target, value, ok in targets:

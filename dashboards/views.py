@@ -195,6 +195,7 @@ async def overview(request: Request, runtime: RuntimeDep) -> HTMLResponse:
 <dl><dt>Last event</dt><dd id="last-event">{esc(_when(fresh.last_event_at))}</dd>
 <dt>Last rollup</dt><dd id="last-rollup">{esc(_when(fresh.last_rollup_at))}</dd>
 <dt>Events not rolled up yet</dt><dd>{fresh.events_not_rolled_up:,}</dd>
+<dt>Parts awaiting compaction</dt><dd id="parts">{fresh.parts_awaiting_compaction:,}</dd>
 <dt>Journal backlog</dt><dd>{fresh.journal_backlog:,}</dd></dl>
 {
             notice("The last rollup failed: " + fresh.last_rollup_error, "error")

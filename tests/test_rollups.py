@@ -30,11 +30,14 @@ from tokentill.warehouse.catalog import EPOCH, PriceRow
 from tokentill.warehouse.db import open_warehouse, query_frame
 from tokentill.warehouse.duckdb_file import DuckDBEvents, DuckDBFile
 from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.finance import FinanceQuery, finance_report
 from tokentill.warehouse.jobs import RollupConfig, RollupJob
 from tokentill.warehouse.migrate import migrate
 from tokentill.warehouse.prices import CatalogCache, insert_rows, price_table
 from tokentill.warehouse.pricing import effective_intervals, model_map, price_events
+from tokentill.warehouse.reconcile import read_ours
 from tokentill.warehouse.rollup_run import Phases, shares
+from tokentill.warehouse.spend import Filters, SpendQuery, choose_source, list_users, spend, spent
 from tokentill.warehouse.writer import Writer
 
 DAY0 = datetime(2026, 5, 1, tzinfo=UTC)
@@ -84,6 +87,18 @@ TABLES = {
     "usage_daily_models": ("bucket", "model", "service_tier", "status", "endpoint"),
     "rollup_pending": ("event_id",),  # what the job counted pending: the same either way
 }
+# Report groupings the appended parts must answer as a rebuild does.
+GROUPINGS: list[tuple[str, ...]] = [
+    (),
+    ("model",),
+    ("user",),
+    ("status",),
+    ("model", "user", "service_tier", "status", "endpoint"),
+    ("tag:team",),
+    ("tag:customer", "model"),
+]
+FAR = datetime(2100, 1, 1, tzinfo=UTC)
+CATALOG = CatalogCache()
 
 
 class Warehouse:
@@ -108,7 +123,44 @@ class Warehouse:
             self.journal.append(event)
         assert self.writer.flush(10)
 
-    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+    def compact(self) -> None:
+        """Fold every part (the usage tables hold appended partial sums)."""
+        result = self.job.compact(max_parts=0, older_than=FAR)
+        assert result.error is None, result.error
+
+    def answers(self) -> dict[str, Any]:
+        """What the report queries answer, read through their own code: the contract of
+        the appended parts is that these equal a full rebuild's at every moment."""
+        conn = self.readers.cursor()
+        try:
+            f = Filters(DAY0 - timedelta(days=1), DAY0 + timedelta(days=10))
+            out: dict[str, Any] = {}
+            for group_by in GROUPINGS:
+                for bucket in (None, "day", "hour"):
+                    query = SpendQuery(f, group_by, bucket)  # type: ignore[arg-type]
+                    frame = spend(conn, query, image_model="gpt-image-1", catalog=CATALOG)
+                    out[f"spend {group_by} {bucket} {choose_source(query)}"] = sorted(
+                        frame.rows(), key=lambda r: tuple(str(v) for v in r)
+                    )
+            for status in ("queued", "completed", "interrupted"):
+                only = Filters(f.start, f.end, statuses=(status,))
+                out[f"users {status}"] = list_users(conn, only, "cost", "desc", 100, 0)
+            out["users"] = list_users(conn, f, "requests", "asc", 100, 0)
+            out["spent"] = spent(conn, f.start, f.end)
+            out["ours"] = read_ours(conn, f.start.date(), f.end.date()).sort("day", "model").rows()
+            out["finance"] = sorted(
+                finance_report(conn, FinanceQuery(f.start.date(), f.end.date(), "team")).rows(),
+                key=lambda r: tuple(str(v) for v in r),
+            )
+            return out
+        finally:
+            conn.close()
+
+    def snapshot(self, *, compact: bool = True) -> dict[str, list[tuple[Any, ...]]]:
+        """Every rollup table, sorted; compacted first (one row per key, as a rebuild
+        writes them), unless asked not to."""
+        if compact:
+            self.compact()
         out = {}
         for table, keys in TABLES.items():
             frame = query_frame(self.conn, f"SELECT * FROM {table}")
@@ -163,20 +215,23 @@ event_spec = st.tuples(
     specs=st.lists(event_spec, min_size=1, max_size=60),
     cuts=st.lists(st.integers(0, 90), max_size=6),
     late_price_at=st.one_of(st.none(), st.integers(0, 90)),
+    compactions=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 6)), max_size=6),
     data=st.data(),
 )
 def test_incremental_runs_equal_a_full_rebuild(
     specs: list[tuple[int, int, str, int, str | None]],
     cuts: list[int],
     late_price_at: int | None,
+    compactions: list[tuple[int, int]],
     data: st.DataObject,
 ) -> None:
-    """Random event streams, rolled up by incremental runs at random points, give the
-    tables a full rebuild gives: late events, parents after their children, replays,
-    pending rows written again (still pending, then final, with another model and tier),
-    a late price."""
+    """Random event streams, rolled up by incremental runs at random points, with
+    compactions of some days between them: every report query answers what it answers
+    after a full rebuild, at every step, and once compacted the tables are the rebuild's.
+    Late events, parents after their children, replays, pending rows written again (still
+    pending, then final, with another model and tier), a late price."""
     order = data.draw(st.permutations(range(len(specs))))
-    check_incremental_equals_full(specs, cuts, late_price_at, order)
+    check_incremental_equals_full(specs, cuts, late_price_at, order, compactions)
 
 
 def test_a_conversation_stream_hypothesis_once_broke() -> None:
@@ -211,7 +266,11 @@ def check_incremental_equals_full(
     cuts: list[int],
     late_price_at: int | None,
     order: list[int],
+    compactions: list[tuple[int, int]] = (),  # type: ignore[assignment]
 ) -> None:
+    """`compactions`: after the run at cut k, fold the days with more than `max_parts`
+    parts or before day `before` (pairs (max_parts, before), taken in turn)."""
+    folds = list(compactions)
     with tempfile.TemporaryDirectory() as directory:
         warehouse = Warehouse(Path(directory))
         try:
@@ -288,14 +347,26 @@ def check_incremental_equals_full(
                         warehouse.ingest([item])
                 result = warehouse.job.run()
                 assert result.error is None, result.error
+                if folds:
+                    max_parts, before = folds.pop(0)
+                    # Between runs, the reports answer the same with parts or without.
+                    answered = warehouse.answers()
+                    folded = warehouse.job.compact(
+                        max_parts=max_parts, older_than=DAY0 + timedelta(days=before)
+                    )
+                    assert folded.error is None, folded.error
+                    assert warehouse.answers() == answered
                 start = end
-            incremental = warehouse.snapshot()
+            answered = warehouse.answers()  # with every part still apart
+            incremental = warehouse.snapshot()  # compacted
+            assert warehouse.answers() == answered
             again = warehouse.job.run()
             assert again.error is None and again.days == 0  # nothing changed: nothing to do
             assert warehouse.snapshot() == incremental
             full = warehouse.job.run(full=True)
             assert full.error is None, full.error
             assert warehouse.snapshot() == incremental
+            assert warehouse.answers() == answered
         finally:
             warehouse.close()
 
@@ -723,7 +794,7 @@ def test_a_run_times_its_steps_by_reading_computing_and_writing(tmp_path: Path) 
         warehouse.ingest([make_event(i, 1, 5) for i in range(1000, 1010)])
         incremental = warehouse.job.run()
         assert incremental.mode == "incremental"
-        assert {"changed/read", "merge_usage/compute", "merge_usage/write"} <= set(
+        assert {"changed/read", "append_usage/compute", "append_usage/write"} <= set(
             incremental.phases
         )
         assert not any(label.startswith("rebuild/") for label in incremental.phases)
@@ -804,3 +875,47 @@ def test_closing_the_warehouse_interrupts_a_query_still_running(tmp_path: Path) 
     worker.join(30)
     assert not worker.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], duckdb.Error)
+
+
+def test_incremental_runs_append_parts_and_compaction_folds_them(tmp_path: Path) -> None:
+    """An incremental run rewrites no stored usage row: it appends its partial sums (a key
+    may then have several rows) and lists them in `rollup_parts`; compaction folds a day
+    into one row per key, once it has more than `max_parts` parts or is old enough, and
+    `job_runs` records what each run did."""
+    warehouse = Warehouse(tmp_path)
+    try:
+        warehouse.ingest([make_event(i, i % 2, 3, user_id="ana") for i in range(40)])
+        assert warehouse.job.run().mode == "full"
+        conn = warehouse.readers
+        for batch in range(3):  # three more runs, each adding to day 1's same hour and user
+            warehouse.ingest(
+                [make_event(100 + 10 * batch + i, 1, 3, user_id="ana") for i in range(5)]
+            )
+            ran = warehouse.job.run()
+            assert ran.mode == "incremental" and ran.parts_written > 0
+        parts = conn.execute("SELECT day, count(*) FROM rollup_parts GROUP BY day").fetchall()
+        assert [(str(d), n) for d, n in parts] == [("2026-05-02", 3)]
+        duplicated = conn.execute(
+            """SELECT count(*) FROM (SELECT bucket, user_id, model, service_tier, status,
+               endpoint FROM usage_hourly GROUP BY ALL HAVING count(*) > 1)"""
+        ).fetchone()
+        assert duplicated is not None and duplicated[0] > 0  # parts, not rewritten rows
+        before = warehouse.answers()
+
+        # Three parts are not more than 3: nothing to do; more than 2: folded.
+        assert warehouse.job.compact(max_parts=3, older_than=DAY0).days == 0
+        folded = warehouse.job.compact(max_parts=2, older_than=DAY0)
+        assert (folded.error, folded.days, folded.parts_compacted) == (None, 1, 3)
+        assert conn.execute("SELECT count(*) FROM rollup_parts").fetchone() == (0,)
+        assert warehouse.answers() == before
+        compacted = warehouse.snapshot(compact=False)  # one row per key (it checks)
+        recorded = conn.execute(
+            """SELECT job, parts_written, parts_compacted, phases FROM job_runs
+               ORDER BY run_id DESC LIMIT 2"""
+        ).fetchall()
+        assert [r[:3] for r in recorded] == [("compact", 0, 3), ("compact", 0, 0)]
+        assert "compact/write" in orjson.loads(recorded[0][3])
+        assert warehouse.job.run(full=True).error is None
+        assert warehouse.snapshot(compact=False) == compacted  # the rebuild's tables
+    finally:
+        warehouse.close()

@@ -451,6 +451,7 @@ class Tokentill:
             self.settings.rollup_interval,
             {"abuse": (runtime.abuse.run, self.settings.abuse_interval)},
             then=lambda: _post_adjustments(runtime),
+            compaction=(self.settings.rollup_compact_parts, self.settings.rollup_compact_after),
         )
 
         async def stop() -> None:

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     prices_file: Path | None = None
     # How often the rollup job runs inside the server (seconds).
     rollup_interval: Seconds = 60.0
+    # Incremental runs append their partial sums as parts; a day is compacted (its parts
+    # folded into one row per key) once it has more than this many parts...
+    rollup_compact_parts: Annotated[int, Field(ge=0, le=100_000)] = 60
+    # ...and every day that ended more than this many seconds ago is compacted.
+    rollup_compact_after: Seconds = 6 * 3600.0
     # Metadata keys rolled up per day (team, feature, customer...).
     rollup_tag_keys: tuple[str, ...] = ("project", "team", "feature", "customer")
     # The model whose image rates price the image_generation tool's tokens.

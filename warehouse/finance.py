@@ -95,7 +95,10 @@ def _section(conn: duckdb.DuckDBPyConnection, q: FinanceQuery, section: str) -> 
         conn,
         f"""SELECT '{section}' AS section, CAST(date_trunc('month', bucket) AS DATE) AS month,
                    {key} AS key, {sums}, sum(cost_pico)::DECIMAL(38, 0) AS cost_pico
-            FROM ({source}) {where} GROUP BY ALL ORDER BY month, cost_pico DESC, key""",
+            FROM ({source}) {where} GROUP BY ALL
+            -- a key whose parts add up to no request has no row (rollup_compact)
+            HAVING sum(requests) <> 0
+            ORDER BY month, cost_pico DESC, key""",
         params,
     )
 

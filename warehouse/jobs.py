@@ -11,6 +11,7 @@ parts read and write through a `rollup_run.Run`, which also times them
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from datetime import UTC, datetime
 import duckdb
 import polars as pl
 
+from tokentill.warehouse import rollup_compact
 from tokentill.warehouse.db import fetch_one, query_frame, transaction
 from tokentill.warehouse.prices import CatalogCache
 from tokentill.warehouse.rollup_merge import increment
@@ -50,6 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ROLLUP = "rollup"
+COMPACT = "compact"
 
 _LAST_RUN_SQL = """
 SELECT watermark, price_mark FROM job_runs
@@ -122,27 +125,17 @@ class RollupJob:
             # rebuild commits chunk by chunk (DuckDB holds a transaction's rows in memory),
             # and one that fails is redone in full by the next run.
             with transaction(conn):
-                self._work(conn, full, result)
+                self._work(conn, full, result, run_id)
         except Exception as exc:
             log.exception("rollup run %s failed", run_id)
             result.error = f"{type(exc).__name__}: {exc}"
         result.seconds = time.perf_counter() - clock
-        conn.execute(
-            """UPDATE job_runs SET finished_at = ?, rows_in = ?, rows_out = ?, watermark = ?,
-                   price_mark = ?, error = ? WHERE run_id = ?""",
-            [
-                datetime.now(UTC),
-                result.rows_in,
-                result.rows_out,
-                None if result.error else result.watermark,
-                None if result.error else result.price_mark,
-                result.error,
-                run_id,
-            ],
-        )
+        _finish(conn, run_id, result)
         return result
 
-    def _work(self, conn: duckdb.DuckDBPyConnection, full: bool, result: RunResult) -> None:
+    def _work(
+        self, conn: duckdb.DuckDBPyConnection, full: bool, result: RunResult, run_id: int
+    ) -> None:
         # Marks first: whatever lands while this run works is picked up by the next one
         # (every read below stops at the watermark, so nothing is counted twice).
         watermark = scalar(conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
@@ -155,6 +148,7 @@ class RollupJob:
             PriceSnapshot(catalog.names, catalog.intervals),
             watermark,
             self._cancelled,
+            run_id,
         )
         try:
             if full or last is None:
@@ -166,9 +160,75 @@ class RollupJob:
                     done.rows_out,
                     done.days,
                 )
-                result.recomputed = done.recomputed
+                result.recomputed, result.parts_written = done.recomputed, done.parts_written
         finally:
             result.phases = run.phases.finish()
+
+    # -- compaction ------------------------------------------------------------------------
+
+    def compact(self, *, max_parts: int, older_than: datetime) -> RunResult:
+        """Fold the parts of days with more than `max_parts` parts, and of days that
+        ended by `older_than` with any, into one row per key (`rollup_compact`); one transaction,
+        under the job's lock (never beside a run). Recorded in `job_runs` as `compact`."""
+        with self._lock:
+            conn = self._connect()
+            try:
+                return self._compact(conn, max_parts, older_than)
+            finally:
+                conn.close()
+
+    def _compact(
+        self, conn: duckdb.DuckDBPyConnection, max_parts: int, older_than: datetime
+    ) -> RunResult:
+        clock = time.perf_counter()
+        run_id = scalar(
+            conn,
+            "INSERT INTO job_runs (job, mode, started_at) VALUES (?, ?, ?) RETURNING run_id",
+            [COMPACT, "compact", datetime.now(UTC)],
+        )
+        result = RunResult(COMPACT, "compact")
+        run = Run(
+            conn,
+            self._config,
+            PriceSnapshot([], pl.DataFrame()),
+            0,
+            self._cancelled,
+            run_id,
+        )
+        try:
+            with transaction(conn):
+                days = rollup_compact.days_to_compact(run, max_parts, older_than)
+                with run.phases.step("compact"):
+                    result.parts_compacted, result.rows_out = rollup_compact.compact(run, days)
+                result.days = len(days)
+        except Exception as exc:
+            log.exception("rollup compaction %s failed", run_id)
+            result.error = f"{type(exc).__name__}: {exc}"
+        result.phases = run.phases.finish()
+        result.seconds = time.perf_counter() - clock
+        _finish(conn, run_id, result)
+        return result
+
+
+def _finish(conn: duckdb.DuckDBPyConnection, run_id: int, result: RunResult) -> None:
+    """The run's row in job_runs, completed: what it did, and its error if it failed."""
+    conn.execute(
+        """UPDATE job_runs SET finished_at = ?, rows_in = ?, rows_out = ?, watermark = ?,
+               price_mark = ?, error = ?, phases = ?, parts_written = ?, parts_compacted = ?
+           WHERE run_id = ?""",
+        [
+            datetime.now(UTC),
+            result.rows_in,
+            result.rows_out,
+            None if result.error else result.watermark,
+            None if result.error else result.price_mark,
+            result.error,
+            json.dumps({k: round(v, 6) for k, v in result.phases.items()}),
+            result.parts_written,
+            result.parts_compacted,
+            run_id,
+        ],
+    )
 
 
 def last_runs(conn: duckdb.DuckDBPyConnection, limit: int = 20) -> pl.DataFrame:
@@ -186,7 +246,8 @@ SELECT (SELECT max(recorded_at) FROM usage_events),
        (SELECT finished_at FROM ok),
        (SELECT error FROM newest),
        (SELECT count(*) FROM usage_events
-        WHERE ingest_seq > coalesce((SELECT watermark FROM ok), -1))
+        WHERE ingest_seq > coalesce((SELECT watermark FROM ok), -1)),
+       (SELECT count(*) FROM rollup_parts)
 """
 
 
@@ -196,10 +257,11 @@ class Freshness:
     last_rollup_at: datetime | None
     last_rollup_error: str | None
     events_not_rolled_up: int
+    parts_awaiting_compaction: int
 
 
 def freshness(conn: duckdb.DuckDBPyConnection) -> Freshness:
     """How fresh the rollups are: the newest event, the last good run, the newest run's
     error, and the events written since the last good run."""
     row = conn.execute(_FRESHNESS_SQL).fetchall()[0]
-    return Freshness(row[0], row[1], row[2], int(row[3]))
+    return Freshness(row[0], row[1], row[2], int(row[3]), int(row[4]))

@@ -87,8 +87,16 @@ SELECT CAST(bucket AS DATE) AS day,
        coalesce(sum(requests) FILTER (WHERE status = 'error'), 0) AS errors,
        coalesce(sum(requests) FILTER (WHERE status = 'interrupted'), 0) AS interrupted,
        coalesce(sum(failed), 0) AS failed
-FROM usage_daily
-WHERE bucket >= ? AND bucket < ?
+FROM (
+    -- one row per key: the rollup holds parts (rollup_compact), and `unpriced > 0` is a
+    -- question about a key's whole sums, not about one part
+    SELECT bucket, user_id, model, service_tier, status, endpoint,
+           sum(requests) AS requests, sum(cost_pico) AS cost_pico,
+           sum(unpriced) AS unpriced, sum(total_tokens) AS total_tokens,
+           sum(failed) AS failed
+    FROM usage_daily WHERE bucket >= ? AND bucket < ?
+    GROUP BY ALL HAVING sum(requests) <> 0
+)
 GROUP BY ALL
 """
 

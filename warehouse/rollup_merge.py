@@ -1,8 +1,10 @@
 """An incremental run: what changed since the last run's watermark, added to the stored
-rollups as partial sums merged into the buckets they belong to.
+rollups as partial sums.
 
 - Events written since (new, late, replayed after a crash: a replay writes nothing) are
-  priced and their sums added to their hourly, daily, tag and conversation buckets.
+  priced, and their sums appended to the usage tables as a part (`rollup_compact`: no
+  stored row is rewritten; readers add rows up by key) and merged into their
+  conversations' buckets.
 - Events written again since (the writer only rewrites rows still pending: background
   responses completed hours later, interrupted streams) have their old sums taken away
   and their new ones added: `rollup_pending` keeps every pending event as it was counted.
@@ -12,18 +14,19 @@ rollups as partial sums merged into the buckets they belong to.
   (`prices.price_id`) are recomputed whole from the raw events (`rollup_rebuild`): late
   prices re-price what they cover, with no manual backfill.
 
-Merging partial sums is exact (integers, DECIMAL pico-dollars), so an incremental run and
-a full rebuild give identical tables.
+Partial sums are exact (integers, DECIMAL pico-dollars), so every report answers after an
+incremental run what it answers after a full rebuild, and the tables are a rebuild's once
+compacted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import polars as pl
 
-from tokentill.warehouse import conversations, pricing, rollups, summaries
+from tokentill.warehouse import conversations, pricing, rollup_compact, rollups, summaries
 from tokentill.warehouse.events import PENDING_STATUSES
 from tokentill.warehouse.rollup_rebuild import events_per_day, recompute
 from tokentill.warehouse.rollup_run import COUNTED_COLUMNS, DAY, EVENT_COLUMNS, Run
@@ -35,6 +38,7 @@ class Increment:
     rows_out: int = 0
     days: int = 0
     recomputed: list[datetime] = field(default_factory=list)
+    parts_written: int = 0
 
 
 def increment(
@@ -65,7 +69,7 @@ def increment(
     with run.phases.step("moved"):
         moved = conversations.moved_into_conversations(run, links, changed)
 
-    with run.phases.step("merge_usage"):
+    with run.phases.step("append_usage"):
         clean = ~DAY.is_in(pl.Series(dirty, dtype=pl.Datetime("us", "UTC")).implode())
         new = run.compute(run.price(changed.filter(clean)))
         old = counted.filter(clean)
@@ -73,7 +77,8 @@ def increment(
         touched_days = set(new.select(DAY.unique())["created_at"]) | set(
             old.select(DAY.unique())["created_at"]
         )
-        rows_out = _merge_usage(run, new.lazy(), old.lazy())
+        rows_out = append_usage(run, new.lazy(), old.lazy())
+        out.parts_written = rows_out
     with run.phases.step("merge_conversations"):
         roots, conv_rows = conversations.merge_conversations(run, new, old, moved, links)
         rows_out += conv_rows
@@ -128,7 +133,8 @@ def _repriced_days(run: Run, last_price_mark: int, prices: pl.DataFrame) -> list
         )
 
 
-def _merge_usage(run: Run, new: pl.LazyFrame, old: pl.LazyFrame) -> int:
+def append_usage(run: Run, new: pl.LazyFrame, old: pl.LazyFrame) -> int:
+    """The usage tables' partial sums (new sums less the old ones), appended as parts."""
     keys = list(run.config.tag_keys)
     usage = rollups.USAGE_MEASURES
     hourly = rollups.add_up(
@@ -152,46 +158,13 @@ def _merge_usage(run: Run, new: pl.LazyFrame, old: pl.LazyFrame) -> int:
             summaries.models(hourly_delta.lazy()),
         ]
     )
-    written = 0
-    for table, delta, grain, measures in (
-        ("usage_daily", daily_delta, rollups.HOURLY_KEYS, usage),
-        ("usage_daily_tags", tags_delta, rollups.TAG_KEYS, rollups.TAG_MEASURES),
-        ("usage_daily_models", models_delta, summaries.MODEL_KEYS, usage),
-    ):
-        written += run.merge_delta(table, delta, grain, measures).height
-    changed = run.merge_delta("usage_hourly", hourly_delta, rollups.HOURLY_KEYS, usage)
-    written += changed.height
-    written += run.merge_delta(
-        "usage_daily_users",
-        users_delta,
-        summaries.USER_KEYS,
-        usage,
-        extra={"first_hour": "least", "last_hour": "greatest"},
-    ).height
-    # An hour a user no longer has (its events all moved away) may have been that
-    # day's first or last: those user-days are recomputed from their hours.
-    gone = changed.filter(pl.col("merge_action") == "DELETE").select(
-        pl.col("bucket").dt.truncate("1d"), "user_id"
+    return rollup_compact.append(
+        run,
+        {
+            "usage_hourly": hourly_delta,
+            "usage_daily": daily_delta,
+            "usage_daily_tags": tags_delta,
+            "usage_daily_users": users_delta,
+            "usage_daily_models": models_delta,
+        },
     )
-    if gone.height:
-        written += _resummarise_users(run, gone.unique())
-    return written
-
-
-def _resummarise_users(run: Run, wanted: pl.DataFrame) -> int:
-    """`usage_daily_users` rows (day, user) recomputed from their stored hours."""
-    days = sorted(set(wanted["bucket"].to_list()))
-    on = "date_trunc('day', h.bucket) = w.bucket AND h.user_id IS NOT DISTINCT FROM w.user_id"
-    with run.registered("_wanted", wanted):
-        hours = run.read(
-            f"""SELECT h.* FROM usage_hourly AS h SEMI JOIN _wanted AS w ON {on}
-                WHERE h.bucket >= ? AND h.bucket < ?""",
-            [days[0], days[-1] + timedelta(days=1)],
-        )
-        run.execute(
-            """DELETE FROM usage_daily_users AS u USING _wanted AS w
-               WHERE u.bucket = w.bucket AND u.user_id IS NOT DISTINCT FROM w.user_id"""
-        )
-    rows = run.compute(summaries.users(hours.lazy()))
-    run.insert("usage_daily_users", rows)
-    return rows.height

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 import duckdb
 import polars as pl
 
-from tokentill.warehouse import conversations, rollups, summaries
+from tokentill.warehouse import conversations, rollup_compact, rollups, summaries
 from tokentill.warehouse.events import PENDING_SQL, PENDING_STATUSES
 from tokentill.warehouse.rollup_run import (
     COUNTED_COLUMNS,
@@ -35,6 +35,7 @@ def rebuild(run: Run) -> tuple[int, int, int]:
     with run.phases.step("rebuild"):
         for table in (*DAY_TABLES, "conversation_links", "conversations"):
             run.execute(f"DELETE FROM {table}")
+        rollup_compact.forget(run, None)
         run.insert("conversation_links", conversations.all_links(run))
         per_day = events_per_day(run, None)
         rows_in, rows_out, _ = recompute(run, per_day, replace=False)
@@ -53,6 +54,7 @@ def recompute(
     if replace:
         for table in DAY_TABLES:
             run.delete_days(table, days)
+        rollup_compact.forget(run, days)
     rows_in, batch = 0, Batch()
     roots: set[str] = set()
     with _membership(run, None if not replace else days):

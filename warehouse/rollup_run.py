@@ -60,6 +60,8 @@ class RunResult:
     # recomputed whole from their events (a price added or corrected since).
     phases: dict[str, float] = field(default_factory=dict)
     recomputed: list[datetime] = field(default_factory=list)
+    parts_written: int = 0  # rows appended as partial sums
+    parts_compacted: int = 0  # parts a compaction folded
 
 
 # What the pipelines read: no more (strings cost the most to move through Arrow).
@@ -173,6 +175,7 @@ class Run:
     prices: PriceSnapshot
     watermark: int
     cancelled: threading.Event
+    run_id: int = 0  # its row in job_runs (the parts it appends name it)
     phases: Phases = field(default_factory=Phases)
 
     def check_cancelled(self) -> None:

@@ -19,9 +19,12 @@ def start_scheduler(
     interval: float,
     others: dict[str, tuple[Callable[[], Any], float]] | None = None,
     then: Callable[[], object] | None = None,
+    compaction: tuple[int, float] | None = None,
 ) -> BackgroundScheduler:
     """`others`: more jobs, each (run, every seconds). `then` runs after each rollup run
-    (posting closed periods' adjustments)."""
+    (posting closed periods' adjustments). `compaction` (max parts, seconds): after each
+    run, fold the days with more parts than that, and the days ended that long ago (off
+    the request path, and never beside a run: same thread, same lock)."""
     scheduler = BackgroundScheduler(
         timezone=UTC,
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -29,6 +32,11 @@ def start_scheduler(
 
     def cycle() -> None:
         rollup.run()
+        if compaction is not None:
+            max_parts, after = compaction
+            rollup.compact(
+                max_parts=max_parts, older_than=datetime.now(UTC) - timedelta(seconds=after)
+            )
         if then is not None:
             then()
 

@@ -202,7 +202,9 @@ def _from_rollup(conn: duckdb.DuckDBPyConnection, query: SpendQuery, table: str)
     measures = [
         f"sum({m})::{'DECIMAL(38, 0)' if m == 'cost_pico' else 'BIGINT'} AS {m}" for m in MEASURES
     ]
-    group = " GROUP BY ALL" if select else ""
+    # A key whose parts add up to no request has no row, as after a rebuild (the rollups
+    # hold appended partial sums: rollup_compact).
+    group = " GROUP BY ALL HAVING sum(requests) <> 0" if select else ""
     sql = f"SELECT {', '.join(select + measures)} FROM {table} WHERE {' AND '.join(where)}{group}"
     frame = query_frame(conn, sql, params)
     if not select and frame.height == 1 and frame["requests"][0] is None:
@@ -368,7 +370,7 @@ def list_users(
     sql = f"""
         WITH per_user AS (
             SELECT user_id, {_SUMS}, {first} AS first_seen, {last} AS last_seen
-            FROM {source} WHERE {where} GROUP BY user_id
+            FROM {source} WHERE {where} GROUP BY user_id HAVING sum(requests) <> 0
         )
         SELECT *, count(*) OVER () AS total_users FROM per_user
         ORDER BY {USER_SORTS[sort]} {order.upper()} NULLS LAST, user_id ASC NULLS LAST
@@ -379,7 +381,9 @@ def list_users(
     if rows:
         return int(rows[0]["total_users"]), rows
     count = conn.execute(
-        f"SELECT count(DISTINCT user_id) FROM {source} WHERE {where}", params
+        f"""SELECT count(*) FROM (SELECT user_id FROM {source} WHERE {where}
+                GROUP BY user_id HAVING sum(requests) <> 0)""",
+        params,
     ).fetchall()[0][0]
     return int(count), []
 
@@ -387,8 +391,9 @@ def list_users(
 def recent_models(conn: duckdb.DuckDBPyConnection) -> list[str]:
     """Models seen in the last 90 days, for filter forms' suggestions (rollup only)."""
     rows = conn.execute(
-        """SELECT DISTINCT model FROM usage_daily
+        """SELECT model FROM usage_daily
            WHERE bucket >= current_date - INTERVAL 90 DAY AND model IS NOT NULL
+           GROUP BY model HAVING sum(requests) <> 0  -- parts of a model no longer used
            ORDER BY model LIMIT 500"""
     ).fetchall()
     return [r[0] for r in rows]

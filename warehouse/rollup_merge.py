@@ -134,7 +134,12 @@ def _repriced_days(run: Run, last_price_mark: int, prices: pl.DataFrame) -> list
 
 
 def append_usage(run: Run, new: pl.LazyFrame, old: pl.LazyFrame) -> int:
-    """The usage tables' partial sums (new sums less the old ones), appended as parts."""
+    """The usage tables' partial sums (new sums less the old ones), appended as a part."""
+    return rollup_compact.append(run, usage_deltas(run, new, old))
+
+
+def usage_deltas(run: Run, new: pl.LazyFrame, old: pl.LazyFrame) -> dict[str, pl.DataFrame]:
+    """Each usage table's partial sums: the sums of `new` less those of `old`."""
     keys = list(run.config.tag_keys)
     usage = rollups.USAGE_MEASURES
     hourly = rollups.add_up(
@@ -158,13 +163,10 @@ def append_usage(run: Run, new: pl.LazyFrame, old: pl.LazyFrame) -> int:
             summaries.models(hourly_delta.lazy()),
         ]
     )
-    return rollup_compact.append(
-        run,
-        {
-            "usage_hourly": hourly_delta,
-            "usage_daily": daily_delta,
-            "usage_daily_tags": tags_delta,
-            "usage_daily_users": users_delta,
-            "usage_daily_models": models_delta,
-        },
-    )
+    return {
+        "usage_hourly": hourly_delta,
+        "usage_daily": daily_delta,
+        "usage_daily_tags": tags_delta,
+        "usage_daily_users": users_delta,
+        "usage_daily_models": models_delta,
+    }

@@ -107,8 +107,10 @@ LATE_DAYS = (3, 8, 21)  # how many days earlier the late events are dated
 QUEUED_WINDOW = timedelta(hours=2)  # background responses this recent are still queued
 
 # Targets.
-FULL_S = 20.0
-INCREMENTAL_S = 1.0
+FULL_RATIO = 1.25  # the full rebuild / plain DuckDB SQL building the usage rollups, same run
+FIRST_S = 1.5  # an incremental run of 100,000 new events, first in its process
+INCREMENTAL_S = 1.0  # the same, warm
+CPU_PER_EVENT_US = 10.0  # warm
 PEAK_GB = 3.0
 
 # (model, share in %, reasoning model, has flex prices, has priority prices)
@@ -1220,8 +1222,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     )
     print(
         f"             same rows as the job's tables: {'OK' if same_grain else 'WRONG'}; "
-        f"the job (conversations too) takes {full_s / sql_s:.2f}x this; the {FULL_S:.0f} s "
-        f"target is {FULL_S / sql_s:.2f}x it"
+        f"the job (conversations too) takes {full_s / sql_s:.2f}x this (target "
+        f"{FULL_RATIO}x)"
     )
 
     floor_run = spawn("floor", db, *limit)
@@ -1238,8 +1240,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
     )
     print(
         f"             together {floor_s + read_s:.2f} s: the full rebuild takes "
-        f"{full_s / (floor_s + read_s):.1f}x that; the {FULL_S:.0f} s target leaves "
-        f"{FULL_S - floor_s - read_s:.2f} s for everything else"
+        f"{full_s / (floor_s + read_s):.1f}x that; the SQL rollups "
+        f"{sql_s / (floor_s + read_s):.1f}x"
     )
 
     inc_run = spawn("incremental", db, "--new-events", str(args.new_events), *limit)
@@ -1356,8 +1358,13 @@ def drive(args: argparse.Namespace, db: Path) -> int:
 
     full_gb = full_rss / 1024
     targets = [
-        ("full rebuild", f"< {FULL_S:.0f} s", f"{full_s:.2f} s", full_s < FULL_S),
-        ("incremental run", f"< {INCREMENTAL_S:.0f} s", f"{inc_s:.3f} s", inc_s < INCREMENTAL_S),
+        (
+            "full rebuild / SQL",
+            f"<= {FULL_RATIO}x",
+            f"{full_s / sql_s:.2f}x",
+            full_s <= FULL_RATIO * sql_s,
+        ),
+        ("incremental run", f"<= {FIRST_S} s", f"{inc_s:.3f} s", inc_s <= FIRST_S),
         (
             "incremental, warm",
             f"< {INCREMENTAL_S:.0f} s",
@@ -1367,9 +1374,9 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         ("peak RSS, full rebuild", f"< {PEAK_GB:.0f} GB", _mb(full_rss), full_gb < PEAK_GB),
         (
             "incremental CPU/event",
-            "< 10 µs",
+            f"<= {CPU_PER_EVENT_US:.0f} µs",
             f"{warm_cpu_us:.1f} µs",
-            warm_cpu_us < 10,
+            warm_cpu_us <= CPU_PER_EVENT_US,
         ),
         (
             f"compact {comp['parts']:,} parts",
@@ -1388,9 +1395,9 @@ def drive(args: argparse.Namespace, db: Path) -> int:
         [
             "full rebuild (`run(full=True)`)",
             f"{full['rows_in']:,} in, {full['rows_out']:,} out, {full['days']} days",
-            f"{full_s:.2f} s ({_rate(full['rows_in'], full_s)})",
-            f"< {FULL_S:.0f} s",
-            verdict(full_s < FULL_S),
+            f"{full_s:.2f} s ({_rate(full['rows_in'], full_s)}): {full_s / sql_s:.2f}x the SQL",
+            f"<= {FULL_RATIO}x the SQL",
+            verdict(full_s <= FULL_RATIO * sql_s),
         ],
         [
             "same daily aggregation, plain DuckDB SQL",
@@ -1424,8 +1431,8 @@ def drive(args: argparse.Namespace, db: Path) -> int:
             "incremental run",
             f"{inc['inserted']:,} new ({inc['late']} late), {inc['days']} days",
             f"{inc_s:.3f} s",
-            f"< {INCREMENTAL_S:.0f} s",
-            verdict(inc_s < INCREMENTAL_S),
+            f"<= {FIRST_S} s",
+            verdict(inc_s <= FIRST_S),
         ],
         [
             "incremental run, warm (the job ran before in this process)",

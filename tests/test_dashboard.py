@@ -346,6 +346,7 @@ def test_overview_charts_are_the_apis_numbers(tab: Tab, served: Served) -> None:
     fresh = served.api("/api/jobs/freshness")
     assert fresh["last_rollup_at"] is not None
     assert tab.text("#last-rollup").startswith(fresh["last_rollup_at"][:10])
+    assert tab.text("#parts") == f"{fresh['parts_awaiting_compaction']:,}"
 
 
 def test_users_views_are_the_apis_numbers(tab: Tab, served: Served) -> None:

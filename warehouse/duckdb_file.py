@@ -82,18 +82,16 @@ class DuckDBEvents:
     ) -> None:
         conn = self._conn
         with transaction(conn):
-            if creates.height:
-                conn.register("_new_events", creates)
-                try:
-                    conn.execute(_INSERT_SQL, {"seq": seq})
-                finally:
-                    conn.unregister("_new_events")
-            if updates.height:
-                conn.register("_updates", updates)
-                try:
-                    conn.execute(_UPDATE_SQL, {"seq": seq})
-                finally:
-                    conn.unregister("_updates")
+            for name, frame, sql in (
+                ("_new_events", creates, _INSERT_SQL),
+                ("_updates", updates, _UPDATE_SQL),
+            ):
+                if frame.height:
+                    conn.register(name, frame)
+                    try:
+                        conn.execute(sql, {"seq": seq})
+                    finally:
+                        conn.unregister(name)
             conn.execute(_CHECKPOINT_SQL, {"segment": upto.segment, "offset": upto.offset})
 
     def skip(self, upto: Position) -> None:

@@ -812,10 +812,12 @@ def phase_incremental(db: Path, new_events: int, memory_limit: str | None) -> di
 MINUTE_PARTS = 1_440  # a day of minute runs
 
 
-def minute_parts(conn: duckdb.DuckDBPyConnection, day: datetime) -> dict[str, Any]:
-    """Replace the usage rows of `day` by 1,440 parts, one per minute of its events,
-    appended by the job's own `append_usage` (as 1,440 incremental runs would), in one
-    transaction."""
+def minute_parts(
+    conn: duckdb.DuckDBPyConnection, day: datetime, parts: int = MINUTE_PARTS
+) -> dict[str, Any]:
+    """Replace the usage rows of `day` by `parts` parts (1,440: one per minute of its
+    events), each the partial sums the job's own `usage_deltas` computes for its slice
+    (as that many incremental runs would append), in one transaction."""
     catalog = CatalogCache().read(conn)
     run = Run(
         conn,
@@ -829,13 +831,16 @@ def minute_parts(conn: duckdb.DuckDBPyConnection, day: datetime) -> dict[str, An
     conn.execute("BEGIN TRANSACTION")
     for table in rollup_compact.APPENDED:
         run.delete_days(table, [day])
+    rollup_compact.forget(run, [day])  # parts an earlier call left
     events = run.read(
         f"""SELECT {run.select(EVENT_COLUMNS, tags=True)} FROM usage_events AS e
             WHERE e.created_at >= ? AND e.created_at < ?""",
         [day, day + timedelta(days=1)],
     ).with_columns(
         pl.lit(None, pl.String).alias("conversation_root"),
-        (pl.col("created_at") - pl.lit(day)).dt.total_minutes().alias("_minute"),
+        ((pl.col("created_at") - pl.lit(day)).dt.total_minutes() * parts // MINUTE_PARTS).alias(
+            "_minute"
+        ),
     )
     # Each minute's partial sums as the job computes them (`usage_deltas`), written a
     # table at a time: the rows and the parts listed are those of 1,440 runs, without
@@ -875,10 +880,10 @@ def parts_day() -> datetime:
     )
 
 
-def phase_parts(db: Path, memory_limit: str | None) -> dict[str, Any]:
-    """Leave a day of minute parts in the warehouse, uncompacted (bench/api.py)."""
+def phase_parts(db: Path, memory_limit: str | None, parts: int) -> dict[str, Any]:
+    """Leave a day of `parts` parts in the warehouse, uncompacted (bench/api.py)."""
     conn = _open(db, memory_limit)
-    made = minute_parts(conn, parts_day())
+    made = minute_parts(conn, parts_day(), parts)
     conn.close()
     return {k: v for k, v in made.items() if k not in ("prices", "watermark")}
 
@@ -944,7 +949,7 @@ def run_phase(args: argparse.Namespace) -> None:
     elif args.phase == "floor":
         out = phase_floor(db, args.memory_limit)
     elif args.phase == "parts":
-        out = phase_parts(db, args.memory_limit)
+        out = phase_parts(db, args.memory_limit, args.parts)
     elif args.phase == "compaction":
         out = phase_compaction(db, args.memory_limit)
     elif args.phase == "incremental":
@@ -1086,6 +1091,7 @@ def main() -> int:
         default=SHAPE,
         help="the traffic's shape: uniform (the default) or zipf, shaped like real traffic",
     )
+    parser.add_argument("--parts", type=int, default=MINUTE_PARTS, help=argparse.SUPPRESS)
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     args = parser.parse_args()

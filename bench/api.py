@@ -242,6 +242,12 @@ def main() -> int:
     parser.add_argument("--db", type=Path, help="reuse a warehouse with rollups built")
     parser.add_argument("--requests", type=int, default=40, help="timed requests per case")
     parser.add_argument("--keep", action="store_true", help="keep the warehouse built")
+    parser.add_argument(
+        "--parts",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[60, 1_440],
+        help="days of how many uncompacted parts to measure the routes with (default 60,1440)",
+    )
     args = parser.parse_args()
     workdir = None
     if args.db is None:
@@ -280,7 +286,7 @@ def main() -> int:
         # inside every range), against the compacted figures just measured: 60 parts,
         # the most a day holds under the default policy (TOKENTILL_ROLLUP_COMPACT_PARTS),
         # then 1,440 (a day of minute runs never compacted).
-        for parts in (60, 1_440):
+        for parts in args.parts:
             print(f"\na day of {parts:,} uncompacted parts ...", flush=True)
             made = subprocess.run(
                 [

@@ -884,6 +884,8 @@ def phase_parts(db: Path, memory_limit: str | None, parts: int) -> dict[str, Any
     """Leave a day of `parts` parts in the warehouse, uncompacted (bench/api.py)."""
     conn = _open(db, memory_limit)
     made = minute_parts(conn, parts_day(), parts)
+    if os.environ.get("TOKENTILL_BENCH_CHECKPOINT"):
+        conn.execute("CHECKPOINT")  # as a server's writes reach the WAL's threshold
     conn.close()
     return {k: v for k, v in made.items() if k not in ("prices", "watermark")}
 

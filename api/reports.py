@@ -30,6 +30,7 @@ from tokentill.warehouse.spend import (
     check_dimension,
     choose_source,
     list_users,
+    midnight,
     priced_events,
     raw_where,
     spend,
@@ -185,7 +186,7 @@ class Summary(BaseModel):
 
 
 def month_summary(conn: duckdb.DuckDBPyConnection, now: datetime) -> Summary:
-    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    today = midnight(now)
     month = today.replace(day=1)
     days_in_month = calendar.monthrange(month.year, month.month)[1]
     month_end = month + timedelta(days=days_in_month)

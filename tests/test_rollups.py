@@ -692,20 +692,29 @@ def test_reading_days_together_or_apart_gives_the_same_rollups(
         warehouse.close()
 
 
-def fail_on_second_day(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The rollup of the second day fails (a full disk, say): the fault is injected where
-    a day is rolled up. Returns the calls counted."""
+def before_each_day(monkeypatch: pytest.MonkeyPatch, hook: Callable[[int], None]) -> list[int]:
+    """Call `hook(n)` before the job rolls up its n-th day (1, 2...): where a fault or a
+    slow disk is injected. Returns the days counted."""
     calls: list[int] = []
     roll_day = rollup_rebuild._roll_day
 
-    def failing(*args: Any) -> Any:
+    def wrapped(*args: Any) -> Any:
         calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("disk full")
+        hook(len(calls))
         return roll_day(*args)
 
-    monkeypatch.setattr(rollup_rebuild, "_roll_day", failing)
+    monkeypatch.setattr(rollup_rebuild, "_roll_day", wrapped)
     return calls
+
+
+def fail_on_second_day(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rollup of the second day fails (a full disk, say)."""
+
+    def fail(n: int) -> None:
+        if n == 2:
+            raise RuntimeError("disk full")
+
+    return before_each_day(monkeypatch, fail)
 
 
 def test_a_full_rebuild_that_fails_part_way_is_finished_by_the_next_run(
@@ -827,15 +836,7 @@ def test_stop_waits_for_a_run_someone_else_started(
     warehouse = Warehouse(tmp_path)
     try:
         warehouse.ingest([make_event(i, i % 20, i % 24) for i in range(400)])
-        days: list[int] = []
-        roll_day = rollup_rebuild._roll_day
-
-        def slow(*args: Any) -> Any:  # a slow disk: a day takes 50 ms
-            days.append(1)
-            time.sleep(0.05)
-            return roll_day(*args)
-
-        monkeypatch.setattr(rollup_rebuild, "_roll_day", slow)
+        days = before_each_day(monkeypatch, lambda _: time.sleep(0.05))  # a slow disk
         job = RollupJob(warehouse.readers.cursor, RollupConfig(read_rows=1, batch_rows=1))
         results: list[Any] = []
         runner = threading.Thread(target=lambda: results.append(job.run(full=True)))

@@ -28,7 +28,6 @@ from tokentill.warehouse.prices import CatalogCache
 from tokentill.warehouse.rollup_merge import increment
 from tokentill.warehouse.rollup_rebuild import rebuild
 from tokentill.warehouse.rollup_run import (
-    EVENT_COLUMNS,
     JobCancelledError,
     PriceSnapshot,
     RollupConfig,
@@ -38,7 +37,6 @@ from tokentill.warehouse.rollup_run import (
 )
 
 __all__ = [
-    "EVENT_COLUMNS",
     "ROLLUP",
     "Freshness",
     "JobCancelledError",
@@ -96,38 +94,49 @@ class RollupJob:
         with self._lock:
             conn = self._connect()
             try:
-                return self._run(conn, full)
+                if fetch_one(conn, _LAST_RUN_SQL, [ROLLUP]) is None:
+                    full = True  # nothing to be incremental from
+                latest = fetch_one(
+                    conn,
+                    "SELECT mode, error FROM job_runs WHERE job = ? ORDER BY run_id DESC LIMIT 1",
+                    [ROLLUP],
+                )
+                if latest is not None and latest[0] == "full" and latest[1] is not None:
+                    full = True  # a full rebuild that failed part way is finished first
+                # An incremental run is one transaction: readers see the rollups before it
+                # or after it, never half-way, and a failed run leaves nothing behind. A
+                # full rebuild commits chunk by chunk (DuckDB holds a transaction's rows in
+                # memory), and one that fails is redone in full by the next run.
+                return self._recorded(
+                    conn,
+                    ROLLUP,
+                    "full" if full else "incremental",
+                    lambda run_id, result: self._work(conn, full, result, run_id),
+                )
             finally:
                 conn.close()
 
-    def _run(self, conn: duckdb.DuckDBPyConnection, full: bool) -> RunResult:
-        if fetch_one(conn, _LAST_RUN_SQL, [ROLLUP]) is None:
-            full = True  # nothing to be incremental from
-        latest = fetch_one(
-            conn,
-            "SELECT mode, error FROM job_runs WHERE job = ? ORDER BY run_id DESC LIMIT 1",
-            [ROLLUP],
-        )
-        if latest is not None and latest[0] == "full" and latest[1] is not None:
-            full = True  # a full rebuild that failed part way is finished first
-        mode = "full" if full else "incremental"
-        started = datetime.now(UTC)
+    def _recorded(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        job: str,
+        mode: str,
+        work: Callable[[int, RunResult], None],
+    ) -> RunResult:
+        """`work` (given its run id and the result to fill) in one transaction, recorded
+        as a row of `job_runs`: what it did, how long it took, its error if it failed."""
         clock = time.perf_counter()
         run_id = scalar(
             conn,
             "INSERT INTO job_runs (job, mode, started_at) VALUES (?, ?, ?) RETURNING run_id",
-            [ROLLUP, mode, started],
+            [job, mode, datetime.now(UTC)],
         )
-        result = RunResult(ROLLUP, mode)
+        result = RunResult(job, mode)
         try:
-            # An incremental run is one transaction: readers see the rollups before it or
-            # after it, never half-way, and a failed run leaves nothing behind. A full
-            # rebuild commits chunk by chunk (DuckDB holds a transaction's rows in memory),
-            # and one that fails is redone in full by the next run.
             with transaction(conn):
-                self._work(conn, full, result, run_id)
+                work(run_id, result)
         except Exception as exc:
-            log.exception("rollup run %s failed", run_id)
+            log.exception("%s run %s failed", job, run_id)
             result.error = f"{type(exc).__name__}: {exc}"
         result.seconds = time.perf_counter() - clock
         _finish(conn, run_id, result)
@@ -168,46 +177,37 @@ class RollupJob:
 
     def compact(self, *, max_parts: int, older_than: datetime) -> RunResult:
         """Fold the parts of days with more than `max_parts` parts, and of days that
-        ended by `older_than` with any, into one row per key (`rollup_compact`); one transaction,
-        under the job's lock (never beside a run). Recorded in `job_runs` as `compact`."""
+        ended by `older_than` with any, into one row per key (`rollup_compact`); one
+        transaction, under the job's lock (never beside a run). Recorded in `job_runs` as
+        `compact`."""
         with self._lock:
             conn = self._connect()
             try:
-                return self._compact(conn, max_parts, older_than)
+                return self._recorded(
+                    conn,
+                    COMPACT,
+                    "compact",
+                    lambda run_id, result: self._fold(conn, result, run_id, max_parts, older_than),
+                )
             finally:
                 conn.close()
 
-    def _compact(
-        self, conn: duckdb.DuckDBPyConnection, max_parts: int, older_than: datetime
-    ) -> RunResult:
-        clock = time.perf_counter()
-        run_id = scalar(
-            conn,
-            "INSERT INTO job_runs (job, mode, started_at) VALUES (?, ?, ?) RETURNING run_id",
-            [COMPACT, "compact", datetime.now(UTC)],
-        )
-        result = RunResult(COMPACT, "compact")
-        run = Run(
-            conn,
-            self._config,
-            PriceSnapshot([], pl.DataFrame()),
-            0,
-            self._cancelled,
-            run_id,
-        )
+    def _fold(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        result: RunResult,
+        run_id: int,
+        max_parts: int,
+        older_than: datetime,
+    ) -> None:
+        run = Run(conn, self._config, PriceSnapshot([], pl.DataFrame()), 0, self._cancelled, run_id)
         try:
-            with transaction(conn):
-                days = rollup_compact.days_to_compact(run, max_parts, older_than)
-                with run.phases.step("compact"):
-                    result.parts_compacted, result.rows_out = rollup_compact.compact(run, days)
-                result.days = len(days)
-        except Exception as exc:
-            log.exception("rollup compaction %s failed", run_id)
-            result.error = f"{type(exc).__name__}: {exc}"
-        result.phases = run.phases.finish()
-        result.seconds = time.perf_counter() - clock
-        _finish(conn, run_id, result)
-        return result
+            days = rollup_compact.days_to_compact(run, max_parts, older_than)
+            with run.phases.step("compact"):
+                result.parts_compacted, result.rows_out = rollup_compact.compact(run, days)
+            result.days = len(days)
+        finally:
+            result.phases = run.phases.finish()
 
 
 def _finish(conn: duckdb.DuckDBPyConnection, run_id: int, result: RunResult) -> None:

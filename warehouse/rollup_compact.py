@@ -91,27 +91,28 @@ def compact(run: Run, days: list[datetime]) -> tuple[int, int]:
     written)."""
     if not days:
         return 0, 0
+    within, bounds = on_days("bucket", days)
     with run.registered("_days", day_frame(days)):
         parts = run.scalar(
             "SELECT count(*) FROM rollup_parts WHERE day IN (SELECT CAST(day AS DATE) FROM _days)"
         )
-        written = 0
-        for table, (keys, measures, extra) in APPENDED.items():
-            within, bounds = on_days("bucket", days)
-            sums = ", ".join(f"sum({m}) AS {m}" for m in measures)
-            kept = "".join(f", {fn}({c}) AS {c}" for c, fn in extra.items())
-            nonzero = " OR ".join(f"coalesce(sum({m}), 0) <> 0" for m in measures)
+    written = 0
+    for table, (keys, measures, extra) in APPENDED.items():
+        sums = ", ".join(f"sum({m}) AS {m}" for m in measures)
+        kept = "".join(f", {fn}({c}) AS {c}" for c, fn in extra.items())
+        nonzero = " OR ".join(f"coalesce(sum({m}), 0) <> 0" for m in measures)
+        with run.registered("_days", day_frame(days)):
             run.execute(
                 f"""CREATE OR REPLACE TEMP TABLE _folded AS
                     SELECT {", ".join(keys)}, {sums}{kept} FROM {table} WHERE {within}
                     GROUP BY ALL HAVING {nonzero} ORDER BY {", ".join(keys)}""",
                 bounds,
             )
-            run.execute(f"DELETE FROM {table} WHERE {within}", bounds)
-            run.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _folded")
-            written += run.scalar("SELECT count(*) FROM _folded")
-        run.execute("DROP TABLE IF EXISTS _folded")
-        run.execute("DELETE FROM rollup_parts WHERE day IN (SELECT CAST(day AS DATE) FROM _days)")
+        run.delete_days(table, days)
+        run.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _folded")
+        written += run.scalar("SELECT count(*) FROM _folded")
+    run.execute("DROP TABLE IF EXISTS _folded")
+    forget(run, days)
     return parts, written
 
 

@@ -252,39 +252,6 @@ class Run:
         with self.registered("_days", day_frame(days)):
             self.execute(f"DELETE FROM {table} WHERE {where}", bounds)
 
-    def merge_delta(
-        self,
-        table: str,
-        delta: pl.DataFrame,
-        grain: tuple[str, ...],
-        measures: tuple[str, ...],
-        extra: dict[str, str] | None = None,
-    ) -> pl.DataFrame:
-        """Add partial sums (`delta`, one row per key of `grain`) to the stored rows of
-        `table`, in DuckDB: a key's row is updated, created, or deleted when no event is
-        left in it (`requests` back to 0), as a full rebuild would never make it. `extra`:
-        more columns merged with a SQL function of the stored and the added value (least,
-        greatest). Returns the keys written, with `merge_action`. Only the days of `delta`
-        are read."""
-        if not delta.height:
-            return delta.select(pl.lit("", pl.String).alias("merge_action"), *grain)
-        extra = extra or {}
-        within, bounds = days_of(delta)
-        sums = ", ".join(f"{c} = t.{c} + d.{c}" for c in measures)
-        kept = "".join(f", {c} = {fn}(t.{c}, coalesce(d.{c}, t.{c}))" for c, fn in extra.items())
-        keys = ", ".join(grain)
-        with self.registered("_delta", delta), self.phases.kind("write"):
-            return query_frame(
-                self.conn,
-                f"""MERGE INTO {table} AS t USING _delta AS d
-                    ON {same_keys(grain)} AND {within}
-                    WHEN MATCHED AND t.requests + d.requests = 0 THEN DELETE
-                    WHEN MATCHED THEN UPDATE SET {sums}{kept}
-                    WHEN NOT MATCHED AND d.requests <> 0 THEN INSERT BY NAME
-                    RETURNING merge_action, {keys}""",
-                bounds,
-            )
-
     def stored_rows(self, table: str, delta: pl.DataFrame, grain: tuple[str, ...]) -> pl.DataFrame:
         """The stored rows of `table` with the keys of `delta`, and their rowids. Only the
         days of `delta` are read (zone maps on `bucket` skip the others)."""

@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 SRC := tokentill ingest warehouse api dashboards  # ruff walks the real folders, not the links
 
-.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api sync fake-upstream chromium screenshots bench-dashboard docs
+.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api sync fake-upstream chromium postgresql screenshots bench-dashboard docs
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -33,13 +33,18 @@ lint: sync
 typecheck: sync
 	$(RUN) mypy
 
-pytest: sync chromium
+pytest: sync chromium postgresql
 	$(RUN) pytest -q $(PYTEST_ARGS)
 
 # The dashboard's browser tests drive Debian's Chromium through Playwright (a Python
 # package from uv.lock); Playwright never downloads a browser of its own.
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+# The cluster's tests start a throwaway PostgreSQL of their own (tests/services.py) from
+# Debian's server package, installed here when missing.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
 
 docs: sync  ## rewrite docs/configuration.md from tokentill/settings.py
 	$(RUN) python -m tokentill.settings_doc

@@ -52,8 +52,13 @@ class Poller:
     def __len__(self) -> int:
         return len(self._schedule)
 
-    def track(self, response_id: str, credentials: list[tuple[bytes, bytes]]) -> None:
-        self._schedule.add(response_id, Pending(response_id, credentials))
+    def __contains__(self, response_id: object) -> bool:
+        return isinstance(response_id, str) and self._schedule.get(response_id) is not None
+
+    def track(
+        self, response_id: str, credentials: list[tuple[bytes, bytes]], *, due_now: bool = False
+    ) -> None:
+        self._schedule.add(response_id, Pending(response_id, credentials), due_now=due_now)
 
     def forget(self, response_id: str) -> None:
         self._schedule.remove(response_id)

@@ -248,3 +248,46 @@ def test_bad_settings_are_refused_clearly(db: Path) -> None:
     )
     assert result.returncode == 2
     assert "upstream must be an http:// or https:// URL" in result.stderr
+
+
+def test_responses_left_pending_by_a_kill_are_settled_on_restart(
+    db: Path, fake_upstream: str, processes: list[Process]
+) -> None:
+    """Background responses still queued when the process is SIGKILLed: their poller died
+    with it. Restarted without a settlement key they stay queued (and it says so); with
+    one, the sweep retrieves them and records what the upstream billed."""
+    process = Process(db, fake_upstream)
+    processes.append(process)
+    client = process.client()
+    slow = {"x-fake-background-delay-ms": "3000"}
+    ids = [
+        client.responses.create(
+            model="gpt-4o-mini", input="x", user="bg", background=True, extra_headers=slow
+        ).id
+        for _ in range(5)
+    ]
+    time.sleep(0.5)  # in the journal (it is before the answer), then kill
+    process.stop(signal.SIGKILL)
+
+    keyless = Process(db, fake_upstream)
+    processes.append(keyless)
+    assert keyless.stop() == 0
+    assert {r["response_id"]: r["status"] for r in rows(db)} == dict.fromkeys(ids, "queued")
+    assert "TOKENTILL_SETTLEMENT_API_KEY" in keyless.log.read_text()
+
+    settling = Process(
+        db, fake_upstream, settlement_api_key="sk-settlement", background_poll_max_interval="1"
+    )
+    processes.append(settling)
+    billed = {entry["id"]: entry for entry in ledger(fake_upstream) if entry["id"] in ids}
+    deadline = time.monotonic() + 60
+    while len(billed) < len(ids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        billed = {entry["id"]: entry for entry in ledger(fake_upstream) if entry["id"] in ids}
+    time.sleep(3.0)  # the poller's next round after the upstream finished
+    assert settling.stop() == 0
+    landed = {r["response_id"]: r for r in rows(db)}
+    assert sorted(landed) == sorted(ids)
+    for response_id, row in landed.items():
+        assert row["status"] == "completed", row
+        assert row["output_tokens"] == billed[response_id]["output_tokens"] > 0

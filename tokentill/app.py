@@ -61,6 +61,7 @@ from tokentill.ingest.metrics import Metrics
 from tokentill.ingest.poller import Poller
 from tokentill.ingest.proxy import IdentityRules, Proxy, ProxyConfig
 from tokentill.ingest.recorder import Recorder
+from tokentill.ingest.settlement import Settler
 from tokentill.ingest.socket_proxy import SocketProxy, deny
 from tokentill.ingest.upstream import Upstream
 from tokentill.ingest.upstream_socket import WebsocketsUpstream
@@ -69,12 +70,14 @@ from tokentill.warehouse.abuse import AbuseConfig, AbuseJob
 from tokentill.warehouse.alerts import Alert
 from tokentill.warehouse.duckdb_file import DuckDBFile
 from tokentill.warehouse.jobs import RollupConfig, RollupJob
+from tokentill.warehouse.lake import Lake, LakeConfig
 from tokentill.warehouse.periods import post_adjustments
 from tokentill.warehouse.prices import CatalogCache, insert_rows, load_price_file, seed_published
 from tokentill.warehouse.quota_book import QuotaConfig
 from tokentill.warehouse.quota_service import QuotaService
 from tokentill.warehouse.scheduler import start_scheduler, stop_scheduler
 from tokentill.warehouse.storage import EventSink, Storage
+from tokentill.warehouse.unsettled import unsettled
 from tokentill.warehouse.writer import Writer
 from tokentill.webhooks import Webhook
 
@@ -153,12 +156,17 @@ class Tokentill:
             path: str = scope["path"]
             if path.startswith("/v1/") or path == "/v1":
                 runtime = self.runtime
-                if runtime is None or not runtime.ready:
+                if not self.settings.proxies:
+                    await _wrong_role(scope, receive, send, self.settings.role)
+                elif runtime is None or not runtime.ready:
                     await _unavailable(scope, receive, send)
                 elif scope["type"] == "http":
                     await runtime.proxy(scope, receive, send)
                 else:
                     await runtime.sockets(scope, receive, send)
+                return
+            if not self.settings.serves_admin and path not in ("/healthz", "/metrics"):
+                await _not_served(scope, receive, send, self.settings.role)
                 return
         await self.api(scope, receive, send)
 
@@ -181,7 +189,9 @@ class Tokentill:
                 return JSONResponse({"status": "writer failing"}, status_code=503)
             return JSONResponse(
                 {
-                    "status": "ok",
+                    # Degraded, not down: with the warehouse away (a lake's catalog), the
+                    # proxy serves and its journal holds what it meters until it returns.
+                    "status": "degraded" if runtime.writer.unavailable else "ok",
                     "journal_backlog": runtime.writer.backlog,
                     "writer_lag_seconds": round(runtime.writer.lag_seconds, 3),
                 }
@@ -258,6 +268,8 @@ class Tokentill:
                 max_interval=settings.background_poll_max_interval,
             )
             _run_until_closed(stack, poller.run(client, recorder.record), "tokentill-poller")
+            if settings.proxies:
+                await self._start_settlement(stack, storage, writer, poller)
             _run_until_closed(stack, batches.run(client), "tokentill-batches")
             stack.callback(_say_what_is_left, poller, batches)
             self.metrics.bind(
@@ -312,7 +324,8 @@ class Tokentill:
             runtime = Runtime(
                 settings, storage, writer, proxy, sockets, rollup, abuse, outbox, catalog, quotas
             )
-            self._start_scheduler(stack, runtime)
+            if settings.works:
+                self._start_scheduler(stack, runtime)
             if self.api.state.admin_token is None:
                 log.warning("no TOKENTILL_ADMIN_TOKEN: the admin API answers loopback clients only")
             self.runtime = runtime
@@ -328,10 +341,24 @@ class Tokentill:
             finally:
                 runtime.ready = False
 
-    def _open_warehouse(self, stack: contextlib.AsyncExitStack) -> DuckDBFile:
+    def _open_warehouse(self, stack: contextlib.AsyncExitStack) -> Storage:
         """Open (and migrate) the warehouse, load the price catalog and the operator's
         prices. Closed last, once the writer has drained into it."""
         settings = self.settings
+        if settings.lake_catalog is not None and settings.lake_data is not None:
+            lake = Lake(
+                LakeConfig(
+                    catalog=settings.lake_catalog.get_secret_value(),
+                    data=settings.lake_data,
+                    instance_id=settings.instance_id or "",
+                    extension_dir=settings.journal_path.parent / "duckdb_extensions",
+                    s3_endpoint=settings.lake_s3_endpoint,
+                    s3_use_ssl=settings.lake_s3_use_ssl,
+                )
+            )
+            stack.callback(self._close_warehouse, lake)
+            # A lake's proxies meter; the price catalog is the worker's to keep.
+            return lake
         storage = DuckDBFile(settings.db, memory_limit=settings.warehouse_memory_limit)
         stack.callback(self._close_warehouse, storage)
         conn = storage.session()
@@ -386,6 +413,33 @@ class Tokentill:
             log.info("writer flushed: %d events written this run", writer.stats.events_written)
         else:
             log.error("writer did not drain in time; the journal will be replayed at next start")
+
+    async def _start_settlement(
+        self, stack: contextlib.AsyncExitStack, storage: Storage, writer: Writer, poller: Poller
+    ) -> None:
+        """The sweep that settles responses a stopped process left pending, once what the
+        journal held has landed (ingest/settlement.py)."""
+        settings = self.settings
+        if not await asyncio.to_thread(writer.flush, 120.0):
+            raise RuntimeError("the journal replay did not reach the warehouse in time")
+
+        def find(since: datetime, before: datetime) -> list[str]:
+            conn = storage.session()
+            try:
+                return unsettled(conn, since=since, before=before)
+            finally:
+                conn.close()
+
+        key = settings.settlement_api_key
+        settler = Settler(
+            poller,
+            find,
+            key.get_secret_value() if key else None,
+            max_age=settings.background_poll_max,
+            interval=settings.settlement_interval,
+            grace=2 * settings.background_poll_max_interval,
+        )
+        _run_until_closed(stack, settler.run(), "tokentill-settlement")
 
     def _start_alerts(self, stack: contextlib.AsyncExitStack, storage: Storage) -> AlertOutbox:
         """The alert outbox (and the webhook, when one is configured)."""
@@ -501,6 +555,27 @@ async def _unavailable(scope: Scope, receive: Receive, send: Send) -> None:
     message = await receive()
     if message["type"] == "websocket.connect":
         await deny(scope, send, 503, body)
+
+
+async def _wrong_role(scope: Scope, receive: Receive, send: Send, role: str) -> None:
+    """/v1 sent to an instance that does not proxy: 404 in OpenAI's shape, saying why."""
+    message = f"this tokentill instance plays role {role!r}: send /v1 to a proxy"
+    if scope["type"] == "http":
+        await send_error(send, 404, message, "invalid_request_error", "wrong_role")
+        return
+    if (await receive())["type"] == "websocket.connect":
+        await deny(scope, send, 404, error_body(message, "invalid_request_error", "wrong_role"))
+
+
+async def _not_served(scope: Scope, receive: Receive, send: Send, role: str) -> None:
+    """The admin API or the dashboard asked of an instance that does not serve them:
+    404 in FastAPI's shape."""
+    detail = f"this tokentill instance plays role {role!r}: the admin API is on an api instance"
+    if scope["type"] == "http":
+        await JSONResponse({"detail": detail}, status_code=404)(scope, receive, send)
+        return
+    if (await receive())["type"] == "websocket.connect":
+        await send({"type": "websocket.close", "code": 1008, "reason": "wrong role"})
 
 
 def _post_adjustments(runtime: Runtime) -> None:

@@ -33,12 +33,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tokentill.warehouse.db import WarehouseBusyError, open_warehouse
     from tokentill.warehouse.prices import PriceFileError, load_price_file
 
-    settings = _settings(args, ("db", "upstream", "host", "port", "prices_file"))
+    settings = _settings(args, ("db", "upstream", "host", "port", "prices_file", "role"))
     _private_files()
     try:
         # Fail before binding the port if another process holds the warehouse, or if the
-        # prices file cannot be used.
-        open_warehouse(settings.db).close()
+        # prices file cannot be used. (A lake has no owner: many processes share it.)
+        if settings.lake_catalog is None:
+            open_warehouse(settings.db).close()
         if settings.prices_file is not None:
             load_price_file(settings.prices_file)
         app = create_app(settings)
@@ -177,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", help="OpenAI base URL (env TOKENTILL_UPSTREAM)")
     serve.add_argument("--host", help="bind address (env TOKENTILL_HOST; default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (env TOKENTILL_PORT; default 8787)")
+    serve.add_argument(
+        "--role",
+        choices=("all", "proxy", "worker", "api"),
+        help="what this process does on a lake (env TOKENTILL_ROLE; default all)",
+    )
     serve.add_argument(
         "--prices",
         dest="prices_file",

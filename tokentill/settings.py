@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +21,22 @@ class Settings(BaseSettings):
 
     # The warehouse: one DuckDB file (its journal and checkpoints sit beside it).
     db: Path = Path("data/tokentill.duckdb")
+    # A cluster (docs/cluster.md): the warehouse as a DuckLake shared by every instance,
+    # its catalog in this PostgreSQL database (a libpq string or a postgresql:// URL)
+    # and its data under `lake_data` (a directory every instance sees, or s3://...).
+    # Both unset: the one DuckDB file above, one process.
+    lake_catalog: SecretStr | None = None
+    lake_data: str | None = None
+    # An S3-compatible store for `lake_data` (MinIO, say): host:port, and whether it
+    # speaks TLS. Credentials come from the usual AWS_* variables.
+    lake_s3_endpoint: str | None = None
+    lake_s3_use_ssl: bool = True
+    # This instance's name in the lake, stable across its restarts: its journal's
+    # checkpoint is kept under it. Required with a lake; one per journal directory.
+    instance_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = None
+    # What this process does: `proxy` (forward and meter), `worker` (the scheduled
+    # jobs), `api` (the admin API and the dashboard), or `all` of them.
+    role: Literal["all", "proxy", "worker", "api"] = "all"
     # Where /v1 is forwarded: OpenAI, or anything that speaks its API.
     upstream: str = "https://api.openai.com"
     # Where tokentill listens (the proxy, the admin API and the dashboard on one port).
@@ -65,6 +81,12 @@ class Settings(BaseSettings):
     # Polling backs off from the first interval to the second.
     background_poll_min_interval: Seconds = 1.0
     background_poll_max_interval: Seconds = 60.0
+    # A key of the same OpenAI project, for settling responses whose process died while
+    # they were pending (docs/cluster.md, "Settlement"): held in memory, never written.
+    # Without it such responses stay pending, counted in the log.
+    settlement_api_key: SecretStr | None = None
+    # How often pending responses with no poller are looked for (and settled).
+    settlement_interval: Seconds = 60.0
 
     # End-user ids (ingest/identity.py): always UTF-8, NFC, trimmed, no control
     # characters; with this, case-folded too (`QA-Alice` and `qa-alice` are one user).
@@ -184,6 +206,47 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("alert_webhook_url must be an http:// or https:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _lake_is_whole(self) -> Settings:
+        if (self.lake_catalog is None) != (self.lake_data is None):
+            raise ValueError("lake_catalog and lake_data go together: set both, or neither")
+        if self.lake_catalog is not None and self.instance_id is None:
+            raise ValueError("a lake needs instance_id: a stable name per journal directory")
+        if self.lake_catalog is None and self.role != "all":
+            raise ValueError(
+                f"role {self.role!r} needs a lake (lake_catalog, lake_data): "
+                "one DuckDB file is owned by one process, which plays every role"
+            )
+        if self.lake_catalog is not None:
+            # What the lake serves so far (docs/cluster.md, "What is built"): proxies
+            # metering into it. Refused loudly rather than half-working.
+            if self.role != "proxy":
+                raise ValueError(
+                    f"role {self.role!r} on a lake is not built yet: run proxies "
+                    "(role proxy) on the lake; the worker and api roles come next"
+                )
+            if self.quotas_enabled:
+                raise ValueError(
+                    "quotas across proxies need their shared counters (Redis), not built "
+                    "yet: set quotas_enabled=false on a lake's proxies"
+                )
+        return self
+
+    @property
+    def proxies(self) -> bool:
+        """Whether this process forwards /v1 and meters it (its writer and journal)."""
+        return self.role in ("all", "proxy")
+
+    @property
+    def works(self) -> bool:
+        """Whether this process runs the scheduled jobs."""
+        return self.role in ("all", "worker")
+
+    @property
+    def serves_admin(self) -> bool:
+        """Whether this process serves the admin API and the dashboard."""
+        return self.role in ("all", "api")
 
     @model_validator(mode="after")
     def _admin_token_is_strong(self) -> Settings:

@@ -25,6 +25,11 @@ import duckdb
 import polars as pl
 
 
+class StorageUnavailableError(RuntimeError):
+    """The warehouse cannot be reached just now (a lake whose catalog is down): nothing is
+    wrong with the batch, which is retried whole once it is back."""
+
+
 class Position(NamedTuple):
     """A place in the journal: how far it has been written into the warehouse."""
 

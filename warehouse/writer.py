@@ -24,7 +24,7 @@ from typing import Protocol
 import polars as pl
 
 from tokentill.warehouse.events import COLUMNS
-from tokentill.warehouse.storage import EventSink, Position
+from tokentill.warehouse.storage import EventSink, Position, StorageUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class Writer:
         self._seq = 0
         self.stats = WriterStats()
         self.failed = False
+        self.unavailable = False  # the warehouse is away; the journal holds the events
         self.checkpoint = Position(0, 0)
 
     # -- feeding ---------------------------------------------------------------------
@@ -171,8 +172,15 @@ class Writer:
             while batch:
                 try:
                     self._write_with_retry(batch)
-                    self.failed = False
+                    self.failed = self.unavailable = False
                     batch = []
+                except StorageUnavailableError as exc:
+                    # The warehouse is away (a lake's catalog down): the journal holds the
+                    # events and grows; the proxy serves on. Retry the batch whole.
+                    if not self.unavailable:
+                        log.error("writer: the warehouse is unavailable (%s); retrying", exc)
+                    self.unavailable = True
+                    time.sleep(1.0)
                 except Exception:
                     # Not even a lone line could be set aside (disk full?). The events are
                     # safe in the journal; say so loudly (healthz turns 503) and keep trying.
@@ -210,6 +218,8 @@ class Writer:
             try:
                 self._write(batch)
                 return
+            except StorageUnavailableError:
+                raise  # not the batch's fault: never halved, never set aside
             except (Exception, pl.exceptions.PanicException):
                 # Anything at all: the batch is retried, then halved down to the bad line.
                 self.stats.failures += 1

@@ -1,0 +1,465 @@
+"""The warehouse as a DuckLake shared by many processes: the second implementation of
+`storage.Storage`, for a cluster (docs/cluster.md).
+
+Its catalog lives in PostgreSQL (`TOKENTILL_LAKE_CATALOG`), its data as Parquet files
+under `TOKENTILL_LAKE_DATA` (a directory, or an S3 URL). Every process attaches it from
+an in-memory DuckDB; sessions are cursors of that instance with the lake as their
+default catalog, so the warehouse's queries run unchanged.
+
+Exactly once without a primary key. DuckLake enforces no keys, and its conflict check
+is per table (an UPDATE on `usage_events` by one proxy aborts another's INSERT), so:
+
+- events are only ever appended. `usage_event_versions` holds every version of an
+  event; an update (a background response that finished) appends the newer version.
+  `usage_events` is a view of the latest version per event id, which every reader uses;
+- each proxy (`TOKENTILL_INSTANCE_ID`, one per journal) commits a batch together with a
+  row of `lake_checkpoints` (its instance, the journal position reached) in one lake
+  transaction: after a crash its writer replays from the last committed batch, and an
+  event replayed is found by its id and skipped, as in the file;
+- commits take a PostgreSQL advisory lock for their few milliseconds, so that
+  `ingest_seq` (the number every incremental job keeps its watermark by) grows in commit
+  order across proxies: a job that has seen sequence N has seen every row up to N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import psycopg
+
+from tokentill.warehouse.db import fetch_one, transaction
+from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
+from tokentill.warehouse.migrate import migrate
+from tokentill.warehouse.storage import Position, StorageUnavailableError
+
+log = logging.getLogger(__name__)
+
+ALIAS = "lake"
+EVENTS_TABLE = "usage_event_versions"
+# Extensions come from their PyPI packages (duckdb-extension-*), never from the network:
+# DuckDB looks for them under <dir>/v<version>/<platform>/<name>.duckdb_extension, and
+# names the postgres extension postgres_scanner there.
+_EXTENSIONS = {"ducklake": "ducklake", "postgres": "postgres_scanner", "httpfs": "httpfs"}
+# One number for the commit lock, shared by every tokentill on the catalog.
+COMMIT_LOCK = 0x746F6B656E74696C  # "tokentil"
+SCHEMA_LOCK = COMMIT_LOCK + 1
+
+
+class LakeUnavailableError(StorageUnavailableError):
+    """The lake's catalog cannot be reached (PostgreSQL down or refusing), or a commit met
+    another's conflicting change: either way the batch is retried whole, later."""
+
+
+@dataclass(frozen=True, slots=True)
+class LakeConfig:
+    catalog: str  # a libpq connection string or postgresql:// URL
+    data: str  # the data path: a directory or s3://bucket/prefix/
+    instance_id: str  # this process's journal, stable across its restarts
+    extension_dir: Path  # where the extension tree is laid out (a private directory)
+    s3_endpoint: str | None = None  # an S3-compatible store (MinIO, a stand-in), host:port
+    s3_use_ssl: bool = True
+    s3_region: str = "us-east-1"
+
+
+def extension_tree(root: Path) -> Path:
+    """Lay out the installed extension packages as DuckDB's extension directory (links
+    into site-packages) and return it."""
+    platform = duckdb.sql("PRAGMA platform").fetchone()
+    version = f"v{duckdb.__version__}"
+    target = root / version / (platform[0] if platform else "linux_amd64")
+    target.mkdir(parents=True, exist_ok=True)
+    for package, name in _EXTENSIONS.items():
+        files = metadata.files(f"duckdb-extension-{package}") or []
+        found = [f for f in files if f.name == f"{package}.duckdb_extension"]
+        if not found:
+            raise RuntimeError(f"the duckdb-extension-{package} package has no extension file")
+        source = Path(str(found[0].locate())).resolve()
+        link = target / f"{name}.duckdb_extension"
+        if link.is_symlink() and link.resolve() == source:
+            continue
+        link.unlink(missing_ok=True)
+        link.symlink_to(source)
+    return root
+
+
+def redact(catalog: str) -> str:
+    """The catalog's connection string without its password, for logs and health."""
+    catalog = re.sub(r"password\s*=\s*\S+", "password=***", catalog)
+    return re.sub(r"(postgres(?:ql)?://[^:/@]+):[^@]*@", r"\1:***@", catalog)
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def connect(config: LakeConfig) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the lake attached as its default catalog."""
+    conn = duckdb.connect(
+        config={
+            "extension_directory": str(extension_tree(config.extension_dir)),
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": True,
+        }
+    )
+    conn.execute("SET TimeZone = 'UTC'")
+    conn.execute("LOAD ducklake")
+    conn.execute("LOAD postgres")
+    if config.data.startswith("s3://"):
+        conn.execute("LOAD httpfs")
+        options = ["TYPE s3", "PROVIDER credential_chain", f"REGION {_quote(config.s3_region)}"]
+        if config.s3_endpoint:
+            options += [
+                f"ENDPOINT {_quote(config.s3_endpoint)}",
+                "URL_STYLE 'path'",
+                f"USE_SSL {str(config.s3_use_ssl).lower()}",
+            ]
+        conn.execute(f"CREATE OR REPLACE SECRET tokentill_lake ({', '.join(options)})")
+    try:
+        conn.execute(
+            f"ATTACH {_quote('ducklake:postgres:' + config.catalog)} AS {ALIAS} "
+            f"(DATA_PATH {_quote(config.data)})"
+        )
+    except duckdb.Error as exc:
+        conn.close()
+        raise LakeUnavailableError(f"lake catalog {redact(config.catalog)}: {exc}") from exc
+    conn.execute(f"USE {ALIAS}")
+    return conn
+
+
+class CatalogLock:
+    """A PostgreSQL advisory lock on the lake's catalog database, on a connection of its
+    own (psycopg). Released by PostgreSQL if this process dies holding it."""
+
+    def __init__(self, catalog: str, key: int) -> None:
+        self._catalog = catalog
+        self._key = key
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._mutex = threading.Lock()
+
+    def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            try:
+                self._conn = psycopg.connect(self._catalog, autocommit=True, connect_timeout=5)
+            except psycopg.Error as exc:
+                raise LakeUnavailableError(f"lake catalog {redact(self._catalog)}: {exc}") from exc
+        return self._conn
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._mutex:
+            conn = self._connection()
+            try:
+                conn.execute("SELECT pg_advisory_lock(%s)", [self._key])
+            except psycopg.Error as exc:
+                conn.close()
+                raise LakeUnavailableError(f"lake commit lock: {exc}") from exc
+            try:
+                yield
+            finally:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("SELECT pg_advisory_unlock(%s)", [self._key])
+
+    def reachable(self) -> bool:
+        """Whether the catalog answers now (on a fresh connection)."""
+        try:
+            with psycopg.connect(self._catalog, connect_timeout=3) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._conn is not None:
+                self._conn.close()
+
+
+# --- the schema: the migrations' tables, as the lake can hold them -----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str
+    not_null: bool
+    default: str | None
+
+
+def target_schema() -> dict[str, list[Column]]:
+    """The tables the migrations make, read off a scratch in-memory DuckDB: the migrations
+    stay the one description of the schema, for the file and for the lake alike."""
+    scratch = duckdb.connect()
+    try:
+        migrate(scratch)
+        rows = scratch.execute(
+            """SELECT table_name, column_name, data_type, NOT is_nullable, column_default
+               FROM duckdb_columns()
+               WHERE database_name = 'memory' AND schema_name = 'main'
+                 AND table_name <> 'schema_migrations'
+               ORDER BY table_name, column_index"""
+        ).fetchall()
+    finally:
+        scratch.close()
+    tables: dict[str, list[Column]] = {}
+    for table, name, type_, not_null, default in rows:
+        tables.setdefault(table, []).append(Column(name, type_, bool(not_null), default))
+    tables[EVENTS_TABLE] = tables.pop("usage_events")
+    tables["lake_checkpoints"] = [
+        Column("instance_id", "VARCHAR", True, None),
+        Column("segment", "BIGINT", True, None),
+        Column("offset", "BIGINT", True, None),
+        Column("ingest_seq", "BIGINT", True, None),
+        Column("committed_at", "TIMESTAMP WITH TIME ZONE", True, None),
+    ]
+    return tables
+
+
+def _lake_default(default: str | None) -> str | None:
+    """DuckLake has no sequences: a column the file numbers from one (a price, a job run,
+    an alert, an adjustment) has no default in the lake, so an insert that leaves it out
+    fails loudly rather than numbering rows out of order. Those tables' writers number
+    their rows in the lake themselves (docs/cluster.md, "What runs where")."""
+    if default is not None and default.startswith("nextval("):
+        return None
+    return default
+
+
+def _column_sql(column: Column) -> str:
+    sql = f'"{column.name}" {column.type}'
+    default = _lake_default(column.default)
+    if default is not None:
+        sql += f" DEFAULT {default}"
+    return sql
+
+
+_LATEST_SQL = f"""
+CREATE OR REPLACE VIEW usage_events AS
+SELECT * FROM {EVENTS_TABLE}
+QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY ingest_seq DESC) = 1
+"""
+
+
+def sync_schema(conn: duckdb.DuckDBPyConnection, lock: CatalogLock) -> list[str]:
+    """Create the tables and columns the lake lacks (one process at a time). Returns what
+    it changed. Columns are only ever added, as the migrations only add them."""
+    target = target_schema()
+    changed: list[str] = []
+    with lock.held():
+        existing: dict[str, set[str]] = {}
+        for table, column in conn.execute(
+            """SELECT table_name, column_name FROM duckdb_columns()
+               WHERE database_name = ? AND schema_name = 'main'""",
+            [ALIAS],
+        ).fetchall():
+            existing.setdefault(table, set()).add(column)
+        with transaction(conn):
+            for table, columns in target.items():
+                if table not in existing:
+                    body = ", ".join(_column_sql(c) for c in columns)
+                    conn.execute(f'CREATE TABLE "{table}" ({body})')
+                    changed.append(table)
+                    continue
+                for column in columns:
+                    if column.name not in existing[table]:
+                        conn.execute(f'ALTER TABLE "{table}" ADD COLUMN {_column_sql(column)}')
+                        changed.append(f"{table}.{column.name}")
+            if changed or "usage_events" not in existing:
+                conn.execute(_LATEST_SQL)
+    return changed
+
+
+# --- the writer's sink ------------------------------------------------------------------
+
+_COLUMN_LIST = ", ".join(f'"{column}"' for column, _ in COLUMNS.values())
+
+_NEXT_SEQ_SQL = f"SELECT coalesce(max(ingest_seq), 0) + 1 FROM {EVENTS_TABLE}"
+
+_INSERT_SQL = f"""
+INSERT INTO {EVENTS_TABLE} ({_COLUMN_LIST}, ingest_seq, updated_at)
+SELECT {_COLUMN_LIST}, $seq, now() FROM _new_events
+WHERE event_id NOT IN (
+    SELECT event_id FROM {EVENTS_TABLE}
+    WHERE recorded_at BETWEEN (SELECT min(recorded_at) FROM _new_events)
+                          AND (SELECT max(recorded_at) FROM _new_events)
+)
+"""
+
+# An update appends the newer version of a pending event: its other columns as stored.
+_KEPT = [c for c, _ in COLUMNS.values() if c not in UPDATABLE_COLUMNS]
+_VERSION_COLUMNS = ", ".join(
+    [f'u."{c}"' for c in _KEPT]
+    + [
+        f'coalesce(b."{c}", u."{c}") AS "{c}"' if c == "model" else f'b."{c}"'
+        for c in UPDATABLE_COLUMNS
+    ]
+)
+_UPDATE_SQL = f"""
+INSERT INTO {EVENTS_TABLE} ({", ".join(f'"{c}"' for c in _KEPT + list(UPDATABLE_COLUMNS))},
+                            ingest_seq, updated_at)
+SELECT {_VERSION_COLUMNS}, $seq, now()
+FROM usage_events AS u JOIN _updates AS b
+  ON u.event_id = b.event_id AND u.created_at = b.created_at
+WHERE u.status IN ({PENDING_SQL})
+"""
+
+_CHECKPOINT_SQL = """
+INSERT INTO lake_checkpoints (instance_id, segment, "offset", ingest_seq, committed_at)
+VALUES ($instance, $segment, $offset, $seq, now())
+"""
+
+
+class LakeEvents:
+    """One proxy's sink on the lake: its batches and its own checkpoint, committed
+    together, in commit order across the cluster (the catalog lock)."""
+
+    def __init__(
+        self, conn: duckdb.DuckDBPyConnection, lock: CatalogLock, instance_id: str
+    ) -> None:
+        self._conn = conn
+        conn.execute(f"USE {ALIAS}")  # a cursor starts in DuckDB's own default catalog
+        self._lock = lock
+        self._instance = instance_id
+        self.commits = 0
+        self.conflicts = 0  # commits that met another's change, retried
+        self.commit_seconds: list[float] = []  # the last commits' durations, lock included
+
+    def checkpoint(self) -> Position:
+        row = fetch_one(
+            self._conn,
+            """SELECT segment, "offset" FROM lake_checkpoints WHERE instance_id = ?
+               ORDER BY segment DESC, "offset" DESC LIMIT 1""",
+            [self._instance],
+        )
+        return Position(int(row[0]), int(row[1])) if row else Position(0, 0)
+
+    def last_seq(self) -> int:
+        row = fetch_one(self._conn, f"SELECT coalesce(max(ingest_seq), 0) FROM {EVENTS_TABLE}")
+        return int(row[0]) if row else 0
+
+    def append(
+        self, creates: pl.DataFrame, updates: pl.DataFrame, *, seq: int, upto: Position
+    ) -> None:
+        """As `EventSink.append`, but the sequence is the lake's next, not the writer's:
+        several writers share it, and it must grow in commit order."""
+        del seq
+        conn = self._conn
+        started = time.perf_counter()
+        with self._committing():
+            row = fetch_one(conn, _NEXT_SEQ_SQL)
+            lake_seq = int(row[0]) if row else 1
+            for name, frame, sql in (
+                ("_new_events", creates, _INSERT_SQL),
+                ("_updates", updates, _UPDATE_SQL),
+            ):
+                if frame.height:
+                    conn.register(name, frame)
+                    try:
+                        conn.execute(sql, {"seq": lake_seq})
+                    finally:
+                        conn.unregister(name)
+            self._mark(upto, lake_seq)
+        self._timed(started)
+
+    def skip(self, upto: Position) -> None:
+        with self._committing():
+            self._mark(upto, self.last_seq())
+
+    @contextlib.contextmanager
+    def _committing(self) -> Iterator[None]:
+        """The commit lock and one lake transaction. A failure the catalog explains (it
+        is down, or another commit conflicted) is `LakeUnavailableError`: retried whole;
+        any other is the batch's own."""
+        try:
+            with self._lock.held(), transaction(self._conn):
+                yield
+        except duckdb.Error as exc:
+            if "conflict" in str(exc).lower():
+                self.conflicts += 1
+                raise LakeUnavailableError(f"lake commit conflicted: {exc}") from exc
+            if not self._lock.reachable():
+                raise LakeUnavailableError(f"lake catalog unreachable: {exc}") from exc
+            raise
+
+    def _mark(self, upto: Position, seq: int) -> None:
+        self._conn.execute(
+            _CHECKPOINT_SQL,
+            {
+                "instance": self._instance,
+                "segment": upto.segment,
+                "offset": upto.offset,
+                "seq": seq,
+            },
+        )
+
+    def _timed(self, started: float) -> None:
+        self.commits += 1
+        self.commit_seconds.append(time.perf_counter() - started)
+        del self.commit_seconds[:-1000]
+
+
+class Lake:
+    """The lake, attached for this process: the writer's sink and sessions."""
+
+    def __init__(self, config: LakeConfig) -> None:
+        self._config = config
+        self._conn = connect(config)
+        self._lock = CatalogLock(config.catalog, COMMIT_LOCK)
+        try:
+            changed = sync_schema(self._conn, CatalogLock(config.catalog, SCHEMA_LOCK))
+        except BaseException:
+            self._conn.close()
+            self._lock.close()
+            raise
+        if changed:
+            log.info("lake schema: created %s", ", ".join(changed))
+        self._sessions = self._conn.cursor()
+        self._mutex = threading.Lock()
+        self._events = LakeEvents(self._conn.cursor(), self._lock, config.instance_id)
+        self._open: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
+
+    @property
+    def name(self) -> str:
+        return f"lake {self._config.data} (catalog {redact(self._config.catalog)})"
+
+    @property
+    def events(self) -> LakeEvents:
+        return self._events
+
+    def session(self) -> duckdb.DuckDBPyConnection:
+        with self._mutex:
+            cursor = self._sessions.cursor()
+            self._open.add(cursor)
+        cursor.execute(f"USE {ALIAS}")
+        cursor.execute("SET TimeZone = 'UTC'")
+        return cursor
+
+    def close(self, timeout: float = 5.0) -> bool:
+        with self._mutex:
+            sessions = list(self._open)
+        for session in sessions:
+            with contextlib.suppress(duckdb.Error):
+                session.interrupt()
+        deadline = time.monotonic() + timeout
+        self._lock.close()
+        for conn in (self._sessions, self._conn):
+            while True:
+                try:
+                    conn.close()
+                    break
+                except duckdb.Error:
+                    if time.monotonic() > deadline:
+                        log.error("the lake is still in use after %.0f s: not closed", timeout)
+                        return False
+                    time.sleep(0.01)
+        return True

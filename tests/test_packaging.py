@@ -542,3 +542,70 @@ def test_package_data_is_found_by_the_one_import_name(tmp_path: Path) -> None:
         [sys.executable, "-I", "-c", "import dashboards"], cwd=tmp_path, capture_output=True
     )
     assert bare.returncode != 0, "the layers must not be importable under their folder names"
+
+
+LAKE_INSTANCES = {"proxy-1": "proxy", "proxy-2": "proxy", "worker": "worker", "api": "api"}
+
+
+def test_compose_cluster_profile() -> None:
+    """`docker compose --profile cluster up`: the lake's catalog and files, the bucket,
+    two proxies behind a load balancer, a worker and an api, each with a healthcheck."""
+    model = _rendered("cluster")
+    services = model["services"]
+    cluster = {"lake-catalog", "lake-files", "lake-bucket", "proxies", *LAKE_INSTANCES}
+    assert set(services) == {SERVICE, *cluster}
+    for name in cluster - {"lake-bucket"}:  # a one-shot job has nothing to check
+        assert services[name].get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
+        assert services[name]["profiles"] == ["cluster"]
+
+    instances = {name: services[name] for name in LAKE_INSTANCES}
+    for name, role in LAKE_INSTANCES.items():
+        service = instances[name]
+        assert service["command"] == ["serve", "--role", role]
+        assert "/healthz" in _healthcheck_command(service)
+        assert service["depends_on"]["lake-catalog"]["condition"] == "service_healthy"
+        assert service["depends_on"]["lake-bucket"]["condition"] == "service_completed_successfully"
+    ids = [s["environment"]["TOKENTILL_INSTANCE_ID"] for s in instances.values()]
+    assert len(set(ids)) == len(ids), "two instances share a journal's name"
+    journals = [s["volumes"][0]["source"] for s in instances.values()]
+    assert len(set(journals)) == len(journals), "two instances share a journal"
+
+    balancer = services["proxies"]
+    assert {d: c["condition"] for d, c in balancer["depends_on"].items()} == {
+        "proxy-1": "service_healthy",
+        "proxy-2": "service_healthy",
+    }
+    [mount] = balancer["volumes"]
+    config = Path(mount["source"])
+    assert config.is_file(), config
+    text = config.read_text()
+    for proxy in ("proxy-1:8787", "proxy-2:8787"):
+        assert f"server {proxy}" in text
+    assert "proxy_buffering off" in text  # streams pass through as they come
+
+    published = [p["published"] for s in services.values() for p in s.get("ports", ())]
+    assert len(published) == len(set(published)), f"host port clash: {published}"
+
+
+@pytest.mark.parametrize("service_name", sorted(LAKE_INSTANCES))
+def test_compose_cluster_environment_is_accepted_by_settings(
+    service_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each instance's environment (with the image's) makes valid Settings on the lake."""
+    from tokentill.settings import Settings
+
+    service = _rendered("cluster")["services"][service_name]
+    environment = {**_dockerfile_env(), **service["environment"]}
+    for name in list(os.environ):
+        if name.startswith("TOKENTILL_"):
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    settings = Settings(role=service["command"][-1])
+    assert settings.lake_catalog is not None
+    assert settings.lake_catalog.get_secret_value().endswith("@lake-catalog:5432/lake")
+    assert settings.lake_data == "s3://tokentill/lake/"
+    assert settings.lake_s3_endpoint == "lake-files:9000"
+    assert settings.instance_id == environment["TOKENTILL_INSTANCE_ID"]
+    assert settings.upstream == "https://api.openai.com"

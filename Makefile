@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 SRC := tokentill ingest warehouse api dashboards  # ruff walks the real folders, not the links
 
-.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api sync fake-upstream chromium postgresql screenshots bench-dashboard docs
+.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api bench-cluster sync fake-upstream chromium postgresql screenshots bench-dashboard docs
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -58,6 +58,10 @@ bench: sync  ## needs wrk (Debian package), installed here if missing
 
 bench-rollup: sync  ## 10M synthetic events: full rebuild, incremental run, peak memory
 	$(RUN) python bench/rollup.py
+
+bench-cluster: sync postgresql  ## proxies on a DuckLake (1, 2, 3) against the one process on its file
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+	$(RUN) python -m bench.cluster
 
 bench-api: sync  ## the admin API's p50/p95 on the 10M-event warehouse, against DuckDB alone
 	$(RUN) python bench/api.py

@@ -1,0 +1,416 @@
+"""The cluster's cost: proxies on a DuckLake (PostgreSQL catalog) against the one
+process on its DuckDB file, measured in one run on this machine.
+
+One run starts a throwaway PostgreSQL and the fake upstream, then measures in turn:
+
+- **embedded**: one `tokentill serve` on its file (the baseline);
+- **lake, N proxies** for N = 1, 2, 3, with one worker (rollups every `--rollup-interval`
+  seconds): wrk drives every proxy at once, `--connections` each, for `--duration`
+  seconds.
+
+For each: per proxy, requests/s, CPU per request (utime + stime from /proc over the
+run), and the latency it adds to a direct request (p50/p99); the lake writer's commit
+p50/p99 and the conflicts it retried (from /metrics); then, with the load stopped, the
+time from a response's last byte to its row being readable in the lake, and to its
+cost being in the rollups; and that the lake holds exactly the responses wrk got.
+
+Targets (checked as ratios against the same run's figures, PASS/MISS): a proxy on the
+lake costs at most 1.2x the embedded CPU per request; a row is readable within 2 s
+(p99) of its response; the rollups are current within 2 rollup intervals; no commit
+is lost to a conflict. The cores are shared by everything here (two of them), so the
+per-proxy figures are what each proxy costs, not what a fleet of machines would serve:
+the report says how the total grows and what is shared first.
+
+    python -m bench.cluster [--duration 10] [--connections 8] [--proxies 1,2,3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from bench._common import (
+    LOOPBACK,
+    BenchError,
+    Postgres,
+    Server,
+    WrkResult,
+    cpu_seconds,
+    free_port,
+    http_request,
+    make_workdir,
+    markdown_table,
+    percentile,
+    postgres_cluster,
+    prometheus_value,
+    python_module_argv,
+    remove_workdir,
+    run_wrk,
+    verdict,
+    wrk_post_script,
+)
+
+PATH = "/v1/responses"
+HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+CPU_TARGET = 1.2
+READABLE_TARGET_S = 2.0
+PROBES = 40
+
+
+def body(user: int) -> str:
+    return json.dumps(
+        {"model": "gpt-4o-mini", "input": "Say hello.", "user": f"bench-{user}"},
+        separators=(",", ":"),
+    )
+
+
+@dataclass
+class ProxyFigures:
+    name: str
+    wrk: WrkResult
+    cpu_s: float
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_s / max(1, self.wrk.ok) * 1e6
+
+
+@dataclass
+class Setup:
+    label: str
+    proxies: list[ProxyFigures] = field(default_factory=list)
+    commit_p50_ms: float = 0.0
+    commit_p99_ms: float = 0.0
+    commits: int = 0
+    conflicts: int = 0
+    readable_ms: list[float] = field(default_factory=list)
+    rolled_up_s: float | None = None
+    rows: int = 0
+    answered: int = 0
+
+    @property
+    def cpu_us(self) -> float:
+        return sum(p.cpu_us_per_request for p in self.proxies) / max(1, len(self.proxies))
+
+    @property
+    def rps(self) -> float:
+        return sum(p.wrk.rps for p in self.proxies)
+
+
+class Cluster:
+    def __init__(self, workdir: Path, args: argparse.Namespace, postgres: Postgres) -> None:
+        self.workdir = workdir
+        self.args = args
+        self.postgres = postgres
+        port = free_port()
+        self.upstream = f"http://{LOOPBACK}:{port}"
+        self.fake = Server(
+            "fake upstream",
+            python_module_argv("-m", "tokentill", "fake-upstream", "--port", str(port)),
+            port,
+            workdir / "fake.log",
+        )
+        self.script = wrk_post_script(
+            PATH, [body(u) for u in range(50)], HEADERS, workdir / "plain.lua"
+        )
+
+    def serve(self, name: str, role: str = "all", **env: str) -> Server:
+        port = free_port()
+        home = self.workdir / name
+        home.mkdir(exist_ok=True)
+        argv = ["-m", "tokentill", "serve", "--db", str(home / "w.duckdb")]
+        argv += ["--upstream", self.upstream, "--port", str(port)]
+        if role != "all":
+            argv += ["--role", role]
+        server = Server(name, python_module_argv(*argv), port, home / "serve.log")
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("TOKENTILL_")}
+        environment.update(
+            {
+                "TOKENTILL_QUOTAS_ENABLED": "false",
+                **{f"TOKENTILL_{k.upper()}": v for k, v in env.items()},
+            }
+        )
+        server.start(environment)
+        server.wait_http("/healthz", timeout=120)
+        return server
+
+    def load(self, servers: list[Server], label: str) -> list[ProxyFigures]:
+        """wrk on every proxy at once; the CPU each spent over the run."""
+        import concurrent.futures
+
+        before = {s.name: cpu_seconds(s.pid) for s in servers}
+        with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
+            runs = {
+                s.name: pool.submit(
+                    run_wrk,
+                    f"http://{LOOPBACK}:{s.port}",
+                    self.script,
+                    connections=self.args.connections,
+                    duration_s=self.args.duration,
+                )
+                for s in servers
+            }
+            results = {name: future.result() for name, future in runs.items()}
+        figures = []
+        for s in servers:
+            spent = cpu_seconds(s.pid) - before[s.name]
+            figures.append(ProxyFigures(s.name, results[s.name], spent))
+            if results[s.name].errors:
+                print(f"  {label} {s.name}: {results[s.name].errors} errors", file=sys.stderr)
+        return figures
+
+
+def lake_reader(catalog: str, data: str, workdir: Path) -> duckdb.DuckDBPyConnection:
+    from tokentill.warehouse.lake import LakeConfig, connect
+
+    return connect(LakeConfig(catalog, data, "bench-reader", workdir / "reader-extensions"))
+
+
+def probe_readable(
+    reader: duckdb.DuckDBPyConnection, proxy: Server, rollup_interval: float
+) -> tuple[list[float], float | None]:
+    """Sequential responses: from each one's last byte to its row in the lake; then to
+    the rollups covering every row."""
+    waits: list[float] = []
+    for i in range(PROBES):
+        user = f"probe-{uuid.uuid4().hex[:8]}-{i}"
+        status, raw = http_request(
+            proxy.port,
+            "POST",
+            PATH,
+            body=json.dumps({"model": "gpt-4o-mini", "input": "x", "user": user}).encode(),
+            headers=HEADERS,
+        )
+        done = time.monotonic()
+        if status != 200:
+            raise BenchError(f"probe answered {status}: {raw[:200]!r}")
+        response_id = json.loads(raw)["id"]
+        while not reader.execute(
+            "SELECT count(*) FROM usage_events WHERE response_id = ?", [response_id]
+        ).fetchone()[0]:  # type: ignore[index]
+            if time.monotonic() - done > 30:
+                raise BenchError(f"{response_id} not readable after 30 s")
+            time.sleep(0.01)
+        waits.append((time.monotonic() - done) * 1000)
+    last = time.monotonic()
+    deadline = last + 10 * rollup_interval
+    while time.monotonic() < deadline:
+        row = reader.execute(
+            """SELECT (SELECT count(*) FROM usage_events WHERE created_at IS NOT NULL),
+                      (SELECT coalesce(sum(requests), 0) FROM usage_hourly)"""
+        ).fetchone()
+        if row and row[0] == row[1]:
+            return waits, time.monotonic() - last
+        time.sleep(0.05)
+    return waits, None
+
+
+def metrics_of(server: Server) -> str:
+    _, raw = http_request(server.port, "GET", "/metrics")
+    return raw.decode()
+
+
+def run(args: argparse.Namespace) -> tuple[list[Setup], WrkResult | None]:
+    workdir = make_workdir("tokentill-bench-cluster-")
+    setups: list[Setup] = []
+    direct: WrkResult | None = None
+    try:
+        with postgres_cluster() as postgres:
+            bench = Cluster(workdir, args, postgres)
+            bench.fake.start()
+            bench.fake.wait_port()
+            try:
+                direct = run_wrk(
+                    bench.upstream,
+                    bench.script,
+                    connections=args.connections,
+                    duration_s=args.duration,
+                )
+                embedded = bench.serve("embedded")
+                try:
+                    setup = Setup("embedded (file)")
+                    setup.proxies = bench.load([embedded], setup.label)
+                    setups.append(setup)
+                finally:
+                    embedded.stop()
+                setups.extend(lake_run(bench, n, args) for n in args.proxies)
+            finally:
+                bench.fake.stop()
+    finally:
+        remove_workdir(workdir)
+    return setups, direct
+
+
+def lake_run(bench: Cluster, n: int, args: argparse.Namespace) -> Setup:
+    catalog = bench.postgres.new_database(f"bench{n}")
+    data = str(bench.workdir / f"lake{n}") + "/"
+    common = {"lake_catalog": catalog, "lake_data": data}
+    worker = bench.serve(
+        f"worker{n}",
+        "worker",
+        instance_id=f"worker{n}",
+        rollup_interval=str(args.rollup_interval),
+        **common,
+    )
+    proxies = [
+        bench.serve(f"proxy{n}-{i}", "proxy", instance_id=f"proxy{n}-{i}", **common)
+        for i in range(n)
+    ]
+    setup = Setup(f"lake, {n} prox{'y' if n == 1 else 'ies'}")
+    try:
+        setup.proxies = bench.load(proxies, setup.label)
+        texts = [metrics_of(p) for p in proxies]
+        setup.commits = int(sum(prometheus_value(t, "tokentill_lake_commits") for t in texts))
+        setup.conflicts = int(sum(prometheus_value(t, "tokentill_lake_conflicts") for t in texts))
+        setup.commit_p50_ms = 1000 * max(
+            prometheus_value(t, "tokentill_lake_commit_p50_seconds") for t in texts
+        )
+        setup.commit_p99_ms = 1000 * max(
+            prometheus_value(t, "tokentill_lake_commit_p99_seconds") for t in texts
+        )
+        reader = lake_reader(catalog, data, bench.workdir)
+        try:
+            setup.readable_ms, setup.rolled_up_s = probe_readable(
+                reader, proxies[0], args.rollup_interval
+            )
+            for p in proxies:  # drain every journal before counting
+                p.stop()
+            row = reader.execute("SELECT count(*) FROM usage_events").fetchone()
+            setup.rows = int(row[0]) if row else 0
+        finally:
+            reader.close()
+        setup.answered = sum(p.wrk.ok for p in setup.proxies) + PROBES
+    finally:
+        for p in proxies:
+            p.stop()
+        worker.stop()
+    return setup
+
+
+def report(setups: list[Setup], args: argparse.Namespace, direct: WrkResult | None) -> bool:
+    base = setups[0]
+    rows = []
+    for s in setups:
+        for p in s.proxies:
+            added50 = p.wrk.p50 - (direct.p50 if direct else 0)
+            added99 = p.wrk.p99 - (direct.p99 if direct else 0)
+            rows.append(
+                [
+                    s.label,
+                    p.name,
+                    f"{p.wrk.rps:,.0f}",
+                    f"{p.cpu_us_per_request:,.0f}",
+                    f"{p.cpu_us_per_request / base.cpu_us:.2f}x",
+                    f"{added50:.2f} / {added99:.2f}",
+                ]
+            )
+    print("\n### Per proxy (wrk, plain POST /v1/responses)\n")
+    print(
+        markdown_table(
+            ["setup", "proxy", "req/s", "CPU µs/req", "vs embedded", "added ms p50 / p99"], rows
+        )
+    )
+    lake = setups[1:]
+    print("\n### The lake\n")
+    table = []
+    ok = True
+    for s in lake:
+        readable99 = percentile(s.readable_ms, 99) if s.readable_ms else float("nan")
+        commits_per_s = s.commits / args.duration
+        headroom = (
+            (1000 / s.commit_p50_ms) / commits_per_s
+            if s.commit_p50_ms and commits_per_s
+            else float("nan")
+        )
+        table.append(
+            [
+                s.label,
+                f"{s.rps:,.0f}",
+                f"{s.commit_p50_ms:.1f} / {s.commit_p99_ms:.1f}",
+                f"{commits_per_s:.1f} (headroom {headroom:.1f}x)",
+                str(s.conflicts),
+                f"{percentile(s.readable_ms, 50):.0f} / {readable99:.0f}",
+                "not current" if s.rolled_up_s is None else f"{s.rolled_up_s:.1f}",
+                f"{s.rows:,} / {s.answered:,}",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "setup",
+                "total req/s",
+                "commit ms p50 / p99",
+                "commits/s",
+                "conflicts",
+                "readable ms p50 / p99",
+                "rolled up s",
+                "rows / responses",
+            ],
+            table,
+        )
+    )
+    print("\n### Targets\n")
+    targets = []
+    for s in lake:
+        cpu = s.cpu_us / base.cpu_us
+        readable99 = percentile(s.readable_ms, 99) / 1000 if s.readable_ms else float("inf")
+        current = s.rolled_up_s is not None and s.rolled_up_s <= 2 * args.rollup_interval
+        rolled = "more than 10 intervals" if s.rolled_up_s is None else f"{s.rolled_up_s:.1f} s"
+        exact = s.rows == s.answered
+        targets += [
+            [
+                s.label,
+                f"CPU per request {cpu:.2f}x embedded (≤ {CPU_TARGET}x)",
+                verdict(cpu <= CPU_TARGET),
+            ],
+            [
+                s.label,
+                f"row readable p99 {readable99:.2f} s (≤ {READABLE_TARGET_S} s)",
+                verdict(readable99 <= READABLE_TARGET_S),
+            ],
+            [
+                s.label,
+                f"rollups current in {rolled} (≤ 2 x {args.rollup_interval:g} s)",
+                verdict(current),
+            ],
+            [
+                s.label,
+                f"rows = responses: {s.rows:,} = {s.answered:,}; conflicts retried {s.conflicts}",
+                verdict(exact),
+            ],
+        ]
+        ok = ok and exact
+    print(markdown_table(["setup", "target", "verdict"], targets))
+    return ok
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rollup-interval", type=float, default=5.0)
+    parser.add_argument(
+        "--proxies", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 3]
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(
+        f"# bench/cluster.py: {args.duration:g} s per run, {args.connections} connections per proxy"
+    )
+    setups, direct = run(args)
+    return 0 if report(setups, args, direct) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -74,6 +74,42 @@ class Metrics:
             registry=self.registry,
         )
 
+    def bind_lake(
+        self,
+        *,
+        commits: Callable[[], float],
+        conflicts: Callable[[], float],
+        commit_p50: Callable[[], float],
+        commit_p99: Callable[[], float],
+    ) -> None:
+        """A lake's writer: its commits, the conflicts it retried, its commit time."""
+        for name, doc, read in (
+            ("tokentill_lake_commits", "Batches this process committed to the lake", commits),
+            (
+                "tokentill_lake_conflicts",
+                "Lake commits that met another's change, retried",
+                conflicts,
+            ),
+            (
+                "tokentill_lake_commit_p50_seconds",
+                "p50 of the last 1,000 lake commits (lock included)",
+                commit_p50,
+            ),
+            (
+                "tokentill_lake_commit_p99_seconds",
+                "p99 of the last 1,000 lake commits (lock included)",
+                commit_p99,
+            ),
+        ):
+            Gauge(name, doc, registry=self.registry).set_function(read)
+        self.lake_upkeep = Gauge(
+            "tokentill_lake_upkeep",
+            "What the last lake upkeep did, by step (versions folded, inlined rows "
+            "flushed, files merged, snapshots expired, files deleted)",
+            ["what"],
+            registry=self.registry,
+        )
+
     def count_cut(self, field: str) -> None:
         self.fields_cut.labels(field).inc()
 

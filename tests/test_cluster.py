@@ -4,7 +4,9 @@ received lands exactly once."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +28,15 @@ import pytest
 from tests.conftest import ledger
 from tests.servers import free_port
 from tests.services import Postgres, postgres_cluster
+from tests.test_rollups import DAY0, MODELS, PRICES, Warehouse, make_event
+from tokentill.ingest.journal import Journal
 from tokentill.settings import Settings
-from tokentill.warehouse.events import COLUMNS
+from tokentill.warehouse.events import COLUMNS, UsageEvent
+from tokentill.warehouse.jobs import RollupConfig, RollupJob
 from tokentill.warehouse.lake import Lake, LakeConfig, connect
+from tokentill.warehouse.prices import PriceRow, insert_rows
 from tokentill.warehouse.storage import Position
+from tokentill.warehouse.writer import Writer
 
 
 @pytest.fixture(scope="module")
@@ -162,16 +170,24 @@ def test_settings_refuse_a_half_configured_lake() -> None:
     with pytest.raises(ValueError, match="needs a lake"):
         Settings(role="proxy")
     with pytest.raises(ValueError, match="Redis"):
-        Settings(lake_catalog="postgresql://x/y", lake_data="/l", instance_id="a", role="proxy")
+        Settings(lake_catalog="postgresql://x/y", lake_data="/l", instance_id="a", role="api")
 
 
 # --- real processes ---------------------------------------------------------------------
 
 
-class Proxy:
-    """`tokentill serve --role proxy` on the lake, as a real subprocess."""
+class Instance:
+    """`tokentill serve --role <role>` on the lake, as a real subprocess."""
 
-    def __init__(self, lake: LakeConfig, upstream: str, instance: str, home: Path) -> None:
+    def __init__(
+        self,
+        lake: LakeConfig,
+        upstream: str,
+        instance: str,
+        home: Path,
+        role: str = "proxy",
+        **settings: str,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         home.mkdir(parents=True, exist_ok=True)
@@ -187,8 +203,9 @@ class Proxy:
             "TOKENTILL_BACKGROUND_POLL_MAX_INTERVAL": "1",
             "TOKENTILL_SETTLEMENT_API_KEY": "sk-settlement",
             "TOKENTILL_SETTLEMENT_INTERVAL": "1",
+            **{f"TOKENTILL_{name.upper()}": value for name, value in settings.items()},
         }
-        command = [sys.executable, "-m", "tokentill", "serve", "--role", "proxy"]
+        command = [sys.executable, "-m", "tokentill", "serve", "--role", role]
         command += ["--db", str(home / "local.duckdb"), "--upstream", upstream]
         command += ["--port", str(self.port)]
         with open(self.log, "ab") as out:
@@ -217,8 +234,8 @@ class Proxy:
 
 
 @pytest.fixture
-def proxies() -> Iterator[list[Proxy]]:
-    started: list[Proxy] = []
+def proxies() -> Iterator[list[Instance]]:
+    started: list[Instance] = []
     yield started
     for proxy in started:
         if proxy.proc.poll() is None:
@@ -226,7 +243,7 @@ def proxies() -> Iterator[list[Proxy]]:
             proxy.proc.wait()
 
 
-def _traffic(proxy: Proxy, tag: str, received: list[str], stop: threading.Event) -> None:
+def _traffic(proxy: Instance, tag: str, received: list[str], stop: threading.Event) -> None:
     """Plain, streamed and background responses until `stop` or the proxy goes away."""
     client = proxy.client()
     i = 0
@@ -259,14 +276,14 @@ def _lake_rows(config: LakeConfig) -> list[tuple[str, str, int | None]]:
 
 
 def test_proxies_killed_and_restarted_meter_every_response_once(
-    lake: LakeConfig, fake_upstream: str, proxies: list[Proxy], tmp_path: Path
+    lake: LakeConfig, fake_upstream: str, proxies: list[Instance], tmp_path: Path
 ) -> None:
     """Three proxies on one lake under load; one is SIGKILLed mid-traffic and restarted
     on its journal. Every response a client received is in the lake exactly once, with
     the outcome the upstream billed (background ones too)."""
     homes = [tmp_path / f"proxy{n}" for n in range(3)]
     for n, home in enumerate(homes):
-        proxies.append(Proxy(lake, fake_upstream, f"proxy-{n}", home))
+        proxies.append(Instance(lake, fake_upstream, f"proxy-{n}", home))
     received: list[str] = []
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=9) as pool:
@@ -280,7 +297,7 @@ def test_proxies_killed_and_restarted_meter_every_response_once(
         for future in futures:
             future.result(timeout=60)
     assert len(received) > 30  # traffic was flowing on every proxy
-    restarted = Proxy(lake, fake_upstream, "proxy-0", homes[0])
+    restarted = Instance(lake, fake_upstream, "proxy-0", homes[0])
     proxies.append(restarted)
     billed = {entry["id"]: entry for entry in ledger(fake_upstream)}
     # Background responses settle through the poller of the proxy that saw them, and the
@@ -307,11 +324,15 @@ def test_proxies_killed_and_restarted_meter_every_response_once(
 
 
 def test_a_catalog_outage_degrades_the_proxies_and_loses_nothing(
-    lake: LakeConfig, postgres: Postgres, fake_upstream: str, proxies: list[Proxy], tmp_path: Path
+    lake: LakeConfig,
+    postgres: Postgres,
+    fake_upstream: str,
+    proxies: list[Instance],
+    tmp_path: Path,
 ) -> None:
     """PostgreSQL stopped under load: the proxies keep serving (their journals grow,
     /healthz says degraded), then catch up when it returns. Nothing lost or doubled."""
-    proxy = Proxy(lake, fake_upstream, "outage", tmp_path / "proxy")
+    proxy = Instance(lake, fake_upstream, "outage", tmp_path / "proxy")
     proxies.append(proxy)
     client = proxy.client()
     before = [
@@ -342,12 +363,265 @@ def test_a_catalog_outage_degrades_the_proxies_and_loses_nothing(
 
 
 def test_instances_of_other_roles_refuse_what_they_do_not_serve(
-    lake: LakeConfig, fake_upstream: str, proxies: list[Proxy], tmp_path: Path
+    lake: LakeConfig, fake_upstream: str, proxies: list[Instance], tmp_path: Path
 ) -> None:
-    proxy = Proxy(lake, fake_upstream, "roles", tmp_path / "proxy")
+    proxy = Instance(lake, fake_upstream, "roles", tmp_path / "proxy")
     proxies.append(proxy)
     answer = httpx.get(proxy.url + "/api/reports/spend", timeout=10)
     assert answer.status_code == 404
     assert "role 'proxy'" in answer.json()["detail"]
     assert httpx.get(proxy.url + "/metrics", timeout=10).status_code == 200
     assert proxy.client().responses.create(model="gpt-4o-mini", input="x").status == "completed"
+
+
+# --- the worker's jobs on the lake --------------------------------------------------------
+
+
+class LakeWarehouse(Warehouse):
+    """The rollup tests' warehouse, on a lake: the same journal, writer and queries."""
+
+    def __init__(self, root: Path, config: LakeConfig) -> None:
+        self.lake = Lake(config)
+        self.conn = self.lake.session()
+        insert_rows(self.conn, PRICES)
+        self.journal = Journal(root / "journal", segment_bytes=1 << 20, fsync_interval=1)
+        self.journal.lock()
+        self.writer = Writer(self.lake.events, self.journal, batch_max=10_000, flush_interval=0.01)
+        self.writer.recover()
+        self.journal.start(self.writer.submit)
+        self.writer.start()
+        self.readers = self.conn
+        self.session = self.lake.session
+        self.job = RollupJob(self.session, RollupConfig(tag_keys=("team", "customer")))
+
+    def close(self) -> None:
+        assert self.writer.stop()
+        self.journal.close()
+        self.conn.close()
+        self.lake.close()
+
+
+def _traffic_stream(seed: int) -> list[UsageEvent | str]:
+    """Four days of responses of every status, conversations, pending ones completed
+    later (some on another model or tier), replays, a price added part way."""
+    rng = random.Random(seed)
+    statuses = ["completed"] * 6 + ["incomplete", "failed", "error", "queued", "interrupted"]
+    events, pending = [], []
+    for i in range(150):
+        status = rng.choice(statuses)
+        fields: dict[str, Any] = {"status": status, "user_id": rng.choice([None, "ana", "bo"])}
+        if status == "error":
+            fields.update(
+                response_id=None,
+                event_id=f"evt_{i}",
+                input_tokens=None,
+                output_tokens=None,
+                total_tokens=None,
+            )
+        if status == "queued":
+            fields.update(input_tokens=None, output_tokens=None, total_tokens=None)
+        if status in ("queued", "interrupted"):
+            pending.append(i)
+        if i and rng.random() < 0.3:
+            fields["previous_response_id"] = f"resp_{rng.randrange(i)}"
+        events.append(make_event(i, rng.randrange(4), rng.randrange(24), **fields))
+    rng.shuffle(events)
+    completions = [
+        make_event(i, 0, 0, kind="update", status="completed", model=MODELS[(i + 1) % len(MODELS)])
+        for i in pending
+    ]
+    # An update carries its event's created_at: rebuild those from the creates.
+    created = {e.event_id: e.created_at_us for e in events}
+    for update in completions:
+        update.created_at_us = update.request_started_at_us = created[update.event_id]
+    return [*events[:60], "run", *events[60:], *events[:20], "price", "run", *completions]
+
+
+def test_rollups_and_reports_on_the_lake_equal_the_file(lake: LakeConfig, tmp_path: Path) -> None:
+    """The same traffic into the one-process file and into the lake, rolled up by the
+    same job in the same runs: every report answers the same, to the micro-dollar, and
+    the compacted tables are the same rows."""
+    warehouses = [Warehouse(tmp_path / "file"), LakeWarehouse(tmp_path / "lake", lake)]
+    late = PriceRow(
+        "mystery-model",
+        "default",
+        DAY0 + timedelta(days=1),
+        None,
+        {"input_per_mtok": Decimal("3"), "output_per_mtok": Decimal("12")},
+        "late",
+        100,
+    )
+    try:
+        for warehouse in warehouses:
+            for item in _traffic_stream(seed=11):
+                if item == "run":
+                    assert warehouse.job.run().error is None
+                elif item == "price":
+                    insert_rows(warehouse.conn, [late])
+                else:
+                    assert isinstance(item, UsageEvent)
+                    warehouse.ingest([item])
+            result = warehouse.job.run()
+            assert result.error is None, result.error
+        file, lake_ = warehouses
+        answers = file.answers()
+        assert answers["spent"] and answers["finance"]  # something to compare
+        assert lake_.answers() == answers
+        assert lake_.snapshot() == file.snapshot()
+        full = lake_.job.run(full=True)
+        assert full.error is None, full.error
+        assert lake_.snapshot() == file.snapshot()
+
+        # The worker's upkeep changes no answer, and leaves one version per event.
+        assert isinstance(lake_, LakeWarehouse)
+        done = lake_.lake.upkeep(timedelta(0))
+        assert done.error is None, done.error
+        assert done.versions_folded > 0 and done.inlined_rows_flushed > 0
+        assert lake_.answers() == answers
+        counts = lake_.conn.execute(
+            """SELECT (SELECT count(*) FROM usage_event_versions),
+                      (SELECT count(*) FROM usage_events)"""
+        ).fetchone()
+        assert counts is not None and counts[0] == counts[1]
+        recorded = lake_.conn.execute(
+            "SELECT rows_in, error FROM job_runs WHERE job = 'lake_upkeep'"
+        ).fetchall()
+        assert recorded == [(done.versions_folded + done.inlined_rows_flushed, None)]
+        again = lake_.lake.upkeep(timedelta(0))
+        # Nothing left but the first upkeep's own job_runs row (inserted, then updated).
+        assert (again.versions_folded, again.inlined_rows_flushed) == (0, 2)
+        assert lake_.snapshot() == file.snapshot()
+    finally:
+        for warehouse in warehouses:
+            warehouse.close()
+
+
+def _costs(api: Instance) -> dict[str, Any]:
+    answer = httpx.get(api.url + "/api/costs", timeout=30)
+    assert answer.status_code == 200, answer.text
+    totals: dict[str, Any] = answer.json()["totals"]
+    return totals
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, what
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def _send(proxies: list[Instance], count: int, tag: str) -> list[str]:
+    def one(i: int) -> str:
+        client = proxies[i % len(proxies)].client()
+        if i % 2:
+            events = list(
+                client.responses.create(model="gpt-4o-mini", input="x", user=tag, stream=True)
+            )
+            return str(events[-1].response.id)  # type: ignore[union-attr]
+        return client.responses.create(model="gpt-4o-mini", input="x", user=f"{tag}{i % 3}").id
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_a_cluster_of_roles_rolls_up_once_and_survives_its_worker(
+    lake: LakeConfig, fake_upstream: str, proxies: list[Instance], tmp_path: Path
+) -> None:
+    """Two proxies, an active and a standby worker, an api: the api's costs are what the
+    upstream billed through the proxies; the active worker SIGKILLed, the standby takes
+    over and nothing is rolled up twice."""
+    fast = {"rollup_interval": "1", "abuse_interval": "2"}
+    first = Instance(lake, fake_upstream, "worker-a", tmp_path / "wa", "worker", **fast)
+    proxies.append(first)
+    _wait_for(lambda: first.health().get("worker") == "active", 30, "a worker leads")
+    second = Instance(lake, fake_upstream, "worker-b", tmp_path / "wb", "worker", **fast)
+    proxies.append(second)
+    assert second.health()["worker"] == "standby"
+    meters = [
+        Instance(lake, fake_upstream, f"proxy-{n}", tmp_path / f"p{n}", "proxy") for n in "ab"
+    ]
+    api = Instance(lake, fake_upstream, "api-1", tmp_path / "api", "api")
+    proxies.extend([*meters, api])
+
+    # Each role refuses what it does not serve, in the caller's own shape.
+    with pytest.raises(openai.NotFoundError, match="send /v1 to a proxy"):
+        api.client().responses.create(model="gpt-4o-mini", input="x")
+    assert httpx.get(meters[0].url + "/api/costs", timeout=10).status_code == 404
+
+    def billed(ids: list[str]) -> dict[str, int]:
+        entries = {e["id"]: e for e in ledger(fake_upstream)}
+        return {
+            "requests": len(ids),
+            "input_tokens": sum(entries[i]["input_tokens"] for i in ids),
+            "output_tokens": sum(entries[i]["output_tokens"] for i in ids),
+        }
+
+    def reported() -> dict[str, int]:
+        totals = _costs(api)
+        return {k: totals[k] or 0 for k in ("requests", "input_tokens", "output_tokens")}
+
+    sent = _send(meters, 40, "early")
+    _wait_for(lambda: reported() == billed(sent), 60, "the api reports what was billed")
+
+    first.stop(signal.SIGKILL)
+    takeover = _wait_for(lambda: second.health().get("worker") == "active", 30, "takeover")
+    sent += _send(meters, 40, "late")
+    _wait_for(lambda: reported() == billed(sent), 60, "the standby rolled up the rest")
+    assert _costs(api)["cost_usd"] is not None  # priced, to the micro-dollar
+
+    runs = _in_lake(
+        lake,
+        """SELECT started_at, finished_at FROM job_runs WHERE job = 'rollup'
+           ORDER BY started_at""",
+    )
+    assert len(runs) > 2
+    for (_, finished), (started, _) in itertools.pairwise(runs):
+        assert finished is None or finished <= started, "two rollup runs at once"
+    print(f"standby took over in {takeover:.1f} s")
+
+
+def test_a_lake_on_an_s3_store(
+    postgres: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data path on an S3-compatible store (moto's server standing in): batches land
+    as Parquet objects in the bucket, and read back exactly once."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for name, value in (
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+        ):
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+        s3.create_bucket(Bucket="tokentill")
+        config = LakeConfig(
+            catalog=postgres.new_database(),
+            data="s3://tokentill/lake/",
+            instance_id="s3",
+            extension_dir=tmp_path / "extensions",
+            s3_endpoint=f"127.0.0.1:{port}",
+            s3_use_ssl=False,
+        )
+        lake = Lake(config)
+        try:
+            empty = pl.DataFrame(schema=_events("x").schema)
+            ids = [f"s3-{i}" for i in range(500)]  # past DuckLake's inlining: a file
+            lake.events.append(_events(*ids), empty, seq=1, upto=Position(1, 1))
+            lake.events.append(_events(*ids[:10]), empty, seq=1, upto=Position(1, 2))
+            assert lake.upkeep(timedelta(0)).error is None
+        finally:
+            lake.close()
+        assert _in_lake(config, "SELECT count(*), count(DISTINCT event_id) FROM usage_events") == [
+            (500, 500)
+        ]
+        objects = s3.list_objects_v2(Bucket="tokentill", Prefix="lake/").get("Contents", [])
+        assert any(o["Key"].endswith(".parquet") for o in objects), objects
+    finally:
+        server.stop()

@@ -116,7 +116,8 @@ class Warehouse:
         self.journal.start(self.writer.submit)
         self.writer.start()
         self.readers = self.conn.cursor()
-        self.job = RollupJob(self.readers.cursor, RollupConfig(tag_keys=("team", "customer")))
+        self.session: Callable[[], duckdb.DuckDBPyConnection] = self.readers.cursor
+        self.job = RollupJob(self.session, RollupConfig(tag_keys=("team", "customer")))
 
     def ingest(self, events: list[UsageEvent]) -> None:
         for event in events:
@@ -131,7 +132,7 @@ class Warehouse:
     def answers(self) -> dict[str, Any]:
         """What the report queries answer, read through their own code: the contract of
         the appended parts is that these equal a full rebuild's at every moment."""
-        conn = self.readers.cursor()
+        conn = self.session()
         try:
             f = Filters(DAY0 - timedelta(days=1), DAY0 + timedelta(days=10))
             out: dict[str, Any] = {}

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
-from collections.abc import AsyncIterator, Coroutine
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
@@ -187,15 +189,19 @@ class Tokentill:
                 return JSONResponse({"status": "starting"}, status_code=503)
             if runtime.writer.failed:
                 return JSONResponse({"status": "writer failing"}, status_code=503)
-            return JSONResponse(
-                {
-                    # Degraded, not down: with the warehouse away (a lake's catalog), the
-                    # proxy serves and its journal holds what it meters until it returns.
-                    "status": "degraded" if runtime.writer.unavailable else "ok",
-                    "journal_backlog": runtime.writer.backlog,
-                    "writer_lag_seconds": round(runtime.writer.lag_seconds, 3),
-                }
-            )
+            body: dict[str, object] = {
+                # Degraded, not down: with the warehouse away (a lake's catalog), the
+                # proxy serves and its journal holds what it meters until it returns.
+                "status": "degraded" if runtime.writer.unavailable else "ok",
+                "journal_backlog": runtime.writer.backlog,
+                "writer_lag_seconds": round(runtime.writer.lag_seconds, 3),
+            }
+            if self.settings.lake_catalog is not None:
+                body["role"] = self.settings.role
+                if self.settings.works:  # which worker runs the jobs now
+                    leads = await asyncio.to_thread(runtime.storage.leads)
+                    body["worker"] = "active" if leads else "standby"
+            return JSONResponse(body)
 
         @api.get("/metrics", include_in_schema=False)
         async def metrics() -> Response:
@@ -247,7 +253,7 @@ class Tokentill:
                 max_connections=settings.upstream_max_connections,
             )
             stack.push_async_callback(client.aclose)
-            catalog = CatalogCache()
+            catalog = CatalogCache(storage.exclusive)
             outbox = self._start_alerts(stack, storage)
             quotas = await self._start_quotas(stack, storage, writer, outbox, catalog)
             poller = Poller(
@@ -272,6 +278,14 @@ class Tokentill:
                 await self._start_settlement(stack, storage, writer, poller)
             _run_until_closed(stack, batches.run(client), "tokentill-batches")
             stack.callback(_say_what_is_left, poller, batches)
+            if isinstance(storage, Lake):
+                lake_events = storage.events
+                self.metrics.bind_lake(
+                    commits=lambda: lake_events.commits,
+                    conflicts=lambda: lake_events.conflicts,
+                    commit_p50=lambda: lake_events.commit_quantile(0.5),
+                    commit_p99=lambda: lake_events.commit_quantile(0.99),
+                )
             self.metrics.bind(
                 backlog=lambda: writer.backlog,
                 lag=lambda: writer.lag_seconds,
@@ -357,10 +371,18 @@ class Tokentill:
                 )
             )
             stack.callback(self._close_warehouse, lake)
-            # A lake's proxies meter; the price catalog is the worker's to keep.
+            if settings.works:  # the price catalog is the workers' to keep
+                with lake.exclusive():
+                    self._load_prices(lake)
             return lake
         storage = DuckDBFile(settings.db, memory_limit=settings.warehouse_memory_limit)
         stack.callback(self._close_warehouse, storage)
+        self._load_prices(storage)
+        return storage
+
+    def _load_prices(self, storage: Storage) -> None:
+        """The published catalog (once per genai-prices version) and the operator's file."""
+        settings = self.settings
         conn = storage.session()
         try:
             seeded = seed_published(conn)
@@ -371,7 +393,6 @@ class Tokentill:
                 log.info("price catalog: %d prices from %s", added, settings.prices_file)
         finally:
             conn.close()
-        return storage
 
     def _close_warehouse(self, storage: Storage) -> None:
         if self._drained:  # else the writer thread may still hold it
@@ -500,12 +521,20 @@ class Tokentill:
 
     def _start_scheduler(self, stack: contextlib.AsyncExitStack, runtime: Runtime) -> None:
         """The rollup and abuse jobs on their schedule; stopped first at shutdown."""
+        upkeep = self._lake_upkeep(runtime.storage)
+
+        def after_rollup() -> None:
+            _post_adjustments(runtime)
+            if upkeep is not None:
+                upkeep()
+
         scheduler = start_scheduler(
             runtime.rollup,
             self.settings.rollup_interval,
             {"abuse": (runtime.abuse.run, self.settings.abuse_interval)},
-            then=lambda: _post_adjustments(runtime),
+            then=after_rollup,
             compaction=(self.settings.rollup_compact_parts, self.settings.rollup_compact_after),
+            leads=runtime.storage.leads,
         )
 
         async def stop() -> None:
@@ -513,6 +542,31 @@ class Tokentill:
                 log.error("a rollup run did not stop in time; the warehouse interrupts it")
 
         stack.push_async_callback(stop)
+
+    def _lake_upkeep(self, storage: Storage) -> Callable[[], None] | None:
+        """A lake's upkeep, after the rollup cycle that ends its interval (the same
+        thread: never beside a rollup run or a compaction)."""
+        if not isinstance(storage, Lake):
+            return None
+        settings, metrics = self.settings, self.metrics
+        due = time.monotonic() + settings.lake_upkeep_interval
+
+        def maybe() -> None:
+            nonlocal due
+            if time.monotonic() < due:
+                return
+            due = time.monotonic() + settings.lake_upkeep_interval
+            try:
+                done = storage.upkeep(timedelta(seconds=settings.lake_keep_snapshots))
+            except Exception:
+                log.exception("lake upkeep failed")
+                return
+            for what, value in dataclasses.asdict(done).items():
+                if isinstance(value, int):
+                    metrics.lake_upkeep.labels(what).set(value)
+            log.info("lake upkeep: %s", done)
+
+        return maybe
 
 
 def _run_until_closed(

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     # This instance's name in the lake, stable across its restarts: its journal's
     # checkpoint is kept under it. Required with a lake; one per journal directory.
     instance_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = None
+    # How often the active worker keeps a lake up (docs/cluster.md, "Upkeep"), and how
+    # long old snapshots and their files are kept for queries still reading them.
+    lake_upkeep_interval: Seconds = 3600.0
+    lake_keep_snapshots: Seconds = 3600.0
     # What this process does: `proxy` (forward and meter), `worker` (the scheduled
     # jobs), `api` (the admin API and the dashboard), or `all` of them.
     role: Literal["all", "proxy", "worker", "api"] = "all"
@@ -218,19 +222,12 @@ class Settings(BaseSettings):
                 f"role {self.role!r} needs a lake (lake_catalog, lake_data): "
                 "one DuckDB file is owned by one process, which plays every role"
             )
-        if self.lake_catalog is not None:
-            # What the lake serves so far (docs/cluster.md, "What is built"): proxies
-            # metering into it. Refused loudly rather than half-working.
-            if self.role != "proxy":
-                raise ValueError(
-                    f"role {self.role!r} on a lake is not built yet: run proxies "
-                    "(role proxy) on the lake; the worker and api roles come next"
-                )
-            if self.quotas_enabled:
-                raise ValueError(
-                    "quotas across proxies need their shared counters (Redis), not built "
-                    "yet: set quotas_enabled=false on a lake's proxies"
-                )
+        if self.lake_catalog is not None and self.quotas_enabled:
+            # Refused loudly rather than enforced per process (docs/cluster.md).
+            raise ValueError(
+                "quotas across instances need their shared counters (Redis), not built "
+                "yet: set quotas_enabled=false on a lake's instances"
+            )
         return self
 
     @property

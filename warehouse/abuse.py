@@ -44,7 +44,7 @@ import polars as pl
 
 from tokentill.warehouse import pricing
 from tokentill.warehouse.alerts import Alert, Severity
-from tokentill.warehouse.db import fetch_one, query_frame
+from tokentill.warehouse.db import next_id, query_frame
 from tokentill.warehouse.prices import price_table
 
 log = logging.getLogger(__name__)
@@ -406,11 +406,11 @@ class AbuseJob:
         conn = self._connect()
         clock = time.perf_counter()
         try:
-            run_id = fetch_one(
-                conn,
-                "INSERT INTO job_runs (job, mode, started_at) VALUES (?, 'scheduled', ?) "
-                "RETURNING run_id",
-                [ABUSE, datetime.now(UTC)],
+            run_id = next_id(conn, "job_run_id_seq")
+            conn.execute(
+                """INSERT INTO job_runs (run_id, job, mode, started_at)
+                   VALUES (?, ?, 'scheduled', ?)""",
+                [run_id, ABUSE, datetime.now(UTC)],
             )
             error, events, alerts = None, pl.DataFrame(), []
             try:
@@ -423,7 +423,7 @@ class AbuseJob:
             conn.execute(
                 """UPDATE job_runs SET finished_at = ?, rows_in = ?, rows_out = ?, error = ?
                    WHERE run_id = ?""",
-                [datetime.now(UTC), events.height, len(alerts), error, run_id[0] if run_id else 0],
+                [datetime.now(UTC), events.height, len(alerts), error, run_id],
             )
         finally:
             conn.close()

@@ -61,13 +61,15 @@ def insert_alerts(conn: duckdb.DuckDBPyConnection, alerts: Sequence[Alert]) -> l
     """Insert the alerts not already raised; return those that are new."""
     fresh = []
     for alert in alerts:
+        # Once per dedupe key. Not ON CONFLICT: a lake has no unique keys (the file's
+        # UNIQUE still guards it). The number is taken only for an alert that is new.
         row = fetch_one(
             conn,
-            """INSERT INTO alerts (dedupe_key, kind, rule, severity, message, user_id, subject,
-                   window_start, window_end, evidence, created_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT (dedupe_key) DO NOTHING
-               RETURNING alert_id""",
+            """INSERT INTO alerts (alert_id, dedupe_key, kind, rule, severity, message, user_id,
+                   subject, window_start, window_end, evidence, created_at)
+               SELECT tokentill_next_id('alert_id_seq'), $1, $2, $3, $4, $5, $6, $7, $8, $9,
+                   $10, $11
+               WHERE NOT EXISTS (SELECT 1 FROM alerts WHERE dedupe_key = $1)""",
             [
                 alert.dedupe_key,
                 alert.kind,
@@ -82,7 +84,7 @@ def insert_alerts(conn: duckdb.DuckDBPyConnection, alerts: Sequence[Alert]) -> l
                 alert.created_at,
             ],
         )
-        if row is not None:
+        if row is not None and row[0]:
             fresh.append(alert)
     return fresh
 
@@ -132,10 +134,10 @@ def acknowledge(conn: duckdb.DuckDBPyConnection, alert_id: int, by: str | None) 
         conn,
         """UPDATE alerts SET acknowledged_at = coalesce(acknowledged_at, ?),
                acknowledged_by = coalesce(acknowledged_by, ?)
-           WHERE alert_id = ? RETURNING alert_id""",
+           WHERE alert_id = ?""",
         [datetime.now(UTC), by, alert_id],
     )
-    return row is not None
+    return bool(row and row[0])  # the count of rows updated (no RETURNING on a lake)
 
 
 def alert_by_id(conn: duckdb.DuckDBPyConnection, alert_id: int) -> dict[str, Any] | None:

@@ -97,3 +97,16 @@ def query_frame(
         for name, dtype in frame.schema.items()
         if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None
     )
+
+
+_SEQUENCE = re.compile(r"^[a-z_]+_seq$")
+
+
+def next_id(conn: duckdb.DuckDBPyConnection, sequence: str) -> int:
+    """The next number of `sequence`, on any backend (migration 0016 says how)."""
+    if not _SEQUENCE.match(sequence):
+        raise ValueError(f"not a sequence name: {sequence!r}")
+    row = fetch_one(conn, f"SELECT tokentill_next_id('{sequence}')")
+    if row is None:
+        raise RuntimeError(f"{sequence} gave no number")
+    return int(row[0])

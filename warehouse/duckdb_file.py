@@ -126,6 +126,12 @@ class DuckDBFile:
         cursor.execute("SET TimeZone = 'UTC'")
         return cursor
 
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def leads(self) -> bool:
+        return True
+
     def close(self, timeout: float = 5.0) -> bool:
         """Interrupt the queries still running in sessions, then close the database once
         they have given it back (DuckDB refuses to close a connection in use). False when

@@ -25,21 +25,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
 
 import duckdb
 import polars as pl
 import psycopg
+from duckdb import sqltypes
+from psycopg.conninfo import make_conninfo
 
 from tokentill.warehouse.db import fetch_one, transaction
 from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
+from tokentill.warehouse.lake_upkeep import UpkeepResult, upkeep
 from tokentill.warehouse.migrate import migrate
 from tokentill.warehouse.storage import Position, StorageUnavailableError
 
@@ -54,6 +59,15 @@ _EXTENSIONS = {"ducklake": "ducklake", "postgres": "postgres_scanner", "httpfs":
 # One number for the commit lock, shared by every tokentill on the catalog.
 COMMIT_LOCK = 0x746F6B656E74696C  # "tokentil"
 SCHEMA_LOCK = COMMIT_LOCK + 1
+WRITES_LOCK = COMMIT_LOCK + 2  # `Lake.exclusive()`: prices added in id order
+WORKER_LOCK = COMMIT_LOCK + 3  # the active worker's lease
+# A vanished host's session (and the locks it holds) is dropped within about 11 s.
+_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
 
 
 class LakeUnavailableError(StorageUnavailableError):
@@ -117,7 +131,12 @@ def connect(config: LakeConfig) -> duckdb.DuckDBPyConnection:
     conn.execute("LOAD postgres")
     if config.data.startswith("s3://"):
         conn.execute("LOAD httpfs")
-        options = ["TYPE s3", "PROVIDER credential_chain", f"REGION {_quote(config.s3_region)}"]
+        # The key pair from the usual AWS variables (DuckDB's credential chain needs its
+        # aws extension, which has no package here); none: an instance role's own.
+        options = ["TYPE s3", f"REGION {_quote(os.environ.get('AWS_REGION', config.s3_region))}"]
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if key and secret:
+            options += [f"KEY_ID {_quote(key)}", f"SECRET {_quote(secret)}"]
         if config.s3_endpoint:
             options += [
                 f"ENDPOINT {_quote(config.s3_endpoint)}",
@@ -146,14 +165,35 @@ class CatalogLock:
         self._key = key
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self._mutex = threading.Lock()
+        self._leased = False
 
     def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
-                self._conn = psycopg.connect(self._catalog, autocommit=True, connect_timeout=5)
+                conninfo = make_conninfo(self._catalog, connect_timeout=5, **_KEEPALIVES)
+                self._conn = psycopg.connect(conninfo, autocommit=True)
             except psycopg.Error as exc:
                 raise LakeUnavailableError(f"lake catalog {redact(self._catalog)}: {exc}") from exc
         return self._conn
+
+    def try_hold(self) -> bool:
+        """Take the lock and keep it (a lease) if it is free; True while this process
+        holds it. Checked on the connection: a lock is lost with its session (the
+        catalog restarted), and taken again when it can be."""
+        with self._mutex:
+            try:
+                conn = self._connection()
+                if self._leased:
+                    conn.execute("SELECT 1")
+                    return True
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", [self._key]).fetchone()
+            except (psycopg.Error, LakeUnavailableError):
+                if self._conn is not None:
+                    self._conn.close()
+                self._leased = False
+                return False
+            self._leased = bool(row and row[0])
+            return self._leased
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -225,14 +265,21 @@ def target_schema() -> dict[str, list[Column]]:
     return tables
 
 
+_NEXTVAL = re.compile(r"^nextval\('(\w+)'\)$")
+
+
+def sequences(target: dict[str, list[Column]]) -> list[str]:
+    """The sequences the file's columns are numbered from."""
+    found = (_NEXTVAL.match(c.default or "") for cs in target.values() for c in cs)
+    return sorted({m[1] for m in found if m})
+
+
 def _lake_default(default: str | None) -> str | None:
     """DuckLake has no sequences: a column the file numbers from one (a price, a job run,
-    an alert, an adjustment) has no default in the lake, so an insert that leaves it out
-    fails loudly rather than numbering rows out of order. Those tables' writers number
-    their rows in the lake themselves (docs/cluster.md, "What runs where")."""
-    if default is not None and default.startswith("nextval("):
-        return None
-    return default
+    an alert, an adjustment) is numbered in the lake by `tokentill_next_id`, over a
+    sequence of the catalog's PostgreSQL (`RowNumbers`)."""
+    match = _NEXTVAL.match(default or "")
+    return f"tokentill_next_id('{match[1]}')" if match else default
 
 
 def _column_sql(column: Column) -> str:
@@ -250,12 +297,16 @@ QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY ingest_seq DESC) = 1
 """
 
 
-def sync_schema(conn: duckdb.DuckDBPyConnection, lock: CatalogLock) -> list[str]:
-    """Create the tables and columns the lake lacks (one process at a time). Returns what
-    it changed. Columns are only ever added, as the migrations only add them."""
+def sync_schema(
+    conn: duckdb.DuckDBPyConnection, lock: CatalogLock, numbers: RowNumbers
+) -> list[str]:
+    """Create the tables, columns and sequences the lake lacks (one process at a time).
+    Returns what it changed. Columns are only ever added, as the migrations only add
+    them."""
     target = target_schema()
     changed: list[str] = []
     with lock.held():
+        numbers.create(sequences(target))
         existing: dict[str, set[str]] = {}
         for table, column in conn.execute(
             """SELECT table_name, column_name FROM duckdb_columns()
@@ -402,10 +453,68 @@ class LakeEvents:
             },
         )
 
+    def commit_quantile(self, q: float) -> float:
+        """Of the last 1,000 commits' seconds (the lock's wait included)."""
+        recent = sorted(self.commit_seconds)
+        return recent[min(len(recent) - 1, int(len(recent) * q))] if recent else 0.0
+
     def _timed(self, started: float) -> None:
         self.commits += 1
         self.commit_seconds.append(time.perf_counter() - started)
         del self.commit_seconds[:-1000]
+
+
+class RowNumbers:
+    """`tokentill_next_id(name)` for a lake: the next value of the PostgreSQL sequence
+    `tokentill_<name>` in the catalog's database, on a connection of its own. Registered
+    as a DuckDB function, so the lake's column defaults and the warehouse's SQL call it
+    as they call the file's macro (migration 0016)."""
+
+    def __init__(self, catalog: str) -> None:
+        self._catalog = catalog
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._mutex = threading.Lock()
+
+    def create(self, names: list[str]) -> None:
+        with self._mutex:
+            conn = self._connection()
+            for name in names:
+                conn.execute(f'CREATE SEQUENCE IF NOT EXISTS "tokentill_{name}"')
+
+    def next(self, name: str) -> int:
+        with self._mutex:
+            try:
+                row = self._connection().execute("SELECT nextval(%s)", [f"tokentill_{name}"])
+                value = row.fetchone()
+            except psycopg.OperationalError as exc:
+                if self._conn is not None:
+                    self._conn.close()
+                raise LakeUnavailableError(f"lake catalog: {exc}") from exc
+        if value is None:
+            raise RuntimeError(f"sequence {name} gave no number")
+        return int(str(value[0]))
+
+    def register(self, conn: duckdb.DuckDBPyConnection) -> None:
+        conn.create_function(
+            "tokentill_next_id",
+            self.next,
+            [sqltypes.VARCHAR],
+            sqltypes.BIGINT,
+            side_effects=True,  # a new number per call, never folded into one
+        )
+
+    def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            try:
+                self._conn = psycopg.connect(self._catalog, autocommit=True, connect_timeout=5)
+            except psycopg.Error as exc:
+                raise LakeUnavailableError(f"lake catalog {redact(self._catalog)}: {exc}") from exc
+        return self._conn
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._conn is not None:
+                self._conn.close()
 
 
 class Lake:
@@ -415,17 +524,26 @@ class Lake:
         self._config = config
         self._conn = connect(config)
         self._lock = CatalogLock(config.catalog, COMMIT_LOCK)
+        self._numbers = RowNumbers(config.catalog)
         try:
-            changed = sync_schema(self._conn, CatalogLock(config.catalog, SCHEMA_LOCK))
+            self._numbers.register(self._conn)
+            schema_lock = CatalogLock(config.catalog, SCHEMA_LOCK)
+            try:
+                changed = sync_schema(self._conn, schema_lock, self._numbers)
+            finally:
+                schema_lock.close()
         except BaseException:
             self._conn.close()
             self._lock.close()
+            self._numbers.close()
             raise
         if changed:
             log.info("lake schema: created %s", ", ".join(changed))
         self._sessions = self._conn.cursor()
         self._mutex = threading.Lock()
         self._events = LakeEvents(self._conn.cursor(), self._lock, config.instance_id)
+        self._writes = CatalogLock(config.catalog, WRITES_LOCK)
+        self._lease = CatalogLock(config.catalog, WORKER_LOCK)
         self._open: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
 
     @property
@@ -444,6 +562,22 @@ class Lake:
         cursor.execute("SET TimeZone = 'UTC'")
         return cursor
 
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        return self._writes.held()
+
+    def upkeep(self, keep: timedelta) -> UpkeepResult:
+        """The lake's upkeep (warehouse/lake_upkeep.py), for the active worker."""
+        conn = self.session()
+        try:
+            return upkeep(conn, ALIAS, self._lock.held, keep=keep)
+        finally:
+            conn.close()
+
+    def leads(self) -> bool:
+        """Whether this process holds the worker's lease (taking it if it is free): the
+        standby's next call after the active worker's session ends takes it over."""
+        return self._lease.try_hold()
+
     def close(self, timeout: float = 5.0) -> bool:
         with self._mutex:
             sessions = list(self._open)
@@ -451,7 +585,9 @@ class Lake:
             with contextlib.suppress(duckdb.Error):
                 session.interrupt()
         deadline = time.monotonic() + timeout
-        self._lock.close()
+        for lock in (self._lock, self._writes, self._lease):
+            lock.close()
+        self._numbers.close()
         for conn in (self._sessions, self._conn):
             while True:
                 try:

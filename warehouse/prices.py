@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
@@ -208,7 +208,12 @@ class CatalogCache:
     report queries and the quotas: worked out again only when a price was added (a
     cheap check of the mark on each read). Owned by the composition root."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, exclusive: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+    ) -> None:
+        """`exclusive`: the warehouse's section that no other process runs at once
+        (`Storage.exclusive`): on a lake, price ids commit in order across processes."""
+        self._exclusive = exclusive or contextlib.nullcontext
         self._lock = threading.Lock()
         self._current: Catalog | None = None
         # The rollup job takes the prices above the highest id it has seen as new (and
@@ -219,7 +224,7 @@ class CatalogCache:
     @contextlib.contextmanager
     def adding(self, conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
         """A transaction for adding prices, committed before any other price is added."""
-        with self._adding, transaction(conn):
+        with self._adding, self._exclusive(), transaction(conn):
             yield
 
     def read(self, conn: duckdb.DuckDBPyConnection) -> Catalog:

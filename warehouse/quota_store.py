@@ -61,11 +61,10 @@ def replace_limits(
     """Replace one subject's limits ((unit, period, mode, amount) each); an empty list
     removes them. Returns whether the subject had any before."""
     with transaction(conn):
-        before = conn.execute(
-            """DELETE FROM quotas WHERE scope = ? AND subject_key = ? AND subject_value = ?
-               RETURNING unit""",
+        deleted = conn.execute(
+            """DELETE FROM quotas WHERE scope = ? AND subject_key = ? AND subject_value = ?""",
             [scope, subject_key, subject_value],
-        ).fetchall()
+        ).fetchone()
         now = datetime.now(UTC)
         for unit, period, mode, amount in limits:
             conn.execute(
@@ -73,7 +72,7 @@ def replace_limits(
                        amount, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                 [scope, subject_key, subject_value, unit, period, mode, Decimal(amount), now],
             )
-    return bool(before)
+    return bool(deleted and deleted[0])  # the count deleted (no RETURNING on a lake)
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,24 @@ def start_scheduler(
     others: dict[str, tuple[Callable[[], Any], float]] | None = None,
     then: Callable[[], object] | None = None,
     compaction: tuple[int, float] | None = None,
+    leads: Callable[[], bool] | None = None,
 ) -> BackgroundScheduler:
     """`others`: more jobs, each (run, every seconds). `then` runs after each rollup run
     (posting closed periods' adjustments). `compaction` (max parts, seconds): after each
     run, fold the days with more parts than that, and the days ended that long ago (off
-    the request path, and never beside a run: same thread, same lock)."""
+    the request path, and never beside a run: same thread, same lock). `leads`: asked
+    before each run, which is skipped while it says no (a lake's standby worker)."""
     scheduler = BackgroundScheduler(
         timezone=UTC,
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
     )
+
+    def leading(run: Callable[[], Any]) -> Callable[[], None]:
+        def gated() -> None:
+            if leads is None or leads():
+                run()
+
+        return gated
 
     def cycle() -> None:
         rollup.run()
@@ -41,7 +50,7 @@ def start_scheduler(
             then()
 
     scheduler.add_job(
-        cycle,
+        leading(cycle),
         IntervalTrigger(seconds=interval, timezone=UTC),
         id="rollup",
         name="rollup",
@@ -49,7 +58,7 @@ def start_scheduler(
     )
     for name, (run, every) in (others or {}).items():
         scheduler.add_job(
-            run,
+            leading(run),
             IntervalTrigger(seconds=every, timezone=UTC),
             id=name,
             name=name,

@@ -19,6 +19,7 @@ these two faces; the proxy, the API and the dashboard do not change.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Protocol
 
 import duckdb
@@ -74,6 +75,17 @@ class Storage(Protocol):
 
     def session(self) -> duckdb.DuckDBPyConnection:
         """A connection of its own for one thread (UTC), to read, or to run a job."""
+        ...
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """A section no other process on this warehouse runs at the same time (adding
+        prices, seeding the catalog). The file has one process: its threads' own locks
+        suffice, and this is a no-op."""
+        ...
+
+    def leads(self) -> bool:
+        """Whether this process runs the scheduled jobs now: always, on the file; on a
+        lake, while it holds the worker's lease (one active worker at a time)."""
         ...
 
     def close(self) -> bool:

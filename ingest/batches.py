@@ -318,6 +318,15 @@ class BatchWatcher:
         event.service_tier = "batch"  # what the batch is billed at, whatever the body says
         event.event_id = event.response_id or stable
         event.latency_ms = None
+        # The same batch may be read again (after a restart, or by another proxy a client
+        # asked about it): its lines must be the same rows, so that the writer's replay
+        # check (the event's id among the rows recorded at the same moment) finds them.
+        # They are stamped with the moment the batch ended, not the moment of reading.
+        ended = _ended_us(batch)
+        if ended is not None:
+            event.recorded_at_us = ended
+            if status != 200:  # an error line's moment is its request's, here the reading
+                event.created_at_us = event.request_started_at_us = ended
         return event
 
     async def _lines(
@@ -351,4 +360,13 @@ def _json_line(raw: bytes) -> dict[str, Any] | None:
         parsed = orjson.loads(raw)
         if isinstance(parsed, dict):
             return parsed
+    return None
+
+
+def _ended_us(batch: dict[str, Any]) -> int | None:
+    """When the batch ended (completed, expired, cancelled or failed), in µs."""
+    for name in ("completed_at", "expired_at", "cancelled_at", "failed_at"):
+        value = batch.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return int(value * 1_000_000)
     return None

@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,6 +36,22 @@ class JournalLockedError(RuntimeError):
 
 
 Sink = Callable[[Position, bytes], None]
+
+
+def journal_identity(directory: Path) -> str:
+    """The journal's own name, made once with it (`<directory>/IDENTITY`): a lake keeps a
+    proxy's checkpoint under it, so that a fresh journal under an old instance id never
+    skips lines for positions an older journal reached."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "IDENTITY"
+    try:
+        return path.read_text("ascii").strip()
+    except FileNotFoundError:
+        identity = uuid.uuid4().hex
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(identity, "ascii")
+        os.replace(temporary, path)  # all or nothing, even if killed here
+        return identity
 
 
 class Journal:

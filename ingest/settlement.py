@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from tokentill.ingest.poller import Poller
 
 log = logging.getLogger(__name__)
+
+_AT_ONCE = 100  # adopted responses polled at once per sweep; the rest on schedule
 
 Find = Callable[[datetime, datetime], list[str]]  # (since, before) -> response ids
 
@@ -33,6 +36,7 @@ class Settler:
         self,
         poller: Poller,
         find: Find,
+        landed: Callable[[], bool],
         api_key: str | None,
         *,
         max_age: float,
@@ -41,6 +45,10 @@ class Settler:
     ) -> None:
         self._poller = poller
         self._find = find
+        self._landed = landed  # blocks until the journal's replay is in the warehouse
+        # What this node adopted, and when: a response its poller gave up on (gone
+        # upstream, or never finishing) is not adopted again for `max_age`.
+        self._adopted: dict[str, float] = {}
         self._credentials = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else None
         self._max_age = timedelta(seconds=max_age)
         self._interval = interval
@@ -52,7 +60,15 @@ class Settler:
         """Hand the poller every pending response it does not track; how many."""
         now = datetime.now(UTC)
         found = await asyncio.to_thread(self._find, now - self._max_age, now - grace)
-        fresh = [response_id for response_id in found if response_id not in self._poller]
+        clock = time.monotonic()
+        horizon = clock - self._max_age.total_seconds()
+        for response_id in [r for r, at in self._adopted.items() if at < horizon]:
+            del self._adopted[response_id]
+        fresh = [
+            response_id
+            for response_id in found
+            if response_id not in self._poller and response_id not in self._adopted
+        ]
         if self._credentials is None:
             if fresh and len(fresh) != self.unsettleable:
                 log.warning(
@@ -62,15 +78,22 @@ class Settler:
                 )
             self.unsettleable = len(fresh)
             return 0
-        for response_id in fresh:
-            self._poller.track(response_id, self._credentials, due_now=True)
+        for n, response_id in enumerate(fresh):
+            # The first at once; a long list spread by the poller's own schedule, so that
+            # the responses it already polls are not starved behind it.
+            self._poller.track(response_id, self._credentials, due_now=n < _AT_ONCE)
+            self._adopted[response_id] = clock
         if fresh:
             log.info("settling %d pending responses left by a stopped process", len(fresh))
         self.adopted += len(fresh)
         return len(fresh)
 
     async def run(self) -> None:
-        grace = timedelta(0)  # at start, every pending response is an orphan
+        if not await asyncio.to_thread(self._landed):
+            log.error("settlement: the journal's replay did not land in time; sweeping anyway")
+        # At start, every pending response this node left is an orphan (on a lake, others'
+        # fresh ones may be polled by their own node too: harmless, counted once).
+        grace = timedelta(0)
         while True:
             try:
                 await self.sweep(grace)

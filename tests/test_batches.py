@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import Running, ledger, put_user_quota
+from tests.conftest import Running, ledger, put_user_quota, serve_tokentill
 
 
 def _jsonl(lines: list[dict[str, Any]]) -> io.BytesIO:
@@ -122,6 +123,41 @@ def test_a_line_the_endpoint_refuses_is_an_error_row_from_the_error_file(
     refused = rows["error"]
     assert refused["event_id"] == f"{batch.id}:req-1" and refused["http_status"] == 400
     assert refused["user_id"] == "err-user" and refused["input_tokens"] is None
+
+
+def test_a_batch_read_again_after_a_restart_lands_once(tmp_path: Path, fake_upstream: str) -> None:
+    """A batch is read whenever a client asks about it through tokentill: after a restart
+    (or, in a cluster, by another proxy) the same lines come again, and land once."""
+    db = tmp_path / "w.duckdb"
+    lines = [_chat_line(0, "again"), _chat_line(1, "again", model=None), _chat_line(2, "again")]
+    with serve_tokentill(db, fake_upstream) as first:
+        client = first.client()
+        uploaded = client.files.create(file=("requests.jsonl", _jsonl(lines)), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_headers={"x-fake-background-delay-ms": "100"},
+        )
+        first.wait_for(lambda: len(first.rows("service_tier = 'batch'")) == 3, 20)
+        before = sorted((r["event_id"], r["status"]) for r in first.rows("service_tier = 'batch'"))
+    with serve_tokentill(db, fake_upstream) as second:
+        assert second.client().batches.retrieve(batch.id).status == "completed"
+
+        def read_again() -> bool:
+            text = httpx.get(second.url + "/metrics", timeout=10).text
+            seen = [
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("tokentill_events_captured_total{")
+                and 'endpoint="chat.completions"' in line
+            ]
+            return sum(seen) >= 3  # the batch's lines journaled again
+
+        second.wait_for(read_again, 20)
+        after = sorted((r["event_id"], r["status"]) for r in second.rows("service_tier = 'batch'"))
+    assert after == before
+    assert {status for _, status in after} == {"completed", "error"}
 
 
 def test_quotas_admit_a_batch_line_by_line_before_it_is_created(make_tokentill: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,9 +34,9 @@ from tokentill.ingest.journal import Journal
 from tokentill.settings import Settings
 from tokentill.warehouse.events import COLUMNS, UsageEvent
 from tokentill.warehouse.jobs import RollupConfig, RollupJob
-from tokentill.warehouse.lake import Lake, LakeConfig, connect
+from tokentill.warehouse.lake import Lake, LakeConfig, LakeInstanceBusyError, connect, redact
 from tokentill.warehouse.prices import PriceRow, insert_rows
-from tokentill.warehouse.storage import Position
+from tokentill.warehouse.storage import Position, StorageUnavailableError
 from tokentill.warehouse.writer import Writer
 
 
@@ -55,8 +56,13 @@ def lake(postgres: Postgres, tmp_path: Path) -> LakeConfig:
     )
 
 
+# One moment for every test event: a replayed event carries the moment it was first
+# recorded (its journal line), which is how the writer finds it already stored.
+NOW = datetime.now(UTC)
+
+
 def _events(*ids: str, status: str = "completed", tokens: int = 10) -> pl.DataFrame:
-    now = datetime.now(UTC)
+    now = NOW
     rows = [
         {
             "event_id": event_id,
@@ -98,7 +104,6 @@ def test_a_lake_keeps_each_event_once_and_each_proxy_its_own_checkpoint(
         second.events.append(_events("d"), empty, seq=1, upto=Position(7, 5))
         assert first.events.checkpoint() == Position(1, 200)
         assert second.events.checkpoint() == Position(7, 5)
-        assert Lake(lake).events.checkpoint() == Position(1, 200)  # kept in the lake
 
         # A background response: queued, then its outcome as a newer version.
         second.events.append(
@@ -113,9 +118,18 @@ def test_a_lake_keeps_each_event_once_and_each_proxy_its_own_checkpoint(
         # An update to an event no longer pending changes nothing.
         late = done.with_columns(input_tokens=pl.lit(999, pl.Int64))
         first.events.append(empty, late, seq=1, upto=Position(1, 400))
+        # Created and finished within one batch: the finished version is the latest.
+        queued = _events("quick", status="queued", tokens=0)
+        finished = _events("quick", tokens=7).with_columns(created_at=queued["created_at"])
+        first.events.append(queued, finished, seq=1, upto=Position(1, 500))
     finally:
         first.close()
         second.close()
+    reopened = Lake(lake)  # the checkpoint is kept in the lake, for the next start
+    try:
+        assert reopened.events.checkpoint() == Position(1, 500)
+    finally:
+        reopened.close()
     rows = _in_lake(
         lake,
         "SELECT event_id, status, input_tokens, ingest_seq FROM usage_events ORDER BY event_id",
@@ -126,6 +140,7 @@ def test_a_lake_keeps_each_event_once_and_each_proxy_its_own_checkpoint(
         ("bg", "completed", 42),
         ("c", "completed", 10),
         ("d", "completed", 10),
+        ("quick", "completed", 7),
     ]
     versions = _in_lake(lake, "SELECT count(*) FROM usage_event_versions WHERE event_id = 'bg'")
     assert versions == [(2,)]
@@ -625,3 +640,63 @@ def test_a_lake_on_an_s3_store(
         assert any(o["Key"].endswith(".parquet") for o in objects), objects
     finally:
         server.stop()
+
+
+def test_one_process_per_instance_id_and_a_new_journal_starts_from_nothing(
+    lake: LakeConfig,
+) -> None:
+    first = Lake(replace(lake, journal_id="journal-1"))
+    try:
+        empty = pl.DataFrame(schema=_events("x").schema)
+        first.events.append(_events("j1"), empty, seq=1, upto=Position(3, 30))
+        with pytest.raises(LakeInstanceBusyError, match="in use by another"):
+            Lake(replace(lake, journal_id="journal-1"))
+    finally:
+        first.close()
+    again = Lake(replace(lake, journal_id="journal-1"))
+    try:
+        assert again.events.checkpoint() == Position(3, 30)
+    finally:
+        again.close()
+    # A fresh journal under the same instance id: its positions restart, so the old
+    # journal's checkpoint must not make its replay skip anything.
+    fresh = Lake(replace(lake, journal_id="journal-2"))
+    try:
+        assert fresh.events.checkpoint() == Position(0, 0)
+    finally:
+        fresh.close()
+
+
+def test_a_data_path_that_fails_is_an_outage_not_a_bad_batch(
+    lake: LakeConfig, tmp_path: Path
+) -> None:
+    """A commit the data path refuses is retried whole (StorageUnavailableError), never
+    set aside line by line as if the batch were at fault."""
+    opened = Lake(lake)
+    data = Path(lake.data)
+    try:
+        empty = pl.DataFrame(schema=_events("x").schema)
+        ids = [f"big-{i}" for i in range(500)]  # past inlining: a Parquet file is written
+        shutil.rmtree(data, ignore_errors=True)
+        data.write_text("not a directory")
+        with pytest.raises(StorageUnavailableError):
+            opened.events.append(_events(*ids), empty, seq=1, upto=Position(1, 1))
+        data.unlink()
+        data.mkdir()
+        opened.events.append(_events(*ids), empty, seq=1, upto=Position(1, 1))
+        assert opened.events.checkpoint() == Position(1, 1)
+    finally:
+        opened.close()
+    assert _in_lake(lake, "SELECT count(DISTINCT event_id), count(*) FROM usage_events") == [
+        (500, 500)
+    ]
+
+
+def test_the_catalog_password_never_reaches_logs() -> None:
+    for catalog in (
+        "postgresql://tokentill:hunter2@db:5432/lake",
+        "host=db password='hunter2 with spaces' dbname=lake",
+        "postgresql://:hunter2@db/lake",
+    ):
+        shown = redact(catalog)
+        assert "hunter2" not in shown and "db" in shown, shown

@@ -58,7 +58,7 @@ from tokentill.api.runtime import AdminRuntime
 from tokentill.ingest.batches import BatchWatcher
 from tokentill.ingest.errors import error_body, send_error
 from tokentill.ingest.http1 import HTTP1Upstream
-from tokentill.ingest.journal import Journal
+from tokentill.ingest.journal import Journal, journal_identity
 from tokentill.ingest.metrics import Metrics
 from tokentill.ingest.poller import Poller
 from tokentill.ingest.proxy import IdentityRules, Proxy, ProxyConfig
@@ -349,7 +349,7 @@ class Tokentill:
             # Everything built so far lives as long as the process: keep the cyclic GC from
             # walking it on every collection (shorter pauses on the proxy's hot path).
             gc.freeze()
-            log.info("tokentill ready: proxy -> %s, warehouse %s", settings.upstream, settings.db)
+            log.info("tokentill ready: proxy -> %s, warehouse %s", settings.upstream, storage.name)
             try:
                 yield
             finally:
@@ -366,6 +366,7 @@ class Tokentill:
                     data=settings.lake_data,
                     instance_id=settings.instance_id or "",
                     extension_dir=settings.journal_path.parent / "duckdb_extensions",
+                    journal_id=journal_identity(settings.journal_path),
                     s3_endpoint=settings.lake_s3_endpoint,
                     s3_use_ssl=settings.lake_s3_use_ssl,
                 )
@@ -439,10 +440,8 @@ class Tokentill:
         self, stack: contextlib.AsyncExitStack, storage: Storage, writer: Writer, poller: Poller
     ) -> None:
         """The sweep that settles responses a stopped process left pending, once what the
-        journal held has landed (ingest/settlement.py)."""
+        journal held has landed (ingest/settlement.py; the start does not wait for it)."""
         settings = self.settings
-        if not await asyncio.to_thread(writer.flush, 120.0):
-            raise RuntimeError("the journal replay did not reach the warehouse in time")
 
         def find(since: datetime, before: datetime) -> list[str]:
             conn = storage.session()
@@ -455,6 +454,7 @@ class Tokentill:
         settler = Settler(
             poller,
             find,
+            lambda: writer.flush(120.0),
             key.get_secret_value() if key else None,
             max_age=settings.background_poll_max,
             interval=settings.settlement_interval,

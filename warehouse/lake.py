@@ -24,6 +24,7 @@ is per table (an UPDATE on `usage_events` by one proxy aborts another's INSERT),
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -40,7 +41,7 @@ import duckdb
 import polars as pl
 import psycopg
 from duckdb import sqltypes
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tokentill.warehouse.db import fetch_one, transaction
 from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
@@ -58,16 +59,29 @@ EVENTS_TABLE = "usage_event_versions"
 _EXTENSIONS = {"ducklake": "ducklake", "postgres": "postgres_scanner", "httpfs": "httpfs"}
 # One number for the commit lock, shared by every tokentill on the catalog.
 COMMIT_LOCK = 0x746F6B656E74696C  # "tokentil"
-SCHEMA_LOCK = COMMIT_LOCK + 1
 WRITES_LOCK = COMMIT_LOCK + 2  # `Lake.exclusive()`: prices added in id order
 WORKER_LOCK = COMMIT_LOCK + 3  # the active worker's lease
-# A vanished host's session (and the locks it holds) is dropped within about 11 s.
-_KEEPALIVES = {
+# The lock sessions: keepalives on both ends (the server's own settings are what make
+# PostgreSQL drop a vanished client's session, and the locks it holds, within about 11 s),
+# and no wait for a lock longer than 30 s (a writer then retries its batch, later).
+_SESSION: dict[str, str | int | None] = {
     "keepalives": 1,
     "keepalives_idle": 5,
     "keepalives_interval": 2,
     "keepalives_count": 3,
+    "options": "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 "
+    "-c tcp_keepalives_count=3 -c lock_timeout=30s -c statement_timeout=60s",
 }
+
+
+class LakeInstanceBusyError(RuntimeError):
+    """Another running process holds this instance id on the lake."""
+
+
+def instance_key(instance_id: str) -> int:
+    """The advisory lock that one process per instance id holds."""
+    digest = hashlib.sha256(f"tokentill instance {instance_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class LakeUnavailableError(StorageUnavailableError):
@@ -81,6 +95,7 @@ class LakeConfig:
     data: str  # the data path: a directory or s3://bucket/prefix/
     instance_id: str  # this process's journal, stable across its restarts
     extension_dir: Path  # where the extension tree is laid out (a private directory)
+    journal_id: str = ""  # the journal's own identity (ingest.journal.journal_identity)
     s3_endpoint: str | None = None  # an S3-compatible store (MinIO, a stand-in), host:port
     s3_use_ssl: bool = True
     s3_region: str = "us-east-1"
@@ -107,10 +122,19 @@ def extension_tree(root: Path) -> Path:
     return root
 
 
+def _without_password(catalog: str) -> tuple[str, str | None]:
+    """The catalog's connection string without its password, and the password."""
+    try:
+        params = conninfo_to_dict(catalog)
+    except psycopg.ProgrammingError:
+        return "(an unreadable connection string)", None
+    password = params.pop("password", None)
+    return make_conninfo("", **params), None if password is None else str(password)
+
+
 def redact(catalog: str) -> str:
-    """The catalog's connection string without its password, for logs and health."""
-    catalog = re.sub(r"password\s*=\s*\S+", "password=***", catalog)
-    return re.sub(r"(postgres(?:ql)?://[^:/@]+):[^@]*@", r"\1:***@", catalog)
+    """The catalog's connection string without its password, for logs and errors."""
+    return _without_password(catalog)[0]
 
 
 def _quote(value: str) -> str:
@@ -144,9 +168,14 @@ def connect(config: LakeConfig) -> duckdb.DuckDBPyConnection:
                 f"USE_SSL {str(config.s3_use_ssl).lower()}",
             ]
         conn.execute(f"CREATE OR REPLACE SECRET tokentill_lake ({', '.join(options)})")
+    # The password reaches libpq through its environment, never through a string that
+    # DuckDB repeats in its errors (which end up in logs and in job_runs).
+    catalog, password = _without_password(config.catalog)
+    if password is not None:
+        os.environ["PGPASSWORD"] = password
     try:
         conn.execute(
-            f"ATTACH {_quote('ducklake:postgres:' + config.catalog)} AS {ALIAS} "
+            f"ATTACH {_quote('ducklake:postgres:' + catalog)} AS {ALIAS} "
             f"(DATA_PATH {_quote(config.data)})"
         )
     except duckdb.Error as exc:
@@ -170,7 +199,7 @@ class CatalogLock:
     def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
-                conninfo = make_conninfo(self._catalog, connect_timeout=5, **_KEEPALIVES)
+                conninfo = make_conninfo(self._catalog, connect_timeout=5, **_SESSION)
                 self._conn = psycopg.connect(conninfo, autocommit=True)
             except psycopg.Error as exc:
                 raise LakeUnavailableError(f"lake catalog {redact(self._catalog)}: {exc}") from exc
@@ -257,6 +286,7 @@ def target_schema() -> dict[str, list[Column]]:
     tables[EVENTS_TABLE] = tables.pop("usage_events")
     tables["lake_checkpoints"] = [
         Column("instance_id", "VARCHAR", True, None),
+        Column("journal_id", "VARCHAR", False, None),
         Column("segment", "BIGINT", True, None),
         Column("offset", "BIGINT", True, None),
         Column("ingest_seq", "BIGINT", True, None),
@@ -290,10 +320,21 @@ def _column_sql(column: Column) -> str:
     return sql
 
 
+# The latest version of each event. An event takes a version only while its latest is
+# pending (queued, in progress, interrupted), and its terminal version is its last: so
+# the terminal versions are read as they are (a plain scan, which the rollups' ingest_seq
+# ranges and the reports' time ranges prune by zone maps), and only the few pending ones
+# are looked at twice. (A window over every version cost a sort of the whole table on
+# each read.)
 _LATEST_SQL = f"""
 CREATE OR REPLACE VIEW usage_events AS
-SELECT * FROM {EVENTS_TABLE}
-QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY ingest_seq DESC) = 1
+SELECT * FROM {EVENTS_TABLE} WHERE status NOT IN ({PENDING_SQL})
+UNION ALL
+SELECT * FROM {EVENTS_TABLE} AS p
+WHERE p.status IN ({PENDING_SQL}) AND NOT EXISTS (
+    SELECT 1 FROM {EVENTS_TABLE} AS w
+    WHERE w.event_id = p.event_id AND w.ingest_seq > p.ingest_seq
+)
 """
 
 
@@ -325,8 +366,9 @@ def sync_schema(
                     if column.name not in existing[table]:
                         conn.execute(f'ALTER TABLE "{table}" ADD COLUMN {_column_sql(column)}')
                         changed.append(f"{table}.{column.name}")
-            if changed or "usage_events" not in existing:
-                conn.execute(_LATEST_SQL)
+            # Defined anew at each start (one small commit): a lake made by an older
+            # tokentill reads through this version's definition.
+            conn.execute(_LATEST_SQL)
     return changed
 
 
@@ -365,9 +407,14 @@ WHERE u.status IN ({PENDING_SQL})
 """
 
 _CHECKPOINT_SQL = """
-INSERT INTO lake_checkpoints (instance_id, segment, "offset", ingest_seq, committed_at)
-VALUES ($instance, $segment, $offset, $seq, now())
+INSERT INTO lake_checkpoints (instance_id, journal_id, segment, "offset", ingest_seq,
+                              committed_at)
+VALUES ($instance, $journal, $segment, $offset, $seq, now())
 """
+
+
+# Errors that say the store failed, whatever the batch: files, HTTP, the commit itself.
+_OUTAGES = (duckdb.IOException, duckdb.HTTPException, duckdb.TransactionException)
 
 
 class LakeEvents:
@@ -375,12 +422,17 @@ class LakeEvents:
     together, in commit order across the cluster (the catalog lock)."""
 
     def __init__(
-        self, conn: duckdb.DuckDBPyConnection, lock: CatalogLock, instance_id: str
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        lock: CatalogLock,
+        instance_id: str,
+        journal_id: str = "",
     ) -> None:
         self._conn = conn
         conn.execute(f"USE {ALIAS}")  # a cursor starts in DuckDB's own default catalog
         self._lock = lock
         self._instance = instance_id
+        self._journal = journal_id
         self.commits = 0
         self.conflicts = 0  # commits that met another's change, retried
         self.commit_seconds: list[float] = []  # the last commits' durations, lock included
@@ -388,9 +440,10 @@ class LakeEvents:
     def checkpoint(self) -> Position:
         row = fetch_one(
             self._conn,
-            """SELECT segment, "offset" FROM lake_checkpoints WHERE instance_id = ?
+            """SELECT segment, "offset" FROM lake_checkpoints
+               WHERE instance_id = ? AND coalesce(journal_id, '') = ?
                ORDER BY segment DESC, "offset" DESC LIMIT 1""",
-            [self._instance],
+            [self._instance, self._journal],
         )
         return Position(int(row[0]), int(row[1])) if row else Position(0, 0)
 
@@ -409,17 +462,21 @@ class LakeEvents:
         with self._committing():
             row = fetch_one(conn, _NEXT_SEQ_SQL)
             lake_seq = int(row[0]) if row else 1
-            for name, frame, sql in (
-                ("_new_events", creates, _INSERT_SQL),
-                ("_updates", updates, _UPDATE_SQL),
+            # An update may be to an event created in this very batch (a background
+            # response that finished within a flush): its version takes the next number,
+            # so that the latest version of every event is the one with the highest.
+            update_seq = lake_seq + 1 if creates.height else lake_seq
+            for name, frame, sql, seq in (
+                ("_new_events", creates, _INSERT_SQL, lake_seq),
+                ("_updates", updates, _UPDATE_SQL, update_seq),
             ):
                 if frame.height:
                     conn.register(name, frame)
                     try:
-                        conn.execute(sql, {"seq": lake_seq})
+                        conn.execute(sql, {"seq": seq})
                     finally:
                         conn.unregister(name)
-            self._mark(upto, lake_seq)
+            self._mark(upto, update_seq if updates.height else lake_seq)
         self._timed(started)
 
     def skip(self, upto: Position) -> None:
@@ -438,8 +495,10 @@ class LakeEvents:
             if "conflict" in str(exc).lower():
                 self.conflicts += 1
                 raise LakeUnavailableError(f"lake commit conflicted: {exc}") from exc
-            if not self._lock.reachable():
-                raise LakeUnavailableError(f"lake catalog unreachable: {exc}") from exc
+            if isinstance(exc, _OUTAGES) or not self._lock.reachable():
+                # The data path (a directory, an S3 store) or the catalog failed the
+                # commit, not the batch: retried whole, never set aside line by line.
+                raise LakeUnavailableError(f"lake unavailable: {exc}") from exc
             raise
 
     def _mark(self, upto: Position, seq: int) -> None:
@@ -447,6 +506,7 @@ class LakeEvents:
             _CHECKPOINT_SQL,
             {
                 "instance": self._instance,
+                "journal": self._journal,
                 "segment": upto.segment,
                 "offset": upto.offset,
                 "seq": seq,
@@ -506,7 +566,8 @@ class RowNumbers:
     def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
-                self._conn = psycopg.connect(self._catalog, autocommit=True, connect_timeout=5)
+                conninfo = make_conninfo(self._catalog, connect_timeout=5, **_SESSION)
+                self._conn = psycopg.connect(conninfo, autocommit=True)
             except psycopg.Error as exc:
                 raise LakeUnavailableError(f"lake catalog {redact(self._catalog)}: {exc}") from exc
         return self._conn
@@ -525,23 +586,32 @@ class Lake:
         self._conn = connect(config)
         self._lock = CatalogLock(config.catalog, COMMIT_LOCK)
         self._numbers = RowNumbers(config.catalog)
+        # One process per instance id: two would share one checkpoint, and a replay
+        # would skip lines the other had committed (held for the process's lifetime).
+        self._instance = CatalogLock(config.catalog, instance_key(config.instance_id))
         try:
+            if not self._instance.try_hold():
+                raise LakeInstanceBusyError(
+                    f"instance id {config.instance_id!r} is in use by another running "
+                    "tokentill on this lake: each process needs its own "
+                    "TOKENTILL_INSTANCE_ID (and journal)"
+                )
             self._numbers.register(self._conn)
-            schema_lock = CatalogLock(config.catalog, SCHEMA_LOCK)
-            try:
-                changed = sync_schema(self._conn, schema_lock, self._numbers)
-            finally:
-                schema_lock.close()
+            # Under the commit lock: a table altered while a proxy commits would conflict.
+            changed = sync_schema(self._conn, self._lock, self._numbers)
         except BaseException:
             self._conn.close()
-            self._lock.close()
+            for lock in (self._lock, self._instance):
+                lock.close()
             self._numbers.close()
             raise
         if changed:
             log.info("lake schema: created %s", ", ".join(changed))
         self._sessions = self._conn.cursor()
         self._mutex = threading.Lock()
-        self._events = LakeEvents(self._conn.cursor(), self._lock, config.instance_id)
+        self._events = LakeEvents(
+            self._conn.cursor(), self._lock, config.instance_id, config.journal_id
+        )
         self._writes = CatalogLock(config.catalog, WRITES_LOCK)
         self._lease = CatalogLock(config.catalog, WORKER_LOCK)
         self._open: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
@@ -585,7 +655,7 @@ class Lake:
             with contextlib.suppress(duckdb.Error):
                 session.interrupt()
         deadline = time.monotonic() + timeout
-        for lock in (self._lock, self._writes, self._lease):
+        for lock in (self._lock, self._writes, self._lease, self._instance):
             lock.close()
         self._numbers.close()
         for conn in (self._sessions, self._conn):

@@ -4,7 +4,8 @@ to read as it was on its first day.
 
 1. Fold superseded event versions: a background response's `queued` version, once its
    outcome is stored, is deleted (`usage_events` reads the latest version per event,
-   so no answer changes; the versions table stops growing with pending responses).
+   so no answer changes; the versions table stops growing with pending responses). The
+   proxies' checkpoints are pruned to each journal's furthest.
 2. Flush inlined rows: DuckLake keeps a small commit's rows in the catalog's tables;
    they are written out to Parquet files.
 3. Merge adjacent small files into larger ones.
@@ -56,6 +57,18 @@ WHERE EXISTS (
 """
 
 
+# Each commit adds a checkpoint row; only each journal's furthest one is ever read.
+_PRUNE_CHECKPOINTS_SQL = """
+DELETE FROM lake_checkpoints AS c
+WHERE EXISTS (
+    SELECT 1 FROM lake_checkpoints AS d
+    WHERE d.instance_id = c.instance_id
+      AND coalesce(d.journal_id, '') = coalesce(c.journal_id, '')
+      AND (d.segment, d."offset") > (c.segment, c."offset")
+)
+"""
+
+
 def upkeep(
     conn: duckdb.DuckDBPyConnection,
     alias: str,
@@ -86,6 +99,7 @@ def upkeep(
     def fold() -> int:
         with transaction(conn):
             row = fetch_one(conn, _FOLD_SQL)
+            conn.execute(_PRUNE_CHECKPOINTS_SQL)
         return int(row[0]) if row else 0
 
     older = (datetime.now(UTC) - keep).isoformat()

@@ -176,10 +176,12 @@ class Writer:
                     batch = []
                 except StorageUnavailableError as exc:
                     # The warehouse is away (a lake's catalog down): the journal holds the
-                    # events and grows; the proxy serves on. Retry the batch whole.
+                    # events and grows; the proxy serves on. Retry what is left of the
+                    # batch whole (a half committed before the outage is not again).
                     if not self.unavailable:
                         log.error("writer: the warehouse is unavailable (%s); retrying", exc)
                     self.unavailable = True
+                    batch = [item for item in batch if item[0] > self.checkpoint]
                     time.sleep(1.0)
                 except Exception:
                     # Not even a lone line could be set aside (disk full?). The events are
@@ -245,6 +247,7 @@ class Writer:
         self.stats.rejected += 1
         log.error("writer: a journal line was refused; kept in %s", rejected)
         self._events.skip(position)
+        self.checkpoint = position
         self._advance(1)
 
     def _write(self, batch: list[Item]) -> None:

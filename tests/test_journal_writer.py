@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -11,6 +13,7 @@ from tokentill.ingest.journal import Journal, JournalLockedError
 from tokentill.warehouse.db import open_warehouse
 from tokentill.warehouse.duckdb_file import DuckDBEvents
 from tokentill.warehouse.events import UsageEvent
+from tokentill.warehouse.storage import Position, StorageUnavailableError
 from tokentill.warehouse.writer import Writer, parse_lines
 
 T0 = 1_764_000_000_000_000
@@ -158,3 +161,68 @@ def test_parse_lines_types_every_column() -> None:
     assert row["created_at"].year == 2025
     assert row["http_status"] == 200 and row["latency_ms"] == 1.5
     assert row["event_id"] == "resp_1"
+
+
+class Outage:
+    """A sink that is away (StorageUnavailableError) while `down`, counting its tries."""
+
+    def __init__(self, inner: DuckDBEvents) -> None:
+        self.inner = inner
+        self.down = True
+        self.tries = 0
+
+    def checkpoint(self) -> Position:
+        return self.inner.checkpoint()
+
+    def last_seq(self) -> int:
+        return self.inner.last_seq()
+
+    def append(self, creates: Any, updates: Any, *, seq: int, upto: Position) -> None:
+        self.tries += 1
+        if self.down:
+            raise StorageUnavailableError("the warehouse is away")
+        self.inner.append(creates, updates, seq=seq, upto=upto)
+
+    def skip(self, upto: Position) -> None:
+        if self.down:
+            raise StorageUnavailableError("the warehouse is away")
+        self.inner.skip(upto)
+
+
+def test_a_long_outage_keeps_memory_bounded_and_loses_nothing(tmp_path: Path) -> None:
+    """The warehouse away while 2,000 lines are journaled, with room for 100 in memory:
+    the rest wait in the journal alone, are read back once it returns, and every event
+    lands once, in order (an update after its create), none set aside."""
+    conn = open_warehouse(tmp_path / "w.duckdb")
+    journal = Journal(tmp_path / "journal", segment_bytes=1 << 16, fsync_interval=0.01)
+    journal.lock()
+    sink = Outage(DuckDBEvents(conn))
+    writer = Writer(sink, journal, batch_max=50, flush_interval=0.01, queue_max=100)
+    writer.recover()
+    journal.start(writer.submit)
+    writer.start()
+    try:
+        for i in range(2000):
+            journal.append(event(i, status="queued") if i % 10 == 0 else event(i))
+        for i in range(0, 2000, 10):  # each queued one finishes, after its create
+            journal.append(event(i, kind="update", input_tokens=7))
+        deadline = time.monotonic() + 10
+        while not writer.unavailable and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert writer.unavailable and writer.spills == 1
+        assert writer.backlog == 2200
+        assert writer._queued <= 100  # memory: the queue never held more
+        sink.down = False
+        assert writer.flush(30), writer.backlog
+        rows = conn.execute(
+            """SELECT count(*), count(DISTINCT event_id), count(*) FILTER (status = 'queued'),
+                      sum(input_tokens) FILTER (i % 10 = 0)
+               FROM (SELECT *, CAST(substr(event_id, 6) AS INTEGER) AS i FROM usage_events)"""
+        ).fetchone()
+        assert rows == (2000, 2000, 0, 7 * 200)
+        assert writer.stats.rejected == 0 and not (journal.directory / "rejected.jsonl").exists()
+        assert not writer.unavailable
+    finally:
+        assert writer.stop()
+        journal.close()
+        conn.close()

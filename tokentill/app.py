@@ -416,6 +416,7 @@ class Tokentill:
             events,
             journal,
             batch_max=settings.writer_batch_max,
+            queue_max=settings.writer_queue_max,
             flush_interval=settings.writer_flush_interval,
         )
         replayed = writer.recover()

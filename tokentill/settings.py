@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # The one writer: events are inserted into DuckDB in batches of at most this many,
     # at least this often.
     writer_batch_max: Annotated[int, Field(ge=1)] = 20_000
+    # Lines held in memory for the warehouse. Past it (the warehouse away for long: a
+    # lake's catalog down, a full disk), the journal alone holds the next ones, and the
+    # writer reads them back from it once it catches up: memory stays bounded.
+    writer_queue_max: Annotated[int, Field(ge=1)] = 200_000
     writer_flush_interval: Seconds = 0.5
 
     # The upstream client: connect and read timeouts, pooled connections.

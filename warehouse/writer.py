@@ -92,12 +92,24 @@ class Writer:
         *,
         batch_max: int,
         flush_interval: float,
+        queue_max: int = 200_000,
     ) -> None:
+        """`queue_max`: lines held in memory for the warehouse. Past it (the warehouse away
+        for long), new lines are left in the journal alone and read back from it once the
+        queue has drained: memory stays bounded however long an outage lasts."""
         self._events = events
         self._journal = journal
         self._batch_max = batch_max
         self._flush_interval = flush_interval
         self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        self._queue_max = queue_max
+        self._feed = threading.Lock()  # submit (the journal's thread) against the writer
+        self._queued = 0
+        self._last_queued = Position(0, 0)
+        self._last_submitted = Position(0, 0)
+        # Spilling: the lines past this position are in the journal only.
+        self._spilled_after: Position | None = None
+        self.spills = 0
         self._thread: threading.Thread | None = None
         self._enqueued = 0
         self._committed = 0
@@ -115,8 +127,22 @@ class Writer:
         """The journal's sink: called for every appended (or replayed) line."""
         if self._oldest_pending is None:
             self._oldest_pending = time.monotonic()
-        self._enqueued += 1
-        self._queue.put((position, line))
+        with self._feed:
+            self._enqueued += 1
+            self._last_submitted = position
+            if self._spilled_after is None and self._queued < self._queue_max:
+                self._queued += 1
+                self._last_queued = position
+                self._queue.put((position, line))
+                return
+            if self._spilled_after is None:
+                self._spilled_after = self._last_queued
+                self.spills += 1
+                log.warning(
+                    "writer: %d lines wait for the warehouse; the next ones stay in the "
+                    "journal alone until it catches up",
+                    self._queued,
+                )
 
     @property
     def backlog(self) -> int:
@@ -132,7 +158,7 @@ class Writer:
 
     def recover(self) -> int:
         """Queue every journaled event DuckDB has not got yet; return how many."""
-        self.checkpoint = self._events.checkpoint()
+        self.checkpoint = self._last_queued = self._events.checkpoint()
         self._seq = self._events.last_seq()
         replayed = 0
         for position, line in self._journal.replay(self.checkpoint):
@@ -168,33 +194,59 @@ class Writer:
     def _run(self) -> None:
         stopping = False
         while not stopping:
+            if self._spilled_after is not None and self._queued == 0:
+                self._catch_up()
+                continue
             batch, stopping = self._collect()
-            while batch:
-                try:
-                    self._write_with_retry(batch)
-                    self.failed = self.unavailable = False
-                    batch = []
-                except StorageUnavailableError as exc:
-                    # The warehouse is away (a lake's catalog down): the journal holds the
-                    # events and grows; the proxy serves on. Retry what is left of the
-                    # batch whole (a half committed before the outage is not again).
-                    if not self.unavailable:
-                        log.error("writer: the warehouse is unavailable (%s); retrying", exc)
-                    self.unavailable = True
-                    batch = [item for item in batch if item[0] > self.checkpoint]
-                    time.sleep(1.0)
-                except Exception:
-                    # Not even a lone line could be set aside (disk full?). The events are
-                    # safe in the journal; say so loudly (healthz turns 503) and keep trying.
-                    log.critical("writer: cannot make progress; retrying", exc_info=True)
-                    self.failed = True
-                    time.sleep(1.0)
+            self._write_surely(batch)
+
+    def _catch_up(self) -> None:
+        """Write the lines left in the journal alone, in order, from where the queue ended
+        to the last line submitted when spilling stops: lines after that are queued."""
+        with self._feed:
+            start = self._spilled_after
+            boundary = self._last_submitted
+            self._spilled_after = None
+        assert start is not None
+        batch: list[Item] = []
+        for position, line in self._journal.replay(start):
+            if position > boundary:
+                break
+            batch.append((position, line))
+            if len(batch) >= self._batch_max:
+                self._write_surely(batch)
+                batch = []
+        self._write_surely(batch)
+        log.info("writer: caught up with the journal up to %s", boundary)
+
+    def _write_surely(self, batch: list[Item]) -> None:
+        """Write `batch`, waiting out an unavailable warehouse and retrying what is left."""
+        while batch:
+            try:
+                self._write_with_retry(batch)
+                self.failed = self.unavailable = False
+                batch = []
+            except StorageUnavailableError as exc:
+                # The warehouse is away (a lake's catalog down): the journal holds the
+                # events and grows; the proxy serves on. Retry what is left of the batch
+                # whole (a half committed before the outage is not again).
+                if not self.unavailable:
+                    log.error("writer: the warehouse is unavailable (%s); retrying", exc)
+                self.unavailable = True
+                batch = [item for item in batch if item[0] > self.checkpoint]
+                time.sleep(1.0)
+            except Exception:
+                # Not even a lone line could be set aside (disk full?). The events are safe
+                # in the journal; say so loudly (healthz turns 503) and keep trying.
+                log.critical("writer: cannot make progress; retrying", exc_info=True)
+                self.failed = True
+                time.sleep(1.0)
 
     def _collect(self) -> tuple[list[Item], bool]:
         """Wait for a first line, then gather more for up to `flush_interval` (or until the
         batch is full): DuckDB wants few, large transactions. Returns (batch, stopping)."""
         batch: list[Item] = []
-        item = self._queue.get()
+        item = self._take(self._queue.get())
         # The replay at start is written without waiting for more lines: the server's
         # quota counters are seeded from DuckDB once it has landed.
         catching_up = self._committed < self._replayed
@@ -205,7 +257,7 @@ class Writer:
                 return batch, False
             remaining = deadline - time.monotonic()
             try:
-                item = (
+                item = self._take(
                     self._queue.get(timeout=remaining)
                     if remaining > 0
                     else self._queue.get_nowait()
@@ -213,6 +265,12 @@ class Writer:
             except queue.Empty:
                 return batch, False
         return batch, True
+
+    def _take(self, item: Item | None) -> Item | None:
+        if item is not None:
+            with self._feed:
+                self._queued -= 1
+        return item
 
     def _write_with_retry(self, batch: list[Item]) -> None:
         delay = 0.05

@@ -7,10 +7,11 @@ import time
 from datetime import datetime
 from typing import Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from tokentill.api.deps import RuntimeDep
+from tokentill.api.runtime import AdminRuntime
 from tokentill.warehouse.jobs import freshness as read_freshness
 from tokentill.warehouse.jobs import last_runs
 
@@ -64,9 +65,25 @@ class AbuseRunOut(BaseModel):
     seconds: float
 
 
-@router.post("/abuse/run", response_model=AbuseRunOut)
+def _runs_jobs(runtime: AdminRuntime) -> None:
+    """On a lake, an api instance runs no job: the active worker does, on its schedule
+    (one job at a time in the cluster)."""
+    if not runtime.settings.works:
+        raise HTTPException(
+            409,
+            f"this tokentill instance plays role {runtime.settings.role!r}: jobs run on "
+            "the active worker, on its schedule",
+        )
+
+
+@router.post(
+    "/abuse/run",
+    response_model=AbuseRunOut,
+    responses={409: {"description": "An api instance of a cluster: the worker runs jobs"}},
+)
 async def run_abuse(runtime: RuntimeDep) -> AbuseRunOut:
     """Score users now (new flags are stored as alerts, and sent to the webhook)."""
+    _runs_jobs(runtime)
     clock = time.perf_counter()
     run = await asyncio.to_thread(runtime.abuse.run)
     return AbuseRunOut(
@@ -79,8 +96,13 @@ async def run_abuse(runtime: RuntimeDep) -> AbuseRunOut:
     )
 
 
-@router.post("/{job}/run", response_model=RunResultOut)
+@router.post(
+    "/{job}/run",
+    response_model=RunResultOut,
+    responses={409: {"description": "An api instance of a cluster: the worker runs jobs"}},
+)
 async def run_job(runtime: RuntimeDep, job: Literal["rollup"], full: bool = False) -> RunResultOut:
+    _runs_jobs(runtime)
     result = await asyncio.to_thread(runtime.rollup.run, full=full)
     return RunResultOut(
         job=result.job,

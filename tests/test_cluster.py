@@ -563,6 +563,9 @@ def test_a_cluster_of_roles_rolls_up_once_and_survives_its_worker(
     with pytest.raises(openai.NotFoundError, match="send /v1 to a proxy"):
         api.client().responses.create(model="gpt-4o-mini", input="x")
     assert httpx.get(meters[0].url + "/api/costs", timeout=10).status_code == 404
+    # Jobs run on the active worker only: an api instance refuses to run one.
+    refused = httpx.post(api.url + "/api/jobs/rollup/run", timeout=10)
+    assert refused.status_code == 409 and "role 'api'" in refused.json()["detail"]
 
     def billed(ids: list[str]) -> dict[str, int]:
         entries = {e["id"]: e for e in ledger(fake_upstream)}

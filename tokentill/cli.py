@@ -68,6 +68,13 @@ def _cmd_rollup(args: argparse.Namespace) -> int:
     from tokentill.warehouse.prices import seed_published
 
     settings = _settings(args, ("db", "host", "port"))
+    if settings.lake_catalog is not None:
+        print(
+            "tokentill: on a lake the active worker runs the rollups, every "
+            f"{settings.rollup_interval:g} s (docs/cluster.md); nothing run here",
+            file=sys.stderr,
+        )
+        return 2
     try:
         conn = open_warehouse(settings.db)
     except WarehouseBusyError:

@@ -29,15 +29,12 @@ import pytest
 from tests.conftest import ledger
 from tests.servers import free_port
 from tests.services import Postgres, postgres_cluster
-from tests.test_rollups import DAY0, MODELS, PRICES, Warehouse, make_event
-from tokentill.ingest.journal import Journal
+from tests.test_rollups import DAY0, MODELS, Warehouse, make_event, status_fields
 from tokentill.settings import Settings
 from tokentill.warehouse.events import COLUMNS, UsageEvent
-from tokentill.warehouse.jobs import RollupConfig, RollupJob
 from tokentill.warehouse.lake import Lake, LakeConfig, LakeInstanceBusyError, connect, redact
 from tokentill.warehouse.prices import PriceRow, insert_rows
 from tokentill.warehouse.storage import Position, StorageUnavailableError
-from tokentill.warehouse.writer import Writer
 
 
 @pytest.fixture(scope="module")
@@ -397,17 +394,8 @@ class LakeWarehouse(Warehouse):
 
     def __init__(self, root: Path, config: LakeConfig) -> None:
         self.lake = Lake(config)
-        self.conn = self.lake.session()
-        insert_rows(self.conn, PRICES)
-        self.journal = Journal(root / "journal", segment_bytes=1 << 20, fsync_interval=1)
-        self.journal.lock()
-        self.writer = Writer(self.lake.events, self.journal, batch_max=10_000, flush_interval=0.01)
-        self.writer.recover()
-        self.journal.start(self.writer.submit)
-        self.writer.start()
-        self.readers = self.conn
-        self.session = self.lake.session
-        self.job = RollupJob(self.session, RollupConfig(tag_keys=("team", "customer")))
+        self.conn = self.readers = self.lake.session()
+        self.start(root, self.lake.events, self.lake.session)
 
     def close(self) -> None:
         assert self.writer.stop()
@@ -424,17 +412,7 @@ def _traffic_stream(seed: int) -> list[UsageEvent | str]:
     events, pending = [], []
     for i in range(150):
         status = rng.choice(statuses)
-        fields: dict[str, Any] = {"status": status, "user_id": rng.choice([None, "ana", "bo"])}
-        if status == "error":
-            fields.update(
-                response_id=None,
-                event_id=f"evt_{i}",
-                input_tokens=None,
-                output_tokens=None,
-                total_tokens=None,
-            )
-        if status == "queued":
-            fields.update(input_tokens=None, output_tokens=None, total_tokens=None)
+        fields = status_fields(i, status, rng.choice([None, "ana", "bo"]))
         if status in ("queued", "interrupted"):
             pending.append(i)
         if i and rng.random() < 0.3:

@@ -38,6 +38,7 @@ from tokentill.warehouse.pricing import effective_intervals, model_map, price_ev
 from tokentill.warehouse.reconcile import read_ours
 from tokentill.warehouse.rollup_run import Phases, shares
 from tokentill.warehouse.spend import Filters, SpendQuery, choose_source, list_users, spend, spent
+from tokentill.warehouse.storage import EventSink
 from tokentill.warehouse.writer import Writer
 
 DAY0 = datetime(2026, 5, 1, tzinfo=UTC)
@@ -106,17 +107,21 @@ class Warehouse:
 
     def __init__(self, root: Path) -> None:
         self.conn = open_warehouse(root / "w.duckdb")
+        self.readers = self.conn.cursor()
+        self.start(root, DuckDBEvents(self.conn), self.readers.cursor)
+
+    def start(
+        self, root: Path, sink: EventSink, session: Callable[[], duckdb.DuckDBPyConnection]
+    ) -> None:
+        """The prices, the journal and its writer into `sink`, the job on `session`."""
         insert_rows(self.conn, PRICES)
         self.journal = Journal(root / "journal", segment_bytes=1 << 20, fsync_interval=1)
         self.journal.lock()
-        self.writer = Writer(
-            DuckDBEvents(self.conn), self.journal, batch_max=10_000, flush_interval=0.01
-        )
+        self.writer = Writer(sink, self.journal, batch_max=10_000, flush_interval=0.01)
         self.writer.recover()
         self.journal.start(self.writer.submit)
         self.writer.start()
-        self.readers = self.conn.cursor()
-        self.session: Callable[[], duckdb.DuckDBPyConnection] = self.readers.cursor
+        self.session = session
         self.job = RollupJob(self.session, RollupConfig(tag_keys=("team", "customer")))
 
     def ingest(self, events: list[UsageEvent]) -> None:
@@ -202,6 +207,22 @@ def make_event(i: int, day: int, hour: int, **fields: Any) -> UsageEvent:
     return UsageEvent(**values)
 
 
+def status_fields(i: int, status: str, user: str | None) -> dict[str, Any]:
+    """An event's fields for its status: an error has no response, a queued one no usage."""
+    fields: dict[str, Any] = {"status": status, "user_id": user}
+    if status == "error":
+        fields.update(
+            response_id=None,
+            event_id=f"evt_{i}",
+            input_tokens=None,
+            output_tokens=None,
+            total_tokens=None,
+        )
+    if status == "queued":
+        fields.update(input_tokens=None, output_tokens=None, total_tokens=None)
+    return fields
+
+
 event_spec = st.tuples(
     st.integers(0, 4),  # day
     st.integers(0, 23),  # hour
@@ -277,17 +298,7 @@ def check_incremental_equals_full(
         try:
             events = []
             for i, (day, hour, status, previous, user) in enumerate(specs):
-                fields: dict[str, Any] = {"status": status, "user_id": user}
-                if status == "error":
-                    fields.update(
-                        response_id=None,
-                        event_id=f"evt_{i}",
-                        input_tokens=None,
-                        output_tokens=None,
-                        total_tokens=None,
-                    )
-                if status == "queued":
-                    fields.update(input_tokens=None, output_tokens=None, total_tokens=None)
+                fields = status_fields(i, status, user)
                 if 0 <= previous < i:  # a previous response is an earlier one
                     fields["previous_response_id"] = f"resp_{previous}"
                 events.append(make_event(i, day, hour, **fields))

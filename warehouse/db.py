@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import duckdb
 import polars as pl
 
 from tokentill.warehouse.migrate import migrate
+
+log = logging.getLogger(__name__)
 
 
 class WarehouseBusyError(RuntimeError):
@@ -113,3 +117,30 @@ def next_id(conn: duckdb.DuckDBPyConnection, sequence: str) -> int:
     if row is None:
         raise RuntimeError(f"{sequence} gave no number")
     return int(row[0])
+
+
+def close_in_use(
+    sessions: Iterable[duckdb.DuckDBPyConnection],
+    connections: Sequence[duckdb.DuckDBPyConnection],
+    *,
+    timeout: float,
+    what: str,
+) -> bool:
+    """Interrupt the queries still running in `sessions`, then close `connections` once
+    they have been given back (DuckDB refuses to close a connection in use). False when
+    one stayed busy past `timeout`: left to the process's exit."""
+    for session in sessions:
+        with contextlib.suppress(duckdb.Error):
+            session.interrupt()
+    deadline = time.monotonic() + timeout
+    for conn in connections:
+        while True:
+            try:
+                conn.close()
+                break
+            except duckdb.Error:
+                if time.monotonic() > deadline:
+                    log.error("%s is still in use after %.0f s: not closed", what, timeout)
+                    return False
+                time.sleep(0.01)
+    return True

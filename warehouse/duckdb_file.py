@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 import weakref
 from pathlib import Path
 
 import duckdb
 import polars as pl
 
-from tokentill.warehouse.db import fetch_one, open_warehouse, transaction
+from tokentill.warehouse.db import close_in_use, fetch_one, open_warehouse, transaction
 from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
 from tokentill.warehouse.storage import Position
 
@@ -138,18 +137,6 @@ class DuckDBFile:
         one stayed busy past `timeout`: left to the process's exit."""
         with self._lock:
             sessions = list(self._open)
-        for session in sessions:
-            with contextlib.suppress(duckdb.Error):
-                session.interrupt()
-        deadline = time.monotonic() + timeout
-        for conn in (self._sessions, self._conn):
-            while True:
-                try:
-                    conn.close()
-                    break
-                except duckdb.Error:
-                    if time.monotonic() > deadline:
-                        log.error("the warehouse is still in use after %.0f s: not closed", timeout)
-                        return False
-                    time.sleep(0.01)
-        return True
+        return close_in_use(
+            sessions, (self._sessions, self._conn), timeout=timeout, what="the warehouse"
+        )

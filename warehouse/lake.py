@@ -43,7 +43,7 @@ import psycopg
 from duckdb import sqltypes
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tokentill.warehouse.db import fetch_one, transaction
+from tokentill.warehouse.db import close_in_use, fetch_one, transaction
 from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
 from tokentill.warehouse.lake_upkeep import UpkeepResult, upkeep
 from tokentill.warehouse.migrate import migrate
@@ -185,16 +185,14 @@ def connect(config: LakeConfig) -> duckdb.DuckDBPyConnection:
     return conn
 
 
-class CatalogLock:
-    """A PostgreSQL advisory lock on the lake's catalog database, on a connection of its
-    own (psycopg). Released by PostgreSQL if this process dies holding it."""
+class CatalogSession:
+    """A psycopg connection of its own to the lake's catalog database (`_SESSION`'s
+    keepalives and timeouts), made again when it broke; one thread at a time."""
 
-    def __init__(self, catalog: str, key: int) -> None:
+    def __init__(self, catalog: str) -> None:
         self._catalog = catalog
-        self._key = key
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self._mutex = threading.Lock()
-        self._leased = False
 
     def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._conn is None or self._conn.closed or self._conn.broken:
@@ -204,6 +202,21 @@ class CatalogLock:
             except psycopg.Error as exc:
                 raise LakeUnavailableError(f"lake catalog {redact(self._catalog)}: {exc}") from exc
         return self._conn
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._conn is not None:
+                self._conn.close()
+
+
+class CatalogLock(CatalogSession):
+    """A PostgreSQL advisory lock on the lake's catalog database, on a session of its
+    own. Released by PostgreSQL if this process dies holding it."""
+
+    def __init__(self, catalog: str, key: int) -> None:
+        super().__init__(catalog)
+        self._key = key
+        self._leased = False
 
     def try_hold(self) -> bool:
         """Take the lock and keep it (a lease) if it is free; True while this process
@@ -247,11 +260,6 @@ class CatalogLock:
             return True
         except psycopg.Error:
             return False
-
-    def close(self) -> None:
-        with self._mutex:
-            if self._conn is not None:
-                self._conn.close()
 
 
 # --- the schema: the migrations' tables, as the lake can hold them -----------------------
@@ -524,16 +532,11 @@ class LakeEvents:
         del self.commit_seconds[:-1000]
 
 
-class RowNumbers:
+class RowNumbers(CatalogSession):
     """`tokentill_next_id(name)` for a lake: the next value of the PostgreSQL sequence
     `tokentill_<name>` in the catalog's database, on a connection of its own. Registered
     as a DuckDB function, so the lake's column defaults and the warehouse's SQL call it
     as they call the file's macro (migration 0016)."""
-
-    def __init__(self, catalog: str) -> None:
-        self._catalog = catalog
-        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
-        self._mutex = threading.Lock()
 
     def create(self, names: list[str]) -> None:
         with self._mutex:
@@ -562,20 +565,6 @@ class RowNumbers:
             sqltypes.BIGINT,
             side_effects=True,  # a new number per call, never folded into one
         )
-
-    def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            try:
-                conninfo = make_conninfo(self._catalog, connect_timeout=5, **_SESSION)
-                self._conn = psycopg.connect(conninfo, autocommit=True)
-            except psycopg.Error as exc:
-                raise LakeUnavailableError(f"lake catalog {redact(self._catalog)}: {exc}") from exc
-        return self._conn
-
-    def close(self) -> None:
-        with self._mutex:
-            if self._conn is not None:
-                self._conn.close()
 
 
 class Lake:
@@ -651,21 +640,9 @@ class Lake:
     def close(self, timeout: float = 5.0) -> bool:
         with self._mutex:
             sessions = list(self._open)
-        for session in sessions:
-            with contextlib.suppress(duckdb.Error):
-                session.interrupt()
-        deadline = time.monotonic() + timeout
         for lock in (self._lock, self._writes, self._lease, self._instance):
             lock.close()
         self._numbers.close()
-        for conn in (self._sessions, self._conn):
-            while True:
-                try:
-                    conn.close()
-                    break
-                except duckdb.Error:
-                    if time.monotonic() > deadline:
-                        log.error("the lake is still in use after %.0f s: not closed", timeout)
-                        return False
-                    time.sleep(0.01)
-        return True
+        return close_in_use(
+            sessions, (self._sessions, self._conn), timeout=timeout, what="the lake"
+        )

@@ -89,18 +89,25 @@ class Journal:
     def segments(self) -> list[int]:
         return sorted(int(e.stem) for e in self.directory.glob("*.jsonl") if e.stem.isdigit())
 
-    def replay(self, after: Position) -> Iterator[tuple[Position, bytes]]:
-        """Every complete line past `after`, in order. A torn last line (a power cut
-        mid-write) is counted, logged and skipped; the writer vets the rest."""
+    def replay(
+        self, after: Position, upto: Position | None = None
+    ) -> Iterator[tuple[Position, bytes]]:
+        """Every complete line past `after` (and up to `upto`), in order. A torn last line
+        (a power cut mid-write) is counted, logged and skipped; the writer vets the rest.
+        (A line past `upto` may still be being written: never read, never counted.)"""
         for segment in self.segments():
             if segment < after.segment:
                 continue
+            if upto is not None and segment > upto.segment:
+                return
             start = after.offset if segment == after.segment else 0
             with open(self._path(segment), "rb") as handle:
                 handle.seek(start)
                 offset = start
                 for line in handle:
                     offset += len(line)
+                    if upto is not None and Position(segment, offset) > upto:
+                        return
                     if not line.endswith(b"\n"):
                         self.corrupt_lines += 1
                         log.warning("journal %s: torn last line skipped", segment)
@@ -147,8 +154,10 @@ class Journal:
             self.appended += 1
             if self._offset >= self._segment_bytes:
                 self._rotate()
-        if self._sink is not None:
-            self._sink(position, line)
+            # Inside the lock: the sink sees lines in the order of their positions, which
+            # the writer relies on (it reads past a position back from the journal).
+            if self._sink is not None:
+                self._sink(position, line)
         return position
 
     # -- housekeeping --------------------------------------------------------------

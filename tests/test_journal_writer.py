@@ -226,3 +226,28 @@ def test_a_long_outage_keeps_memory_bounded_and_loses_nothing(tmp_path: Path) ->
         assert writer.stop()
         journal.close()
         conn.close()
+
+
+def test_stopping_writes_what_waits_in_the_journal_alone(tmp_path: Path) -> None:
+    """A stop while lines were left to the journal alone (spilled) still writes them."""
+    conn = open_warehouse(tmp_path / "w.duckdb")
+    journal = Journal(tmp_path / "journal", segment_bytes=1 << 16, fsync_interval=0.01)
+    journal.lock()
+    sink = Outage(DuckDBEvents(conn))
+    writer = Writer(sink, journal, batch_max=10, flush_interval=0.01, queue_max=20)
+    writer.recover()
+    journal.start(writer.submit)
+    writer.start()
+    try:
+        for i in range(300):
+            journal.append(event(i))
+        assert writer.spills == 1
+        sink.down = False
+        assert writer.stop(30)
+        assert writer.backlog == 0
+        assert journal.corrupt_lines == 0  # the live segment's last line is never misread
+        rows = conn.execute("SELECT count(*), count(DISTINCT event_id) FROM usage_events")
+        assert rows.fetchone() == (300, 300)
+    finally:
+        journal.close()
+        conn.close()

@@ -36,7 +36,9 @@ class JournalSource(Protocol):
 
     directory: Path
 
-    def replay(self, after: Position) -> Iterator[tuple[Position, bytes]]: ...
+    def replay(
+        self, after: Position, upto: Position | None = None
+    ) -> Iterator[tuple[Position, bytes]]: ...
 
     def release(self, upto: Position) -> None: ...
 
@@ -199,6 +201,8 @@ class Writer:
                 continue
             batch, stopping = self._collect()
             self._write_surely(batch)
+        if self._spilled_after is not None:  # stopping: what waits in the journal alone
+            self._catch_up()
 
     def _catch_up(self) -> None:
         """Write the lines left in the journal alone, in order, from where the queue ended
@@ -208,15 +212,23 @@ class Writer:
             boundary = self._last_submitted
             self._spilled_after = None
         assert start is not None
-        batch: list[Item] = []
-        for position, line in self._journal.replay(start):
-            if position > boundary:
-                break
-            batch.append((position, line))
-            if len(batch) >= self._batch_max:
+        while True:
+            try:
+                batch: list[Item] = []
+                # From where the warehouse is (a retry after a read error resumes there).
+                for item in self._journal.replay(max(start, self.checkpoint), upto=boundary):
+                    batch.append(item)
+                    if len(batch) >= self._batch_max:
+                        self._write_surely(batch)
+                        batch = []
                 self._write_surely(batch)
-                batch = []
-        self._write_surely(batch)
+                break
+            except OSError:
+                # The journal could not be read back (an I/O error): the lines are still
+                # on disk; say so loudly (healthz turns 503) and try again.
+                log.critical("writer: cannot read the journal back; retrying", exc_info=True)
+                self.failed = True
+                time.sleep(1.0)
         log.info("writer: caught up with the journal up to %s", boundary)
 
     def _write_surely(self, batch: list[Item]) -> None:

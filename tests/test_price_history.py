@@ -20,6 +20,14 @@ from tokentill.warehouse import spend
 DAY = 86_400
 
 
+def _yesterday_noon_ago(minutes: int = 0) -> int:
+    """Seconds since yesterday at noon UTC, plus `minutes`: a moment well inside one day,
+    whenever the test runs (events a day ago, to the second, straddle midnight when the
+    suite runs just after it)."""
+    noon = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    return int(time.time() - (noon - timedelta(days=1)).timestamp()) - minutes * 60
+
+
 def _respond(running: Running, model: str, seconds_ago: int, **extra: Any) -> str:
     client = running.client()
     created = int(time.time()) - seconds_ago
@@ -91,7 +99,7 @@ def test_a_price_from_now_on_leaves_yesterday_alone(
     make_tokentill: Any, model: str, priced_as: str
 ) -> None:
     running: Running = make_tokentill(rollup_interval=3600)
-    ids = [_respond(running, model, DAY + i * 60) for i in range(3)]
+    ids = [_respond(running, model, _yesterday_noon_ago(i)) for i in range(3)]
     _rollup(running)
     costs = _event_costs(running, ids)
     rolled, raw = _day_costs(running, model)

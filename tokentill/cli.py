@@ -122,7 +122,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         # goes wrong (a line per proxied request would bury it).
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("tokentill.alerts").setLevel(logging.ERROR)  # on the dashboard
-    fake = demo.start_fake_upstream("127.0.0.1", args.fake_port)
+    fake, fake_thread = demo.start_fake_upstream("127.0.0.1", args.fake_port)
     settings = Settings(
         db=args.db,
         upstream=f"http://127.0.0.1:{args.fake_port}",
@@ -134,19 +134,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     stop = threading.Event()
     progress = demo.Progress()
 
+    status = threading.Thread(
+        target=demo.show_status, args=(base, progress, stop), name="demo-status", daemon=True
+    )
+
     def traffic() -> None:
         if not demo.wait_healthy(base):
             return
         print(f"tokentill demo: the dashboard is at {base}/dashboard/", flush=True)
         print(f"tokentill demo: the proxy is {base}/v1, the warehouse {settings.db}", flush=True)
-        threading.Thread(
-            target=demo.show_status, args=(base, progress, stop), name="demo-status", daemon=True
-        ).start()
-        if not args.no_showcase:
+        status.start()
+        if not args.no_showcase and not stop.is_set():
             demo.Showcase(base, progress).run()
         demo.generate_traffic(base, rate=args.rate, stop=stop, progress=progress)
 
-    threading.Thread(target=traffic, name="demo-traffic", daemon=True).start()
+    sender = threading.Thread(target=traffic, name="demo-traffic", daemon=True)
+    sender.start()
     try:
         ok = serve(
             create_app(settings),
@@ -159,6 +162,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         fake.should_exit = True
+        # Joined, not left to the interpreter's exit: a daemon thread still inside a C
+        # extension while Python finalizes crashed the demo at shutdown (SIGSEGV), now
+        # and then. A thread still in a long call after its budget is left as before.
+        for thread in (sender, status, fake_thread):
+            if thread.is_alive() or thread.ident is not None:
+                thread.join(timeout=10)
     return 0 if ok else 1
 
 

@@ -231,18 +231,21 @@ def generate_traffic(
     return sent
 
 
-def start_fake_upstream(host: str, port: int) -> uvicorn.Server:
+def start_fake_upstream(host: str, port: int) -> tuple[uvicorn.Server, threading.Thread]:
+    """The fake upstream in a thread of its own: its server (`should_exit` stops it) and
+    the thread, to join before the process ends."""
     config = uvicorn.Config(
         create_fake_app(seed=42), host=host, port=port, log_level="warning", lifespan="off"
     )
     server = uvicorn.Server(config)
-    threading.Thread(target=server.run, name="demo-fake-upstream", daemon=True).start()
+    thread = threading.Thread(target=server.run, name="demo-fake-upstream", daemon=True)
+    thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         if time.monotonic() > deadline:
             raise RuntimeError("the fake upstream did not start")
         time.sleep(0.05)
-    return server
+    return server, thread
 
 
 def wait_healthy(url: str, timeout: float = 60.0) -> bool:

@@ -44,7 +44,7 @@ import polars as pl
 
 from tokentill.warehouse import pricing
 from tokentill.warehouse.alerts import Alert, Severity
-from tokentill.warehouse.db import next_id, query_frame
+from tokentill.warehouse.db import query_frame, start_run
 from tokentill.warehouse.prices import price_table
 
 log = logging.getLogger(__name__)
@@ -406,12 +406,7 @@ class AbuseJob:
         conn = self._connect()
         clock = time.perf_counter()
         try:
-            run_id = next_id(conn, "job_run_id_seq")
-            conn.execute(
-                """INSERT INTO job_runs (run_id, job, mode, started_at)
-                   VALUES (?, ?, 'scheduled', ?)""",
-                [run_id, ABUSE, datetime.now(UTC)],
-            )
+            run_id = start_run(conn, ABUSE, "scheduled")
             error, events, alerts = None, pl.DataFrame(), []
             try:
                 events = read_events(conn, moment, self._config)

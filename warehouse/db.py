@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +120,31 @@ def next_id(conn: duckdb.DuckDBPyConnection, sequence: str) -> int:
     if row is None:
         raise RuntimeError(f"{sequence} gave no number")
     return int(row[0])
+
+
+def start_run(conn: duckdb.DuckDBPyConnection, job: str, mode: str) -> int:
+    """A row of `job_runs` for a run of `job` starting now; its id. The id is taken
+    first and inserted (a lake's INSERT has no RETURNING)."""
+    run_id = next_id(conn, "job_run_id_seq")
+    conn.execute(
+        "INSERT INTO job_runs (run_id, job, mode, started_at) VALUES (?, ?, ?, ?)",
+        [run_id, job, mode, datetime.now(UTC)],
+    )
+    return run_id
+
+
+def tracked_cursor(
+    parent: duckdb.DuckDBPyConnection,
+    lock: threading.Lock,
+    registry: weakref.WeakSet[duckdb.DuckDBPyConnection],
+) -> duckdb.DuckDBPyConnection:
+    """A session: a cursor of `parent` (UTC), kept in `registry` so that closing the
+    database can interrupt it first (`close_in_use`)."""
+    with lock:
+        cursor = parent.cursor()
+        registry.add(cursor)
+    cursor.execute("SET TimeZone = 'UTC'")
+    return cursor
 
 
 def close_in_use(

@@ -19,26 +19,19 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from tokentill.warehouse.db import close_in_use, fetch_one, open_warehouse, transaction
-from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
+from tokentill.warehouse.db import (
+    close_in_use,
+    fetch_one,
+    open_warehouse,
+    tracked_cursor,
+    transaction,
+)
+from tokentill.warehouse.events import PENDING_SQL, UPDATABLE_COLUMNS, insert_new_sql
 from tokentill.warehouse.storage import Position
 
 log = logging.getLogger(__name__)
 
-_COLUMN_LIST = ", ".join(f'"{column}"' for column, _ in COLUMNS.values())
-
-# Idempotent on event_id: a replayed event carries its original recorded_at, so looking
-# for it among rows recorded in the batch's time window finds it, and zone maps on
-# recorded_at keep that lookup off the rest of the table.
-_INSERT_SQL = f"""
-INSERT INTO usage_events ({_COLUMN_LIST}, ingest_seq, updated_at)
-SELECT {_COLUMN_LIST}, $seq, now() FROM _new_events
-WHERE event_id NOT IN (
-    SELECT event_id FROM usage_events
-    WHERE recorded_at BETWEEN (SELECT min(recorded_at) FROM _new_events)
-                          AND (SELECT max(recorded_at) FROM _new_events)
-)
-"""
+_INSERT_SQL = insert_new_sql("usage_events")
 
 _SET_UPDATED = ",\n    ".join(
     f'"{c}" = coalesce(b."{c}", u."{c}")' if c == "model" else f'"{c}" = b."{c}"'
@@ -119,11 +112,7 @@ class DuckDBFile:
         return self._events
 
     def session(self) -> duckdb.DuckDBPyConnection:
-        with self._lock:
-            cursor = self._sessions.cursor()
-            self._open.add(cursor)
-        cursor.execute("SET TimeZone = 'UTC'")
-        return cursor
+        return tracked_cursor(self._sessions, self._lock, self._open)
 
     def exclusive(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

@@ -194,3 +194,21 @@ UPDATABLE_COLUMNS = (
     "error_code",
     "completed_at",
 )
+
+
+def insert_new_sql(table: str) -> str:
+    """INSERT of the batch registered as `_new_events` into `table` (stamped with the
+    parameter `$seq`), skipping each event already stored. Idempotent on event_id: a
+    replayed event carries its original recorded_at, so looking for it among rows
+    recorded in the batch's time window finds it, and zone maps on recorded_at keep that
+    lookup off the rest of the table."""
+    columns = ", ".join(f'"{column}"' for column, _ in COLUMNS.values())
+    return f"""
+INSERT INTO {table} ({columns}, ingest_seq, updated_at)
+SELECT {columns}, $seq, now() FROM _new_events
+WHERE event_id NOT IN (
+    SELECT event_id FROM {table}
+    WHERE recorded_at BETWEEN (SELECT min(recorded_at) FROM _new_events)
+                          AND (SELECT max(recorded_at) FROM _new_events)
+)
+"""

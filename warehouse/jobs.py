@@ -23,7 +23,7 @@ import duckdb
 import polars as pl
 
 from tokentill.warehouse import rollup_compact
-from tokentill.warehouse.db import fetch_one, next_id, query_frame, transaction
+from tokentill.warehouse.db import fetch_one, query_frame, start_run, transaction
 from tokentill.warehouse.prices import CatalogCache
 from tokentill.warehouse.rollup_merge import increment
 from tokentill.warehouse.rollup_rebuild import rebuild
@@ -126,11 +126,7 @@ class RollupJob:
         """`work` (given its run id and the result to fill) in one transaction, recorded
         as a row of `job_runs`: what it did, how long it took, its error if it failed."""
         clock = time.perf_counter()
-        run_id = next_id(conn, "job_run_id_seq")
-        conn.execute(
-            "INSERT INTO job_runs (run_id, job, mode, started_at) VALUES (?, ?, ?, ?)",
-            [run_id, job, mode, datetime.now(UTC)],
-        )
+        run_id = start_run(conn, job, mode)
         result = RunResult(job, mode)
         try:
             with transaction(conn):

@@ -43,8 +43,8 @@ import psycopg
 from duckdb import sqltypes
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tokentill.warehouse.db import close_in_use, fetch_one, transaction
-from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS
+from tokentill.warehouse.db import close_in_use, fetch_one, tracked_cursor, transaction
+from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS, insert_new_sql
 from tokentill.warehouse.lake_upkeep import UpkeepResult, upkeep
 from tokentill.warehouse.migrate import migrate
 from tokentill.warehouse.storage import Position, StorageUnavailableError
@@ -382,19 +382,10 @@ def sync_schema(
 
 # --- the writer's sink ------------------------------------------------------------------
 
-_COLUMN_LIST = ", ".join(f'"{column}"' for column, _ in COLUMNS.values())
 
 _NEXT_SEQ_SQL = f"SELECT coalesce(max(ingest_seq), 0) + 1 FROM {EVENTS_TABLE}"
 
-_INSERT_SQL = f"""
-INSERT INTO {EVENTS_TABLE} ({_COLUMN_LIST}, ingest_seq, updated_at)
-SELECT {_COLUMN_LIST}, $seq, now() FROM _new_events
-WHERE event_id NOT IN (
-    SELECT event_id FROM {EVENTS_TABLE}
-    WHERE recorded_at BETWEEN (SELECT min(recorded_at) FROM _new_events)
-                          AND (SELECT max(recorded_at) FROM _new_events)
-)
-"""
+_INSERT_SQL = insert_new_sql(EVENTS_TABLE)
 
 # An update appends the newer version of a pending event: its other columns as stored.
 _KEPT = [c for c, _ in COLUMNS.values() if c not in UPDATABLE_COLUMNS]
@@ -614,11 +605,8 @@ class Lake:
         return self._events
 
     def session(self) -> duckdb.DuckDBPyConnection:
-        with self._mutex:
-            cursor = self._sessions.cursor()
-            self._open.add(cursor)
+        cursor = tracked_cursor(self._sessions, self._mutex, self._open)
         cursor.execute(f"USE {ALIAS}")
-        cursor.execute("SET TimeZone = 'UTC'")
         return cursor
 
     def exclusive(self) -> contextlib.AbstractContextManager[None]:

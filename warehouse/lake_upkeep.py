@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 import duckdb
 
-from tokentill.warehouse.db import fetch_one, next_id, transaction
+from tokentill.warehouse.db import fetch_one, start_run, transaction
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,7 @@ def upkeep(
 ) -> UpkeepResult:
     """Run the five steps on the lake attached as `alias`; record the run in `job_runs`."""
     result = UpkeepResult()
-    run_id = next_id(conn, "job_run_id_seq")
-    started = datetime.now(UTC)
-    conn.execute(
-        "INSERT INTO job_runs (run_id, job, mode, started_at) VALUES (?, ?, 'scheduled', ?)",
-        [run_id, JOB, started],
-    )
+    run_id = start_run(conn, JOB, "scheduled")
 
     def timed(step: str, work: Callable[[], int]) -> int:
         clock = time.perf_counter()

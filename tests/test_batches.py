@@ -103,18 +103,23 @@ def _chat_line(i: int, user: str, **body: Any) -> dict[str, Any]:
     }
 
 
-def test_a_line_the_endpoint_refuses_is_an_error_row_from_the_error_file(
-    tokentill: Running,
-) -> None:
-    client = tokentill.client()
-    lines = [_chat_line(0, "err-user"), _chat_line(1, "err-user", model=None)]
+def _start_batch(client: openai.OpenAI, lines: list[dict[str, Any]]) -> Any:
+    """A Chat Completions batch of `lines`, uploaded and created (done in 100 ms)."""
     uploaded = client.files.create(file=("requests.jsonl", _jsonl(lines)), purpose="batch")
-    batch = client.batches.create(
+    return client.batches.create(
         input_file_id=uploaded.id,
         endpoint="/v1/chat/completions",
         completion_window="24h",
         extra_headers={"x-fake-background-delay-ms": "100"},
     )
+
+
+def test_a_line_the_endpoint_refuses_is_an_error_row_from_the_error_file(
+    tokentill: Running,
+) -> None:
+    client = tokentill.client()
+    lines = [_chat_line(0, "err-user"), _chat_line(1, "err-user", model=None)]
+    batch = _start_batch(client, lines)
     tokentill.wait_for(lambda: len(tokentill.rows("service_tier = 'batch'")) == 2, 20)
     done = client.batches.retrieve(batch.id)
     assert done.output_file_id and done.error_file_id  # the refused line is in the error file
@@ -131,14 +136,7 @@ def test_a_batch_read_again_after_a_restart_lands_once(tmp_path: Path, fake_upst
     db = tmp_path / "w.duckdb"
     lines = [_chat_line(0, "again"), _chat_line(1, "again", model=None), _chat_line(2, "again")]
     with serve_tokentill(db, fake_upstream) as first:
-        client = first.client()
-        uploaded = client.files.create(file=("requests.jsonl", _jsonl(lines)), purpose="batch")
-        batch = client.batches.create(
-            input_file_id=uploaded.id,
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-            extra_headers={"x-fake-background-delay-ms": "100"},
-        )
+        batch = _start_batch(first.client(), lines)
         first.wait_for(lambda: len(first.rows("service_tier = 'batch'")) == 3, 20)
         before = sorted((r["event_id"], r["status"]) for r in first.rows("service_tier = 'batch'"))
     with serve_tokentill(db, fake_upstream) as second:

@@ -41,12 +41,28 @@ def event(i: int, **fields: object) -> UsageEvent:
 
 
 class Stack:
-    def __init__(self, root: Path, *, flush_interval: float = 0.01) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        flush_interval: float = 0.01,
+        segment_bytes: int = 4096,
+        batch_max: int = 1000,
+        queue_max: int = 200_000,
+        outage: bool = False,
+    ) -> None:
+        """`outage`: the warehouse starts away (`self.sink.down`) until told otherwise."""
         self.conn = open_warehouse(root / "w.duckdb")
-        self.journal = Journal(root / "journal", segment_bytes=4096, fsync_interval=0.01)
+        self.journal = Journal(root / "journal", segment_bytes=segment_bytes, fsync_interval=0.01)
         self.journal.lock()
+        events = DuckDBEvents(self.conn)
+        self.sink: Outage | DuckDBEvents = Outage(events) if outage else events
         self.writer = Writer(
-            DuckDBEvents(self.conn), self.journal, batch_max=1000, flush_interval=flush_interval
+            self.sink,
+            self.journal,
+            batch_max=batch_max,
+            flush_interval=flush_interval,
+            queue_max=queue_max,
         )
         self.replayed = self.writer.recover()
         self.journal.start(self.writer.submit)
@@ -193,14 +209,9 @@ def test_a_long_outage_keeps_memory_bounded_and_loses_nothing(tmp_path: Path) ->
     """The warehouse away while 2,000 lines are journaled, with room for 100 in memory:
     the rest wait in the journal alone, are read back once it returns, and every event
     lands once, in order (an update after its create), none set aside."""
-    conn = open_warehouse(tmp_path / "w.duckdb")
-    journal = Journal(tmp_path / "journal", segment_bytes=1 << 16, fsync_interval=0.01)
-    journal.lock()
-    sink = Outage(DuckDBEvents(conn))
-    writer = Writer(sink, journal, batch_max=50, flush_interval=0.01, queue_max=100)
-    writer.recover()
-    journal.start(writer.submit)
-    writer.start()
+    stack = Stack(tmp_path, segment_bytes=1 << 16, batch_max=50, queue_max=100, outage=True)
+    conn, journal, writer, sink = stack.conn, stack.journal, stack.writer, stack.sink
+    assert isinstance(sink, Outage)
     try:
         for i in range(2000):
             journal.append(event(i, status="queued") if i % 10 == 0 else event(i))
@@ -223,21 +234,14 @@ def test_a_long_outage_keeps_memory_bounded_and_loses_nothing(tmp_path: Path) ->
         assert writer.stats.rejected == 0 and not (journal.directory / "rejected.jsonl").exists()
         assert not writer.unavailable
     finally:
-        assert writer.stop()
-        journal.close()
-        conn.close()
+        stack.close()
 
 
 def test_stopping_writes_what_waits_in_the_journal_alone(tmp_path: Path) -> None:
     """A stop while lines were left to the journal alone (spilled) still writes them."""
-    conn = open_warehouse(tmp_path / "w.duckdb")
-    journal = Journal(tmp_path / "journal", segment_bytes=1 << 16, fsync_interval=0.01)
-    journal.lock()
-    sink = Outage(DuckDBEvents(conn))
-    writer = Writer(sink, journal, batch_max=10, flush_interval=0.01, queue_max=20)
-    writer.recover()
-    journal.start(writer.submit)
-    writer.start()
+    stack = Stack(tmp_path, segment_bytes=1 << 16, batch_max=10, queue_max=20, outage=True)
+    conn, journal, writer, sink = stack.conn, stack.journal, stack.writer, stack.sink
+    assert isinstance(sink, Outage)
     try:
         for i in range(300):
             journal.append(event(i))
@@ -249,5 +253,4 @@ def test_stopping_writes_what_waits_in_the_journal_alone(tmp_path: Path) -> None
         rows = conn.execute("SELECT count(*), count(DISTINCT event_id) FROM usage_events")
         assert rows.fetchone() == (300, 300)
     finally:
-        journal.close()
-        conn.close()
+        stack.close()

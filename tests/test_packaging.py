@@ -207,20 +207,27 @@ def test_compose_environment_is_accepted_by_settings(
     """
     from tokentill.settings import Settings
 
-    service = _rendered("demo")["services"][service_name]
-    environment = {**_dockerfile_env(), **service["environment"]}
+    _container_environment(_rendered("demo")["services"][service_name], monkeypatch)
+    settings = Settings()
+    assert settings.host == "0.0.0.0"
+    assert settings.port == PORT
+    assert settings.db.parent == Path("/data")
+    assert settings.admin_token is None
+
+
+def _container_environment(
+    service: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str | None]:
+    """The image's ENV plus the service's environment, as this process's: every other
+    TOKENTILL_ variable removed, a variable rendered as null left unset."""
+    environment: dict[str, str | None] = {**_dockerfile_env(), **service["environment"]}
     for name in list(os.environ):
         if name.startswith("TOKENTILL_"):
             monkeypatch.delenv(name)
     for name, value in environment.items():
         if value is not None:
             monkeypatch.setenv(name, value)
-
-    settings = Settings()
-    assert settings.host == "0.0.0.0"
-    assert settings.port == PORT
-    assert settings.db.parent == Path("/data")
-    assert settings.admin_token is None
+    return environment
 
 
 def _replace(old: str, new: str) -> Callable[[str], str]:
@@ -595,13 +602,7 @@ def test_compose_cluster_environment_is_accepted_by_settings(
     from tokentill.settings import Settings
 
     service = _rendered("cluster")["services"][service_name]
-    environment = {**_dockerfile_env(), **service["environment"]}
-    for name in list(os.environ):
-        if name.startswith("TOKENTILL_"):
-            monkeypatch.delenv(name)
-    for name, value in environment.items():
-        if value is not None:
-            monkeypatch.setenv(name, value)
+    environment = _container_environment(service, monkeypatch)
     settings = Settings(role=service["command"][-1])
     assert settings.lake_catalog is not None
     assert settings.lake_catalog.get_secret_value().endswith("@lake-catalog:5432/lake")

@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 SRC := tokentill ingest warehouse api dashboards  # ruff walks the real folders, not the links
 
-.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api bench-cluster sync fake-upstream chromium postgresql screenshots bench-dashboard docs
+.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api bench-cluster sync fake-upstream chromium postgresql redis screenshots bench-dashboard docs
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -33,7 +33,7 @@ lint: sync
 typecheck: sync
 	$(RUN) mypy
 
-pytest: sync chromium postgresql
+pytest: sync chromium postgresql redis
 	$(RUN) pytest -q $(PYTEST_ARGS)
 
 # The dashboard's browser tests drive Debian's Chromium through Playwright (a Python
@@ -45,6 +45,10 @@ chromium:
 # Debian's server package, installed here when missing.
 postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
+
+# Shared quota counters' tests start a throwaway redis-server (Debian's redis-server).
+redis:
+	@test -x /usr/bin/redis-server || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 
 docs: sync  ## rewrite docs/configuration.md from tokentill/settings.py
 	$(RUN) python -m tokentill.settings_doc
@@ -59,7 +63,7 @@ bench: sync  ## needs wrk (Debian package), installed here if missing
 bench-rollup: sync  ## 10M synthetic events: full rebuild, incremental run, peak memory
 	$(RUN) python bench/rollup.py
 
-bench-cluster: sync postgresql  ## proxies on a DuckLake (1, 2, 3) against the one process on its file
+bench-cluster: sync postgresql redis  ## proxies on a DuckLake (1, 2, 3) against the one process on its file
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(RUN) python -m bench.cluster
 

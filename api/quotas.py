@@ -244,7 +244,7 @@ async def list_blocks(runtime: RuntimeDep) -> list[BlockOut]:
 
 @router.delete("/blocks/{user_id:path}", status_code=status.HTTP_204_NO_CONTENT)
 async def lift_block(runtime: RuntimeDep, user_id: CanonicalUser) -> Response:
-    if not _service(runtime).book.unblock(user_id):
+    if not await _service(runtime).unblock(user_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"user {user_id!r} is not blocked")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -294,6 +294,7 @@ async def put_user(
     service = _service(runtime)
     subject = user_subject(user_id)
     await service.replace(subject, _limits(body))
+    await service.current([subject])
     return _view(service.book, subject)
 
 
@@ -323,6 +324,7 @@ async def put_tag(runtime: RuntimeDep, key: str, value: str, body: LimitIn | Lim
     service = _service(runtime)
     subject = _tag(runtime, key, value)
     await service.replace(subject, _limits(body))
+    await service.current([subject])
     return _view(service.book, subject)
 
 

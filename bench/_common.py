@@ -252,6 +252,53 @@ def postgres_cluster() -> Iterator[Postgres]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@dataclass
+class Redis:
+    """A throwaway redis-server (Debian's), as the quota counters want it: no snapshots,
+    no append-only file, no eviction (a restart comes back empty, never stale)."""
+
+    port: int
+    data: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(binary).exists():
+            raise RuntimeError("redis-server is not installed: run `make test`")
+        command = [binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", ""]
+        command += ["--appendonly", "no", "--maxmemory-policy", "noeviction"]
+        command += ["--dir", str(self.data), "--protected-mode", "no"]
+        with open(self.data / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not port_open(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((self.data / "redis.log").read_text()[-2000:])
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[Redis]:
+    root = Path(tempfile.mkdtemp(prefix="tokentill-redis-"))
+    server = Redis(free_port(), root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def python_module_argv(*args: str) -> list[str]:
     """`python -m ...` with this interpreter, so the PID is the server itself."""
     return [sys.executable, *args]

@@ -110,6 +110,39 @@ class Metrics:
             registry=self.registry,
         )
 
+    def bind_quota_store(
+        self,
+        *,
+        up: Callable[[], float],
+        errors: Callable[[], float],
+        queued: Callable[[], float],
+        dropped: Callable[[], float],
+        seeds: Callable[[], float],
+        unchecked: Callable[[], float],
+    ) -> None:
+        """Shared quota counters (Redis): reachable, and what waits or was lost."""
+        for name, doc, read in (
+            ("tokentill_quota_store_up", "1 while the quota counters' Redis answers", up),
+            ("tokentill_quota_store_errors", "Calls to the quota Redis that failed", errors),
+            (
+                "tokentill_quota_settlements_queued",
+                "Quota settlements waiting to reach Redis",
+                queued,
+            ),
+            (
+                "tokentill_quota_settlements_dropped",
+                "Quota settlements dropped (queue full while Redis was away)",
+                dropped,
+            ),
+            ("tokentill_quota_seeds", "Quota windows read from the lake", seeds),
+            (
+                "tokentill_quota_unchecked",
+                "Requests served unchecked while Redis was away (outage: serve)",
+                unchecked,
+            ),
+        ):
+            Gauge(name, doc, registry=self.registry).set_function(read)
+
     def count_cut(self, field: str) -> None:
         self.fields_cut.labels(field).inc()
 

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from tests.cluster import Instance
 from tests.servers import serve_in_thread
 from tokentill.app import Tokentill, create_app
 from tokentill.fakeai import create_fake_app
@@ -118,3 +119,14 @@ def put_user_quota(running: Running, user: str, **limit: Any) -> dict[str, Any]:
     assert answer.status_code == 200, answer.text
     body: dict[str, Any] = answer.json()
     return body
+
+
+@pytest.fixture
+def proxies() -> Iterator[list[Instance]]:
+    """`tokentill serve` processes a cluster test starts: killed at its end."""
+    started: list[Instance] = []
+    yield started
+    for proxy in started:
+        if proxy.proc.poll() is None:
+            proxy.proc.kill()
+            proxy.proc.wait()

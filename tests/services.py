@@ -1,6 +1,6 @@
-"""Real PostgreSQL for the cluster's tests: the benchmarks' throwaway cluster
+"""Real PostgreSQL and Redis for the cluster's tests: the benchmarks' throwaway servers
 (bench/_common.py), started once per test module."""
 
-from bench._common import Postgres, postgres_cluster
+from bench._common import Postgres, Redis, postgres_cluster, redis_server
 
-__all__ = ["Postgres", "postgres_cluster"]
+__all__ = ["Postgres", "Redis", "postgres_cluster", "redis_server"]

@@ -5,12 +5,9 @@ received lands exactly once."""
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ import openai
 import polars as pl
 import pytest
 
+from tests.cluster import Instance, wait_for
 from tests.conftest import ledger
 from tests.servers import free_port
 from tests.services import Postgres, postgres_cluster
@@ -181,78 +179,18 @@ def test_settings_refuse_a_half_configured_lake() -> None:
         Settings(lake_catalog="postgresql://x/y", lake_data="/tmp/l")
     with pytest.raises(ValueError, match="needs a lake"):
         Settings(role="proxy")
-    with pytest.raises(ValueError, match="Redis"):
-        Settings(lake_catalog="postgresql://x/y", lake_data="/l", instance_id="a", role="api")
+    lake = {"lake_catalog": "postgresql://x/y", "lake_data": "/l", "instance_id": "a"}
+    # Quotas on a lake count in Redis, shared by every instance, or not at all.
+    with pytest.raises(ValueError, match="redis_url"):
+        Settings(**lake, role="api")
+    with pytest.raises(ValueError, match="redis://"):
+        Settings(**lake, redis_url="localhost:6379")
+    shared = Settings(**lake, redis_url="redis://127.0.0.1:6379/0")
+    assert shared.quotas_enabled and shared.quota_redis_outage == "refuse"
+    assert not Settings(**lake, quotas_enabled=False).quotas_enabled
 
 
 # --- real processes ---------------------------------------------------------------------
-
-
-class Instance:
-    """`tokentill serve --role <role>` on the lake, as a real subprocess."""
-
-    def __init__(
-        self,
-        lake: LakeConfig,
-        upstream: str,
-        instance: str,
-        home: Path,
-        role: str = "proxy",
-        **settings: str,
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        home.mkdir(parents=True, exist_ok=True)
-        self.log = home / f"serve.{self.port}.log"
-        env = {
-            **os.environ,
-            "TOKENTILL_LAKE_CATALOG": lake.catalog,
-            "TOKENTILL_LAKE_DATA": lake.data,
-            "TOKENTILL_INSTANCE_ID": instance,
-            "TOKENTILL_QUOTAS_ENABLED": "false",
-            "TOKENTILL_WRITER_FLUSH_INTERVAL": "0.05",
-            "TOKENTILL_BACKGROUND_POLL_MIN_INTERVAL": "0.2",
-            "TOKENTILL_BACKGROUND_POLL_MAX_INTERVAL": "1",
-            "TOKENTILL_SETTLEMENT_API_KEY": "sk-settlement",
-            "TOKENTILL_SETTLEMENT_INTERVAL": "1",
-            **{f"TOKENTILL_{name.upper()}": value for name, value in settings.items()},
-        }
-        command = [sys.executable, "-m", "tokentill", "serve", "--role", role]
-        command += ["--db", str(home / "local.duckdb"), "--upstream", upstream]
-        command += ["--port", str(self.port)]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        while self.health().get("status") != "ok":
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(self.log.read_text())
-            time.sleep(0.05)
-
-    def health(self) -> dict[str, Any]:
-        try:
-            answer = httpx.get(self.url + "/healthz", timeout=2)
-        except httpx.TransportError:
-            return {}
-        body: dict[str, Any] = answer.json()
-        return body
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="sk-test", max_retries=0)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(30)
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[Instance]]:
-    started: list[Instance] = []
-    yield started
-    for proxy in started:
-        if proxy.proc.poll() is None:
-            proxy.proc.kill()
-            proxy.proc.wait()
 
 
 def _traffic(proxy: Instance, tag: str, received: list[str], stop: threading.Event) -> None:
@@ -496,14 +434,6 @@ def _costs(api: Instance) -> dict[str, Any]:
     return totals
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, what
-        time.sleep(0.2)
-    return time.monotonic() - started
-
-
 def _send(proxies: list[Instance], count: int, tag: str) -> list[str]:
     def one(i: int) -> str:
         client = proxies[i % len(proxies)].client()
@@ -527,7 +457,7 @@ def test_a_cluster_of_roles_rolls_up_once_and_survives_its_worker(
     fast = {"rollup_interval": "1", "abuse_interval": "2"}
     first = Instance(lake, fake_upstream, "worker-a", tmp_path / "wa", "worker", **fast)
     proxies.append(first)
-    _wait_for(lambda: first.health().get("worker") == "active", 30, "a worker leads")
+    wait_for(lambda: first.health().get("worker") == "active", 30, "a worker leads")
     second = Instance(lake, fake_upstream, "worker-b", tmp_path / "wb", "worker", **fast)
     proxies.append(second)
     assert second.health()["worker"] == "standby"
@@ -558,12 +488,12 @@ def test_a_cluster_of_roles_rolls_up_once_and_survives_its_worker(
         return {k: totals[k] or 0 for k in ("requests", "input_tokens", "output_tokens")}
 
     sent = _send(meters, 40, "early")
-    _wait_for(lambda: reported() == billed(sent), 60, "the api reports what was billed")
+    wait_for(lambda: reported() == billed(sent), 60, "the api reports what was billed")
 
     first.stop(signal.SIGKILL)
-    takeover = _wait_for(lambda: second.health().get("worker") == "active", 30, "takeover")
+    takeover = wait_for(lambda: second.health().get("worker") == "active", 30, "takeover")
     sent += _send(meters, 40, "late")
-    _wait_for(lambda: reported() == billed(sent), 60, "the standby rolled up the rest")
+    wait_for(lambda: reported() == billed(sent), 60, "the standby rolled up the rest")
     assert _costs(api)["cost_usd"] is not None  # priced, to the micro-dollar
 
     runs = _in_lake(

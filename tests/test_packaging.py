@@ -559,7 +559,14 @@ def test_compose_cluster_profile() -> None:
     two proxies behind a load balancer, a worker and an api, each with a healthcheck."""
     model = _rendered("cluster")
     services = model["services"]
-    cluster = {"lake-catalog", "lake-files", "lake-bucket", "proxies", *LAKE_INSTANCES}
+    cluster = {
+        "lake-catalog",
+        "lake-files",
+        "lake-bucket",
+        "quota-counters",
+        "proxies",
+        *LAKE_INSTANCES,
+    }
     assert set(services) == {SERVICE, *cluster}
     for name in cluster - {"lake-bucket"}:  # a one-shot job has nothing to check
         assert services[name].get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
@@ -572,6 +579,7 @@ def test_compose_cluster_profile() -> None:
         assert "/healthz" in _healthcheck_command(service)
         assert service["depends_on"]["lake-catalog"]["condition"] == "service_healthy"
         assert service["depends_on"]["lake-bucket"]["condition"] == "service_completed_successfully"
+        assert service["depends_on"]["quota-counters"]["condition"] == "service_healthy"
     ids = [s["environment"]["TOKENTILL_INSTANCE_ID"] for s in instances.values()]
     assert len(set(ids)) == len(ids), "two instances share a journal's name"
     journals = [s["volumes"][0]["source"] for s in instances.values()]
@@ -610,3 +618,10 @@ def test_compose_cluster_environment_is_accepted_by_settings(
     assert settings.lake_s3_endpoint == "lake-files:9000"
     assert settings.instance_id == environment["TOKENTILL_INSTANCE_ID"]
     assert settings.upstream == "https://api.openai.com"
+    # Quotas on, their counters in the cluster's Redis (with no persistence to go stale).
+    assert settings.quotas_enabled
+    assert settings.redis_url is not None
+    assert settings.redis_url.get_secret_value() == "redis://quota-counters:6379/0"
+    redis_command = _rendered("cluster")["services"]["quota-counters"]["command"]
+    assert redis_command[redis_command.index("--save") + 1] == ""
+    assert redis_command[redis_command.index("--appendonly") + 1] == "no"

@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Any
 
 import duckdb
+import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import (
     http_exception_handler,
@@ -33,6 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -76,7 +78,8 @@ from tokentill.warehouse.lake import Lake, LakeConfig
 from tokentill.warehouse.periods import post_adjustments
 from tokentill.warehouse.prices import CatalogCache, insert_rows, load_price_file, seed_published
 from tokentill.warehouse.quota_book import QuotaConfig
-from tokentill.warehouse.quota_service import QuotaService
+from tokentill.warehouse.quota_service import QuotaService, SharedOptions
+from tokentill.warehouse.quota_shared import SharedCounters, quota_store_alert
 from tokentill.warehouse.scheduler import start_scheduler, stop_scheduler
 from tokentill.warehouse.storage import EventSink, Storage
 from tokentill.warehouse.unsettled import unsettled
@@ -196,6 +199,14 @@ class Tokentill:
                 "journal_backlog": runtime.writer.backlog,
                 "writer_lag_seconds": round(runtime.writer.lag_seconds, 3),
             }
+            quotas = runtime.quotas
+            if quotas is not None and quotas.shared is not None:
+                # Redis away: requests held to a limit are refused (or served unchecked),
+                # everything else is served.
+                body["quota_store"] = "up" if quotas.shared.up else "down"
+                body["quota_limits_version"] = quotas.limits_version
+                if not quotas.shared.up:
+                    body["status"] = "degraded"
             if self.settings.lake_catalog is not None:
                 body["role"] = self.settings.role
                 if self.settings.works:  # which worker runs the jobs now
@@ -515,10 +526,67 @@ class Tokentill:
             flush=lambda: writer.flush(60.0),
             catalog=catalog,
         )
+        if settings.redis_url is not None:
+            await self._share_quotas(stack, service, writer, outbox)
         await asyncio.to_thread(service.start)
         outbox.subscribe(service.on_alert)
         _run_until_closed(stack, service.refresh_forever(), "tokentill-prices")
+        if service.shared is not None:
+            mark = writer.committed_through_us if settings.proxies else None
+            _run_until_closed(stack, service.follow_forever(mark), "tokentill-quota-follow")
         return service
+
+    async def _share_quotas(
+        self,
+        stack: contextlib.AsyncExitStack,
+        service: QuotaService,
+        writer: Writer,
+        outbox: AlertOutbox,
+    ) -> None:
+        """The quota counters in Redis (every instance of a lake sees the same)."""
+        settings = self.settings
+        assert settings.redis_url is not None
+        client = aioredis.from_url(
+            settings.redis_url.get_secret_value(),
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            retry_on_timeout=False,
+        )
+        stack.push_async_callback(client.aclose)
+        instance = settings.instance_id or "tokentill"
+        counters = SharedCounters(
+            client,
+            service.book,
+            instance_id=instance,
+            # A request's reservation lapses after this if its proxy died holding it.
+            open_for_seconds=max(900.0, 2 * settings.upstream_read_timeout),
+            pending_max_seconds=settings.background_poll_max,
+        )
+        counters.on_unavailable = lambda exc: outbox.raise_alert(quota_store_alert(exc, instance))
+        service.share(
+            counters,
+            SharedOptions(outage=settings.quota_redis_outage, poll=settings.quota_redis_poll),
+        )
+        with contextlib.suppress(RedisError):
+            risky = await counters.persistence()
+            if risky:
+                log.warning(
+                    "quota counters' Redis keeps %s: after a restart it could come back with "
+                    "stale counters instead of empty ones, which are rebuilt from the lake "
+                    "(docs/quotas.md)",
+                    ", ".join(risky),
+                )
+        self.metrics.bind_quota_store(
+            up=lambda: float(counters.up),
+            errors=lambda: float(counters.errors),
+            queued=lambda: float(counters.queued),
+            dropped=lambda: float(counters.dropped),
+            seeds=lambda: float(service.seeds),
+            unchecked=lambda: float(service.unchecked),
+        )
+        _run_until_closed(stack, counters.run(), "tokentill-quota-settle")
+        # Unwound before the task is cancelled: what was settled reaches Redis.
+        stack.push_async_callback(counters.drain, 3.0)
 
     def _start_scheduler(self, stack: contextlib.AsyncExitStack, runtime: Runtime) -> None:
         """The rollup and abuse jobs on their schedule; stopped first at shutdown."""

@@ -168,6 +168,15 @@ class Settings(BaseSettings):
     quota_unknown_context_tokens: Annotated[int, Field(ge=0)] = 8_192
     # How often the proxy's in-memory price snapshot is rebuilt from the catalog.
     quota_price_refresh: Seconds = 30.0
+    # Quotas across instances (docs/quotas.md, "Across proxies"): the counters,
+    # reservations, limit versions and blocks in this Redis (redis://host:port/db).
+    # Needed when quotas are on with a lake; unset on one process (counters in memory).
+    redis_url: SecretStr | None = None
+    # When Redis cannot be reached: `refuse` the requests of users and tags held to
+    # limits (503 in OpenAI's shape), or `serve` them unchecked (counted when it returns).
+    quota_redis_outage: Literal["refuse", "serve"] = "refuse"
+    # How often each instance reads the limits' version and the blocks from Redis.
+    quota_redis_poll: Annotated[float, Field(gt=0, le=10)] = 0.25
 
     # Abuse monitoring (warehouse/abuse.py): how often it runs, the scored window, and
     # how much of each user's history it compares against.
@@ -215,6 +224,15 @@ class Settings(BaseSettings):
             raise ValueError("alert_webhook_url must be an http:// or https:// URL")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_is_a_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("redis_url must be a redis://, rediss:// or unix:// URL")
+        return value
+
     @model_validator(mode="after")
     def _lake_is_whole(self) -> Settings:
         if (self.lake_catalog is None) != (self.lake_data is None):
@@ -226,11 +244,11 @@ class Settings(BaseSettings):
                 f"role {self.role!r} needs a lake (lake_catalog, lake_data): "
                 "one DuckDB file is owned by one process, which plays every role"
             )
-        if self.lake_catalog is not None and self.quotas_enabled:
+        if self.lake_catalog is not None and self.quotas_enabled and self.redis_url is None:
             # Refused loudly rather than enforced per process (docs/cluster.md).
             raise ValueError(
-                "quotas across instances need their shared counters (Redis), not built "
-                "yet: set quotas_enabled=false on a lake's instances"
+                "quotas across instances need their shared counters: set redis_url "
+                "(redis://host:port/db), or quotas_enabled=false on a lake's instances"
             )
         return self
 

@@ -198,6 +198,25 @@ class Reservation:
     unpriced: bool
     retrievable: bool  # stored upstream, so a cut-off outcome can still be learned
     state: Literal["open", "parked", "done"] = "open"
+    key: str = ""  # its id in shared counters (warehouse/quota_shared.py)
+
+
+class SharedLedger(Protocol):
+    """Counters kept outside the process (Redis, for many proxies): the book decides what
+    to reserve and charge; the ledger holds it where every proxy sees it."""
+
+    def charge(
+        self,
+        reservation: Reservation,
+        cost: int,
+        tokens: int,
+        unpriced: bool,
+        event: UsageEvent | None,
+    ) -> None: ...
+
+    def release(self, reservation: Reservation) -> None: ...
+
+    def park(self, reservation: Reservation) -> None: ...
 
 
 class UserBlockedError(RequestRejectedError):
@@ -299,6 +318,9 @@ class QuotaBook:
         self._spill = SpillFilter()
         self._spill_month = 0
         self._tag_keys = frozenset(config.tag_keys)
+        # Set when the counters are shared (quota_shared.py): admission's check and every
+        # count go there, and this book keeps only the policy, the limits and the blocks.
+        self.shared: SharedLedger | None = None
 
     # -- limits ---------------------------------------------------------------------------
 
@@ -339,6 +361,10 @@ class QuotaBook:
     def unblock(self, user_id: str) -> bool:
         return self._blocked.pop(user_id, None) is not None
 
+    def replace_blocks(self, blocks: dict[str, int]) -> None:
+        """The blocks as the shared store holds them (every proxy applies the same)."""
+        self._blocked = dict(blocks)
+
     def blocks(self, now: int) -> dict[str, int]:
         """The blocks in force (expired ones are dropped)."""
         for user_id in [u for u, until in self._blocked.items() if until <= now]:
@@ -347,7 +373,9 @@ class QuotaBook:
 
     # -- the hot path ---------------------------------------------------------------------
 
-    def admit(self, facts: QuotaRequest, parsed: dict[str, Any] | None, body: bytes) -> Reservation:
+    def plan(self, facts: QuotaRequest, parsed: dict[str, Any] | None, body: bytes) -> Reservation:
+        """The request's worst case and the subjects it is held on, checked against
+        nothing yet (a blocked user is refused here)."""
         now = facts.started_us
         if facts.user_id and self._blocked:
             until = self._blocked.get(facts.user_id)
@@ -374,13 +402,29 @@ class QuotaBook:
         if worst is not None and calls:
             worst += calls * self.prices.web_search_rate(model, tier_name)
         tokens = input_tokens + output_tokens
-        pico = worst or 0
-        held: list[Subject] = []
-        for subject in subjects:
-            limits = self._limits.get(subject) or (self._default if subject[0] == "user" else ())
-            if not limits:
-                continue  # no counters kept for it (a limit added later reads the warehouse)
-            held.append(subject)
+        held = [
+            subject
+            for subject in subjects
+            # no counters kept for the others (a limit added later reads the warehouse)
+            if self._limits.get(subject) or (subject[0] == "user" and self._default)
+        ]
+        return Reservation(
+            tuple(subjects),
+            tuple(held),
+            now,
+            worst or 0,
+            tokens,
+            worst is None,
+            retrievable=facts.store,
+        )
+
+    def admit(self, facts: QuotaRequest, parsed: dict[str, Any] | None, body: bytes) -> Reservation:
+        """Check the request against the counters in memory, and reserve its worst case,
+        or raise `QuotaExceededError`."""
+        reservation = self.plan(facts, parsed, body)
+        now, pico, tokens = reservation.started_us, reservation.pico, reservation.tokens
+        for subject in reservation.held:
+            limits = self._limits.get(subject) or self._default
             meter = self._meter(subject, now)
             reserved = meter.reserved
             for limit in limits:
@@ -398,10 +442,7 @@ class QuotaBook:
                     used, need = current.used.requests + reserved.requests, 1
                 if used >= limit.amount or used + need > limit.amount:
                     raise QuotaExceededError(subject, limit, current, used, need, now)
-        reservation = Reservation(
-            tuple(subjects), tuple(held), now, pico, tokens, worst is None, retrievable=facts.store
-        )
-        for subject in held:
+        for subject in reservation.held:
             meter = self._meter(subject, now)
             meter.last_used_us = now
             reserved = meter.reserved
@@ -464,9 +505,16 @@ class QuotaBook:
                 if event.kind != "update" or not event.response_id or event.is_pending:
                     return
                 parked = self._parked.pop(event.response_id, None)
-                if parked is None:
+                if parked is not None:
+                    reservation = parked[0]
+                elif self.shared is None:
                     return  # a response created before this process started
-                reservation = parked[0]
+                else:
+                    # Parked by another proxy, or by one that died: charged here (once:
+                    # the shared counters know each event they counted).
+                    reservation = self._unreserved(event)
+                    if reservation is None:
+                        return
         if reservation.state == "done":
             return
         if event.is_pending:
@@ -479,16 +527,20 @@ class QuotaBook:
                 # Its outcome comes later (the poller, or a client's retrieve).
                 reservation.state = "parked"
                 self._parked[event.response_id] = (reservation, time.monotonic())
+                if self.shared is not None:
+                    self.shared.park(reservation)
                 return
             if reservation.state == "parked":
                 return  # still pending
             # Nobody can learn what it cost (a cut Chat Completion, a response never
             # stored): charge its worst case.
-            self._charge(reservation, reservation.pico, reservation.tokens, reservation.unpriced)
+            self._charge(
+                reservation, reservation.pico, reservation.tokens, reservation.unpriced, event
+            )
             return
         cost = self.prices.cost(event)
         tokens = event.total_tokens or (event.input_tokens or 0) + (event.output_tokens or 0)
-        self._charge(reservation, cost or 0, tokens, cost is None)
+        self._charge(reservation, cost or 0, tokens, cost is None, event)
         if event.response_id and tokens:
             # What a response continuing this one will carry as context.
             self._context[event.response_id] = tokens
@@ -512,6 +564,9 @@ class QuotaBook:
         if reservation.state != "open":
             return
         reservation.state = "done"
+        if self.shared is not None:
+            self.shared.release(reservation)
+            return
         for subject in reservation.held:
             meter = self._meters.get(subject)
             if meter is not None:
@@ -578,6 +633,10 @@ class QuotaBook:
 
     # -- reading --------------------------------------------------------------------------
 
+    def show(self, subject: Subject, snapshot: Meter) -> None:
+        """Shared counters: the snapshot `meter` returns (the API reads it right after)."""
+        self._meters[subject] = snapshot
+
     def meter(self, subject: Subject, now: int | None = None) -> Meter:
         """A subject's counters to read (empty ones, not kept, when it has none): reading
         never creates counters, so a spilled subject stays known as spilled."""
@@ -638,8 +697,18 @@ class QuotaBook:
             cap *= choices
         return cap
 
-    def _charge(self, reservation: Reservation, cost: int, tokens: int, unpriced: bool) -> None:
+    def _charge(
+        self,
+        reservation: Reservation,
+        cost: int,
+        tokens: int,
+        unpriced: bool,
+        event: UsageEvent | None = None,
+    ) -> None:
         reservation.state = "done"
+        if self.shared is not None:
+            self.shared.charge(reservation, cost, tokens, unpriced, event)
+            return
         now = self._clock()
         for subject in reservation.held:
             meter = self._meters.get(subject)
@@ -671,20 +740,32 @@ class QuotaBook:
         limits, _ = self.limits_of(subject)
         for limit in limits:
             current = meter.current(limit.period, now)
-            used = current.used.of(limit.unit)
-            if used <= 0:
-                continue
-            for threshold in THRESHOLDS:
-                if used * 100 < threshold * limit.amount:
-                    break
-                key = (
-                    f"quota:{subject_label(subject)}:{limit.unit}:{limit.period}:"
-                    f"{current.start}:{threshold}"
-                )
-                if key in current.fired or key in self._fired_before_start:
+            for key, alert in self.crossed(subject, limit, current):
+                if key in current.fired:
                     continue
                 current.fired.add(key)
-                self._alert(_threshold_alert(key, subject, limit, current, used, threshold))
+                self._alert(alert)
+
+    def crossed(self, subject: Subject, limit: Limit, current: Window) -> list[tuple[str, Alert]]:
+        """The thresholds of `limit` that `current`'s use has reached, with their alerts
+        (keyed by window: raised once per window), those raised before start left out."""
+        used = current.used.of(limit.unit)
+        found: list[tuple[str, Alert]] = []
+        if used <= 0:
+            return found
+        for threshold in THRESHOLDS:
+            if used * 100 < threshold * limit.amount:
+                break
+            key = (
+                f"quota:{subject_label(subject)}:{limit.unit}:{limit.period}:"
+                f"{current.start}:{threshold}"
+            )
+            if key not in self._fired_before_start:
+                found.append((key, _threshold_alert(key, subject, limit, current, used, threshold)))
+        return found
+
+    def raise_alert(self, alert: Alert) -> None:
+        self._alert(alert)
 
 
 class SpillFilter:

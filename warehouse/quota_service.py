@@ -8,23 +8,31 @@ A limit set later (API) is applied first (live counting from that moment), then 
 writer is flushed and the subject's counters are replaced by what the warehouse holds
 from before that moment. Idle counters are dropped on the price refresh's schedule.
 Threads: DuckDB reads run in worker threads; the book is only touched on the event loop.
+
+Shared (a lake's instances, `redis_url`): the book keeps the policy, and its counters live
+in Redis (warehouse/quota_shared.py). Nothing is seeded at start: a window's first
+admission reads what the lake holds from before it opened. Every instance reloads the
+limits when their version in Redis moves, and applies the blocks Redis holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import duckdb
+from redis.exceptions import RedisError
 
 from tokentill.warehouse.alerts import Alert, open_quota_alert_keys
 from tokentill.warehouse.events import now_us
 from tokentill.warehouse.live_prices import PriceBook
 from tokentill.warehouse.prices import CatalogCache
-from tokentill.warehouse.quota_book import QuotaBook, QuotaConfig, QuotaRequest, Usage
+from tokentill.warehouse.quota_book import QuotaBook, QuotaConfig, QuotaRequest, Reservation, Usage
 from tokentill.warehouse.quota_rules import (
     PERIODS,
     UNITS,
@@ -35,7 +43,18 @@ from tokentill.warehouse.quota_rules import (
     user_subject,
     window,
 )
-from tokentill.warehouse.quota_store import load_limits, replace_limits, used_before
+from tokentill.warehouse.quota_shared import (
+    NeedsSeedError,
+    QuotaStoreUnavailableError,
+    SharedCounters,
+    Unseeded,
+)
+from tokentill.warehouse.quota_store import (
+    StoredLimit,
+    load_limits,
+    replace_limits,
+    used_before,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +97,26 @@ class QuotaService:
         self.boot_us = 0
         self._price_mark: tuple[int, int] | None = None  # (rows, max price_id) last read
         self._lock = asyncio.Lock()  # one limit change (store + seed + apply) at a time
+        self._tasks: set[asyncio.Task[None]] = set()
         self._warming: dict[Subject, asyncio.Future[None]] = {}  # spilled subjects being read back
         self.reseeds = 0
+        self.shared: SharedCounters | None = None
+        self._shared_options: SharedOptions | None = None
+        self._seeding: dict[tuple[str, Unseeded], asyncio.Future[None]] = {}
+        self._limits_version = -1
+        self.unchecked = 0  # admitted unchecked while Redis was away (outage: serve)
+        self.seeds = 0
+
+    @property
+    def limits_version(self) -> int:
+        """The version of the shared limits this instance holds (-1: not read yet)."""
+        return self._limits_version
+
+    def share(self, counters: SharedCounters, options: SharedOptions) -> None:
+        """Keep the counters in Redis (before `start`)."""
+        self.shared = counters
+        self._shared_options = options
+        self.book.shared = counters
 
     # -- start ----------------------------------------------------------------------------
 
@@ -95,9 +132,10 @@ class QuotaService:
                 limits.setdefault((row.scope, row.subject_key, row.subject_value), []).append(limit)
             for scope, found in limits.items():
                 self.book.set_limits(_subject(scope), found)
-            for scope, found in limits.items():
-                subject = _subject(scope)
-                self._apply(subject, self._read_seed(conn, subject, found, self.boot_us))
+            if self.shared is None:
+                for scope, found in limits.items():
+                    subject = _subject(scope)
+                    self._apply(subject, self._read_seed(conn, subject, found, self.boot_us))
             self.book.note_fired(open_quota_alert_keys(conn))
         finally:
             conn.close()
@@ -112,7 +150,14 @@ class QuotaService:
     ) -> Awaitable[None] | None:
         """The proxy's admission hook: in memory (None) for every subject whose counters
         are here; an awaitable when one of them was spilled and must be read back from
-        the warehouse first (a worker thread does the read; the loop never waits)."""
+        the warehouse first (a worker thread does the read; the loop never waits), or
+        when the counters are shared and the request is held to a limit."""
+        if self.shared is not None:
+            reservation = self.book.plan(facts, parsed, body)
+            if not reservation.held:
+                facts.hold = reservation  # no limits: counted nowhere, nothing to check
+                return None
+            return self._admit_shared(facts, reservation)
         if self._warming or self.book.has_spilled:
             subjects = self.book.subjects_of(facts, parsed)
             cold = [s for s in subjects if s in self._warming] + self.book.spilled(subjects)
@@ -132,8 +177,86 @@ class QuotaService:
             await self._read_back(subject)
         facts.hold = self.book.admit(facts, parsed, body)
 
+    async def _admit_shared(self, facts: HeldRequest, reservation: Reservation) -> None:
+        shared = self.shared
+        assert shared is not None
+        try:
+            for _ in range(5):
+                try:
+                    await shared.admit(reservation)
+                except NeedsSeedError as needed:
+                    await self._seed(needed)
+                    continue
+                facts.hold = reservation
+                return
+            raise RuntimeError("quota windows kept changing while being read from the lake")
+        except RedisError:
+            options = self._shared_options
+            if options is None or options.outage == "refuse":
+                raise QuotaStoreUnavailableError() from None
+            # Served unchecked: still counted when Redis is back (its settlement waits).
+            self.unchecked += 1
+            reservation.held, reservation.key = (), ""
+            facts.hold = reservation
+
+    async def _seed(self, needed: NeedsSeedError) -> None:
+        """Read each window's use from before it opened from the lake, once per process
+        (concurrent admissions of the same window share the read)."""
+        for found in needed.windows:
+            key = (needed.gen, found)
+            pending = self._seeding.get(key)
+            if pending is not None:
+                await asyncio.shield(pending)
+                continue
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._seeding[key] = done
+            try:
+                await self._seed_one(needed.gen, found)
+            finally:
+                done.set_result(None)
+                del self._seeding[key]
+
+    async def _seed_one(self, gen: str, found: Unseeded) -> None:
+        shared, options = self.shared, self._shared_options
+        assert shared is not None and options is not None
+        deadline = time.monotonic() + options.seed_wait
+        while not await shared.writers_past(found.since):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "quota seed of %s: a proxy's writer has not committed past the window's "
+                    "opening after %.0f s (the lake away?); its use may be undercounted",
+                    found.subject,
+                    options.seed_wait,
+                )
+                break
+            await asyncio.sleep(0.05)
+        used = await asyncio.to_thread(self._read_window, found)
+        await shared.seed(gen, found, used)
+        self.seeds += 1
+
+    def _read_window(self, found: Unseeded) -> Usage:
+        conn = self._connect()
+        try:
+            common: dict[str, Any] = {
+                "recorded_before": datetime.fromtimestamp(found.since / 1e6, UTC),
+                "window_start": datetime.fromtimestamp(found.window_start / 1e6, UTC),
+                "image_model": self._image_gen_model,
+            }
+            subject = found.subject
+            if subject[0] == "user":
+                rows = used_before(conn, users=[subject[1]], **common)
+            else:
+                rows = used_before(conn, tag_key=subject[1], tag_values=[subject[2]], **common)
+        finally:
+            conn.close()
+        return _usage(rows[0]) if rows else Usage()
+
     async def current(self, subjects: Sequence[Subject]) -> None:
-        """Read back any of `subjects` whose counters were spilled (before showing them)."""
+        """Read back any of `subjects` whose counters were spilled (before showing them);
+        with shared counters, take a snapshot of each from Redis."""
+        if self.shared is not None:
+            await self._snapshot(subjects)
+            return
         for subject in subjects:
             if subject in self._warming or self.book.spilled([subject]):
                 await self._read_back(subject)
@@ -162,12 +285,90 @@ class QuotaService:
             done.set_result(None)
             del self._warming[subject]
 
+    async def _snapshot(self, subjects: Sequence[Subject]) -> None:
+        shared = self.shared
+        assert shared is not None
+        for subject in subjects:
+            limits, _ = self.book.limits_of(subject)
+            if not limits:
+                continue
+            probe = Reservation((subject,), (subject,), now_us(), 0, 0, False, False)
+            for _ in range(5):
+                try:
+                    await shared.admit(probe, probe=True)
+                    break
+                except NeedsSeedError as needed:
+                    await self._seed(needed)
+            self.book.show(subject, await shared.meter(subject, limits))
+
     def on_alert(self, alert: Alert) -> None:
-        """A new alert (event loop): a critical abuse flag may block its user for a while."""
+        """A new alert (event loop): a critical abuse flag may block its user for a while
+        (on every proxy, when the counters are shared)."""
         seconds = self._block_seconds
         if seconds and alert.kind == "abuse" and alert.severity == "critical" and alert.user_id:
-            self.book.block(alert.user_id, now_us() + seconds * 1_000_000)
+            until = now_us() + seconds * 1_000_000
+            self.book.block(alert.user_id, until)
             log.warning("user %r blocked for %d s: %s", alert.user_id, seconds, alert.message)
+            if self.shared is not None:
+                task = asyncio.get_running_loop().create_task(
+                    self.shared.block(alert.user_id, until)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def unblock(self, user_id: str) -> bool:
+        """Lift a user's block (everywhere, when shared)."""
+        lifted = self.book.unblock(user_id)
+        if self.shared is not None:
+            lifted = await self.shared.unblock(user_id) or lifted
+        return lifted
+
+    async def follow_forever(self, mark: Callable[[], int] | None) -> None:
+        """Shared counters: publish this proxy's writer mark (`mark`), and follow the limits'
+        version and the blocks in Redis, every `poll` seconds."""
+        shared, options = self.shared, self._shared_options
+        assert shared is not None and options is not None
+        reload_every = max(1, int(30 / options.poll))
+        rounds = 0
+        while True:
+            try:
+                if mark is not None:
+                    await shared.publish_mark(mark())
+                version = await shared.limits_version()
+                if version != self._limits_version or rounds % reload_every == 0:
+                    await self._reload_limits()
+                    self._limits_version = version
+                self.book.replace_blocks(await shared.blocks())
+                if rounds % reload_every == 0:
+                    await shared.prune_blocks(now_us())
+            except RedisError:
+                pass  # counted and logged by the counters; tried again next round
+            except Exception:
+                log.exception("quota: following the shared limits failed")
+            rounds += 1
+            await asyncio.sleep(options.poll)
+
+    async def _reload_limits(self) -> None:
+        rows = await asyncio.to_thread(self._load_limits)
+        limits: dict[Scope, list[Limit]] = {}
+        for row in rows:
+            limit = Limit(row.unit, row.period, row.amount, row.mode)  # type: ignore[arg-type]
+            limits.setdefault((row.scope, row.subject_key, row.subject_value), []).append(limit)
+        found: dict[Subject | None, tuple[Limit, ...]] = {
+            _subject(scope): tuple(value) for scope, value in limits.items()
+        }
+        for subject in [None, *self.book.subjects_with_limits()]:
+            if subject not in found:
+                self.book.set_limits(subject, ())
+        for subject, value in found.items():
+            self.book.set_limits(subject, value)
+
+    def _load_limits(self) -> list[StoredLimit]:
+        conn = self._connect()
+        try:
+            return load_limits(conn)
+        finally:
+            conn.close()
 
     async def refresh_forever(self) -> None:
         """Keep the price snapshot fresh; charge pending responses that never ended."""
@@ -194,6 +395,12 @@ class QuotaService:
                 (lim.unit, lim.period, lim.mode, lim.amount) for lim in limits
             ]
             had = await asyncio.to_thread(self._store, scope, rows)
+            if self.shared is not None:
+                # Every instance reloads the limits, and the subject's windows are read
+                # from the lake again on their next admission.
+                self.book.set_limits(subject, limits)
+                await self.shared.forget(subject)
+                return had
             # From this moment each of its settled events counts live; what was recorded
             # before comes from the warehouse, once the writer has it all.
             set_at = now_us()
@@ -286,6 +493,13 @@ class QuotaService:
         catalog = self._catalog.read(conn)
         self._price_mark = catalog.mark
         return PriceBook.build(catalog.prices, self._image_gen_model)
+
+
+@dataclass(frozen=True)
+class SharedOptions:
+    outage: Literal["refuse", "serve"] = "refuse"
+    poll: float = 0.25  # limits' version, blocks, this proxy's writer mark
+    seed_wait: float = 10.0  # for the proxies' writers to commit past a window's opening
 
 
 def _subject(scope: Scope) -> Subject | None:

@@ -29,6 +29,7 @@ OWN_REFUSALS = (
     "invalid_tokentill_user",
     "request_too_large",
     "client_disconnected",
+    "quota_store_unavailable",
 )
 
 

@@ -11,6 +11,7 @@ set aside in `rejected.jsonl`, never dropped.
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import queue
@@ -23,7 +24,7 @@ from typing import Protocol
 
 import polars as pl
 
-from tokentill.warehouse.events import COLUMNS
+from tokentill.warehouse.events import COLUMNS, now_us
 from tokentill.warehouse.storage import EventSink, Position, StorageUnavailableError
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ class Writer:
         self._committed = 0
         self._replayed = 0  # lines queued by recover(): written at once, not batched up
         self._oldest_pending: float | None = None
+        # (lines submitted, wall clock µs) now and then: what `committed_through_us` reads.
+        self._stamps: collections.deque[tuple[int, int]] = collections.deque(maxlen=4096)
         self._seq = 0
         self.stats = WriterStats()
         self.failed = False
@@ -132,6 +135,9 @@ class Writer:
         with self._feed:
             self._enqueued += 1
             self._last_submitted = position
+            stamp = now_us()
+            if not self._stamps or stamp - self._stamps[-1][1] >= 10_000:
+                self._stamps.append((self._enqueued, stamp))
             if self._spilled_after is None and self._queued < self._queue_max:
                 self._queued += 1
                 self._last_queued = position
@@ -150,6 +156,22 @@ class Writer:
     def backlog(self) -> int:
         """Events journaled but not yet committed to DuckDB."""
         return self._enqueued - self._committed
+
+    def committed_through_us(self, margin_us: int = 500_000) -> int:
+        """A moment such that every event recorded before it is committed: events are
+        stamped `recorded_at` just before the journal hands them here, on the same thread,
+        well within `margin_us` (shared quota counters read the lake up to it)."""
+        moment = now_us()
+        if self._committed >= self._enqueued:
+            return moment - margin_us
+        committed, through = self._committed, 0
+        with self._feed:
+            stamps = list(self._stamps)
+        for submitted, stamp in stamps:
+            if submitted > committed:
+                break
+            through = stamp
+        return through - margin_us if through else 0
 
     @property
     def lag_seconds(self) -> float:

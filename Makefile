@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 SRC := tokentill ingest warehouse api dashboards  # ruff walks the real folders, not the links
 
-.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api bench-cluster sync fake-upstream chromium postgresql redis screenshots bench-dashboard docs
+.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api bench-cluster bench-chaos sync fake-upstream chromium postgresql redis screenshots bench-dashboard docs
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -62,6 +62,9 @@ bench: sync  ## needs wrk (Debian package), installed here if missing
 
 bench-rollup: sync  ## 10M synthetic events: full rebuild, incremental run, peak memory
 	$(RUN) python bench/rollup.py
+
+bench-chaos: sync  ## kill -9 every 50 s, 8 times, under traffic: billed but unrecorded tokens
+	$(RUN) python -m bench.chaos
 
 bench-cluster: sync postgresql redis  ## proxies on a DuckLake (1, 2, 3) against the one process on its file
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)

@@ -43,6 +43,7 @@ from bench._common import (
     LOOPBACK,
     BenchError,
     Postgres,
+    Redis,
     Server,
     WrkResult,
     cpu_seconds,
@@ -54,6 +55,7 @@ from bench._common import (
     postgres_cluster,
     prometheus_value,
     python_module_argv,
+    redis_server,
     remove_workdir,
     run_wrk,
     verdict,
@@ -222,10 +224,75 @@ def metrics_of(server: Server) -> str:
     return raw.decode()
 
 
-def run(args: argparse.Namespace) -> tuple[list[Setup], WrkResult | None]:
+@dataclass
+class QuotaFigures:
+    """The largest N's lake run again with every request held to a limit in Redis."""
+
+    setup: Setup
+    without: Setup  # the same N on the lake, quotas off
+    redis_cpu_s: float
+    refused: int
+
+    @property
+    def redis_us_per_request(self) -> float:
+        requests = sum(p.wrk.ok for p in self.setup.proxies)
+        return self.redis_cpu_s / max(1, requests) * 1e6
+
+
+def quota_run(
+    bench: Cluster, n: int, args: argparse.Namespace, redis: Redis, without: Setup
+) -> QuotaFigures:
+    catalog = bench.postgres.new_database(f"quota{n}")
+    data = str(bench.workdir / f"quota{n}") + "/"
+    common = {
+        "lake_catalog": catalog,
+        "lake_data": data,
+        "quotas_enabled": "true",
+        "redis_url": redis.url,
+    }
+    worker = bench.serve(f"qworker{n}", "worker", instance_id=f"qworker{n}", **common)
+    api = bench.serve(f"qapi{n}", "api", instance_id=f"qapi{n}", **common)
+    # Every bench user is held to the default limits (generous: none is reached), so
+    # each request is admitted and settled by Redis's scripts.
+    limits = {
+        "limits": [
+            {"limit_usd": "100000", "period": "day"},
+            {"limit_tokens": 10**15, "period": "month"},
+            {"limit_requests": 10**12, "period": "minute"},
+        ]
+    }
+    status, raw = http_request(
+        api.port,
+        "PUT",
+        "/api/quotas/default",
+        body=json.dumps(limits).encode(),
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    if status != 200:
+        raise BenchError(f"setting the default limits: {status} {raw[:200]!r}")
+    proxies = [
+        bench.serve(f"qproxy{n}-{i}", "proxy", instance_id=f"qproxy{n}-{i}", **common)
+        for i in range(n)
+    ]
+    setup = Setup(f"lake + Redis quotas, {n} prox{'y' if n == 1 else 'ies'}")
+    try:
+        assert redis.proc is not None
+        before = cpu_seconds(redis.proc.pid)
+        setup.proxies = bench.load(proxies, setup.label)
+        redis_cpu = cpu_seconds(redis.proc.pid) - before
+        refused = sum(p.wrk.errors for p in setup.proxies)
+    finally:
+        for server in [*proxies, api, worker]:
+            server.stop()
+    return QuotaFigures(setup, without, redis_cpu, refused)
+
+
+def run(args: argparse.Namespace) -> tuple[list[Setup], WrkResult | None, QuotaFigures | None]:
     workdir = make_workdir("tokentill-bench-cluster-")
     setups: list[Setup] = []
     direct: WrkResult | None = None
+    quotas: QuotaFigures | None = None
     try:
         with postgres_cluster() as postgres:
             bench = Cluster(workdir, args, postgres)
@@ -244,11 +311,15 @@ def run(args: argparse.Namespace) -> tuple[list[Setup], WrkResult | None]:
                     lake = lake_run(bench, n, args)
                     lake.baseline = baseline
                     setups.append(lake)
+                largest = max(args.proxies)
+                without = next(s for s in setups if s.baseline and len(s.proxies) == largest)
+                with redis_server() as redis:
+                    quotas = quota_run(bench, largest, args, redis, without)
             finally:
                 bench.fake.stop()
     finally:
         remove_workdir(workdir)
-    return setups, direct
+    return setups, direct, quotas
 
 
 def embedded_run(bench: Cluster, n: int) -> Setup:
@@ -420,6 +491,41 @@ def report(setups: list[Setup], args: argparse.Namespace, direct: WrkResult | No
     return ok
 
 
+def report_quotas(quotas: QuotaFigures) -> bool:
+    """Redis's share: what admission and settlement cost the proxies and Redis itself."""
+    setup, without = quotas.setup, quotas.without
+    rps = setup.rps
+    redis_us = quotas.redis_us_per_request
+    headroom = (1e6 / redis_us) / rps if redis_us and rps else float("nan")
+    ratio = setup.cpu_us / without.cpu_us
+    print("\n### Quotas on Redis (every request held to three limits)\n")
+    print(
+        markdown_table(
+            [
+                "setup",
+                "total req/s",
+                "proxy CPU µs/req",
+                "vs quotas off",
+                "Redis CPU µs/req",
+                "Redis headroom",
+                "refused",
+            ],
+            [
+                [
+                    setup.label,
+                    f"{rps:,.0f}",
+                    f"{setup.cpu_us:,.0f}",
+                    f"{ratio:.2f}x",
+                    f"{redis_us:.1f}",
+                    f"{headroom:.1f}x (one core)",
+                    str(quotas.refused),
+                ]
+            ],
+        )
+    )
+    return quotas.refused == 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0)
@@ -436,8 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# bench/cluster.py: {args.duration:g} s per run, {args.connections} connections per proxy"
     )
-    setups, direct = run(args)
-    return 0 if report(setups, args, direct) else 1
+    setups, direct, quotas = run(args)
+    ok = report(setups, args, direct)
+    if quotas is not None:
+        ok = report_quotas(quotas) and ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ what the client did not ask for, so the client sees what the upstream would have
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -223,12 +225,24 @@ class StreamCapture:
     parsing (see `_may_carry_response` and `_may_carry_chat_usage`).
     """
 
-    def __init__(self, facts: RequestFacts, encoding: str | None, http_status: int) -> None:
+    def __init__(
+        self,
+        facts: RequestFacts,
+        encoding: str | None,
+        http_status: int,
+        announce: Callable[[UsageEvent], None] | None = None,
+    ) -> None:
+        """`announce` journals a pending record of the response as soon as its id is
+        known (a Responses stream's `response.created`): if the process dies before the
+        stream ends, that record is what a settlement finds and settles. The outcome at
+        the end is then an update of it."""
         self.facts = facts
         self.http_status = http_status
         self.event = facts.new_event()
         self.event.streamed = True
         self.done = False  # the terminal event has been seen
+        self._announce = announce
+        self.announced = False
         self._parser = SSEParser()
         self._decoder = Decoder(encoding)
         self._seen_first_chunk = False
@@ -284,6 +298,11 @@ class StreamCapture:
             usage.apply_response(self.event, response)
             if self.event.status in TERMINAL_STATUSES and kind != "response.created":
                 self.done = True
+            elif self._announce is not None and not self.announced and self.event.response_id:
+                self.announced = True
+                pending = dataclasses.replace(self.event)
+                pending.event_id = pending.response_id or ""
+                self._announce(finalize(pending, self.facts, self.http_status))
 
     def _failed(self, error: dict[str, Any]) -> None:
         """The stream ended on an error event: the response failed."""
@@ -354,4 +373,6 @@ class StreamCapture:
             event.status = "interrupted"
         event.client_disconnected = client_disconnected
         event.event_id = event.response_id or ""
+        if self.announced:
+            event.kind = "update"  # of the pending record journaled when it began
         return finalize(event, self.facts, self.http_status)

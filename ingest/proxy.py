@@ -543,7 +543,14 @@ class Proxy:
         credentials: list[tuple[bytes, bytes]],
     ) -> int:
         """An SSE answer: forward each chunk as it comes, reading it on the way."""
-        capture = StreamCapture(facts, upstream.header("content-encoding"), upstream.status)
+        # A Responses stream is journaled as pending when it begins (then updated when it
+        # ends): a process killed mid-stream leaves a record the settlement can settle.
+        announce = (
+            recorder.record if facts.kind == "create" and facts.endpoint == "responses" else None
+        )
+        capture = StreamCapture(
+            facts, upstream.header("content-encoding"), upstream.status, announce
+        )
         gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, gone))
         recorded = broken = False

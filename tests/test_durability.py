@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -291,3 +292,70 @@ def test_responses_left_pending_by_a_kill_are_settled_on_restart(
     for response_id, row in landed.items():
         assert row["status"] == "completed", row
         assert row["output_tokens"] == billed[response_id]["output_tokens"] > 0
+
+
+def test_a_stream_cut_by_a_kill_is_settled_from_its_pending_record(
+    db: Path, fake_upstream: str, processes: list[Process]
+) -> None:
+    """Streams open when the process is SIGKILLed: each was journaled as pending when its
+    `response.created` passed, so the restarted process settles it to what the upstream
+    billed (once, and never lost). Before, they left no row at all."""
+    process = Process(db, fake_upstream)
+    processes.append(process)
+    client = process.client()
+    slow = {"x-fake-delay-ms": "400"}
+    started: list[str] = []
+
+    def stream(i: int) -> None:
+        with contextlib.suppress(openai.APIError, httpx.HTTPError):
+            events = client.responses.create(
+                model="gpt-4o-mini", input=f"x{i}", user="cut", stream=True, extra_headers=slow
+            )
+            started.extend(e.response.id for e in events if e.type == "response.created")
+
+    pool = ThreadPoolExecutor(max_workers=5)
+    for i in range(5):
+        pool.submit(stream, i)
+    deadline = time.monotonic() + 30
+    while len(started) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(started) == 5
+    process.stop(signal.SIGKILL)
+    pool.shutdown(wait=True)
+
+    settling = Process(
+        db, fake_upstream, settlement_api_key="sk-settlement", background_poll_max_interval="1"
+    )
+    processes.append(settling)
+
+    def billed_now() -> dict[str, dict[str, Any]]:
+        return {e["id"]: e for e in ledger(fake_upstream) if e["id"] in started}
+
+    deadline = time.monotonic() + 60
+    while len(billed_now()) < len(started) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the upstream finishes them (at its own pace: no one reads)
+    billed = billed_now()
+    assert sorted(billed) == sorted(started)
+
+    def settled() -> bool:
+        landed = {r["response_id"]: r["status"] for r in _rows_of(settling)}
+        return all(landed.get(i) == "completed" for i in started)
+
+    deadline = time.monotonic() + 60
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert settling.stop() == 0
+    landed = [r for r in rows(db) if r["user_id"] == "cut"]
+    assert sorted(r["response_id"] for r in landed) == sorted(started)
+    for row in landed:
+        assert row["status"] == "completed", row
+        assert row["output_tokens"] == billed[row["response_id"]]["output_tokens"] > 0
+        assert row["streamed"]
+
+
+def _rows_of(process: Process) -> list[dict[str, Any]]:
+    answer = httpx.get(process.url + "/api/events", params={"user": "cut"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    found: list[dict[str, Any]] = body["events"] if isinstance(body, dict) else body
+    return found

@@ -322,9 +322,15 @@ def test_client_disconnect_mid_stream_still_records_real_usage(tokentill: Runnin
         )
         first = sock.recv(4096)
         assert b"200" in first.split(b"\r\n", 1)[0]
-    # The client is gone; tokentill keeps reading the upstream to learn the usage.
-    tokentill.wait_for(lambda: bool(tokentill.rows("user_id = 'judy'")), 15)
-    row = tokentill.rows("user_id = 'judy'")[0]
+
+    # The client is gone; tokentill keeps reading the upstream to learn the usage. (The
+    # row is there from the stream's first event, pending, and then takes its outcome.)
+    def ended() -> bool:
+        found = tokentill.rows("user_id = 'judy'")
+        return bool(found) and found[0]["status"] != "in_progress"
+
+    tokentill.wait_for(ended, 15)
+    [row] = tokentill.rows("user_id = 'judy'")
     assert row["client_disconnected"] is True
     assert row["status"] == "completed"
     billed = {entry["id"]: entry for entry in ledger(tokentill.settings.upstream)}

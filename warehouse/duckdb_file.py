@@ -26,17 +26,19 @@ from tokentill.warehouse.db import (
     tracked_cursor,
     transaction,
 )
-from tokentill.warehouse.events import PENDING_SQL, UPDATABLE_COLUMNS, insert_new_sql
+from tokentill.warehouse.events import (
+    PENDING_SQL,
+    UPDATABLE_COLUMNS,
+    insert_new_sql,
+    updated_value,
+)
 from tokentill.warehouse.storage import Position
 
 log = logging.getLogger(__name__)
 
 _INSERT_SQL = insert_new_sql("usage_events")
 
-_SET_UPDATED = ",\n    ".join(
-    f'"{c}" = coalesce(b."{c}", u."{c}")' if c == "model" else f'"{c}" = b."{c}"'
-    for c in UPDATABLE_COLUMNS
-)
+_SET_UPDATED = ",\n    ".join(f'"{c}" = {updated_value(c)}' for c in UPDATABLE_COLUMNS)
 _UPDATE_SQL = f"""
 UPDATE usage_events AS u SET
     {_SET_UPDATED},

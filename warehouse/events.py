@@ -193,7 +193,21 @@ UPDATABLE_COLUMNS = (
     "error_type",
     "error_code",
     "completed_at",
+    "latency_ms",
+    "ttft_ms",
+    "client_disconnected",
 )
+
+
+def updated_value(column: str, new: str = "b", old: str = "u") -> str:
+    """The SQL for an updatable column's value after an update (`new`) of a row (`old`):
+    what an update leaves out is kept (a poller's update knows no model, latency or time
+    to first token), and a client that left stays left."""
+    if column in ("model", "latency_ms", "ttft_ms"):
+        return f'coalesce({new}."{column}", {old}."{column}")'
+    if column == "client_disconnected":
+        return f'(coalesce({old}."{column}", false) OR coalesce({new}."{column}", false))'
+    return f'{new}."{column}"'
 
 
 def insert_new_sql(table: str) -> str:

@@ -44,7 +44,13 @@ from duckdb import sqltypes
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tokentill.warehouse.db import close_in_use, fetch_one, tracked_cursor, transaction
-from tokentill.warehouse.events import COLUMNS, PENDING_SQL, UPDATABLE_COLUMNS, insert_new_sql
+from tokentill.warehouse.events import (
+    COLUMNS,
+    PENDING_SQL,
+    UPDATABLE_COLUMNS,
+    insert_new_sql,
+    updated_value,
+)
 from tokentill.warehouse.lake_upkeep import UpkeepResult, upkeep
 from tokentill.warehouse.migrate import migrate
 from tokentill.warehouse.storage import Position, StorageUnavailableError
@@ -390,11 +396,7 @@ _INSERT_SQL = insert_new_sql(EVENTS_TABLE)
 # An update appends the newer version of a pending event: its other columns as stored.
 _KEPT = [c for c, _ in COLUMNS.values() if c not in UPDATABLE_COLUMNS]
 _VERSION_COLUMNS = ", ".join(
-    [f'u."{c}"' for c in _KEPT]
-    + [
-        f'coalesce(b."{c}", u."{c}") AS "{c}"' if c == "model" else f'b."{c}"'
-        for c in UPDATABLE_COLUMNS
-    ]
+    [f'u."{c}"' for c in _KEPT] + [f'{updated_value(c)} AS "{c}"' for c in UPDATABLE_COLUMNS]
 )
 _UPDATE_SQL = f"""
 INSERT INTO {EVENTS_TABLE} ({", ".join(f'"{c}"' for c in _KEPT + list(UPDATABLE_COLUMNS))},

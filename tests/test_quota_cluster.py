@@ -6,7 +6,7 @@ refused in OpenAI's shape, and Redis restarted empty is rebuilt from the lake.""
 from __future__ import annotations
 
 import asyncio
-import time
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -15,11 +15,13 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
-import redis
 
 from tests.cluster import Instance, wait_for
+from tests.servers import serve_in_thread
 from tests.services import Postgres, Redis, postgres_cluster, redis_server
+from tests.test_quotas import Receiver
 from tokentill.settings import Settings
 from tokentill.warehouse.lake import LakeConfig, connect
 from tokentill.warehouse.quota_store import used_before
@@ -192,26 +194,17 @@ def test_a_hard_limit_holds_across_three_proxies(
     assert requests == 1 + sum(served)  # priced events: refusals are not counted
 
 
-def test_limits_and_blocks_reach_every_proxy(
+def test_limit_changes_reach_every_proxy(
     lake: LakeConfig, fake_upstream: str, store: Redis, proxies: list[Instance], tmp_path: Path
 ) -> None:
     meters, api = _cluster(lake, fake_upstream, store, tmp_path, proxies)
     user = "late"
 
-    def refused_everywhere(kind: type[openai.APIStatusError], code: str) -> bool:
-        for meter in meters:
-            try:
-                meter.client().responses.create(model="gpt-4o-mini", input="x", user=user)
-                return False
-            except kind as exc:
-                assert exc.code == code
-        return True
-
     for meter in meters:
         meter.client().responses.create(model="gpt-4o-mini", input="x", user=user)
     _put(api, f"users/{user}", {"limit_requests": 3, "period": "day"})
     took = wait_for(
-        lambda: refused_everywhere(openai.RateLimitError, "user_quota_exceeded"),
+        lambda: _refused_everywhere(meters, user, openai.RateLimitError, "user_quota_exceeded"),
         10,
         "a new limit refuses on every proxy",
     )
@@ -224,29 +217,99 @@ def test_limits_and_blocks_reach_every_proxy(
     for meter in meters:
         meter.client().responses.create(model="gpt-4o-mini", input="x", user=user)
 
-    # A block (what a critical abuse flag sets, on whichever instance raised it) applies
-    # on every proxy; lifted through the api, on every proxy too.
-    until = int((time.time() + 600) * 1_000_000)
-    redis.Redis.from_url(store.url).hset("tt:q:blocks", "mallory", str(until))
-    user = "mallory"
-    wait_for(
-        lambda: refused_everywhere(openai.PermissionDeniedError, "user_temporarily_blocked"),
-        10,
-        "a block refuses on every proxy",
-    )
-    listed = httpx.get(f"{api.url}/api/quotas/blocks", timeout=30).json()
-    assert [b["user_id"] for b in listed] == ["mallory"]
-    assert httpx.delete(f"{api.url}/api/quotas/blocks/mallory", timeout=30).status_code == 204
 
-    def served_everywhere() -> bool:
+def _refused_everywhere(
+    meters: list[Instance], user: str, kind: type[openai.APIStatusError], code: str
+) -> bool:
+    for meter in meters:
         try:
-            for meter in meters:
-                meter.client().responses.create(model="gpt-4o-mini", input="x", user=user)
-        except openai.PermissionDeniedError:
+            meter.client().responses.create(model="gpt-4o-mini", input="x", user=user)
             return False
-        return True
+        except kind as exc:
+            assert exc.code == code
+    return True
 
-    wait_for(served_everywhere, 10, "a lifted block serves on every proxy")
+
+def test_an_abuse_block_holds_on_every_proxy_and_its_webhook_goes_once_across_a_takeover(
+    lake: LakeConfig, fake_upstream: str, store: Redis, proxies: list[Instance], tmp_path: Path
+) -> None:
+    """A content-filter storm through three proxies: the active worker's abuse job flags
+    it (critical), the user is blocked on every proxy, the webhook is sent; the worker is
+    SIGKILLed, the standby takes over and runs the job again: no alert is sent twice."""
+    hook = Receiver(failures=0)
+    with serve_in_thread(hook.app) as url:
+        jobs = {
+            "abuse_interval": "2",
+            "abuse_block_seconds": "600",
+            "alert_webhook_url": url + "/hook",
+        }
+        active = _start(lake, fake_upstream, store, tmp_path, "worker-a", "worker", **jobs)
+        proxies.append(active)
+        wait_for(lambda: active.health().get("worker") == "active", 30, "a worker leads")
+        standby = _start(lake, fake_upstream, store, tmp_path, "worker-b", "worker", **jobs)
+        proxies.append(standby)
+        meters = [_start(lake, fake_upstream, store, tmp_path, f"p-{n}", "proxy") for n in "abc"]
+        api = _start(lake, fake_upstream, store, tmp_path, "api-1", "api")
+        proxies.extend([*meters, api])
+
+        for i in range(12):
+            scenario = "content_filter" if i < 8 else "completed"
+            meters[i % 3].client().responses.create(
+                model="gpt-4o-mini", input="hi", user="stormy",
+                extra_headers={"x-fake-scenario": scenario},
+            )  # fmt: skip
+        wait_for(
+            lambda: _refused_everywhere(
+                meters, "stormy", openai.PermissionDeniedError, "user_temporarily_blocked"
+            ),
+            60,
+            "the block refuses on every proxy",
+        )
+        listed = httpx.get(f"{api.url}/api/quotas/blocks", timeout=30).json()
+        assert [b["user_id"] for b in listed] == ["stormy"]
+        meters[0].client().responses.create(model="gpt-4o-mini", input="x", user="calm")
+
+        def sent() -> list[str]:
+            return [orjson.loads(body)["dedupe_key"] for _, body in hook.attempts]
+
+        wait_for(lambda: bool(sent()), 30, "the flag's webhook")
+        killed_at = datetime.now(UTC)
+        active.stop(signal.SIGKILL)
+        wait_for(lambda: standby.health().get("worker") == "active", 30, "takeover")
+        wait_for(
+            lambda: _abuse_runs_since(lake, killed_at) >= 2,
+            60,
+            "the standby runs the abuse job, twice",
+        )
+        flagged = sent()
+        assert flagged and len(flagged) == len(set(flagged)), flagged
+
+        # Lifted through the api: served again on every proxy.
+        lifted = httpx.delete(f"{api.url}/api/quotas/blocks/stormy", timeout=30)
+        assert lifted.status_code == 204
+
+        def served_everywhere() -> bool:
+            try:
+                for meter in meters:
+                    meter.client().responses.create(model="gpt-4o-mini", input="x", user="stormy")
+            except openai.PermissionDeniedError:
+                return False
+            return True
+
+        wait_for(served_everywhere, 10, "a lifted block serves on every proxy")
+
+
+def _abuse_runs_since(lake: LakeConfig, moment: datetime) -> int:
+    conn = connect(lake)
+    try:
+        row = conn.execute(
+            """SELECT count(*) FROM job_runs
+               WHERE job = 'abuse' AND started_at > ? AND finished_at IS NOT NULL""",
+            [moment],
+        ).fetchone()
+    finally:
+        conn.close()
+    return int(row[0]) if row else 0
 
 
 def test_redis_lost_refuses_in_openais_shape_and_restarted_empty_is_rebuilt(

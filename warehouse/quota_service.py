@@ -200,55 +200,79 @@ class QuotaService:
             facts.hold = reservation
 
     async def _seed(self, needed: NeedsSeedError) -> None:
-        """Read each window's use from before it opened from the lake, once per process
-        (concurrent admissions of the same window share the read)."""
+        """Read the windows' use from before they opened from the lake. Once per process
+        (concurrent admissions of the same windows share the read), and once across
+        processes (one claims a window in Redis; the others wait for it to be seeded):
+        a subject's windows in one lake session, subjects at once."""
+        mine: list[Unseeded] = []
+        waits: list[asyncio.Future[None]] = []
         for found in needed.windows:
-            key = (needed.gen, found)
-            pending = self._seeding.get(key)
+            pending = self._seeding.get((needed.gen, found))
             if pending is not None:
-                await asyncio.shield(pending)
-                continue
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._seeding[key] = done
-            try:
-                await self._seed_one(needed.gen, found)
-            finally:
+                waits.append(pending)
+            else:
+                mine.append(found)
+                future = asyncio.get_running_loop().create_future()
+                self._seeding[(needed.gen, found)] = future
+        try:
+            by_subject: dict[Subject, list[Unseeded]] = {}
+            for found in mine:
+                by_subject.setdefault(found.subject, []).append(found)
+            await asyncio.gather(
+                *(self._seed_subject(needed.gen, found) for found in by_subject.values())
+            )
+        finally:
+            for found in mine:
+                done = self._seeding.pop((needed.gen, found))
                 done.set_result(None)
-                del self._seeding[key]
+        for pending in waits:
+            await asyncio.shield(pending)
 
-    async def _seed_one(self, gen: str, found: Unseeded) -> None:
+    async def _seed_subject(self, gen: str, windows: list[Unseeded]) -> None:
         shared, options = self.shared, self._shared_options
         assert shared is not None and options is not None
-        deadline = time.monotonic() + options.seed_wait
-        while not await shared.writers_past(found.since):
-            if time.monotonic() > deadline:
-                log.warning(
-                    "quota seed of %s: a proxy's writer has not committed past the window's "
-                    "opening after %.0f s (the lake away?); its use may be undercounted",
-                    found.subject,
-                    options.seed_wait,
-                )
-                break
-            await asyncio.sleep(0.05)
-        used = await asyncio.to_thread(self._read_window, found)
-        await shared.seed(gen, found, used)
-        self.seeds += 1
+        claimed = [found for found in windows if await shared.claim_seed(gen, found)]
+        if claimed:
+            since = max(found.since for found in claimed)
+            deadline = time.monotonic() + options.seed_wait
+            while not await shared.writers_past(since):
+                if time.monotonic() > deadline:
+                    log.warning(
+                        "quota seed of %s: a proxy's writer has not committed past the "
+                        "window's opening after %.0f s (the lake away?); its use may be "
+                        "undercounted",
+                        claimed[0].subject,
+                        options.seed_wait,
+                    )
+                    break
+                await asyncio.sleep(0.02)
+            used = await asyncio.to_thread(self._read_windows, claimed)
+            for found, usage in zip(claimed, used, strict=True):
+                await shared.seed(gen, found, usage)
+            self.seeds += len(claimed)
+        # Those another process claimed: its seed lands shortly (or its claim lapses).
+        for found in windows:
+            if found not in claimed:
+                await shared.wait_seeded(gen, found, options.seed_wait + 30)
 
-    def _read_window(self, found: Unseeded) -> Usage:
+    def _read_windows(self, windows: list[Unseeded]) -> list[Usage]:
         conn = self._connect()
         try:
-            common: dict[str, Any] = {
-                "recorded_before": datetime.fromtimestamp(found.since / 1e6, UTC),
-                "window_start": datetime.fromtimestamp(found.window_start / 1e6, UTC),
-                "image_model": self._image_gen_model,
-            }
-            subject = found.subject
-            if subject[0] == "user":
-                rows = used_before(conn, users=[subject[1]], **common)
-            else:
-                rows = used_before(conn, tag_key=subject[1], tag_values=[subject[2]], **common)
+            return [self._read_window(conn, found) for found in windows]
         finally:
             conn.close()
+
+    def _read_window(self, conn: duckdb.DuckDBPyConnection, found: Unseeded) -> Usage:
+        common: dict[str, Any] = {
+            "recorded_before": datetime.fromtimestamp(found.since / 1e6, UTC),
+            "window_start": datetime.fromtimestamp(found.window_start / 1e6, UTC),
+            "image_model": self._image_gen_model,
+        }
+        subject = found.subject
+        if subject[0] == "user":
+            rows = used_before(conn, users=[subject[1]], **common)
+        else:
+            rows = used_before(conn, tag_key=subject[1], tag_values=[subject[2]], **common)
         return _usage(rows[0]) if rows else Usage()
 
     async def current(self, subjects: Sequence[Subject]) -> None:

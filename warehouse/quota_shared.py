@@ -477,6 +477,21 @@ class SharedCounters:
         )
         return int(answer) >= 0
 
+    async def claim_seed(self, gen: str, found: Unseeded) -> bool:
+        """Whether this process reads `found` from the lake (else another one does)."""
+        key = f"{PREFIX}:{gen}:seeding:{_label(found.subject)}:{found.period}:{found.since}"
+        return bool(await self._call_plain(self._client.set(key, "1", nx=True, px=30_000)))
+
+    async def wait_seeded(self, gen: str, found: Unseeded, seconds: float) -> None:
+        """Until another process's seed of `found` lands (or `seconds` pass: the caller's
+        admission then finds it unseeded again, and claims it once the claim lapses)."""
+        key = f"{PREFIX}:{gen}:u:{_label(found.subject)}:{found.period}:{found.window_start}"
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if await self._call_plain(self._client.hget(key, "seeded")) in (b"1", "1", None):
+                return  # seeded, or gone (a new generation: admission will say)
+            await asyncio.sleep(0.02)
+
     async def writers_past(self, since: int) -> bool:
         """Whether every live proxy's writer has committed what it recorded before `since`."""
         client = self._client

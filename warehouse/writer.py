@@ -157,7 +157,7 @@ class Writer:
         """Events journaled but not yet committed to DuckDB."""
         return self._enqueued - self._committed
 
-    def committed_through_us(self, margin_us: int = 500_000) -> int:
+    def committed_through_us(self, margin_us: int = 100_000) -> int:
         """A moment such that every event recorded before it is committed: events are
         stamped `recorded_at` just before the journal hands them here, on the same thread,
         well within `margin_us` (shared quota counters read the lake up to it)."""

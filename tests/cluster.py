@@ -18,15 +18,17 @@ from tokentill.warehouse.lake import LakeConfig
 
 
 class Instance:
-    """`tokentill serve --role <role>` on the lake, as a real subprocess."""
+    """`tokentill serve --role <role>` on the lake, as a real subprocess (`lake` None: one
+    process on its file, `<home>/local.duckdb` or `db`)."""
 
     def __init__(
         self,
-        lake: LakeConfig,
+        lake: LakeConfig | None,
         upstream: str,
         instance: str,
         home: Path,
         role: str = "proxy",
+        db: Path | None = None,
         **settings: str,
     ) -> None:
         self.port = free_port()
@@ -35,9 +37,15 @@ class Instance:
         self.log = home / f"serve.{self.port}.log"
         env = {
             **os.environ,
-            "TOKENTILL_LAKE_CATALOG": lake.catalog,
-            "TOKENTILL_LAKE_DATA": lake.data,
-            "TOKENTILL_INSTANCE_ID": instance,
+            **(
+                {
+                    "TOKENTILL_LAKE_CATALOG": lake.catalog,
+                    "TOKENTILL_LAKE_DATA": lake.data,
+                    "TOKENTILL_INSTANCE_ID": instance,
+                }
+                if lake is not None
+                else {}
+            ),
             "TOKENTILL_QUOTAS_ENABLED": "false",
             "TOKENTILL_WRITER_FLUSH_INTERVAL": "0.05",
             "TOKENTILL_BACKGROUND_POLL_MIN_INTERVAL": "0.2",
@@ -47,7 +55,7 @@ class Instance:
             **{f"TOKENTILL_{name.upper()}": value for name, value in settings.items()},
         }
         command = [sys.executable, "-m", "tokentill", "serve", "--role", role]
-        command += ["--db", str(home / "local.duckdb"), "--upstream", upstream]
+        command += ["--db", str(db or home / "local.duckdb"), "--upstream", upstream]
         command += ["--port", str(self.port)]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)

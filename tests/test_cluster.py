@@ -4,6 +4,7 @@ received lands exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import shutil
@@ -18,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import httpx
 import openai
 import polars as pl
@@ -31,6 +33,7 @@ from tests.test_rollups import DAY0, MODELS, Warehouse, make_event, status_field
 from tokentill.settings import Settings
 from tokentill.warehouse.events import COLUMNS, UsageEvent
 from tokentill.warehouse.lake import Lake, LakeConfig, LakeInstanceBusyError, connect, redact
+from tokentill.warehouse.migrate import migrate
 from tokentill.warehouse.prices import PriceRow, insert_rows
 from tokentill.warehouse.storage import Position, StorageUnavailableError
 
@@ -611,3 +614,161 @@ def test_the_catalog_password_never_reaches_logs() -> None:
     ):
         shown = redact(catalog)
         assert "hunter2" not in shown and "db" in shown, shown
+
+
+# --- a fleet against one process --------------------------------------------------------
+
+
+def _one_of_every_kind(client: openai.OpenAI, i: int) -> None:
+    """Request `i` of a mixed load: plain, streamed and background responses, and Chat
+    Completions plain and streamed, by seven users on three teams."""
+    user, team = f"fleet{i % 7}", f"team{i % 3}"
+    kind = i % 10
+    if kind < 4:
+        client.responses.create(model="gpt-4o-mini", input="x", user=user, metadata={"team": team})
+    elif kind < 6:
+        for _ in client.responses.create(
+            model="gpt-4o-mini", input="x", user=user, metadata={"team": team}, stream=True
+        ):
+            pass
+    elif kind == 6:
+        client.responses.create(
+            model="gpt-4o-mini", input="x", user=user, metadata={"team": team}, background=True
+        )
+    elif kind < 9:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], user=user
+        )
+    else:
+        for _ in client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "x"}],
+            user=user,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            pass
+
+
+def _reports(url: str) -> dict[str, Any]:
+    """What finance and the OpenAI-shaped usage answer, as JSON (less the moment asked)."""
+    today = datetime.now(UTC).date()
+    start, end = (today - timedelta(days=1)).isoformat(), (today + timedelta(days=1)).isoformat()
+    out: dict[str, Any] = {}
+    window = {"start": start, "end": end}
+    for group_by in (["model"], ["user"], ["tag:team"], ["status", "endpoint"]):
+        for bucket in (None, "day"):
+            params: dict[str, Any] = {**window, "group_by": group_by}
+            if bucket:
+                params["bucket"] = bucket
+            out[f"costs {group_by} {bucket}"] = httpx.get(
+                url + "/api/costs", params=params, timeout=60
+            ).json()
+    out["users"] = httpx.get(url + "/api/users", params=window, timeout=60).json()
+    out["models"] = httpx.get(url + "/api/models", params=window, timeout=60).json()
+    since = int((datetime.now(UTC) - timedelta(days=1)).timestamp())
+    for path in ("usage/completions", "costs"):
+        out[path] = httpx.get(
+            f"{url}/api/v1/organization/{path}",
+            params={"start_time": since, "group_by": ["model"]},
+            timeout=60,
+        ).json()
+    return _without_moments(out)
+
+
+def _without_moments(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_moments(v) for k, v in value.items() if k not in ("as_of", "source")}
+    if isinstance(value, list):
+        return [_without_moments(v) for v in value]
+    return value
+
+
+def _file_from_lake(config: LakeConfig, path: Path) -> None:
+    """A one-process warehouse holding exactly the lake's events."""
+    conn = connect(config)
+    try:
+        frame = conn.execute("SELECT * FROM usage_events").pl()
+    finally:
+        conn.close()
+    target = duckdb.connect(str(path))
+    try:
+        migrate(target)
+        columns = [r[0] for r in target.execute("DESCRIBE usage_events").fetchall()]
+        shared = [c for c in columns if c in frame.columns]
+        target.register("_lake_events", frame.select(shared))
+        names = ", ".join(f'"{c}"' for c in shared)
+        target.execute(f"INSERT INTO usage_events ({names}) SELECT {names} FROM _lake_events")
+    finally:
+        target.close()
+
+
+def test_a_fleet_answers_as_one_process_on_the_same_traffic(
+    lake: LakeConfig, fake_upstream: str, proxies: list[Instance], tmp_path: Path
+) -> None:
+    """Three proxies, an active and a standby worker, two apis: 3,000 requests of every
+    kind spread over the proxies, one proxy SIGKILLed mid-load and restarted. Every
+    response the upstream billed is in the lake once, with what it billed; and both apis'
+    reports and OpenAI-shaped usage equal those of one process on the same events."""
+    jobs = {"rollup_interval": "1"}
+    first = Instance(lake, fake_upstream, "worker-a", tmp_path / "wa", "worker", **jobs)
+    proxies.append(first)
+    wait_for(lambda: first.health().get("worker") == "active", 30, "a worker leads")
+    proxies.append(Instance(lake, fake_upstream, "worker-b", tmp_path / "wb", "worker", **jobs))
+    homes = [tmp_path / f"p{n}" for n in range(3)]
+    meters = [Instance(lake, fake_upstream, f"proxy-{n}", homes[n]) for n in range(3)]
+    apis = [Instance(lake, fake_upstream, f"api-{n}", tmp_path / f"a{n}", "api") for n in (1, 2)]
+    proxies.extend([*meters, *apis])
+    before = {entry["id"] for entry in ledger(fake_upstream)}
+
+    done = itertools.count()
+    killed = threading.Event()
+
+    def one(i: int) -> None:
+        proxy = meters[i % 3]
+        with contextlib.suppress(openai.APIError, httpx.HTTPError):
+            _one_of_every_kind(proxy.client(), i)
+        if next(done) == 1000 and not killed.is_set():
+            killed.set()
+            meters[1].stop(signal.SIGKILL)
+            meters[1] = Instance(lake, fake_upstream, "proxy-1", homes[1])
+            proxies.append(meters[1])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(one, range(3000)))
+    assert killed.is_set()
+
+    def billed() -> dict[str, dict[str, Any]]:
+        return {e["id"]: e for e in ledger(fake_upstream) if e["id"] not in before}
+
+    def stored() -> dict[str, list[tuple[str, int | None]]]:
+        found: dict[str, list[tuple[str, int | None]]] = {}
+        for response_id, status, output in _lake_rows(lake):
+            found.setdefault(response_id, []).append((status, output))
+        return found
+
+    def wrong() -> list[tuple[str, Any, Any]]:
+        rows = stored()
+        return [
+            (i, (e["endpoint"], e["status"], e["output_tokens"]), rows.get(i))
+            for i, e in billed().items()
+            if [(e["status"], e["output_tokens"])] != rows.get(i)
+        ]
+
+    deadline = time.monotonic() + 180  # the killed proxy's pending ones: by the sweep
+    while wrong() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    missing = wrong()
+    assert not missing, f"{len(missing)} billed responses not in the lake once: {missing[:10]}"
+    assert len(billed()) > 2800  # a few were in flight on the killed proxy
+
+    path = tmp_path / "one.duckdb"
+    _file_from_lake(lake, path)
+    one_process = Instance(None, fake_upstream, "one", tmp_path / "one", "all", db=path)
+    proxies.append(one_process)
+    ran = httpx.post(one_process.url + "/api/jobs/rollup/run", timeout=120)
+    assert ran.status_code == 200, ran.text
+    expected = _reports(one_process.url)
+    assert expected["costs ['model'] None"]["totals"]["requests"] >= len(billed())
+    for api in apis:
+        wait_for(lambda a=api: _reports(a.url) == expected, 60, f"{api.url} answers as one")

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -403,6 +405,7 @@ class SharedCounters:
         self.errors = 0
         self.dropped = 0
         self.on_unavailable: Callable[[BaseException], None] | None = None
+        self._fired: set[str] = set()  # threshold alerts known raised (keys hold the window)
 
     # -- admission (awaited by the proxy) -------------------------------------------------
 
@@ -554,26 +557,38 @@ class SharedCounters:
         self._wake.set()
 
     async def run(self) -> None:
-        """Send queued settlements in order; while Redis is away, keep them and retry."""
+        """Send queued settlements in order, up to 64 in one round trip (a pipeline);
+        while Redis is away, keep them and retry."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                kind, item = self._queue[0]
+                batch = list(itertools.islice(self._queue, 64))
+                now = self._clock()
                 try:
-                    if kind == "charge":
-                        await self._send_charge(item)
-                    else:
-                        reservation, expire = item
-                        args = [str(self._clock()), reservation.key, expire]
-                        await self._call(self._hold, args + [_label(s) for s in reservation.held])
+                    pipe = self._client.pipeline(transaction=False)
+                    for kind, item in batch:
+                        if kind == "charge":
+                            args = self._charge_args(item, now)
+                            await self._settle(keys=[], args=args, client=pipe)  # queued
+                        else:
+                            reservation, expire = item
+                            args = [str(now), reservation.key, expire]
+                            args += [_label(s) for s in reservation.held]
+                            await self._hold(keys=[], args=args, client=pipe)  # queued
+                    answers = await self._call_plain(pipe.execute(raise_on_error=False))
                 except RedisError:
                     await asyncio.sleep(0.5)
                     continue
-                except Exception:
-                    log.exception("quota: a settlement could not be sent; it is dropped")
-                    self.dropped += 1
-                self._queue.popleft()
+                for (kind, item), answer in zip(batch, answers, strict=True):
+                    self._queue.popleft()
+                    if isinstance(answer, Exception):
+                        log.error("quota: a settlement was refused by Redis: %s", answer)
+                        self.dropped += 1
+                    elif kind == "charge":
+                        # (A failed once-only mark of an alert: the next settlement retries.)
+                        with contextlib.suppress(RedisError):
+                            await self._settled(item, answer, now)
 
     async def drain(self, seconds: float) -> bool:
         """Wait until the queue is sent (shutdown, tests), for at most `seconds`."""
@@ -584,9 +599,9 @@ class SharedCounters:
             await asyncio.sleep(0.01)
         return True
 
-    async def _send_charge(self, item: _Charge) -> None:
+    @staticmethod
+    def _charge_args(item: _Charge, now: int) -> list[str]:
         reservation = item.reservation
-        now = self._clock()
         args: list[str] = [
             str(now),
             reservation.key,
@@ -605,7 +620,10 @@ class SharedCounters:
             args += [_label(subject), held, str(len(periods))]
             for period in periods:
                 args += _window_args(period, now)
-        answer = await self._call(self._settle, args)
+        return args
+
+    async def _settled(self, item: _Charge, answer: Any, now: int) -> None:
+        """A charge's answer: the windows' use after it, for threshold alerts."""
         if not int(answer[0]):
             return  # charged already (another proxy settled the same event)
         at = 1
@@ -627,9 +645,14 @@ class SharedCounters:
             for key, alert in self._book.crossed(
                 subject, limit, Window(start, end, used[limit.period])
             ):
+                if key in self._fired:
+                    continue  # seen fired here (by this process or another)
                 ttl = 86_400_000 if end >= FOREVER else max(60_000, (end - now) // 1000 + 60_000)
                 if await self._client.set(f"{PREFIX}:fired:{key}", "1", nx=True, px=ttl):
                     self._book.raise_alert(alert)
+                if len(self._fired) > 100_000:
+                    self._fired.clear()
+                self._fired.add(key)
 
     # -- reading and limits ---------------------------------------------------------------
 

@@ -162,6 +162,13 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def fake_upstream_server(workdir: Path) -> Server:
+    """`tokentill fake-upstream` on a free port (started by the caller)."""
+    port = free_port()
+    argv = python_module_argv("-m", "tokentill", "fake-upstream", "--port", str(port))
+    return Server("fake upstream", argv, port, workdir / "fake.log")
+
+
 # -- PostgreSQL -------------------------------------------------------------------------
 # A throwaway cluster in a temporary directory (initdb, trust auth, loopback, a free
 # port), for the cluster's tests and its benchmark. `make test` installs Debian's

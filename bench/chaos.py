@@ -39,6 +39,7 @@ from bench._common import (
     LOOPBACK,
     BenchError,
     Server,
+    fake_upstream_server,
     free_port,
     http_request,
     make_workdir,
@@ -73,14 +74,8 @@ class Bench:
     def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
         self.workdir = workdir
         self.args = args
-        port = free_port()
-        self.upstream = f"http://{LOOPBACK}:{port}"
-        self.fake = Server(
-            "fake upstream",
-            python_module_argv("-m", "tokentill", "fake-upstream", "--port", str(port)),
-            port,
-            workdir / "fake.log",
-        )
+        self.fake = fake_upstream_server(workdir)
+        self.upstream = f"http://{LOOPBACK}:{self.fake.port}"
         self.port = free_port()
         self.server: Server | None = None
         self.sent = 0

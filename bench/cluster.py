@@ -47,6 +47,7 @@ from bench._common import (
     Server,
     WrkResult,
     cpu_seconds,
+    fake_upstream_server,
     free_port,
     http_request,
     make_workdir,
@@ -116,14 +117,8 @@ class Cluster:
         self.workdir = workdir
         self.args = args
         self.postgres = postgres
-        port = free_port()
-        self.upstream = f"http://{LOOPBACK}:{port}"
-        self.fake = Server(
-            "fake upstream",
-            python_module_argv("-m", "tokentill", "fake-upstream", "--port", str(port)),
-            port,
-            workdir / "fake.log",
-        )
+        self.fake = fake_upstream_server(workdir)
+        self.upstream = f"http://{LOOPBACK}:{self.fake.port}"
         self.script = wrk_post_script(
             PATH, [body(u) for u in range(50)], HEADERS, workdir / "plain.lua"
         )

@@ -16,9 +16,11 @@ import pytest
 
 from tests.cluster import Instance
 from tests.servers import serve_in_thread
+from tests.services import Postgres, postgres_cluster
 from tokentill.app import Tokentill, create_app
 from tokentill.fakeai import create_fake_app
 from tokentill.settings import Settings
+from tokentill.warehouse.lake import LakeConfig
 
 
 @pytest.fixture(scope="session")
@@ -130,3 +132,21 @@ def proxies() -> Iterator[list[Instance]]:
         if proxy.proc.poll() is None:
             proxy.proc.kill()
             proxy.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL for a cluster test module (tests/services.py)."""
+    with postgres_cluster() as server:
+        yield server
+
+
+@pytest.fixture
+def lake(postgres: Postgres, tmp_path: Path) -> LakeConfig:
+    """A fresh lake: its own catalog database, its data under the test's directory."""
+    return LakeConfig(
+        catalog=postgres.new_database(),
+        data=str(tmp_path / "lake") + "/",
+        instance_id="test",
+        extension_dir=tmp_path / "extensions",
+    )

@@ -11,7 +11,6 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -28,7 +27,7 @@ import pytest
 from tests.cluster import Instance, wait_for
 from tests.conftest import ledger
 from tests.servers import free_port
-from tests.services import Postgres, postgres_cluster
+from tests.services import Postgres
 from tests.test_rollups import DAY0, MODELS, Warehouse, make_event, status_fields
 from tokentill.settings import Settings
 from tokentill.warehouse.events import COLUMNS, UsageEvent
@@ -36,23 +35,6 @@ from tokentill.warehouse.lake import Lake, LakeConfig, LakeInstanceBusyError, co
 from tokentill.warehouse.migrate import migrate
 from tokentill.warehouse.prices import PriceRow, insert_rows
 from tokentill.warehouse.storage import Position, StorageUnavailableError
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    with postgres_cluster() as server:
-        yield server
-
-
-@pytest.fixture
-def lake(postgres: Postgres, tmp_path: Path) -> LakeConfig:
-    return LakeConfig(
-        catalog=postgres.new_database(),
-        data=str(tmp_path / "lake") + "/",
-        instance_id="test",
-        extension_dir=tmp_path / "extensions",
-    )
-
 
 # One moment for every test event: a replayed event carries the moment it was first
 # recorded (its journal line), which is how the writer finds it already stored.

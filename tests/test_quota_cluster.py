@@ -20,29 +20,13 @@ import pytest
 
 from tests.cluster import Instance, wait_for
 from tests.servers import serve_in_thread
-from tests.services import Postgres, Redis, postgres_cluster, redis_server
+from tests.services import Redis, redis_server
 from tests.test_quotas import Receiver
 from tokentill.settings import Settings
 from tokentill.warehouse.lake import LakeConfig, connect
 from tokentill.warehouse.quota_store import used_before
 
 PICO = 10**12
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    with postgres_cluster() as server:
-        yield server
-
-
-@pytest.fixture
-def lake(postgres: Postgres, tmp_path: Path) -> LakeConfig:
-    return LakeConfig(
-        catalog=postgres.new_database(),
-        data=str(tmp_path / "lake") + "/",
-        instance_id="test",
-        extension_dir=tmp_path / "extensions",
-    )
 
 
 @pytest.fixture

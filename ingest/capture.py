@@ -299,10 +299,10 @@ class StreamCapture:
             if self.event.status in TERMINAL_STATUSES and kind != "response.created":
                 self.done = True
             elif self._announce is not None and not self.announced and self.event.response_id:
-                self.announced = True
                 pending = dataclasses.replace(self.event)
                 pending.event_id = pending.response_id or ""
                 self._announce(finalize(pending, self.facts, self.http_status))
+                self.announced = True  # only once journaled: the end is then its update
 
     def _failed(self, error: dict[str, Any]) -> None:
         """The stream ended on an error event: the response failed."""

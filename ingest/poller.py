@@ -32,6 +32,10 @@ CREDENTIAL_HEADERS = frozenset({b"authorization", b"openai-organization", b"open
 class Pending:
     response_id: str
     credentials: list[tuple[bytes, bytes]]
+    # Whom it counts for, when adopted from the warehouse (the outcome's event carries
+    # them, so that shared quota counters can charge it).
+    user_id: str | None = None
+    metadata: str | None = None
 
 
 class Poller:
@@ -56,9 +60,16 @@ class Poller:
         return isinstance(response_id, str) and self._schedule.get(response_id) is not None
 
     def track(
-        self, response_id: str, credentials: list[tuple[bytes, bytes]], *, due_now: bool = False
+        self,
+        response_id: str,
+        credentials: list[tuple[bytes, bytes]],
+        *,
+        due_now: bool = False,
+        user_id: str | None = None,
+        metadata: str | None = None,
     ) -> None:
-        self._schedule.add(response_id, Pending(response_id, credentials), due_now=due_now)
+        pending = Pending(response_id, credentials, user_id, metadata)
+        self._schedule.add(response_id, pending, due_now=due_now)
 
     def forget(self, response_id: str) -> None:
         self._schedule.remove(response_id)
@@ -104,6 +115,8 @@ class Poller:
             started_us=now_us(),
             started_perf=time.perf_counter(),
             response_id=pending.response_id,
+            user_id=pending.user_id,
+            metadata=pending.metadata,
         )
         event = JSONCapture(facts, None).event(obj, 200) if isinstance(obj, dict) else None
         if event is None:

@@ -23,12 +23,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from tokentill.ingest.poller import Poller
+from tokentill.warehouse.unsettled import Unsettled
 
 log = logging.getLogger(__name__)
 
 _AT_ONCE = 100  # adopted responses polled at once per sweep; the rest on schedule
 
-Find = Callable[[datetime, datetime], list[str]]  # (since, before) -> response ids
+# (since, before, streams before) -> the pending responses created in [since, before),
+# the streamed ones among them only if created before the third moment.
+Find = Callable[[datetime, datetime, datetime], list[Unsettled]]
 
 
 class Settler:
@@ -42,7 +45,13 @@ class Settler:
         max_age: float,
         interval: float,
         grace: float,
+        stream_grace: float = 900.0,
+        alone: bool = True,
     ) -> None:
+        """`stream_grace`: a stream is journaled as pending at its start and read to its
+        end by its own proxy, which records it; the sweep leaves it to that proxy for this
+        long. `alone`: no other process meters into this warehouse (one process on its
+        file), so at start every pending response, streams too, is an orphan."""
         self._poller = poller
         self._find = find
         self._landed = landed  # blocks until the journal's replay is in the warehouse
@@ -53,21 +62,26 @@ class Settler:
         self._max_age = timedelta(seconds=max_age)
         self._interval = interval
         self._grace = timedelta(seconds=grace)
+        self._stream_grace = timedelta(seconds=stream_grace)
+        self._alone = alone
         self.adopted = 0
         self.unsettleable = 0  # pending, with no key to ask the upstream with
 
-    async def sweep(self, grace: timedelta) -> int:
+    async def sweep(self, grace: timedelta, *, at_start: bool = False) -> int:
         """Hand the poller every pending response it does not track; how many."""
         now = datetime.now(UTC)
-        found = await asyncio.to_thread(self._find, now - self._max_age, now - grace)
+        streams_before = now if at_start and self._alone else now - self._stream_grace
+        found = await asyncio.to_thread(
+            self._find, now - self._max_age, now - grace, streams_before
+        )
         clock = time.monotonic()
         horizon = clock - self._max_age.total_seconds()
         for response_id in [r for r, at in self._adopted.items() if at < horizon]:
             del self._adopted[response_id]
         fresh = [
-            response_id
-            for response_id in found
-            if response_id not in self._poller and response_id not in self._adopted
+            pending
+            for pending in found
+            if pending.response_id not in self._poller and pending.response_id not in self._adopted
         ]
         if self._credentials is None:
             if fresh and len(fresh) != self.unsettleable:
@@ -78,11 +92,17 @@ class Settler:
                 )
             self.unsettleable = len(fresh)
             return 0
-        for n, response_id in enumerate(fresh):
+        for n, pending in enumerate(fresh):
             # The first at once; a long list spread by the poller's own schedule, so that
             # the responses it already polls are not starved behind it.
-            self._poller.track(response_id, self._credentials, due_now=n < _AT_ONCE)
-            self._adopted[response_id] = clock
+            self._poller.track(
+                pending.response_id,
+                self._credentials,
+                due_now=n < _AT_ONCE,
+                user_id=pending.user_id,
+                metadata=pending.metadata,
+            )
+            self._adopted[pending.response_id] = clock
         if fresh:
             log.info("settling %d pending responses left by a stopped process", len(fresh))
         self.adopted += len(fresh)
@@ -94,10 +114,11 @@ class Settler:
         # At start, every pending response this node left is an orphan (on a lake, others'
         # fresh ones may be polled by their own node too: harmless, counted once).
         grace = timedelta(0)
+        at_start = True
         while True:
             try:
-                await self.sweep(grace)
+                await self.sweep(grace, at_start=at_start)
             except Exception:
                 log.exception("settlement sweep failed; next in %.0f s", self._interval)
-            grace = self._grace
+            grace, at_start = self._grace, False
             await asyncio.sleep(self._interval)

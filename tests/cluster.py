@@ -52,6 +52,8 @@ class Instance:
             "TOKENTILL_BACKGROUND_POLL_MAX_INTERVAL": "1",
             "TOKENTILL_SETTLEMENT_API_KEY": "sk-settlement",
             "TOKENTILL_SETTLEMENT_INTERVAL": "1",
+            # The tests' streams last a second: one left pending longer was cut by a kill.
+            "TOKENTILL_SETTLEMENT_STREAM_GRACE": "5",
             **{f"TOKENTILL_{name.upper()}": value for name, value in settings.items()},
         }
         command = [sys.executable, "-m", "tokentill", "serve", "--role", role]

@@ -33,6 +33,7 @@ _VOLATILE = {
     "recorded_at",
     "ingest_seq",
     "updated_at",
+    "settled_at",  # a time, as recorded_at
 }
 
 WIRES = {

@@ -82,7 +82,7 @@ from tokentill.warehouse.quota_service import QuotaService, SharedOptions
 from tokentill.warehouse.quota_shared import SharedCounters, quota_store_alert
 from tokentill.warehouse.scheduler import start_scheduler, stop_scheduler
 from tokentill.warehouse.storage import EventSink, Storage
-from tokentill.warehouse.unsettled import unsettled
+from tokentill.warehouse.unsettled import Unsettled, unsettled
 from tokentill.warehouse.writer import Writer
 from tokentill.webhooks import Webhook
 
@@ -455,10 +455,10 @@ class Tokentill:
         journal held has landed (ingest/settlement.py; the start does not wait for it)."""
         settings = self.settings
 
-        def find(since: datetime, before: datetime) -> list[str]:
+        def find(since: datetime, before: datetime, streams_before: datetime) -> list[Unsettled]:
             conn = storage.session()
             try:
-                return unsettled(conn, since=since, before=before)
+                return unsettled(conn, since=since, before=before, streams_before=streams_before)
             finally:
                 conn.close()
 
@@ -471,6 +471,8 @@ class Tokentill:
             max_age=settings.background_poll_max,
             interval=settings.settlement_interval,
             grace=2 * settings.background_poll_max_interval,
+            stream_grace=settings.settlement_stream_grace,
+            alone=not isinstance(storage, Lake),
         )
         _run_until_closed(stack, settler.run(), "tokentill-settlement")
 

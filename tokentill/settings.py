@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     settlement_api_key: SecretStr | None = None
     # How often pending responses with no poller are looked for (and settled).
     settlement_interval: Seconds = 60.0
+    # A stream is journaled as pending at its start and recorded by its own proxy at its
+    # end; the sweep leaves a pending stream to it for this long (on a lake, another live
+    # proxy's; on one process, only at start is every pending stream an orphan).
+    settlement_stream_grace: Seconds = 900.0
 
     # End-user ids (ingest/identity.py): always UTF-8, NFC, trimmed, no control
     # characters; with this, case-folded too (`QA-Alice` and `qa-alice` are one user).

@@ -196,6 +196,7 @@ UPDATABLE_COLUMNS = (
     "latency_ms",
     "ttft_ms",
     "client_disconnected",
+    "settled_at",  # the update's own recorded_at (migration 0017)
 )
 
 
@@ -205,6 +206,8 @@ def updated_value(column: str, new: str = "b", old: str = "u") -> str:
     to first token), and a client that left stays left."""
     if column in ("model", "latency_ms", "ttft_ms"):
         return f'coalesce({new}."{column}", {old}."{column}")'
+    if column == "settled_at":
+        return f'{new}."recorded_at"'
     if column == "client_disconnected":
         return f'(coalesce({old}."{column}", false) OR coalesce({new}."{column}", false))'
     return f'{new}."{column}"'

@@ -212,6 +212,7 @@ class SharedLedger(Protocol):
         tokens: int,
         unpriced: bool,
         event: UsageEvent | None,
+        counted_id: str | None = None,
     ) -> None: ...
 
     def release(self, reservation: Reservation) -> None: ...
@@ -578,7 +579,15 @@ class QuotaBook:
         stale = [rid for rid, (_, since) in self._parked.items() if since < cutoff]
         for response_id in stale:
             reservation, _ = self._parked.pop(response_id)
-            self._charge(reservation, reservation.pico, reservation.tokens, reservation.unpriced)
+            self._charge(
+                reservation,
+                reservation.pico,
+                reservation.tokens,
+                reservation.unpriced,
+                # Charged once under the response's id: its outcome, if it comes after
+                # all (another proxy's sweep), is then not charged again.
+                counted_id=response_id,
+            )
         return len(stale)
 
     def evict_idle(self) -> int:
@@ -704,10 +713,11 @@ class QuotaBook:
         tokens: int,
         unpriced: bool,
         event: UsageEvent | None = None,
+        counted_id: str | None = None,
     ) -> None:
         reservation.state = "done"
         if self.shared is not None:
-            self.shared.charge(reservation, cost, tokens, unpriced, event)
+            self.shared.charge(reservation, cost, tokens, unpriced, event, counted_id)
             return
         now = self._clock()
         for subject in reservation.held:

@@ -18,6 +18,7 @@ limits when their version in Redis moves, and applies the blocks Redis holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -55,6 +56,7 @@ from tokentill.warehouse.quota_store import (
     replace_limits,
     used_before,
 )
+from tokentill.warehouse.storage import StorageUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,10 @@ class QuotaService:
                 facts.hold = reservation
                 return
             raise RuntimeError("quota windows kept changing while being read from the lake")
-        except RedisError:
+        except (RedisError, StorageUnavailableError, duckdb.Error) as exc:
+            # Redis away, or the lake a window is read from: the operator's choice.
+            if not isinstance(exc, RedisError):
+                log.warning("quota: a window could not be read from the lake: %s", exc)
             options = self._shared_options
             if options is None or options.outage == "refuse":
                 raise QuotaStoreUnavailableError() from None
@@ -246,9 +251,15 @@ class QuotaService:
                     )
                     break
                 await asyncio.sleep(0.02)
-            used = await asyncio.to_thread(self._read_windows, claimed)
-            for found, usage in zip(claimed, used, strict=True):
-                await shared.seed(gen, found, usage)
+            try:
+                used = await asyncio.to_thread(self._read_windows, claimed)
+                for found, usage in zip(claimed, used, strict=True):
+                    await shared.seed(gen, found, usage)
+            except BaseException:
+                for found in claimed:
+                    with contextlib.suppress(RedisError):
+                        await shared.unclaim_seed(gen, found)
+                raise
             self.seeds += len(claimed)
         # Those another process claimed: its seed lands shortly (or its claim lapses).
         for found in windows:
@@ -267,6 +278,9 @@ class QuotaService:
             "recorded_before": datetime.fromtimestamp(found.since / 1e6, UTC),
             "window_start": datetime.fromtimestamp(found.window_start / 1e6, UTC),
             "image_model": self._image_gen_model,
+            # A response settled after `since` (or still pending) is counted live when
+            # its outcome is recorded: not here too.
+            "settled": True,
         }
         subject = found.subject
         if subject[0] == "user":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import logging
 import time
@@ -60,17 +59,26 @@ from tokentill.warehouse.quota_book import (
     Usage,
     Window,
 )
-from tokentill.warehouse.quota_rules import FOREVER, Limit, Period, Subject, subject_label, window
+from tokentill.warehouse.quota_rules import (
+    FOREVER,
+    PERIODS,
+    Limit,
+    Period,
+    Subject,
+    subject_label,
+    window,
+)
 
 log = logging.getLogger(__name__)
 
 PREFIX = "tt:q"
 _US_MINUTE = 60_000_000
-_COUNTED_MS = 40 * 86_400_000  # longer than a pending response can stay pending
+_DAY_MS = 86_400_000
 _ALIVE = f"{PREFIX}:alive"
 LIMITS_VERSION = f"{PREFIX}:limits"
 BLOCKS = f"{PREFIX}:blocks"
-MARKS = f"{PREFIX}:mark:"
+MARKS = f"{PREFIX}:marks"  # {instance: "<mark µs>:<published µs>"}
+_MARK_STALE_US = 5_000_000  # a mark not published for this long: its proxy is gone
 
 _LUA_COMMON = r"""
 local P = 'tt:q'
@@ -130,19 +138,21 @@ local function open(gen, label, period, wstart, expire_at, now)
   local live = redis.call('GET', P .. ':' .. gen .. ':s:' .. label)
   if live and tonumber(live) <= tonumber(wstart) then since, seeded = wstart, '1' end
   redis.call('HSET', key, 'since', since, 'seeded', seeded)
-  if expire_at ~= '0' then redis.call('PEXPIREAT', key, expire_at) end
+  if expire_at ~= '0' then redis.call('PEXPIREAT', key, expire_at)
+  else redis.call('PEXPIRE', key, 1000 * 86400 * 400) end  -- `total`: then read again
   return key, since, seeded == '1'
 end
 """
 
-# ARGV: now, rid, expire_at (µs), pico, tokens, n subjects; per subject: label, n checks;
-# per check: period, window start, key expiry (ms), unit, amount.
+# ARGV: now, rid, expire_at (µs), pico, tokens, n subjects, the reservation keys' lifetime
+# (ms); per subject: label, n checks; per check: period, window start, key expiry (ms),
+# unit, amount, hard (1: checked; 0: a soft limit's window, opened and read all the same).
 _ADMIT = (
     _LUA_COMMON
     + r"""
 local now, rid, exp, pico, tokens = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local gen = gen_of(now)
-local i = 7
+local i = 8
 local labels, seed = {}, {}
 local over = nil
 for s = 1, tonumber(ARGV[6]) do
@@ -152,14 +162,14 @@ for s = 1, tonumber(ARGV[6]) do
   local reserved = redis.call('HMGET', P .. ':' .. gen .. ':r:' .. label,
     'pico', 'tokens', 'requests')
   for c = 1, checks do
-    local period, wstart, expire_at, unit, amount =
-      ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    i = i + 5
+    local period, wstart, expire_at, unit, amount, hard =
+      ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    i = i + 6
     local key, since, seeded = open(gen, label, period, wstart, expire_at, now)
     if not seeded then
       table.insert(seed, s); table.insert(seed, period); table.insert(seed, wstart)
       table.insert(seed, since)
-    elseif not over and #seed == 0 then
+    elseif hard == '1' and not over and #seed == 0 then
       local field, held, need = 'requests', reserved[3], '1'
       if unit == 'usd' then field, held, need = 'pico', reserved[1], pico
       elseif unit == 'tokens' then field, held, need = 'tokens', reserved[2], tokens end
@@ -189,6 +199,9 @@ for _, label in ipairs(labels) do
   if pico ~= '0' then redis.call('HINCRBY', r, 'pico', pico) end
   if tokens ~= '0' then redis.call('HINCRBY', r, 'tokens', tokens) end
   redis.call('HINCRBY', r, 'requests', 1)
+  for _, k in ipairs({r, pre .. ':rz:' .. label, pre .. ':rh:' .. label}) do
+    redis.call('PEXPIRE', k, ARGV[7])
+  end
 end
 return {'ok', gen}
 """
@@ -356,10 +369,6 @@ def _label(subject: Subject) -> str:
     return subject_label(subject)
 
 
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 @dataclass
 class _Charge:
     reservation: Reservation
@@ -393,6 +402,10 @@ class SharedCounters:
         self._instance = instance_id
         self._open_us = int(open_for_seconds * 1_000_000)
         self._pending_us = int(pending_max_seconds * 1_000_000)
+        # How long an event is remembered as charged (a second settlement of it, by a
+        # sweep or an expired reservation, comes within a pending response's lifetime),
+        # and how long a subject stays known as counted live with no use.
+        self._counted_ms = str(int(pending_max_seconds * 1000) + _DAY_MS)
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
         self._hold = client.register_script(_HOLD)
@@ -424,14 +437,17 @@ class SharedCounters:
             str(reservation.pico),
             str(reservation.tokens),
             str(len(reservation.held)),
+            self._counted_ms,
         ]
         for subject in reservation.held:
-            limits = [lim for lim in self._book.limits_of(subject)[0] if lim.mode == "hard"]
+            # Every limit's window is opened (and read from the lake when new): a soft
+            # limit's counts too, for its alerts and the API; only hard ones refuse.
+            limits = list(self._book.limits_of(subject)[0])
             checks.append((subject, limits))
             args += [_label(subject), str(len(limits))]
             for limit in limits:
                 args += _window_args(limit.period, now)
-                args += [limit.unit, str(limit.amount)]
+                args += [limit.unit, str(limit.amount), "1" if limit.mode == "hard" else "0"]
         answer = await self._call(self._admit, args)
         kind = _text(answer[0])
         if kind == "ok":
@@ -475,7 +491,7 @@ class SharedCounters:
                 str(used.tokens),
                 str(used.requests),
                 str(used.unpriced),
-                str(_COUNTED_MS),
+                self._counted_ms,
             ],
         )
         return int(answer) >= 0
@@ -484,6 +500,11 @@ class SharedCounters:
         """Whether this process reads `found` from the lake (else another one does)."""
         key = f"{PREFIX}:{gen}:seeding:{_label(found.subject)}:{found.period}:{found.since}"
         return bool(await self._call_plain(self._client.set(key, "1", nx=True, px=30_000)))
+
+    async def unclaim_seed(self, gen: str, found: Unseeded) -> None:
+        """A claimed read that failed: let another process (or the next admission) read it."""
+        key = f"{PREFIX}:{gen}:seeding:{_label(found.subject)}:{found.period}:{found.since}"
+        await self._client.delete(key)
 
     async def wait_seeded(self, gen: str, found: Unseeded, seconds: float) -> None:
         """Until another process's seed of `found` lands (or `seconds` pass: the caller's
@@ -496,16 +517,21 @@ class SharedCounters:
             await asyncio.sleep(0.02)
 
     async def writers_past(self, since: int) -> bool:
-        """Whether every live proxy's writer has committed what it recorded before `since`."""
-        client = self._client
-        keys = [key async for key in client.scan_iter(match=MARKS + "*", count=1000)]
-        if not keys:
-            return True
-        marks = await client.mget(keys)
-        return all(mark is None or int(mark) >= since for mark in marks)
+        """Whether every live proxy's writer has committed what it recorded before `since`
+        (one hash of marks, never a scan of the keyspace)."""
+        marks = await self._call_plain(self._client.hgetall(MARKS))
+        fresh_after = self._clock() - _MARK_STALE_US
+        for instance, value in marks.items():
+            mark, published = (int(x) for x in _text(value).split(":"))
+            if published < fresh_after:
+                await self._client.hdel(MARKS, instance)  # its proxy stopped publishing
+            elif mark < since:
+                return False
+        return True
 
     async def publish_mark(self, mark_us: int) -> None:
-        await self._client.set(MARKS + self._instance, str(mark_us), px=5000)
+        value = f"{mark_us}:{self._clock()}"
+        await self._call_plain(self._client.hset(MARKS, self._instance, value))
 
     # -- settlement (queued) --------------------------------------------------------------
 
@@ -516,6 +542,7 @@ class SharedCounters:
         tokens: int,
         unpriced: bool,
         event: UsageEvent | None,
+        counted_id: str | None = None,
     ) -> None:
         windows = []
         for subject in reservation.subjects:
@@ -528,7 +555,8 @@ class SharedCounters:
             counted = f"{PREFIX}:counted:{event.event_id}"
             recorded = event.recorded_at_us or self._clock()
         else:
-            counted = f"{PREFIX}:counted:{reservation.key}" if reservation.key else ""
+            once = counted_id or reservation.key
+            counted = f"{PREFIX}:counted:{once}" if once else ""
             recorded = self._clock()
         self._put(
             "charge", _Charge(reservation, cost, tokens, unpriced, counted, recorded, windows)
@@ -580,27 +608,41 @@ class SharedCounters:
                 except RedisError:
                     await asyncio.sleep(0.5)
                     continue
+                except Exception:
+                    # Not Redis's: retrying would fail the same way. Dropped, and said.
+                    log.exception("quota: %d settlements could not be sent", len(batch))
+                    for _ in batch:
+                        self._queue.popleft()
+                    self.dropped += len(batch)
+                    continue
                 for (kind, item), answer in zip(batch, answers, strict=True):
                     self._queue.popleft()
                     if isinstance(answer, Exception):
                         log.error("quota: a settlement was refused by Redis: %s", answer)
                         self.dropped += 1
                     elif kind == "charge":
-                        # (A failed once-only mark of an alert: the next settlement retries.)
-                        with contextlib.suppress(RedisError):
+                        try:
                             await self._settled(item, answer, now)
+                        except RedisError:
+                            pass  # an alert's once-only mark: the next settlement retries
+                        except Exception:
+                            log.exception("quota: a settlement's alerts failed")
 
     async def drain(self, seconds: float) -> bool:
         """Wait until the queue is sent (shutdown, tests), for at most `seconds`."""
         deadline = time.monotonic() + seconds
         while self._queue:
             if time.monotonic() > deadline:
+                log.warning(
+                    "quota: %d settlements did not reach Redis before the stop; their events "
+                    "are in the warehouse, and a window read from it again counts them",
+                    len(self._queue),
+                )
                 return False
             await asyncio.sleep(0.01)
         return True
 
-    @staticmethod
-    def _charge_args(item: _Charge, now: int) -> list[str]:
+    def _charge_args(self, item: _Charge, now: int) -> list[str]:
         reservation = item.reservation
         args: list[str] = [
             str(now),
@@ -612,7 +654,7 @@ class SharedCounters:
             str(reservation.started_us),
             str(item.recorded_us),
             str(len(item.windows)),
-            str(_COUNTED_MS),
+            self._counted_ms,
         ]
         for subject, limits in item.windows:
             periods = list(dict.fromkeys(limit.period for limit in limits))
@@ -683,18 +725,19 @@ class SharedCounters:
     async def forget(self, subject: Subject | None) -> None:
         """A subject's limits changed: its windows are read from the lake again (None: every
         user's, the default changed). Then every instance reloads the limits."""
-        alive = await self._call_plain(self._client.hget(_ALIVE, "gen"))
-        if alive is not None:
-            gen = _text(alive)
-            if subject is None:
-                patterns = [f"{PREFIX}:{gen}:u:user:*", f"{PREFIX}:{gen}:s:user:*"]
-            else:
-                label = _glob_escape(_label(subject))
-                patterns = [f"{PREFIX}:{gen}:u:{label}:*"]
-                await self._client.delete(f"{PREFIX}:{gen}:s:{_label(subject)}")
-            for pattern in patterns:
-                async for key in self._client.scan_iter(match=pattern, count=1000):
-                    await self._client.delete(key)
+        if subject is None:
+            # Every user's windows: a new generation (all counters are read again, lazily,
+            # and the old generation's keys expire). A rare, deliberate change.
+            await self._call_plain(self._client.delete(_ALIVE))
+        else:
+            alive = await self._call_plain(self._client.hget(_ALIVE, "gen"))
+            if alive is not None:
+                # Its current windows (older ones are over, and expire) and its mark of
+                # being counted live.
+                pre, label, now = f"{PREFIX}:{_text(alive)}", _label(subject), self._clock()
+                keys = [f"{pre}:s:{label}"]
+                keys += [f"{pre}:u:{label}:{p}:{window(p, now)[0]}" for p in PERIODS]
+                await self._call_plain(self._client.delete(*keys))
         await self._call_plain(self._client.incr(LIMITS_VERSION))
 
     async def limits_version(self) -> int:

@@ -19,6 +19,7 @@ import polars as pl
 
 from tokentill.warehouse import pricing
 from tokentill.warehouse.db import query_frame, transaction
+from tokentill.warehouse.events import PENDING_SQL
 from tokentill.warehouse.prices import price_table
 
 # Requests tokentill refused itself: never forwarded, so never counted in a quota.
@@ -96,10 +97,13 @@ def used_before(
     users: Sequence[str] | None = None,
     tag_key: str | None = None,
     tag_values: Sequence[str] | None = None,
+    settled: bool = False,
 ) -> list[UsedBefore]:
     """Per user (or per value of `tag_key`): cost, tokens and requests of the events
     created since `window_start` and recorded before `recorded_before`. `users` None
-    (with no tag) means every user."""
+    (with no tag) means every user. `settled`: only responses whose outcome was recorded
+    before `recorded_before` (not pending, and settled before it): what shared counters
+    count live from that moment is left out, whenever its response began."""
     if tag_key is not None:
         if '"' in tag_key or "\\" in tag_key:
             raise ValueError(f"tag key {tag_key!r} cannot be read from metadata")
@@ -110,6 +114,10 @@ def used_before(
     params: list[object] = [recorded_before, window_start, *OWN_REFUSALS]
     where = f"""recorded_at < ? AND created_at >= ?
                 AND coalesce(error_code, '') NOT IN ({", ".join("?" for _ in OWN_REFUSALS)})"""
+    if settled:
+        where += f""" AND status NOT IN ({PENDING_SQL})
+                      AND coalesce(settled_at, recorded_at) < ?"""
+        params.append(recorded_before)
     if wanted is not None:
         if not wanted:
             return []

@@ -117,7 +117,7 @@ def _defused(cell: pl.Expr) -> pl.Expr:
     )
 
 
-def _csv_chunks(frame: pl.DataFrame) -> Iterator[bytes]:
+def csv_chunks(frame: pl.DataFrame) -> Iterator[bytes]:
     frame = neutralise_formulas(frame)
     for offset in range(0, max(frame.height, 1), _CHUNK_ROWS):
         buffer = io.BytesIO()
@@ -125,7 +125,7 @@ def _csv_chunks(frame: pl.DataFrame) -> Iterator[bytes]:
         yield buffer.getvalue()
 
 
-def _parquet_chunks(frame: pl.DataFrame) -> Iterator[bytes]:
+def parquet_chunks(frame: pl.DataFrame) -> Iterator[bytes]:
     # Parquet's footer comes last: spool to a temporary file, then stream it out.
     with tempfile.TemporaryFile() as spool:
         frame.write_parquet(spool)
@@ -160,13 +160,13 @@ async def finance(
     name = f"tokentill-finance-{query.start}-{query.end}"
     if params.format == "csv":
         return StreamingResponse(
-            _csv_chunks(table),
+            csv_chunks(table),
             media_type="text/csv",
             headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
         )
     if params.format == "parquet":
         return StreamingResponse(
-            _parquet_chunks(table),
+            parquet_chunks(table),
             media_type="application/vnd.apache.parquet",
             headers={"Content-Disposition": f'attachment; filename="{name}.parquet"'},
         )

@@ -21,7 +21,7 @@ from tokentill.warehouse.prices import (
     price_table,
     seed_published,
 )
-from tokentill.warehouse.pricing import effective_intervals, model_map, price_events
+from tokentill.warehouse.pricing import CHARGES, effective_intervals, model_map, price_events
 
 NOON = datetime(2026, 3, 10, 12, tzinfo=UTC)
 D = Decimal
@@ -89,7 +89,9 @@ def conn(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     connection.close()
 
 
-def price(conn: duckdb.DuckDBPyConnection, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def price(
+    conn: duckdb.DuckDBPyConnection, events: list[dict[str, Any]], *, charges: bool = False
+) -> list[dict[str, Any]]:
     defaults: dict[str, Any] = {
         "service_tier": "default",
         "status": "completed",
@@ -115,6 +117,7 @@ def price(conn: duckdb.DuckDBPyConnection, events: list[dict[str, Any]]) -> list
         model_map(frame["model"].to_list(), prices["model"].to_list()).lazy(),
         effective_intervals(prices).lazy(),
         "gpt-image-1",
+        charges=charges,
     ).collect()
     by_model = {
         (r["model"], r["created_at"], r["service_tier"], r["input_tokens"]): r
@@ -289,6 +292,21 @@ def test_cost_rules(
     assert priced["cost_pico"] == expected, case
     has_tokens = event.get("input_tokens", 0) + event.get("output_tokens", 0) > 0
     assert priced["unpriced"] == (1 if expected is None and has_tokens else 0)
+
+
+@pytest.mark.parametrize(("case", "event", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_charges_add_up_to_the_cost(
+    conn: duckdb.DuckDBPyConnection, case: str, event: dict[str, Any], expected: int | None
+) -> None:
+    """What a cost is made of (a FOCUS export's charges): the parts sum to it, exactly;
+    an unpriced event has no parts."""
+    (priced,) = price(conn, [event], charges=True)
+    parts = [priced[f"charge_{name}_pico"] for name in CHARGES]
+    if expected is None:
+        assert parts == [None] * len(CHARGES), case
+    else:
+        assert sum(parts) == priced["cost_pico"] == expected, case
+        assert all(part >= 0 for part in parts), case
 
 
 def test_overrides_win_and_corrections_replace(conn: duckdb.DuckDBPyConnection) -> None:

@@ -43,6 +43,7 @@ from tokentill.alerts import AlertOutbox
 from tokentill.api import (
     alerts,
     events,
+    exports,
     finance,
     jobs,
     openai_usage,
@@ -228,6 +229,7 @@ class Tokentill:
             quotas.router,
             alerts.router,
             openai_usage.router,
+            exports.router,
         ):
             api.include_router(
                 router,

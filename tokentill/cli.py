@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,74 @@ def _cmd_rollup(args: argparse.Namespace) -> int:
         + (f"; FAILED: {result.error}" if result.error else "")
     )
     return 1 if result.error else 0
+
+
+def _cmd_export_focus(args: argparse.Namespace) -> int:
+    """The FOCUS export (api/exports.py) into a file: read here if the warehouse file is
+    free, else asked of the running server (which holds it, or serves the lake's api)."""
+    import httpx
+
+    from tokentill.api.finance import csv_chunks, parquet_chunks
+    from tokentill.warehouse.db import WarehouseBusyError, open_warehouse
+    from tokentill.warehouse.focus import read_focus
+    from tokentill.warehouse.prices import seed_published
+
+    settings = _settings(args, ("db", "host", "port"))
+    if args.start >= args.end:
+        print(f"tokentill: --start ({args.start}) must be before --end", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"tokentill-focus-{args.start}-{args.end}.{args.format}")
+    conn = None
+    if settings.lake_catalog is None:
+        try:
+            conn = open_warehouse(settings.db)
+        except WarehouseBusyError:
+            conn = None
+    if conn is None:
+        url = f"http://{settings.host}:{settings.port}/api/exports/focus"
+        token = settings.admin_token.get_secret_value() if settings.admin_token else None
+        params = {"start": str(args.start), "end": str(args.end), "format": args.format}
+        try:
+            with (
+                httpx.stream(
+                    "GET",
+                    url,
+                    params=params,
+                    headers={"Authorization": f"Bearer {token}"} if token else {},
+                    timeout=None,
+                ) as answer,
+                open(out, "wb") as target,
+            ):
+                if answer.status_code != 200:
+                    answer.read()
+                    print(f"tokentill: {url}: {answer.status_code} {answer.text}", file=sys.stderr)
+                    return 1
+                for chunk in answer.iter_bytes():
+                    target.write(chunk)
+                unpriced = answer.headers.get("x-tokentill-unpriced-rows", "?")
+        except httpx.HTTPError as exc:
+            print(f"tokentill: could not reach the server at {url}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        try:
+            seed_published(conn)
+            export = read_focus(
+                conn,
+                args.start,
+                args.end,
+                image_model=settings.image_gen_model,
+                tag_keys=settings.rollup_tag_keys,
+                billing_account=settings.focus_billing_account,
+            )
+        finally:
+            conn.close()
+        chunks = csv_chunks if args.format == "csv" else parquet_chunks
+        with open(out, "wb") as target:
+            for chunk in chunks(export.rows):
+                target.write(chunk)
+        unpriced = str(export.unpriced_rows)
+    print(f"tokentill: FOCUS {args.format} written to {out} ({unpriced} unpriced rows)")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -213,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     rollup.add_argument("--port", type=int)
     rollup.add_argument("--full", action="store_true", help="rebuild every rollup from scratch")
     rollup.set_defaults(func=_cmd_rollup)
+
+    export = sub.add_parser("export", help="export costs in another tool's standard")
+    kinds = export.add_subparsers(dest="kind", required=True)
+    focus = kinds.add_parser("focus", help="FOCUS 1.2 (and 1.0) rows, CSV or Parquet")
+    focus.add_argument("--start", type=date.fromisoformat, required=True, help="first UTC day")
+    focus.add_argument("--end", type=date.fromisoformat, required=True, help="day after the last")
+    focus.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    focus.add_argument("--out", help="the file (default: tokentill-focus-<start>-<end>.<format>)")
+    focus.add_argument("--db", help="DuckDB file (env TOKENTILL_DB)")
+    focus.add_argument("--host", help="where the running server is, if it holds the file")
+    focus.add_argument("--port", type=int)
+    focus.set_defaults(func=_cmd_export_focus)
 
     demo = sub.add_parser("demo", help="serve in front of the fake upstream, with traffic")
     demo.add_argument("--db", type=Path, default=Path("data/demo.duckdb"))

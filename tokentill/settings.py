@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     rollup_compact_after: Seconds = 6 * 3600.0
     # Metadata keys rolled up per day (team, feature, customer...).
     rollup_tag_keys: tuple[str, ...] = ("project", "team", "feature", "customer")
+    # The FOCUS export's BillingAccountId and BillingAccountName (api/exports.py): your
+    # OpenAI organization, as your FinOps tool should name it.
+    focus_billing_account: Annotated[str, Field(min_length=1, max_length=256)] = "openai"
     # The model whose image rates price the image_generation tool's tokens.
     image_gen_model: str = "gpt-image-1"
 

@@ -29,6 +29,8 @@ no usage at all (`usage_unreported`).
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 from collections.abc import Iterable
 from datetime import datetime
@@ -271,11 +273,32 @@ def _timeline(intervals: pl.LazyFrame) -> pl.LazyFrame:
     return pl.concat([ordered, before, after], how="diagonal_relaxed")
 
 
+CHARGES = (
+    "input",
+    "cached_input",
+    "cache_write",
+    "output",
+    "web_search",
+    "audio_duration",
+    "speech_characters",
+    "image_generation",
+)
+"""What an event's cost is made of, as `charge_<name>_pico` (`price_events(charges=True)`):
+tokens by kind (each modality's at its own rate), each hosted tool's calls, and the media
+priced by other units. They sum to `cost_pico`, exactly."""
+
+
 def price_events(
-    events: pl.LazyFrame, models: pl.LazyFrame, intervals: pl.LazyFrame, image_model: str
+    events: pl.LazyFrame,
+    models: pl.LazyFrame,
+    intervals: pl.LazyFrame,
+    image_model: str,
+    *,
+    charges: bool = False,
 ) -> pl.LazyFrame:
     """Add `price_model`, `price_id`, `cost_pico` (null when unpriced) and `unpriced` to
-    each event (`price_model` null when no catalog row of its model and tier is in force)."""
+    each event (`price_model` null when no catalog row of its model and tier is in force);
+    with `charges`, what the cost is made of too (`CHARGES`)."""
     # Counts a frame does not carry are none of them (a frame of text usage needs no audio).
     present = set(events.collect_schema().names())
     events = events.with_columns(
@@ -369,23 +392,25 @@ def price_events(
         # A part with nothing in it costs nothing, whether or not it has a rate.
         return pl.when(count > 0).then(count * rate).otherwise(0)
 
-    token_cost = (
-        part(text_uncached, input_rate)
-        + part(text_cached, cached_rate)
-        + part(pl.col("cache_write_tokens"), write_rate)
+    parts = {
+        "input": part(text_uncached, input_rate)
         + part(audio_in - audio_cached, audio_in_rate)
+        + part(image_in - image_cached, image_in_rate),
+        "cached_input": part(text_cached, cached_rate)
         + part(audio_cached, audio_cached_rate)
-        + part(image_in - image_cached, image_in_rate)
-        + part(image_cached, image_cached_rate)
-        + part(text_out, output_rate)
+        + part(image_cached, image_cached_rate),
+        "cache_write": part(pl.col("cache_write_tokens"), write_rate),
+        "output": part(text_out, output_rate)
         + part(audio_out, audio_out_rate)
-        + part(image_out, image_out_rate)
-        + pl.col("web_search_calls") * pl.col("web_search_per_call").fill_null(0)
-        + pl.when(audio_ms > 0)
+        + part(image_out, image_out_rate),
+        "web_search": pl.col("web_search_calls") * pl.col("web_search_per_call").fill_null(0),
+        "audio_duration": pl.when(audio_ms > 0)
         .then((audio_ms * pl.col("audio_per_hour") * 10 + 18) // 36)
-        .otherwise(0)
-        + part(characters, pl.col("input_per_mchar").fill_null(0))
-    )
+        .otherwise(0),
+        "speech_characters": part(characters, pl.col("input_per_mchar").fill_null(0)),
+    }
+    # Summed with `+`: a part without its rate (null) makes the whole null, as it must.
+    token_cost = functools.reduce(operator.add, parts.values())
     gen_in = pl.col("image_gen_input_tokens")
     gen_image = pl.col("image_gen_input_image_tokens")
     # Cached tokens are part of the input: image tokens first, the rest text.
@@ -437,6 +462,18 @@ def price_events(
         .then(token_cost + pl.when(uses_image).then(image_cost).otherwise(0))
         .otherwise(None)
     )
+    if charges:
+        parts["image_generation"] = pl.when(uses_image).then(image_cost).otherwise(0)
+        with_image = with_image.with_columns(
+            pl.when(~billed)
+            .then(pl.lit(0, pl.Int64))
+            .when(priced & image_priced)
+            .then(expr)
+            .otherwise(None)
+            .cast(pl.Int64)
+            .alias(f"charge_{name}_pico")
+            for name, expr in parts.items()
+        )
     return with_image.with_columns(
         cost.cast(pl.Int64).alias("cost_pico"),
         (billed & ~(priced & image_priced)).cast(pl.Int64).alias("unpriced"),

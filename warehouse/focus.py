@@ -1,0 +1,354 @@
+"""Costs in FOCUS, the FinOps Foundation's Open Cost and Usage Specification: one row per
+UTC day x end user x model x service tier x metadata tags x charge (uncached input,
+cached input, cache write, output, each hosted tool, media priced by time or characters,
+image generation), with the columns of FOCUS 1.2 (token-priced SaaS charges) and those of
+1.0 and its validator's earlier names beside them, so that tools of either version read it.
+
+The rows are the events' own costs (`pricing.price_events(charges=True)`: the parts of
+each event's cost sum to it exactly), so `BilledCost` summed over any day, user or model
+is the costs report's priced cost to the pico-dollar. Unpriced usage (no price in force)
+is exported with its quantities and zero costs, flagged `x_Unpriced` (FOCUS 1.0 has no
+null cost: its validator requires one), and counted by the caller.
+
+A pure pipeline: `focus_rows(events, prices, ...)` takes the events and the price table
+and returns the rows; `read_focus` reads them for a range of days.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+
+import duckdb
+import orjson
+import polars as pl
+
+from tokentill.warehouse import pricing
+from tokentill.warehouse.db import query_frame
+from tokentill.warehouse.prices import price_table
+
+PICO = 10**12
+SERVICE_NAME = "OpenAI API"
+PROVIDER = "OpenAI"
+
+# Per charge: its quantity (from the event's counts) and the unit it is priced by.
+_QUANTITIES: dict[str, tuple[pl.Expr, str]] = {
+    "input": (
+        pl.col("input_tokens") - pl.col("cached_input_tokens") - pl.col("cache_write_tokens"),
+        "Tokens",
+    ),
+    "cached_input": (pl.col("cached_input_tokens"), "Tokens"),
+    "cache_write": (pl.col("cache_write_tokens"), "Tokens"),
+    "output": (pl.col("output_tokens"), "Tokens"),
+    "web_search": (pl.col("web_search_calls"), "Calls"),
+    "audio_duration": (pl.col("audio_ms"), "Seconds"),  # counted in ms, shown in seconds
+    "speech_characters": (pl.col("input_characters"), "Characters"),
+    "image_generation": (
+        pl.col("image_gen_input_tokens") + pl.col("image_gen_output_tokens"),
+        "Tokens",
+    ),
+}
+_DESCRIPTIONS = {
+    "input": "input tokens, not cached",
+    "cached_input": "cached input tokens",
+    "cache_write": "cache write tokens",
+    "output": "output tokens (reasoning included)",
+    "web_search": "web search calls",
+    "audio_duration": "audio, by duration",
+    "speech_characters": "speech, by characters",
+    "image_generation": "image generation tokens",
+}
+assert set(_QUANTITIES) == set(pricing.CHARGES)
+
+# The columns, in order: FOCUS 1.2's and 1.0's, the 1.0 validator's older spellings, then
+# tokentill's own (`x_`).
+COLUMNS = (
+    "AvailabilityZone",
+    "BilledCost",
+    "BillingAccountId",
+    "BillingAccountName",
+    "BillingCurrency",
+    "BillingPeriodEnd",
+    "BillingPeriodStart",
+    "ChargeCategory",
+    "ChargeClass",
+    "ChargeDescription",
+    "ChargeFrequency",
+    "ChargePeriodEnd",
+    "ChargePeriodStart",
+    "ChargeType",
+    "CommitmentDiscountCategory",
+    "CommitmentDiscountId",
+    "CommitmentDiscountName",
+    "CommitmentDiscountStatus",
+    "CommitmentDiscountType",
+    "ConsumedQuantity",
+    "ConsumedUnit",
+    "ContractedCost",
+    "ContractedUnitPrice",
+    "EffectiveCost",
+    "InvoiceIssuer",
+    "InvoiceIssuerName",
+    "ListCost",
+    "ListUnitPrice",
+    "PricingCategory",
+    "PricingQuantity",
+    "PricingUnit",
+    "Provider",
+    "ProviderName",
+    "Publisher",
+    "PublisherName",
+    "RegionId",
+    "RegionName",
+    "ResourceID",
+    "ResourceId",
+    "ResourceName",
+    "ResourceType",
+    "ServiceCategory",
+    "ServiceName",
+    "SkuId",
+    "SkuPriceId",
+    "SubAccountId",
+    "SubAccountName",
+    "Tags",
+    "x_EndUser",
+    "x_Model",
+    "x_ServiceTier",
+    "x_Charge",
+    "x_Requests",
+    "x_Unpriced",
+    "x_CostPico",
+)
+MONEY = ("BilledCost", "EffectiveCost", "ListCost", "ContractedCost")
+
+
+@dataclass(frozen=True)
+class FocusExport:
+    rows: pl.DataFrame  # COLUMNS; money as Decimal(38, 12) USD
+    unpriced_rows: int
+
+
+def read_focus(
+    conn: duckdb.DuckDBPyConnection,
+    start: date,
+    end: date,
+    *,
+    image_model: str,
+    tag_keys: Sequence[str],
+    billing_account: str,
+) -> FocusExport:
+    """The FOCUS rows of the UTC days [start, end)."""
+    counts = ", ".join(pricing.PRICED_FIELDS)
+    events = query_frame(
+        conn,
+        f"""SELECT user_id, model, service_tier, created_at, metadata, {counts}
+            FROM usage_events WHERE created_at >= ? AND created_at < ?""",
+        [_midnight(start), _midnight(end)],
+    )
+    return focus_rows(
+        events,
+        price_table(conn),
+        image_model=image_model,
+        tag_keys=tag_keys,
+        billing_account=billing_account,
+    )
+
+
+def focus_rows(
+    events: pl.DataFrame,
+    prices: pl.DataFrame,
+    *,
+    image_model: str,
+    tag_keys: Sequence[str],
+    billing_account: str,
+) -> FocusExport:
+    if events.height == 0:
+        return FocusExport(_empty(), 0)
+    models = pricing.model_map(
+        events["model"].drop_nulls().unique().to_list(), prices["model"].unique().to_list()
+    )
+    priced = pricing.price_events(
+        events.lazy(),
+        models.lazy(),
+        pricing.effective_intervals(prices).lazy(),
+        image_model,
+        charges=True,
+    )
+    keys = ["day", "user_id", "model", "tier", "tags"]
+    base = priced.with_columns(
+        pl.col("created_at").dt.date().alias("day"),
+        pl.col("model").fill_null("unknown"),
+        pl.col("service_tier").fill_null("default").alias("tier"),
+        _tags(tag_keys).alias("tags"),
+    )
+    long = pl.concat(
+        [
+            base.select(
+                *keys,
+                pl.lit(charge).alias("charge"),
+                pl.lit(unit).alias("unit"),
+                quantity.fill_null(0).cast(pl.Int64).alias("quantity"),
+                pl.col(f"charge_{charge}_pico").alias("cost_pico"),
+                pl.col("unpriced").cast(pl.Int64).alias("unpriced"),
+            )
+            for charge, (quantity, unit) in _QUANTITIES.items()
+        ]
+    ).filter(pl.col("quantity") > 0)
+    grouped = (
+        long.group_by(*keys, "charge", "unit")
+        .agg(
+            pl.col("quantity").sum(),
+            pl.len().alias("requests"),
+            pl.col("cost_pico").cast(pl.Int128).sum().alias("cost_pico"),
+            (pl.col("unpriced") > 0).any().alias("unpriced"),
+        )
+        .sort(*keys, "charge")
+        .collect()
+    )
+    rows = [_row(r, billing_account) for r in grouped.iter_rows(named=True)]
+    frame = pl.DataFrame(rows, schema=_schema(), orient="row") if rows else _empty()
+    return FocusExport(frame, int(grouped["unpriced"].sum()) if grouped.height else 0)
+
+
+def _tags(tag_keys: Sequence[str]) -> pl.Expr:
+    """The event's tags of `tag_keys` as a canonical JSON object (sorted keys)."""
+    fields = [
+        pl.col("metadata").str.json_path_match(f"$.{key}").alias(key)
+        for key in tag_keys
+        if key.isidentifier()
+    ]
+    if not fields:
+        return pl.lit("{}")
+    return pl.struct(fields).map_elements(
+        lambda v: orjson.dumps(
+            {k: x for k, x in v.items() if x is not None}, option=orjson.OPT_SORT_KEYS
+        ).decode(),
+        return_dtype=pl.String,
+    )
+
+
+def _row(r: dict[str, object], account: str) -> tuple[object, ...]:
+    day = r["day"]
+    assert isinstance(day, date)
+    month = day.replace(day=1)
+    following = (month + timedelta(days=32)).replace(day=1)
+    unpriced = bool(r["unpriced"])
+    pico = 0 if unpriced or r["cost_pico"] is None else int(str(r["cost_pico"]))
+    cost = Decimal(pico) / PICO
+    counted = int(str(r["quantity"]))
+    quantity = Decimal(counted) / 1000 if charge_is_ms(str(r["charge"])) else Decimal(counted)
+    unit_price = None
+    if not unpriced and counted and pico % counted == 0 and not charge_is_ms(str(r["charge"])):
+        unit_price = Decimal(pico // counted) / PICO  # one rate for every unit in the row
+    model, tier, charge, user = r["model"], r["tier"], r["charge"], r["user_id"]
+    tags = orjson.loads(str(r["tags"]))
+    if user is not None:
+        tags["tokentill/end-user"] = user
+    tags["tokentill/service-tier"] = tier
+    sku = f"{model}/{charge}"
+    values: dict[str, object] = {
+        "AvailabilityZone": None,
+        "BilledCost": cost,
+        "BillingAccountId": account,
+        "BillingAccountName": account,
+        "BillingCurrency": "USD",
+        "BillingPeriodEnd": _moment(following),
+        "BillingPeriodStart": _moment(month),
+        "ChargeCategory": "Usage",
+        "ChargeClass": None,
+        "ChargeDescription": f"{model} ({tier}): {_DESCRIPTIONS[str(charge)]}",
+        "ChargeFrequency": "Usage-Based",
+        "ChargePeriodEnd": _moment(day + timedelta(days=1)),
+        "ChargePeriodStart": _moment(day),
+        "ChargeType": "Usage",
+        "CommitmentDiscountCategory": None,
+        "CommitmentDiscountId": None,
+        "CommitmentDiscountName": None,
+        "CommitmentDiscountStatus": None,
+        "CommitmentDiscountType": None,
+        "ConsumedQuantity": quantity,
+        "ConsumedUnit": r["unit"],
+        "ContractedCost": cost,
+        "ContractedUnitPrice": unit_price,
+        "EffectiveCost": cost,
+        "InvoiceIssuer": PROVIDER,
+        "InvoiceIssuerName": PROVIDER,
+        "ListCost": cost,
+        "ListUnitPrice": unit_price,
+        "PricingCategory": "Standard",
+        "PricingQuantity": quantity,
+        "PricingUnit": r["unit"],
+        "Provider": PROVIDER,
+        "ProviderName": PROVIDER,
+        "Publisher": PROVIDER,
+        "PublisherName": PROVIDER,
+        "RegionId": None,
+        "RegionName": None,
+        "ResourceID": str(model),
+        "ResourceId": str(model),
+        "ResourceName": str(model),
+        "ResourceType": "Model",
+        "ServiceCategory": "AI and Machine Learning",
+        "ServiceName": SERVICE_NAME,
+        "SkuId": sku,
+        "SkuPriceId": f"{sku}/{tier}",
+        "SubAccountId": None,
+        "SubAccountName": None,
+        "Tags": orjson.dumps(tags, option=orjson.OPT_SORT_KEYS).decode(),
+        "x_EndUser": user,
+        "x_Model": model,
+        "x_ServiceTier": tier,
+        "x_Charge": charge,
+        "x_Requests": r["requests"],
+        "x_Unpriced": unpriced,
+        "x_CostPico": Decimal(pico),
+    }
+    return tuple(values[c] for c in COLUMNS)
+
+
+def charge_is_ms(charge: str) -> bool:
+    return charge == "audio_duration"
+
+
+def _schema() -> dict[str, pl.DataType]:
+    money = pl.Decimal(38, 12)
+    out: dict[str, pl.DataType] = {}
+    for column in COLUMNS:
+        if column in MONEY or column in ("ListUnitPrice", "ContractedUnitPrice"):
+            out[column] = money
+        elif column in ("ConsumedQuantity", "PricingQuantity"):
+            # With decimals even when whole: FOCUS's quantities are decimals (its 1.0
+            # validator reads a column of whole numbers as integers, and refuses it).
+            out[column] = pl.Decimal(38, 3)
+        elif column == "x_CostPico":
+            out[column] = pl.Decimal(38, 0)
+        elif column == "x_Requests":
+            out[column] = pl.Int64()
+        elif column == "x_Unpriced":
+            out[column] = pl.Boolean()
+        else:
+            out[column] = pl.String()
+    return out
+
+
+def _empty() -> pl.DataFrame:
+    return pl.DataFrame(schema=_schema())
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time(0), tzinfo=UTC)
+
+
+def _moment(day: date) -> str:
+    """A day's start as FOCUS writes a date-time: ISO 8601 in UTC, with its Z."""
+    return f"{day.isoformat()}T00:00:00Z"
+
+
+def to_csv(frame: pl.DataFrame) -> bytes:
+    """CSV with money as exact decimal strings (no float ever)."""
+    text = frame.with_columns(
+        pl.col(c).cast(pl.String) for c, t in frame.schema.items() if isinstance(t, pl.Decimal)
+    )
+    return text.write_csv().encode()

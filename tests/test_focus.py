@@ -40,6 +40,8 @@ def _validate(csv: Path) -> subprocess.CompletedProcess[str]:
     to the directory holding its package: it runs from there."""
     run = [_uv(), "run", "--project", str(VALIDATOR), "--frozen", "--quiet"]
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_PROJECT")}
+    # Its environment lives beside uv's own (.tools, ignored), out of the source tree.
+    env["UV_PROJECT_ENVIRONMENT"] = str(ROOT / ".tools" / "focus-validator")
     where = subprocess.run(
         [
             *run,

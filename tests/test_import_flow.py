@@ -56,6 +56,8 @@ def _sources(layer: str) -> list[Path]:
         path
         for path in (ROOT / layer).rglob("*.py")
         if layer != "tokentill" or path.relative_to(ROOT / layer).parts[0] not in LAYERS
+        # Not a hidden directory's (an environment a test made: not our source).
+        if not any(part.startswith(".") for part in path.relative_to(ROOT).parts)
     )
 
 

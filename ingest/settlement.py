@@ -67,9 +67,13 @@ class Settler:
         self.adopted = 0
         self.unsettleable = 0  # pending, with no key to ask the upstream with
 
-    async def sweep(self, grace: timedelta, *, at_start: bool = False) -> int:
-        """Hand the poller every pending response it does not track; how many."""
+    async def sweep(self, *, at_start: bool = False) -> int:
+        """Hand the poller every pending response it does not track; how many. At start,
+        every pending response this node left is an orphan (on a lake, others' fresh ones
+        may be polled by their own node too: harmless, counted once); later, only those
+        pending for longer than the grace."""
         now = datetime.now(UTC)
+        grace = timedelta(0) if at_start else self._grace
         streams_before = now if at_start and self._alone else now - self._stream_grace
         found = await asyncio.to_thread(
             self._find, now - self._max_age, now - grace, streams_before
@@ -111,14 +115,11 @@ class Settler:
     async def run(self) -> None:
         if not await asyncio.to_thread(self._landed):
             log.error("settlement: the journal's replay did not land in time; sweeping anyway")
-        # At start, every pending response this node left is an orphan (on a lake, others'
-        # fresh ones may be polled by their own node too: harmless, counted once).
-        grace = timedelta(0)
         at_start = True
         while True:
             try:
-                await self.sweep(grace, at_start=at_start)
+                await self.sweep(at_start=at_start)
             except Exception:
                 log.exception("settlement sweep failed; next in %.0f s", self._interval)
-            grace, at_start = self._grace, False
+            at_start = False
             await asyncio.sleep(self._interval)

@@ -34,7 +34,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -571,15 +570,14 @@ class Tokentill:
             counters,
             SharedOptions(outage=settings.quota_redis_outage, poll=settings.quota_redis_poll),
         )
-        with contextlib.suppress(RedisError):
-            risky = await counters.persistence()
-            if risky:
-                log.warning(
-                    "quota counters' Redis keeps %s: after a restart it could come back with "
-                    "stale counters instead of empty ones, which are rebuilt from the lake "
-                    "(docs/quotas.md)",
-                    ", ".join(risky),
-                )
+        risky = await counters.persistence()  # [] when Redis will not say
+        if risky:
+            log.warning(
+                "quota counters' Redis keeps %s: after a restart it could come back with "
+                "stale counters instead of empty ones, which are rebuilt from the lake "
+                "(docs/quotas.md)",
+                ", ".join(risky),
+            )
         self.metrics.bind_quota_store(
             up=lambda: float(counters.up),
             errors=lambda: float(counters.errors),

@@ -52,6 +52,7 @@ from tokentill.warehouse.quota_shared import (
 )
 from tokentill.warehouse.quota_store import (
     StoredLimit,
+    UsedBefore,
     load_limits,
     replace_limits,
     used_before,
@@ -128,15 +129,11 @@ class QuotaService:
         conn = self._connect()
         try:
             self.book.prices = self._price_book(conn)
-            limits: dict[Scope, list[Limit]] = {}
-            for row in load_limits(conn):
-                limit = Limit(row.unit, row.period, row.amount, row.mode)  # type: ignore[arg-type]
-                limits.setdefault((row.scope, row.subject_key, row.subject_value), []).append(limit)
-            for scope, found in limits.items():
-                self.book.set_limits(_subject(scope), found)
+            limits = _grouped(load_limits(conn))
+            for subject, found in limits.items():
+                self.book.set_limits(subject, found)
             if self.shared is None:
-                for scope, found in limits.items():
-                    subject = _subject(scope)
+                for subject, found in limits.items():
                     self._apply(subject, self._read_seed(conn, subject, found, self.boot_us))
             self.book.note_fired(open_quota_alert_keys(conn))
         finally:
@@ -180,18 +177,10 @@ class QuotaService:
         facts.hold = self.book.admit(facts, parsed, body)
 
     async def _admit_shared(self, facts: HeldRequest, reservation: Reservation) -> None:
-        shared = self.shared
-        assert shared is not None
         try:
-            for _ in range(5):
-                try:
-                    await shared.admit(reservation)
-                except NeedsSeedError as needed:
-                    await self._seed(needed)
-                    continue
-                facts.hold = reservation
-                return
-            raise RuntimeError("quota windows kept changing while being read from the lake")
+            if not await self._opened(reservation):
+                raise RuntimeError("quota windows kept changing while being read from the lake")
+            facts.hold = reservation
         except (RedisError, StorageUnavailableError, duckdb.Error) as exc:
             # Redis away, or the lake a window is read from: the operator's choice.
             if not isinstance(exc, RedisError):
@@ -203,6 +192,19 @@ class QuotaService:
             self.unchecked += 1
             reservation.held, reservation.key = (), ""
             facts.hold = reservation
+
+    async def _opened(self, reservation: Reservation, *, probe: bool = False) -> bool:
+        """Admit `reservation` (or with `probe`, only open its windows), reading from the
+        lake the windows that need it first. False: they kept needing it (5 rounds)."""
+        shared = self.shared
+        assert shared is not None
+        for _ in range(5):
+            try:
+                await shared.admit(reservation, probe=probe)
+                return True
+            except NeedsSeedError as needed:
+                await self._seed(needed)
+        return False
 
     async def _seed(self, needed: NeedsSeedError) -> None:
         """Read the windows' use from before they opened from the lake. Once per process
@@ -282,11 +284,7 @@ class QuotaService:
             # its outcome is recorded: not here too.
             "settled": True,
         }
-        subject = found.subject
-        if subject[0] == "user":
-            rows = used_before(conn, users=[subject[1]], **common)
-        else:
-            rows = used_before(conn, tag_key=subject[1], tag_values=[subject[2]], **common)
+        rows = _used_of(conn, found.subject, **common)
         return _usage(rows[0]) if rows else Usage()
 
     async def current(self, subjects: Sequence[Subject]) -> None:
@@ -331,12 +329,7 @@ class QuotaService:
             if not limits:
                 continue
             probe = Reservation((subject,), (subject,), now_us(), 0, 0, False, False)
-            for _ in range(5):
-                try:
-                    await shared.admit(probe, probe=True)
-                    break
-                except NeedsSeedError as needed:
-                    await self._seed(needed)
+            await self._opened(probe, probe=True)  # shown as counted, if still unread
             self.book.show(subject, await shared.meter(subject, limits))
 
     def on_alert(self, alert: Alert) -> None:
@@ -387,14 +380,7 @@ class QuotaService:
             await asyncio.sleep(options.poll)
 
     async def _reload_limits(self) -> None:
-        rows = await asyncio.to_thread(self._load_limits)
-        limits: dict[Scope, list[Limit]] = {}
-        for row in rows:
-            limit = Limit(row.unit, row.period, row.amount, row.mode)  # type: ignore[arg-type]
-            limits.setdefault((row.scope, row.subject_key, row.subject_value), []).append(limit)
-        found: dict[Subject | None, tuple[Limit, ...]] = {
-            _subject(scope): tuple(value) for scope, value in limits.items()
-        }
+        found = _grouped(await asyncio.to_thread(self._load_limits))
         for subject in [None, *self.book.subjects_with_limits()]:
             if subject not in found:
                 self.book.set_limits(subject, ())
@@ -504,12 +490,8 @@ class QuotaService:
             if subject is None:
                 found = used_before(conn, users=None, **common)
                 used = [(user_subject(u.subject_key), _usage(u)) for u in found]
-            elif subject[0] == "user":
-                found = used_before(conn, users=[subject[1]], **common)
-                used = [(subject, _usage(u)) for u in found]
             else:
-                found = used_before(conn, tag_key=subject[1], tag_values=[subject[2]], **common)
-                used = [(subject, _usage(u)) for u in found]
+                used = [(subject, _usage(u)) for u in _used_of(conn, subject, **common)]
             out.append((period, start, used))
         return out
 
@@ -538,6 +520,22 @@ class SharedOptions:
     outage: Literal["refuse", "serve"] = "refuse"
     poll: float = 0.25  # limits' version, blocks, this proxy's writer mark
     seed_wait: float = 10.0  # for the proxies' writers to commit past a window's opening
+
+
+def _grouped(rows: Sequence[StoredLimit]) -> dict[Subject | None, tuple[Limit, ...]]:
+    """Stored limits by the subject they hold (None: the default)."""
+    limits: dict[Scope, list[Limit]] = {}
+    for row in rows:
+        limit = Limit(row.unit, row.period, row.amount, row.mode)  # type: ignore[arg-type]
+        limits.setdefault((row.scope, row.subject_key, row.subject_value), []).append(limit)
+    return {_subject(scope): tuple(found) for scope, found in limits.items()}
+
+
+def _used_of(conn: duckdb.DuckDBPyConnection, subject: Subject, **common: Any) -> list[UsedBefore]:
+    """`used_before` for one user or one tag value."""
+    if subject[0] == "user":
+        return used_before(conn, users=[subject[1]], **common)
+    return used_before(conn, tag_key=subject[1], tag_values=[subject[2]], **common)
 
 
 def _subject(scope: Scope) -> Subject | None:

@@ -353,7 +353,7 @@ class NeedsSeedError(Exception):
         self.gen, self.windows = gen, windows
 
 
-def _expiry_ms(period: Period, start: int, end: int) -> str:
+def _expiry_ms(end: int) -> str:
     """A window's key outlives its window by a minute (then it can only read zero)."""
     if end >= FOREVER:
         return "0"
@@ -362,11 +362,23 @@ def _expiry_ms(period: Period, start: int, end: int) -> str:
 
 def _window_args(period: Period, now: int) -> list[str]:
     start, end = window(period, now)
-    return [period, str(start), _expiry_ms(period, start, end)]
+    return [period, str(start), _expiry_ms(end)]
 
 
-def _label(subject: Subject) -> str:
-    return subject_label(subject)
+def _periods(limits: Iterable[Limit]) -> list[Period]:
+    """The periods of `limits`, each once, in order."""
+    return list(dict.fromkeys(limit.period for limit in limits))
+
+
+def _window_key(gen: str, subject: Subject, period: str, start: int) -> str:
+    """A window's key, as the scripts' `open` names it."""
+    return f"{PREFIX}:{gen}:u:{subject_label(subject)}:{period}:{start}"
+
+
+def _seeding_key(gen: str, found: Unseeded) -> str:
+    """The claim of the process that reads `found` from the lake."""
+    label = subject_label(found.subject)
+    return f"{PREFIX}:{gen}:seeding:{label}:{found.period}:{found.since}"
 
 
 @dataclass
@@ -444,7 +456,7 @@ class SharedCounters:
             # limit's counts too, for its alerts and the API; only hard ones refuse.
             limits = list(self._book.limits_of(subject)[0])
             checks.append((subject, limits))
-            args += [_label(subject), str(len(limits))]
+            args += [subject_label(subject), str(len(limits))]
             for limit in limits:
                 args += _window_args(limit.period, now)
                 args += [limit.unit, str(limit.amount), "1" if limit.mode == "hard" else "0"]
@@ -464,16 +476,10 @@ class SharedCounters:
                 for i in range(0, len(rest), 4)
             ]
             raise NeedsSeedError(gen, windows)
-        subject, hard = checks[int(answer[1]) - 1]
-        chosen = hard[int(answer[2]) - 1]
+        subject, limits = checks[int(answer[1]) - 1]
+        chosen = limits[int(answer[2]) - 1]
         used = int(_text(answer[3]))
-        need = (
-            reservation.pico
-            if chosen.unit == "usd"
-            else reservation.tokens
-            if chosen.unit == "tokens"
-            else 1
-        )
+        need = Usage(reservation.pico, reservation.tokens, 1).of(chosen.unit)
         start, end = window(chosen.period, now)
         raise QuotaExceededError(subject, chosen, Window(start, end), used, need, now)
 
@@ -483,7 +489,7 @@ class SharedCounters:
             self._seed,
             [
                 gen,
-                _label(found.subject),
+                subject_label(found.subject),
                 found.period,
                 str(found.window_start),
                 str(found.since),
@@ -498,18 +504,17 @@ class SharedCounters:
 
     async def claim_seed(self, gen: str, found: Unseeded) -> bool:
         """Whether this process reads `found` from the lake (else another one does)."""
-        key = f"{PREFIX}:{gen}:seeding:{_label(found.subject)}:{found.period}:{found.since}"
-        return bool(await self._call_plain(self._client.set(key, "1", nx=True, px=30_000)))
+        claim = self._client.set(_seeding_key(gen, found), "1", nx=True, px=30_000)
+        return bool(await self._call_plain(claim))
 
     async def unclaim_seed(self, gen: str, found: Unseeded) -> None:
         """A claimed read that failed: let another process (or the next admission) read it."""
-        key = f"{PREFIX}:{gen}:seeding:{_label(found.subject)}:{found.period}:{found.since}"
-        await self._client.delete(key)
+        await self._client.delete(_seeding_key(gen, found))
 
     async def wait_seeded(self, gen: str, found: Unseeded, seconds: float) -> None:
         """Until another process's seed of `found` lands (or `seconds` pass: the caller's
         admission then finds it unseeded again, and claims it once the claim lapses)."""
-        key = f"{PREFIX}:{gen}:u:{_label(found.subject)}:{found.period}:{found.window_start}"
+        key = _window_key(gen, found.subject, found.period, found.window_start)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if await self._call_plain(self._client.hget(key, "seeded")) in (b"1", "1", None):
@@ -602,7 +607,7 @@ class SharedCounters:
                         else:
                             reservation, expire = item
                             args = [str(now), reservation.key, expire]
-                            args += [_label(s) for s in reservation.held]
+                            args += [subject_label(s) for s in reservation.held]
                             await self._hold(keys=[], args=args, client=pipe)  # queued
                     answers = await self._call_plain(pipe.execute(raise_on_error=False))
                 except RedisError:
@@ -657,9 +662,9 @@ class SharedCounters:
             self._counted_ms,
         ]
         for subject, limits in item.windows:
-            periods = list(dict.fromkeys(limit.period for limit in limits))
+            periods = _periods(limits)
             held = "1" if subject in reservation.held and reservation.key else "0"
-            args += [_label(subject), held, str(len(periods))]
+            args += [subject_label(subject), held, str(len(periods))]
             for period in periods:
                 args += _window_args(period, now)
         return args
@@ -670,7 +675,7 @@ class SharedCounters:
             return  # charged already (another proxy settled the same event)
         at = 1
         for subject, limits in item.windows:
-            periods = list(dict.fromkeys(limit.period for limit in limits))
+            periods = _periods(limits)
             used: dict[Period, Usage] = {}
             for period in periods:
                 pico, tokens, requests = (int(_text(x)) for x in answer[at : at + 3])
@@ -701,8 +706,8 @@ class SharedCounters:
     async def meter(self, subject: Subject, limits: Iterable[Limit]) -> Meter:
         """A subject's counters as the API shows them (a snapshot, not kept)."""
         now = self._clock()
-        periods = list(dict.fromkeys(limit.period for limit in limits))
-        args = [str(now), _label(subject), str(len(periods))]
+        periods = _periods(limits)
+        args = [str(now), subject_label(subject), str(len(periods))]
         for period in periods:
             args += [period, str(window(period, now)[0])]
         answer = [int(_text(x)) for x in await self._call(self._read, args)]
@@ -734,9 +739,9 @@ class SharedCounters:
             if alive is not None:
                 # Its current windows (older ones are over, and expire) and its mark of
                 # being counted live.
-                pre, label, now = f"{PREFIX}:{_text(alive)}", _label(subject), self._clock()
-                keys = [f"{pre}:s:{label}"]
-                keys += [f"{pre}:u:{label}:{p}:{window(p, now)[0]}" for p in PERIODS]
+                gen, now = _text(alive), self._clock()
+                keys = [f"{PREFIX}:{gen}:s:{subject_label(subject)}"]
+                keys += [_window_key(gen, subject, p, window(p, now)[0]) for p in PERIODS]
                 await self._call_plain(self._client.delete(*keys))
         await self._call_plain(self._client.incr(LIMITS_VERSION))
 

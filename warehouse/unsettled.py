@@ -33,11 +33,9 @@ def unsettled(
     """Responses API responses still pending, created in [since, before); a streamed one
     only if created before `streams_before` too, when given (its own proxy is reading it
     to its end: another node polling it would race that proxy's record of it)."""
-    streams = (
-        "" if streams_before is None else "AND (NOT coalesce(streamed, false) OR created_at < ?)"
-    )
-    params: list[object] = [since, before]
+    streams, params = "", [since, before]
     if streams_before is not None:
+        streams = "AND (NOT coalesce(streamed, false) OR created_at < ?)"
         params.append(streams_before)
     rows = conn.execute(
         f"""SELECT response_id, user_id, metadata FROM usage_events

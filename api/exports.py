@@ -48,17 +48,9 @@ async def focus(runtime: RuntimeDep, params: Annotated[FocusParams, Query()]) ->
         raise bad_request("start", f"start ({params.start}) must be before end ({params.end})")
     if (params.end - params.start).days > 366:
         raise bad_request("end", "the range is longer than a year: export it in parts")
-    settings = runtime.settings
 
     def read(conn: duckdb.DuckDBPyConnection) -> FocusExport:
-        return read_focus(
-            conn,
-            params.start,
-            params.end,
-            image_model=settings.image_gen_model,
-            tag_keys=settings.rollup_tag_keys,
-            billing_account=settings.focus_billing_account,
-        )
+        return read_focus(conn, params.start, params.end, runtime.settings)
 
     export = await in_thread(runtime, read)
     name = f"tokentill-focus-{params.start}-{params.end}.{params.format}"

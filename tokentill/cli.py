@@ -160,14 +160,7 @@ def _cmd_export_focus(args: argparse.Namespace) -> int:
     else:
         try:
             seed_published(conn)
-            export = read_focus(
-                conn,
-                args.start,
-                args.end,
-                image_model=settings.image_gen_model,
-                tag_keys=settings.rollup_tag_keys,
-                billing_account=settings.focus_billing_account,
-            )
+            export = read_focus(conn, args.start, args.end, settings)
         finally:
             conn.close()
         chunks = csv_chunks if args.format == "csv" else parquet_chunks

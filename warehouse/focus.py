@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from typing import Protocol
 
 import duckdb
 import orjson
@@ -130,14 +131,19 @@ class FocusExport:
     unpriced_rows: int
 
 
+class FocusSettings(Protocol):
+    """What an export reads of the settings (tokentill's `Settings` has them)."""
+
+    @property
+    def image_gen_model(self) -> str: ...
+    @property
+    def rollup_tag_keys(self) -> tuple[str, ...]: ...
+    @property
+    def focus_billing_account(self) -> str: ...
+
+
 def read_focus(
-    conn: duckdb.DuckDBPyConnection,
-    start: date,
-    end: date,
-    *,
-    image_model: str,
-    tag_keys: Sequence[str],
-    billing_account: str,
+    conn: duckdb.DuckDBPyConnection, start: date, end: date, settings: FocusSettings
 ) -> FocusExport:
     """The FOCUS rows of the UTC days [start, end)."""
     counts = ", ".join(pricing.PRICED_FIELDS)
@@ -150,9 +156,9 @@ def read_focus(
     return focus_rows(
         events,
         price_table(conn),
-        image_model=image_model,
-        tag_keys=tag_keys,
-        billing_account=billing_account,
+        image_model=settings.image_gen_model,
+        tag_keys=settings.rollup_tag_keys,
+        billing_account=settings.focus_billing_account,
     )
 
 
@@ -176,12 +182,15 @@ def focus_rows(
         image_model,
         charges=True,
     )
-    keys = ["day", "user_id", "model", "tier", "tags"]
+    # Each tag a column of its own, grouped on as the other keys are (the JSON object
+    # `Tags` is written once per row of the export, not once per event).
+    tags = {f"tag:{key}": key for key in tag_keys if key.isidentifier()}
+    keys = ["day", "user_id", "model", "tier", *tags]
     base = priced.with_columns(
         pl.col("created_at").dt.date().alias("day"),
         pl.col("model").fill_null("unknown"),
         pl.col("service_tier").fill_null("default").alias("tier"),
-        _tags(tag_keys).alias("tags"),
+        *(pl.col("metadata").str.json_path_match(f"$.{k}").alias(c) for c, k in tags.items()),
     )
     long = pl.concat(
         [
@@ -207,29 +216,12 @@ def focus_rows(
         .sort(*keys, "charge")
         .collect()
     )
-    rows = [_row(r, billing_account) for r in grouped.iter_rows(named=True)]
+    rows = [_row(r, tags, billing_account) for r in grouped.iter_rows(named=True)]
     frame = pl.DataFrame(rows, schema=_schema(), orient="row") if rows else _empty()
     return FocusExport(frame, int(grouped["unpriced"].sum()) if grouped.height else 0)
 
 
-def _tags(tag_keys: Sequence[str]) -> pl.Expr:
-    """The event's tags of `tag_keys` as a canonical JSON object (sorted keys)."""
-    fields = [
-        pl.col("metadata").str.json_path_match(f"$.{key}").alias(key)
-        for key in tag_keys
-        if key.isidentifier()
-    ]
-    if not fields:
-        return pl.lit("{}")
-    return pl.struct(fields).map_elements(
-        lambda v: orjson.dumps(
-            {k: x for k, x in v.items() if x is not None}, option=orjson.OPT_SORT_KEYS
-        ).decode(),
-        return_dtype=pl.String,
-    )
-
-
-def _row(r: dict[str, object], account: str) -> tuple[object, ...]:
+def _row(r: dict[str, object], tag_columns: dict[str, str], account: str) -> tuple[object, ...]:
     day = r["day"]
     assert isinstance(day, date)
     month = day.replace(day=1)
@@ -238,12 +230,13 @@ def _row(r: dict[str, object], account: str) -> tuple[object, ...]:
     pico = 0 if unpriced or r["cost_pico"] is None else int(str(r["cost_pico"]))
     cost = Decimal(pico) / PICO
     counted = int(str(r["quantity"]))
-    quantity = Decimal(counted) / 1000 if charge_is_ms(str(r["charge"])) else Decimal(counted)
+    in_ms = r["charge"] == "audio_duration"  # counted in ms, shown in seconds
+    quantity = Decimal(counted) / 1000 if in_ms else Decimal(counted)
     unit_price = None
-    if not unpriced and counted and pico % counted == 0 and not charge_is_ms(str(r["charge"])):
+    if not unpriced and counted and pico % counted == 0 and not in_ms:
         unit_price = Decimal(pico // counted) / PICO  # one rate for every unit in the row
     model, tier, charge, user = r["model"], r["tier"], r["charge"], r["user_id"]
-    tags = orjson.loads(str(r["tags"]))
+    tags = {key: r[column] for column, key in tag_columns.items() if r[column] is not None}
     if user is not None:
         tags["tokentill/end-user"] = user
     tags["tokentill/service-tier"] = tier
@@ -308,10 +301,6 @@ def _row(r: dict[str, object], account: str) -> tuple[object, ...]:
     return tuple(values[c] for c in COLUMNS)
 
 
-def charge_is_ms(charge: str) -> bool:
-    return charge == "audio_duration"
-
-
 def _schema() -> dict[str, pl.DataType]:
     money = pl.Decimal(38, 12)
     out: dict[str, pl.DataType] = {}
@@ -344,11 +333,3 @@ def _midnight(day: date) -> datetime:
 def _moment(day: date) -> str:
     """A day's start as FOCUS writes a date-time: ISO 8601 in UTC, with its Z."""
     return f"{day.isoformat()}T00:00:00Z"
-
-
-def to_csv(frame: pl.DataFrame) -> bytes:
-    """CSV with money as exact decimal strings (no float ever)."""
-    text = frame.with_columns(
-        pl.col(c).cast(pl.String) for c, t in frame.schema.items() if isinstance(t, pl.Decimal)
-    )
-    return text.write_csv().encode()

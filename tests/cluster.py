@@ -14,7 +14,7 @@ import httpx
 import openai
 
 from tests.servers import free_port
-from tokentill.warehouse.lake import LakeConfig
+from tokentill.warehouse.lake import LakeConfig, connect
 
 
 class Instance:
@@ -90,3 +90,12 @@ def wait_for(predicate: Any, timeout: float, what: str) -> float:
         assert time.monotonic() - started < timeout, what
         time.sleep(0.2)
     return time.monotonic() - started
+
+
+def in_lake(config: LakeConfig, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    """`sql`'s rows, read from the lake by a connection of the test's own."""
+    conn = connect(config)
+    try:
+        return conn.execute(sql, params or []).fetchall()
+    finally:
+        conn.close()

@@ -24,7 +24,7 @@ import openai
 import polars as pl
 import pytest
 
-from tests.cluster import Instance, wait_for
+from tests.cluster import Instance, in_lake, wait_for
 from tests.conftest import ledger
 from tests.servers import free_port
 from tests.services import Postgres
@@ -63,14 +63,6 @@ def _events(*ids: str, status: str = "completed", tokens: int = 10) -> pl.DataFr
     return pl.DataFrame([{name: row.get(name) for name in schema} for row in rows], schema=schema)
 
 
-def _in_lake(config: LakeConfig, sql: str) -> list[tuple[Any, ...]]:
-    conn = connect(config)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
 def test_a_lake_keeps_each_event_once_and_each_proxy_its_own_checkpoint(
     lake: LakeConfig,
 ) -> None:
@@ -91,7 +83,7 @@ def test_a_lake_keeps_each_event_once_and_each_proxy_its_own_checkpoint(
         )
         done = _events("bg", tokens=42).with_columns(
             created_at=pl.lit(
-                _in_lake(lake, "SELECT created_at FROM usage_events WHERE event_id = 'bg'")[0][0]
+                in_lake(lake, "SELECT created_at FROM usage_events WHERE event_id = 'bg'")[0][0]
             )
         )
         first.events.append(empty, done, seq=1, upto=Position(1, 300))
@@ -110,7 +102,7 @@ def test_a_lake_keeps_each_event_once_and_each_proxy_its_own_checkpoint(
         assert reopened.events.checkpoint() == Position(1, 500)
     finally:
         reopened.close()
-    rows = _in_lake(
+    rows = in_lake(
         lake,
         "SELECT event_id, status, input_tokens, ingest_seq FROM usage_events ORDER BY event_id",
     )
@@ -122,11 +114,11 @@ def test_a_lake_keeps_each_event_once_and_each_proxy_its_own_checkpoint(
         ("d", "completed", 10),
         ("quick", "completed", 7),
     ]
-    versions = _in_lake(lake, "SELECT count(*) FROM usage_event_versions WHERE event_id = 'bg'")
+    versions = in_lake(lake, "SELECT count(*) FROM usage_event_versions WHERE event_id = 'bg'")
     assert versions == [(2,)]
     # The sequence grows in commit order across both writers: a watermark at N has seen
     # every row up to N.
-    seqs = [r[0] for r in _in_lake(lake, "SELECT DISTINCT ingest_seq FROM usage_event_versions")]
+    seqs = [r[0] for r in in_lake(lake, "SELECT DISTINCT ingest_seq FROM usage_event_versions")]
     assert sorted(seqs) == list(range(1, len(seqs) + 1))
 
 
@@ -150,7 +142,7 @@ def test_concurrent_writers_commit_in_sequence_order(lake: LakeConfig) -> None:
     finally:
         for each in lakes:
             each.close()
-    rows = _in_lake(
+    rows = in_lake(
         lake, "SELECT ingest_seq, count(*), count(DISTINCT event_id) FROM usage_events GROUP BY 1"
     )
     assert sorted(r[0] for r in rows) == list(range(1, 41))  # one per commit, in order
@@ -206,7 +198,7 @@ def _traffic(proxy: Instance, tag: str, received: list[str], stop: threading.Eve
 
 
 def _lake_rows(config: LakeConfig) -> list[tuple[str, str, int | None]]:
-    rows = _in_lake(config, "SELECT response_id, status, output_tokens FROM usage_events")
+    rows = in_lake(config, "SELECT response_id, status, output_tokens FROM usage_events")
     return [(str(r[0]), str(r[1]), r[2]) for r in rows]
 
 
@@ -254,7 +246,7 @@ def test_proxies_killed_and_restarted_meter_every_response_once(
     assert not [r for r in rows if r[1] in ("queued", "in_progress")], "left pending"
     for response_id, _status, output_tokens in rows:
         assert output_tokens == billed[response_id]["output_tokens"], response_id
-    checkpoints = _in_lake(lake, "SELECT DISTINCT instance_id FROM lake_checkpoints ORDER BY 1")
+    checkpoints = in_lake(lake, "SELECT DISTINCT instance_id FROM lake_checkpoints ORDER BY 1")
     assert checkpoints == [("proxy-0",), ("proxy-1",), ("proxy-2",)]
 
 
@@ -481,7 +473,7 @@ def test_a_cluster_of_roles_rolls_up_once_and_survives_its_worker(
     wait_for(lambda: reported() == billed(sent), 60, "the standby rolled up the rest")
     assert _costs(api)["cost_usd"] is not None  # priced, to the micro-dollar
 
-    runs = _in_lake(
+    runs = in_lake(
         lake,
         """SELECT started_at, finished_at FROM job_runs WHERE job = 'rollup'
            ORDER BY started_at""",
@@ -529,7 +521,7 @@ def test_a_lake_on_an_s3_store(
             assert lake.upkeep(timedelta(0)).error is None
         finally:
             lake.close()
-        assert _in_lake(config, "SELECT count(*), count(DISTINCT event_id) FROM usage_events") == [
+        assert in_lake(config, "SELECT count(*), count(DISTINCT event_id) FROM usage_events") == [
             (500, 500)
         ]
         objects = s3.list_objects_v2(Bucket="tokentill", Prefix="lake/").get("Contents", [])
@@ -583,7 +575,7 @@ def test_a_data_path_that_fails_is_an_outage_not_a_bad_batch(
         assert opened.events.checkpoint() == Position(1, 1)
     finally:
         opened.close()
-    assert _in_lake(lake, "SELECT count(DISTINCT event_id), count(*) FROM usage_events") == [
+    assert in_lake(lake, "SELECT count(DISTINCT event_id), count(*) FROM usage_events") == [
         (500, 500)
     ]
 

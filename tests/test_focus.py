@@ -119,18 +119,11 @@ def test_the_focus_export_passes_the_validator_and_adds_up_to_the_costs_report(
     # The command line asks the running server, which holds the file, for the same rows.
     port = running.url.rsplit(":", 1)[1]
     out = tmp_path / "cli.csv"
-    command = [
-        sys.executable,
-        "-m",
-        "tokentill",
-        "export",
-        "focus",
-        "--db",
-        str(running.settings.db),
-    ]
-    command += ["--host", "127.0.0.1", "--port", port, "--out", str(out)]
-    command += ["--start", window["start"], "--end", window["end"]]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = _export(
+        running.settings.db,
+        *("--host", "127.0.0.1", "--port", port, "--out", str(out)),
+        *("--start", window["start"], "--end", window["end"]),
+    )
     assert done.returncode == 0, done.stderr
     assert f"({unpriced.height} unpriced rows)" in done.stdout
     assert out.read_bytes() == answer.content
@@ -147,31 +140,23 @@ def test_the_focus_export_passes_the_validator_and_adds_up_to_the_costs_report(
     )
 
 
+def _export(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tokentill export focus --db <db> <args>`, as a user runs it."""
+    command = [sys.executable, "-m", "tokentill", "export", "focus", "--db", str(db), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
 def test_the_command_line_exports_a_warehouse_it_can_open(tmp_path: Path) -> None:
     """No server holding the file: read here (an empty warehouse: the header alone)."""
     out = tmp_path / "empty.parquet"
-    command = [
-        sys.executable,
-        "-m",
-        "tokentill",
-        "export",
-        "focus",
-        "--db",
-        str(tmp_path / "w.duckdb"),
-    ]
-    command += ["--start", "2026-05-01", "--end", "2026-06-01", "--format", "parquet"]
-    done = subprocess.run(
-        [*command, "--out", str(out)], capture_output=True, text=True, timeout=120
+    db = tmp_path / "w.duckdb"
+    done = _export(
+        db, "--format", "parquet", "--start", "2026-05-01", "--end", "2026-06-01", "--out", str(out)
     )
     assert done.returncode == 0, done.stderr
     frame = pl.read_parquet(out)
     assert frame.height == 0 and "BilledCost" in frame.columns and "x_EndUser" in frame.columns
-    backwards = subprocess.run(
-        [*command[:-4], "--start", "2026-06-01", "--end", "2026-05-01", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    backwards = _export(db, "--start", "2026-06-01", "--end", "2026-05-01", "--out", str(out))
     assert backwards.returncode == 2 and "must be before --end" in backwards.stderr
 
 

@@ -18,7 +18,7 @@ import openai
 import orjson
 import pytest
 
-from tests.cluster import Instance, wait_for
+from tests.cluster import Instance, in_lake, wait_for
 from tests.servers import serve_in_thread
 from tests.services import Redis, redis_server
 from tests.test_quotas import Receiver
@@ -107,12 +107,8 @@ def _lake_cost(lake: LakeConfig, user: str) -> tuple[int, int]:
 
 
 def _lake_count(lake: LakeConfig, where: str, params: list[Any]) -> int:
-    conn = connect(lake)
-    try:
-        row = conn.execute(f"SELECT count(*) FROM usage_events WHERE {where}", params).fetchone()
-    finally:
-        conn.close()
-    return int(row[0]) if row else 0
+    [(count,)] = in_lake(lake, f"SELECT count(*) FROM usage_events WHERE {where}", params)
+    return int(count)
 
 
 def test_a_hard_limit_holds_across_three_proxies(
@@ -289,16 +285,13 @@ def test_an_abuse_block_holds_on_every_proxy_and_its_webhook_goes_once_across_a_
 
 
 def _abuse_runs_since(lake: LakeConfig, moment: datetime) -> int:
-    conn = connect(lake)
-    try:
-        row = conn.execute(
-            """SELECT count(*) FROM job_runs
-               WHERE job = 'abuse' AND started_at > ? AND finished_at IS NOT NULL""",
-            [moment],
-        ).fetchone()
-    finally:
-        conn.close()
-    return int(row[0]) if row else 0
+    [(count,)] = in_lake(
+        lake,
+        """SELECT count(*) FROM job_runs
+           WHERE job = 'abuse' AND started_at > ? AND finished_at IS NOT NULL""",
+        [moment],
+    )
+    return int(count)
 
 
 def test_redis_lost_refuses_in_openais_shape_and_restarted_empty_is_rebuilt(

@@ -49,7 +49,7 @@ class AckIn(BaseModel):
 async def get_alerts(
     runtime: RuntimeDep,
     user_id: str | None = None,
-    kind: Literal["quota_threshold", "abuse", "quota_store"] | None = None,
+    kind: Literal["quota_threshold", "abuse", "quota_store", "billing_sink"] | None = None,
     severity: Annotated[list[Severity] | None, Query()] = None,
     min_severity: Severity | None = None,
     since: IsoTime | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query
@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from tokentill.api.deps import RuntimeDep
 from tokentill.api.runtime import AdminRuntime
+from tokentill.warehouse.billing_usage import sink_states
 from tokentill.warehouse.jobs import freshness as read_freshness
 from tokentill.warehouse.jobs import last_runs
 
@@ -117,6 +118,17 @@ async def run_job(runtime: RuntimeDep, job: Literal["rollup"], full: bool = Fals
     )
 
 
+class SinkFreshness(BaseModel):
+    name: str = Field(description="The billing sink (TOKENTILL_BILLING_SINKS).")
+    delivered: int = Field(description="Events its receiver accepted (or already held).")
+    skipped: int = Field(description="Settled responses not its own (no subject, filtered).")
+    rejected: int = Field(description="Events its receiver refused, set aside.")
+    events_behind: int = Field(description="Events committed after its mark.")
+    lag_seconds: float = Field(description="Age of the oldest of them (0: caught up).")
+    caught_up_at: datetime | None = Field(description="The last run that reached the newest.")
+    last_error: str | None = Field(description="Why its last run stopped short, if it did.")
+
+
 class Freshness(BaseModel):
     last_event_at: datetime | None = Field(description="Newest usage event in the warehouse.")
     last_rollup_at: datetime | None = Field(description="End of the last successful rollup.")
@@ -127,6 +139,9 @@ class Freshness(BaseModel):
         "are folded once it has more than TOKENTILL_ROLLUP_COMPACT_PARTS, or has ended)."
     )
     journal_backlog: int = Field(description="Events journaled, not yet in DuckDB.")
+    billing_sinks: list[SinkFreshness] = Field(
+        description="Each billing sink that has run: how far behind the warehouse it is."
+    )
 
 
 @router.get("/freshness", response_model=Freshness, summary="How fresh the reports are")
@@ -135,8 +150,10 @@ async def freshness(runtime: RuntimeDep) -> Freshness:
         conn = runtime.connect()
         try:
             found = read_freshness(conn)
+            sinks = sink_states(conn)
         finally:
             conn.close()
+        now = datetime.now(UTC)
         return Freshness(
             last_event_at=found.last_event_at,
             last_rollup_at=found.last_rollup_at,
@@ -144,6 +161,21 @@ async def freshness(runtime: RuntimeDep) -> Freshness:
             events_not_rolled_up=found.events_not_rolled_up,
             parts_awaiting_compaction=found.parts_awaiting_compaction,
             journal_backlog=runtime.writer.backlog,
+            billing_sinks=[
+                SinkFreshness(
+                    name=mark.sink,
+                    delivered=mark.delivered,
+                    skipped=mark.skipped,
+                    rejected=mark.rejected,
+                    events_behind=late.events,
+                    lag_seconds=round((now - late.oldest).total_seconds(), 1)
+                    if late.events and late.oldest is not None
+                    else 0.0,
+                    caught_up_at=mark.caught_up_at,
+                    last_error=mark.last_error,
+                )
+                for mark, late in sinks
+            ],
         )
 
     return await asyncio.to_thread(read)

@@ -201,9 +201,24 @@ async def overview(request: Request, runtime: RuntimeDep) -> HTMLResponse:
             notice("The last rollup failed: " + fresh.last_rollup_error, "error")
             if fresh.last_rollup_error
             else ""
-        }</section>"""
+        }{_sinks_table(fresh.billing_sinks)}</section>"""
     )
     return view("Overview", "overview", f, "".join(parts), models=known)
+
+
+def _sinks_table(sinks: list[jobs.SinkFreshness]) -> str:
+    """Each billing sink: how far behind the warehouse it is, and why, if it is."""
+    if not sinks:
+        return ""
+    rows = "".join(
+        f"""<tr data-sink="{esc(s.name)}"><td>{esc(s.name)}</td><td class="num">{s.delivered:,}</td>
+<td class="num">{s.events_behind:,}</td><td class="num lag">{s.lag_seconds:,.0f} s</td>
+<td class="num">{s.rejected:,}</td><td>{esc(s.last_error or "")}</td></tr>"""
+        for s in sinks
+    )
+    return f"""<h3>Billing sinks</h3><table class="sinks"><thead><tr><th>Sink</th>
+<th>Delivered</th><th>Events behind</th><th>Lag</th><th>Rejected</th><th>Last error</th></tr>
+</thead><tbody>{rows}</tbody></table>"""
 
 
 # -- users -------------------------------------------------------------------------------

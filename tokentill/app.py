@@ -57,6 +57,8 @@ from tokentill.api.deps import AdminDep, require_admin
 from tokentill.api.guard import AdminGuard, default_hosts
 from tokentill.api.openai_usage import OpenAIError
 from tokentill.api.runtime import AdminRuntime
+from tokentill.billing_sinks import BillingSinkJob, SinkMetrics
+from tokentill.billing_targets import target_for
 from tokentill.ingest.batches import BatchWatcher
 from tokentill.ingest.errors import error_body, send_error
 from tokentill.ingest.http1 import HTTP1Upstream
@@ -599,20 +601,48 @@ class Tokentill:
             if upkeep is not None:
                 upkeep()
 
+        others: dict[str, tuple[Callable[[], object], float]] = {
+            "abuse": (runtime.abuse.run, self.settings.abuse_interval)
+        }
+        sinks = self._billing_sinks(runtime)
+        for sink in sinks:
+            others[f"sink:{sink.sink.name}"] = (sink.run, self.settings.billing_sink_interval)
         scheduler = start_scheduler(
             runtime.rollup,
             self.settings.rollup_interval,
-            {"abuse": (runtime.abuse.run, self.settings.abuse_interval)},
+            others,
             then=after_rollup,
             compaction=(self.settings.rollup_compact_parts, self.settings.rollup_compact_after),
             leads=runtime.storage.leads,
         )
 
         async def stop() -> None:
+            for sink in sinks:
+                sink.cancel()
             if not await asyncio.to_thread(stop_scheduler, scheduler, runtime.rollup):
                 log.error("a rollup run did not stop in time; the warehouse interrupts it")
+            for sink in sinks:
+                sink.close()
 
         stack.push_async_callback(stop)
+
+    def _billing_sinks(self, runtime: Runtime) -> list[BillingSinkJob]:
+        """A job per configured billing sink, each with its own target and mark."""
+        if not self.settings.billing_sinks:
+            return []
+        metrics = SinkMetrics(self.metrics.registry)
+        return [
+            BillingSinkJob(
+                sink,
+                target_for(sink),
+                runtime.connect,
+                image_model=self.settings.image_gen_model,
+                alert=runtime.alerts.store_from_thread,
+                metrics=metrics,
+                interval=self.settings.billing_sink_interval,
+            )
+            for sink in self.settings.billing_sinks
+        ]
 
     def _lake_upkeep(self, storage: Storage) -> Callable[[], None] | None:
         """A lake's upkeep, after the rollup cycle that ends its interval (the same

@@ -2,14 +2,88 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Seconds = Annotated[float, Field(gt=0)]
+# What a Stripe meter event's value is, per response (docs/billing-sinks.md).
+StripeValue = Literal[
+    "total_tokens",
+    "input_tokens",
+    "uncached_input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "requests",
+    "cost_usd",
+]
+
+
+class BillingSink(BaseModel):
+    """One billing sink (docs/billing-sinks.md): where metered usage is pushed, as whom,
+    and which of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Its name: the key of its place in the events (renaming it starts it afresh).
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
+    # `cloudevents`: one CloudEvent per response, POSTed in batches (OpenMeter's ingest
+    # endpoint); `stripe`: one meter event per response (`/v1/billing/meter_events`).
+    kind: Literal["cloudevents", "stripe"]
+    # CloudEvents: the ingest URL (https://openmeter.cloud/api/v1/events). Stripe: the
+    # API's base URL (https://api.stripe.com).
+    url: str
+    # CloudEvents: a bearer token (optional). Stripe: its secret key (required).
+    secret: SecretStr | None = None
+    # Who is billed: `user` (the end user) or `tag:<key>` (a metadata tag, `customer`).
+    subject: Annotated[str, Field(pattern=r"^(user|tag:[A-Za-z_][A-Za-z0-9_]{0,63})$")] = "user"
+    # Only these subjects (empty: every one that has a value).
+    only: tuple[str, ...] = ()
+    # Responses created before this are not sent (unset: the sink starts with the events
+    # committed after its first run).
+    since: datetime | None = None
+    # The CloudEvent's `type`, or the Stripe meter's `event_name`.
+    event_type: Annotated[str, Field(min_length=1, max_length=100)] = "tokentill.usage"
+    # The CloudEvent's `source` (with its `id`, what OpenMeter deduplicates on).
+    source: Annotated[str, Field(min_length=1, max_length=256)] = "tokentill"
+    # Stripe: the meter event's value, and the payload keys of the meter's customer
+    # mapping and value settings; `customers` maps subjects to Stripe customer ids
+    # (unmapped subjects are sent as they are).
+    value: StripeValue = "total_tokens"
+    customer_key: Annotated[str, Field(min_length=1, max_length=100)] = "stripe_customer_id"
+    value_key: Annotated[str, Field(min_length=1, max_length=100)] = "value"
+    customers: dict[str, str] = Field(default_factory=dict)
+    # An alert is raised when the oldest undelivered event is older than this.
+    lag_alert: Seconds = 900.0
+    # Seconds to wait for the receiver's answer.
+    timeout: Seconds = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("a billing sink's url must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _stripe_has_a_key(self) -> BillingSink:
+        if self.kind == "stripe" and self.secret is None:
+            raise ValueError(f"billing sink {self.name!r}: Stripe needs its secret key")
+        return self
 
 
 class Settings(BaseSettings):
@@ -138,6 +212,13 @@ class Settings(BaseSettings):
     # The FOCUS export's BillingAccountId and BillingAccountName (api/exports.py): your
     # OpenAI organization, as your FinOps tool should name it.
     focus_billing_account: Annotated[str, Field(min_length=1, max_length=256)] = "openai"
+    # Billing sinks (docs/billing-sinks.md): usage pushed to OpenMeter (CloudEvents) or
+    # Stripe (meter events) by the worker, exactly once, each sink at its own pace. A
+    # JSON list of objects: name, kind, url, secret, subject, only, since, event_type,
+    # source, value, customer_key, value_key, customers, lag_alert, timeout.
+    billing_sinks: tuple[BillingSink, ...] = ()
+    # How often each sink looks for new usage (and retries, backing off, after a failure).
+    billing_sink_interval: Seconds = 10.0
     # The model whose image rates price the image_generation tool's tokens.
     image_gen_model: str = "gpt-image-1"
 
@@ -273,6 +354,14 @@ class Settings(BaseSettings):
     def serves_admin(self) -> bool:
         """Whether this process serves the admin API and the dashboard."""
         return self.role in ("all", "api")
+
+    @field_validator("billing_sinks")
+    @classmethod
+    def _sinks_have_names(cls, value: tuple[BillingSink, ...]) -> tuple[BillingSink, ...]:
+        names = [sink.name for sink in value]
+        if len(set(names)) != len(names):
+            raise ValueError("billing sinks need names of their own")
+        return value
 
     @model_validator(mode="after")
     def _admin_token_is_strong(self) -> Settings:

@@ -25,7 +25,7 @@ SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")
 @dataclass(frozen=True)
 class Alert:
     dedupe_key: str
-    kind: str  # quota_threshold | abuse | quota_store
+    kind: str  # quota_threshold | abuse | quota_store | billing_sink
     rule: str  # what fired: "usd/day 80%", "spend_spike", ...
     severity: Severity
     message: str

@@ -21,6 +21,7 @@ from tokentill.api.money import USD, usd
 from tokentill.api.params import Day, bad_request
 from tokentill.api.reports import in_thread
 from tokentill.warehouse.finance import FinanceQuery, finance_report
+from tokentill.warehouse.focus_close import close_month
 from tokentill.warehouse.periods import (
     PeriodError,
     close_period,
@@ -232,7 +233,12 @@ async def close(
     await asyncio.to_thread(runtime.rollup.run)
 
     def run(conn: duckdb.DuckDBPyConnection) -> Any:
-        return close_period(conn, month, body.closed_by, body.note, datetime.now(UTC))
+        now = datetime.now(UTC)
+
+        def focus(c: duckdb.DuckDBPyConnection) -> None:
+            close_month(c, month, now, runtime.settings)
+
+        return close_period(conn, month, body.closed_by, body.note, now, also=focus)
 
     try:
         closed = await in_thread(runtime, run)

@@ -11,8 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,114 @@ def test_a_focus_export_refuses_a_backwards_range(make_tokentill: Callable[..., 
     )
     assert answer.status_code == 422
     assert answer.json()["detail"][0]["loc"] == ["query", "start"]
+
+
+def test_a_closed_months_export_never_changes_and_late_changes_come_as_corrections(
+    make_tokentill: Callable[..., Running], tmp_path: Path
+) -> None:
+    """Last month closed: its export is the same bytes after a late event and a price
+    correction; those come out in this month's export as ChargeClass Correction rows for
+    the days they correct, billed in this month, adding up to the change, and the
+    validator accepts them."""
+    running = make_tokentill(rollup_interval=0.5)
+    client = running.client()
+    today = datetime.now(UTC).date()
+    this_month = today.replace(day=1)
+    last_month = (this_month - timedelta(days=1)).replace(day=1)
+    day = last_month + timedelta(days=9)
+    noon = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
+
+    def respond(user: str, model: str, at: datetime) -> None:
+        client.responses.create(
+            model=model,
+            input="x" * 40,
+            user=user,
+            metadata={"team": "search"},
+            extra_headers={"x-fake-created-at": str(int(at.timestamp()))},
+        )
+
+    for i in range(6):
+        respond(("ana", "bo")[i % 2], ("gpt-4o", "gpt-4o-mini")[i % 2], noon)
+    running.flush()
+
+    def export(start: date, end: date) -> bytes:
+        answer = httpx.get(
+            running.url + "/api/exports/focus",
+            params={"start": str(start), "end": str(end)},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.content
+
+    def costs(start: date, end: date) -> Decimal:
+        ran = httpx.post(running.url + "/api/jobs/rollup/run", timeout=60)
+        assert ran.status_code == 200 and ran.json()["error"] is None, ran.text
+        report = httpx.get(
+            running.url + "/api/costs",
+            params={"start": str(start), "end": str(end), "group_by": ["user"]},
+            timeout=60,
+        ).json()
+        return Decimal(report["totals"]["priced_cost_usd"])
+
+    closed = httpx.post(
+        running.url + f"/api/periods/{last_month:%Y-%m}/close",
+        json={"closed_by": "fin"},
+        timeout=60,
+    )
+    assert closed.status_code == 201, closed.text
+    frozen = export(last_month, this_month)
+    frozen_total = costs(last_month, this_month)
+
+    # A late event on the closed day, and a price with a past effective_from for gpt-4o.
+    respond("ana", "gpt-4o", noon + timedelta(hours=1))
+    added = httpx.post(
+        running.url + "/api/prices",
+        json={
+            "author": "finance.test",
+            "prices": [
+                {
+                    "model": "gpt-4o",
+                    "input_per_mtok": "3",
+                    "output_per_mtok": "12",
+                    "effective_from": last_month.isoformat() + "T00:00:00Z",
+                }
+            ],
+        },
+        timeout=30,
+    )
+    assert added.status_code == 201, added.text
+    running.flush()
+    change = costs(last_month, this_month) - frozen_total
+    assert change > 0
+
+    def corrections() -> pl.DataFrame:
+        rows = pl.read_csv(io.BytesIO(export(this_month, today + timedelta(days=1))))
+        return rows.filter(pl.col("ChargeClass") == "Correction")
+
+    found = pl.DataFrame()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = corrections()
+        total = sum((Decimal(str(v)) for v in found["BilledCost"]), Decimal(0))
+        if found.height and total == change:
+            break
+        time.sleep(0.5)
+    assert sum(Decimal(str(v)) for v in found["BilledCost"]) == change
+    assert set(found["ChargePeriodStart"].str.slice(0, 10)) == {str(day)}
+    assert set(found["BillingPeriodStart"].str.slice(0, 10)) == {str(this_month)}
+    assert set(found["x_Charge"]) >= {"input", "output"}
+    # One key (ana, gpt-4o, that day): the late event, and the repricing of ana's earlier
+    # gpt-4o responses; one request more on each of its charges.
+    assert found["x_Requests"].to_list() == [1] * found.height
+    assert set(found["x_EndUser"]) == {"ana"} and set(found["x_Model"]) == {"gpt-4o-2024-08-06"}
+    # A re-export of the closed month is the same bytes; posting again posts nothing.
+    assert export(last_month, this_month) == frozen
+    time.sleep(2)
+    assert corrections().height == found.height
+
+    path = tmp_path / "corrections.csv"
+    path.write_bytes(export(this_month, today + timedelta(days=1)))
+    validated = _validate(path)
+    assert validated.returncode == 0 and "Validation succeeded" in validated.stdout, (
+        validated.stdout + validated.stderr
+    )

@@ -75,6 +75,7 @@ from tokentill.settings import Settings
 from tokentill.warehouse.abuse import AbuseConfig, AbuseJob
 from tokentill.warehouse.alerts import Alert
 from tokentill.warehouse.duckdb_file import DuckDBFile
+from tokentill.warehouse.focus_close import post_corrections
 from tokentill.warehouse.jobs import RollupConfig, RollupJob
 from tokentill.warehouse.lake import Lake, LakeConfig
 from tokentill.warehouse.periods import post_adjustments
@@ -740,6 +741,9 @@ def _post_adjustments(runtime: Runtime) -> None:
         posted = post_adjustments(conn, datetime.now(UTC))
         if posted:
             log.info("closed periods: %d adjustment rows posted", posted)
+        corrected = post_corrections(conn, datetime.now(UTC), runtime.settings)
+        if corrected:
+            log.info("closed periods: %d FOCUS correction rows posted", corrected)
     except Exception:
         log.exception("posting closed-period adjustments failed; the next run retries")
     finally:

@@ -142,10 +142,57 @@ class FocusSettings(Protocol):
     def focus_billing_account(self) -> str: ...
 
 
+# The grain every export is made of (and a closed month is kept in, `closed_focus`): one
+# row per day x end user x model x tier x tags (a JSON object of the rolled-up tag keys)
+# x charge, with its quantity, requests and cost (0 when unpriced, flagged).
+GRAIN: dict[str, pl.DataType] = {
+    "day": pl.Date(),
+    "user_id": pl.String(),
+    "model": pl.String(),
+    "tier": pl.String(),
+    "tags": pl.String(),
+    "charge": pl.String(),
+    "unit": pl.String(),
+    "quantity": pl.Int64(),
+    "requests": pl.Int64(),
+    "cost_pico": pl.Decimal(38, 0),
+    "unpriced": pl.Boolean(),
+}
+GRAIN_KEYS = ("day", "user_id", "model", "tier", "tags", "charge", "unit")
+GRAIN_SUMS = ("quantity", "requests", "cost_pico")
+
+
 def read_focus(
     conn: duckdb.DuckDBPyConnection, start: date, end: date, settings: FocusSettings
 ) -> FocusExport:
-    """The FOCUS rows of the UTC days [start, end)."""
+    """The FOCUS rows of the UTC days [start, end): a closed month's as they were at its
+    close (`closed_focus`), an open month's from the events, and the corrections posted
+    on those days to months closed before (`ChargeClass` Correction, billed in the month
+    they were posted: `warehouse/focus_close.py`). A closed month's export never changes."""
+    closed = {row[0] for row in conn.execute("SELECT period FROM closed_periods").fetchall()}
+    parts = [live_grain(conn, lo, hi, settings) for lo, hi in _open_spans(start, end, closed)]
+    parts.append(
+        query_frame(
+            conn,
+            f"SELECT {', '.join(GRAIN)} FROM closed_focus WHERE day >= ? AND day < ?",
+            [start, end],
+        ).cast(GRAIN)  # type: ignore[arg-type]
+    )
+    corrections = query_frame(
+        conn,
+        f"""SELECT {", ".join(GRAIN)}, posted_period FROM focus_adjustments
+            WHERE posted_day >= ? AND posted_day < ?
+            ORDER BY posted_at, day, model, user_id, tier, tags, charge""",
+        [start, end],
+    )
+    grain = pl.concat(parts, how="vertical").sort(GRAIN_KEYS, nulls_last=True)
+    return focus_rows(grain, settings.focus_billing_account, corrections=corrections)
+
+
+def live_grain(
+    conn: duckdb.DuckDBPyConnection, start: date, end: date, settings: FocusSettings
+) -> pl.DataFrame:
+    """The grain of the UTC days [start, end), from the events as they are now."""
     counts = ", ".join(pricing.PRICED_FIELDS)
     events = query_frame(
         conn,
@@ -153,25 +200,41 @@ def read_focus(
             FROM usage_events WHERE created_at >= ? AND created_at < ?""",
         [_midnight(start), _midnight(end)],
     )
-    return focus_rows(
+    return focus_grain(
         events,
         price_table(conn),
         image_model=settings.image_gen_model,
         tag_keys=settings.rollup_tag_keys,
-        billing_account=settings.focus_billing_account,
     )
 
 
-def focus_rows(
+def _open_spans(start: date, end: date, closed: set[date]) -> list[tuple[date, date]]:
+    """The parts of [start, end) in months not closed."""
+    spans: list[tuple[date, date]] = []
+    day = start
+    while day < end:
+        month = day.replace(day=1)
+        following = (month + timedelta(days=32)).replace(day=1)
+        stop = min(end, following)
+        if month not in closed:
+            if spans and spans[-1][1] == day:
+                spans[-1] = (spans[-1][0], stop)
+            else:
+                spans.append((day, stop))
+        day = stop
+    return spans
+
+
+def focus_grain(
     events: pl.DataFrame,
     prices: pl.DataFrame,
     *,
     image_model: str,
     tag_keys: Sequence[str],
-    billing_account: str,
-) -> FocusExport:
+) -> pl.DataFrame:
+    """Events priced and split into their charges, summed to the grain (`GRAIN`)."""
     if events.height == 0:
-        return FocusExport(_empty(), 0)
+        return pl.DataFrame(schema=GRAIN)
     models = pricing.model_map(
         events["model"].drop_nulls().unique().to_list(), prices["model"].unique().to_list()
     )
@@ -183,7 +246,7 @@ def focus_rows(
         charges=True,
     )
     # Each tag a column of its own, grouped on as the other keys are (the JSON object
-    # `Tags` is written once per row of the export, not once per event).
+    # `tags` is written once per row of the grain, not once per event).
     tags = {f"tag:{key}": key for key in tag_keys if key.isidentifier()}
     keys = ["day", "user_id", "model", "tier", *tags]
     base = priced.with_columns(
@@ -209,34 +272,67 @@ def focus_rows(
         long.group_by(*keys, "charge", "unit")
         .agg(
             pl.col("quantity").sum(),
-            pl.len().alias("requests"),
+            pl.len().cast(pl.Int64).alias("requests"),
             pl.col("cost_pico").cast(pl.Int128).sum().alias("cost_pico"),
             (pl.col("unpriced") > 0).any().alias("unpriced"),
         )
-        .sort(*keys, "charge")
         .collect()
     )
-    rows = [_row(r, tags, billing_account) for r in grouped.iter_rows(named=True)]
+    as_json = [
+        orjson.dumps(
+            {key: row[column] for column, key in tags.items() if row[column] is not None},
+            option=orjson.OPT_SORT_KEYS,
+        ).decode()
+        for row in grouped.select(list(tags)).iter_rows(named=True)
+    ]
+    return (
+        grouped.with_columns(
+            pl.Series("tags", as_json, pl.String),
+            # Unpriced: exported at zero cost (FOCUS 1.0 has no null cost), flagged.
+            pl.when(pl.col("unpriced"))
+            .then(0)
+            .otherwise(pl.col("cost_pico").fill_null(0))
+            .cast(pl.Decimal(38, 0))
+            .alias("cost_pico"),
+        )
+        .select(list(GRAIN))
+        .sort(GRAIN_KEYS, nulls_last=True)
+    )
+
+
+def focus_rows(
+    grain: pl.DataFrame, billing_account: str, *, corrections: pl.DataFrame | None = None
+) -> FocusExport:
+    """The grain as FOCUS rows; `corrections` (the grain's columns and `posted_period`)
+    after them, as `ChargeClass` Correction rows billed in the month they were posted."""
+    rows = [_row(r, billing_account) for r in grain.iter_rows(named=True)]
+    if corrections is not None:
+        rows += [
+            _row(r, billing_account, posted=r["posted_period"])
+            for r in corrections.iter_rows(named=True)
+        ]
     frame = pl.DataFrame(rows, schema=_schema(), orient="row") if rows else _empty()
-    return FocusExport(frame, int(grouped["unpriced"].sum()) if grouped.height else 0)
+    return FocusExport(frame, int(grain["unpriced"].sum()) if grain.height else 0)
 
 
-def _row(r: dict[str, object], tag_columns: dict[str, str], account: str) -> tuple[object, ...]:
+def _row(r: dict[str, object], account: str, posted: object = None) -> tuple[object, ...]:
+    """One FOCUS row of a grain row (`posted`: the month a correction was posted in)."""
     day = r["day"]
     assert isinstance(day, date)
-    month = day.replace(day=1)
+    billed = posted if isinstance(posted, date) else day
+    month = billed.replace(day=1)
     following = (month + timedelta(days=32)).replace(day=1)
     unpriced = bool(r["unpriced"])
-    pico = 0 if unpriced or r["cost_pico"] is None else int(str(r["cost_pico"]))
+    pico = int(str(r["cost_pico"]))
     cost = Decimal(pico) / PICO
     counted = int(str(r["quantity"]))
     in_ms = r["charge"] == "audio_duration"  # counted in ms, shown in seconds
     quantity = Decimal(counted) / 1000 if in_ms else Decimal(counted)
     unit_price = None
-    if not unpriced and counted and pico % counted == 0 and not in_ms:
+    if posted is None and not unpriced and counted and pico % counted == 0 and not in_ms:
         unit_price = Decimal(pico // counted) / PICO  # one rate for every unit in the row
     model, tier, charge, user = r["model"], r["tier"], r["charge"], r["user_id"]
-    tags = {key: r[column] for column, key in tag_columns.items() if r[column] is not None}
+    tags: dict[str, object] = orjson.loads(str(r["tags"]))
     if user is not None:
         tags["tokentill/end-user"] = user
     tags["tokentill/service-tier"] = tier
@@ -250,8 +346,9 @@ def _row(r: dict[str, object], tag_columns: dict[str, str], account: str) -> tup
         "BillingPeriodEnd": _moment(following),
         "BillingPeriodStart": _moment(month),
         "ChargeCategory": "Usage",
-        "ChargeClass": None,
-        "ChargeDescription": f"{model} ({tier}): {_DESCRIPTIONS[str(charge)]}",
+        "ChargeClass": None if posted is None else "Correction",
+        "ChargeDescription": f"{model} ({tier}): {_DESCRIPTIONS[str(charge)]}"
+        + ("" if posted is None else f", corrected after {day:%Y-%m} was closed"),
         "ChargeFrequency": "Usage-Based",
         "ChargePeriodEnd": _moment(day + timedelta(days=1)),
         "ChargePeriodStart": _moment(day),

@@ -11,6 +11,7 @@ what was already posted, so running it twice posts nothing the second time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -61,8 +62,16 @@ def open_period_after(closed: set[date], month: date) -> date:
 
 
 def close_period(
-    conn: duckdb.DuckDBPyConnection, period: date, by: str, note: str | None, now: datetime
+    conn: duckdb.DuckDBPyConnection,
+    period: date,
+    by: str,
+    note: str | None,
+    now: datetime,
+    *,
+    also: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
 ) -> ClosedPeriod:
+    """Close `period`; `also` freezes more of it in the same transaction (the FOCUS
+    export's copy: `focus_close.close_month`)."""
     if period.day != 1:
         raise PeriodError(f"{period}: a period is a month; give its first day (YYYY-MM-01)")
     if _moment(next_month(period)) > now:
@@ -83,6 +92,8 @@ def close_period(
                WHERE bucket >= ? AND bucket < ?""",
             [start, end],
         )
+        if also is not None:
+            also(conn)
         conn.execute("INSERT INTO closed_periods VALUES (?, ?, ?, ?)", [period, now, by, note])
     return ClosedPeriod(period, now, by, note)
 

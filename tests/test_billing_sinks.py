@@ -6,9 +6,7 @@ equal the costs report."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import random
 import signal
 from collections import defaultdict
 from collections.abc import Iterator
@@ -19,7 +17,6 @@ from typing import Any
 
 import duckdb
 import httpx
-import openai
 import polars as pl
 import pytest
 from pydantic import ValidationError
@@ -28,8 +25,8 @@ from tests.billing_receivers import CloudEventsReceiver, StripeReceiver
 from tests.cluster import Instance, wait_for
 from tests.conftest import ledger
 from tests.servers import serve_in_thread
+from tests.traffic import demo_traffic
 from tokentill.billing_targets import meter_value, usage_data
-from tokentill.demo import make_call, plan_call, user_names
 from tokentill.settings import Settings
 from tokentill.warehouse.billing_usage import sink_records
 from tokentill.warehouse.catalog import EPOCH, PriceRow
@@ -81,19 +78,6 @@ def billable(entry: dict[str, Any]) -> bool:
     return entry["input_tokens"] is not None
 
 
-def _demo_traffic(url: str, count: int, seed: int) -> None:
-    """`count` calls of the demo's own mix: plain, streamed and background responses, Chat
-    Completions, agents' tool loops over HTTP and WebSocket, on every model and tier,
-    with every scenario the fake plays (incomplete, content filter, failed, HTTP errors,
-    streams cut off)."""
-    rng = random.Random(seed)
-    names, weights = user_names()
-    client = openai.OpenAI(base_url=url + "/v1", api_key="sk-demo", max_retries=0)
-    for _ in range(count):
-        with contextlib.suppress(openai.APIError, httpx.HTTPError):  # some fail on purpose
-            make_call(client, plan_call(rng, names, weights))
-
-
 def test_both_sinks_deliver_the_demos_usage_once_through_an_outage_and_a_kill(
     fake_upstream: str,
     receivers: tuple[CloudEventsReceiver, str, StripeReceiver, str],
@@ -125,7 +109,7 @@ def test_both_sinks_deliver_the_demos_usage_once_through_an_outage_and_a_kill(
         # at zero; a failed chat completion is an HTTP error: no response, nothing sent).
         return {i for i, e in billed().items() if billable(e)} <= stripe_ids() and caught_up()
 
-    _demo_traffic(running.url, 60, seed=1)
+    demo_traffic(running.url, 60, seed=1)
     wait_for(all_delivered, 90, "the first traffic delivered")
     assert events.events
 
@@ -133,7 +117,7 @@ def test_both_sinks_deliver_the_demos_usage_once_through_an_outage_and_a_kill(
     # alert past their lag_alert.
     events.down = stripe.down = True
     held = len(stripe.events), len(events.events)
-    _demo_traffic(running.url, 60, seed=2)
+    demo_traffic(running.url, 60, seed=2)
 
     def alerted() -> set[str]:
         found = httpx.get(
@@ -166,7 +150,7 @@ def test_both_sinks_deliver_the_demos_usage_once_through_an_outage_and_a_kill(
     running.stop(signal.SIGKILL)
     running = Instance(None, fake_upstream, "one", home, "all", **settings)
     proxies.append(running)
-    _demo_traffic(running.url, 30, seed=3)
+    demo_traffic(running.url, 30, seed=3)
     wait_for(all_delivered, 120, "everything delivered after the outage and the kill")
 
     # Stripe holds every billed response once (each has an end user), as billed.

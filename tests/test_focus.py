@@ -22,6 +22,11 @@ import httpx
 import polars as pl
 
 from tests.conftest import Running
+from tests.traffic import demo_traffic
+from tokentill.warehouse.catalog import EPOCH, PriceRow
+from tokentill.warehouse.db import open_warehouse
+from tokentill.warehouse.focus import focus_grain, focus_rows
+from tokentill.warehouse.prices import insert_rows, price_table
 
 ROOT = Path(__file__).resolve().parent.parent
 VALIDATOR = ROOT / "tests" / "focus_validator"
@@ -75,9 +80,23 @@ def test_the_focus_export_passes_the_validator_and_adds_up_to_the_costs_report(
         client.responses.create(
             model=model, input=f"question {i}", user=user, metadata={"team": team}
         )
-    running.flush()
+    demo_traffic(running.url, 80, seed=5)  # and the demo's: every kind, tier and scenario
     today = datetime.now(UTC).date()
     window = {"start": str(today - timedelta(days=1)), "end": str(today + timedelta(days=1))}
+
+    def pending() -> int:  # background responses still running upstream
+        running.flush()
+        ran = httpx.post(f"{running.url}/api/jobs/rollup/run", timeout=60)
+        assert ran.status_code == 200, ran.text
+        by_status = httpx.get(
+            f"{running.url}/api/costs", params={**window, "group_by": ["status"]}, timeout=60
+        ).json()
+        waiting = ("queued", "in_progress")
+        return sum(r["requests"] for r in by_status["rows"] if r["group"]["status"] in waiting)
+
+    deadline = time.monotonic() + 60
+    while pending() and time.monotonic() < deadline:
+        time.sleep(0.5)
 
     answer = httpx.get(f"{running.url}/api/exports/focus", params=window, timeout=60)
     assert answer.status_code == 200, answer.text
@@ -94,7 +113,11 @@ def test_the_focus_export_passes_the_validator_and_adds_up_to_the_costs_report(
     # Unpriced usage: its quantities, zero costs, flagged, and counted in a header.
     unpriced = rows.filter(pl.col("x_Unpriced") == "true")
     assert unpriced.height == int(answer.headers["x-tokentill-unpriced-rows"]) > 0
-    assert set(unpriced["x_Model"]) == {"tt-unlisted-model"}
+    # The model no price list knows, and tiers a model has no price for (the demo asks
+    # gpt-4o for flex, which OpenAI does not list).
+    default = unpriced.filter(pl.col("x_ServiceTier") == "default")
+    assert set(default["x_Model"]) == {"tt-unlisted-model"}
+    assert set(unpriced["x_ServiceTier"]) <= {"default", "flex", "priority"}
     assert set(unpriced["BilledCost"].map_elements(Decimal, return_dtype=pl.Object)) == {0}
     assert {"input", "output"} <= set(rows["x_Charge"])
     assert "'=cmd" in set(rows["x_EndUser"])  # defused, as the finance export does
@@ -114,7 +137,8 @@ def test_the_focus_export_passes_the_validator_and_adds_up_to_the_costs_report(
     for row in rows.iter_rows(named=True):
         key = (row["ChargePeriodStart"][:10], row["x_EndUser"], row["x_Model"])
         exported[key] = exported.get(key, Decimal(0)) + Decimal(row["BilledCost"])
-    assert exported == expected
+    # (Responses with no usage at all, failed ones, are in the report at zero, not exported.)
+    assert exported == {k: v for k, v in expected.items() if v or k in exported}
     assert sum(expected.values()) > 0
 
     # The command line asks the running server, which holds the file, for the same rows.
@@ -281,3 +305,32 @@ def test_a_closed_months_export_never_changes_and_late_changes_come_as_correctio
     assert validated.returncode == 0 and "Validation succeeded" in validated.stdout, (
         validated.stdout + validated.stderr
     )
+
+
+def test_unpriced_usage_never_zeroes_the_priced_usage_beside_it(tmp_path: Path) -> None:
+    """Two responses of one day, user, model and tier: one priced, one that reported no
+    usage (unpriced). They are two rows of the grain: the priced one keeps its cost."""
+    conn = open_warehouse(tmp_path / "prices.duckdb")
+    rates = {"input_per_mtok": Decimal("2.5"), "output_per_mtok": Decimal("10")}
+    insert_rows(conn, [PriceRow("gpt-4o", "default", EPOCH, None, rates, "t")])
+    prices = price_table(conn)
+    conn.close()
+    at = datetime(2026, 3, 10, 9, tzinfo=UTC)
+    events = pl.DataFrame(
+        [
+            {"user_id": "ana", "model": "gpt-4o", "service_tier": "default", "created_at": at,
+             "metadata": None, "input_tokens": 1_000_000, "output_tokens": 0,
+             "usage_unreported": False},
+            {"user_id": "ana", "model": "gpt-4o", "service_tier": "default", "created_at": at,
+             "metadata": None, "input_tokens": 500, "output_tokens": 0,
+             "usage_unreported": True},
+        ],
+        schema_overrides={"created_at": pl.Datetime("us", "UTC"), "metadata": pl.String},
+    )  # fmt: skip
+    grain = focus_grain(events, prices, image_model="gpt-image-1", tag_keys=("team",))
+    rows = {r["unpriced"]: r for r in grain.filter(pl.col("charge") == "input").to_dicts()}
+    assert rows[False]["cost_pico"] == Decimal(2_500_000_000_000)
+    assert (rows[True]["cost_pico"], rows[True]["quantity"]) == (0, 500)
+    export = focus_rows(grain, "openai")
+    assert export.unpriced_rows == 1
+    assert sum(export.rows["BilledCost"]) == Decimal("2.5")

@@ -144,7 +144,7 @@ class FocusSettings(Protocol):
 
 # The grain every export is made of (and a closed month is kept in, `closed_focus`): one
 # row per day x end user x model x tier x tags (a JSON object of the rolled-up tag keys)
-# x charge, with its quantity, requests and cost (0 when unpriced, flagged).
+# x charge x whether it was priced, with its quantity, requests and cost (0 unpriced).
 GRAIN: dict[str, pl.DataType] = {
     "day": pl.Date(),
     "user_id": pl.String(),
@@ -158,7 +158,7 @@ GRAIN: dict[str, pl.DataType] = {
     "cost_pico": pl.Decimal(38, 0),
     "unpriced": pl.Boolean(),
 }
-GRAIN_KEYS = ("day", "user_id", "model", "tier", "tags", "charge", "unit")
+GRAIN_KEYS = ("day", "user_id", "model", "tier", "tags", "charge", "unit", "unpriced")
 GRAIN_SUMS = ("quantity", "requests", "cost_pico")
 
 
@@ -263,18 +263,19 @@ def focus_grain(
                 pl.lit(unit).alias("unit"),
                 quantity.fill_null(0).cast(pl.Int64).alias("quantity"),
                 pl.col(f"charge_{charge}_pico").alias("cost_pico"),
-                pl.col("unpriced").cast(pl.Int64).alias("unpriced"),
+                (pl.col("unpriced").cast(pl.Int64) > 0).alias("unpriced"),
             )
             for charge, (quantity, unit) in _QUANTITIES.items()
         ]
     ).filter(pl.col("quantity") > 0)
+    # Unpriced events apart from priced ones of the same key: a row of priced usage keeps
+    # its cost when some other event of its day, user and model had no price.
     grouped = (
-        long.group_by(*keys, "charge", "unit")
+        long.group_by(*keys, "charge", "unit", "unpriced")
         .agg(
             pl.col("quantity").sum(),
             pl.len().cast(pl.Int64).alias("requests"),
             pl.col("cost_pico").cast(pl.Int128).sum().alias("cost_pico"),
-            (pl.col("unpriced") > 0).any().alias("unpriced"),
         )
         .collect()
     )

@@ -124,24 +124,22 @@ def difference(live: pl.DataFrame, held: pl.DataFrame) -> pl.DataFrame:
     grain key, the live sums less the held ones, where any differs (a pure function)."""
     keys = list(GRAIN_KEYS)
     sums = [pl.col(c).sum() for c in GRAIN_SUMS]
-    now = live.group_by(keys).agg(*sums, pl.col("unpriced").any())
-    before = held.cast(GRAIN).group_by(keys).agg(*sums, pl.col("unpriced").any())  # type: ignore[arg-type]
+    now = live.group_by(keys).agg(*sums)
+    before = held.cast(GRAIN).group_by(keys).agg(*sums)  # type: ignore[arg-type]
     both = now.join(before, on=keys, how="full", coalesce=True, nulls_equal=True, suffix="_held")
     delta = both.select(
         *keys,
         *((pl.col(c).fill_null(0) - pl.col(f"{c}_held").fill_null(0)).alias(c) for c in GRAIN_SUMS),
-        pl.coalesce("unpriced", "unpriced_held").alias("unpriced"),
     )
     differs = pl.any_horizontal(pl.col(c) != 0 for c in GRAIN_SUMS)
     return (
         delta.filter(differs)
-        .select(
-            *keys,
+        .with_columns(
             pl.col("quantity").cast(pl.Int64),
             pl.col("requests").cast(pl.Int64),
             pl.col("cost_pico").cast(pl.Decimal(38, 0)),
-            "unpriced",
         )
+        .select(list(GRAIN))
         .sort(keys, nulls_last=True)
     )
 

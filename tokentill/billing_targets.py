@@ -173,9 +173,11 @@ class StripeTarget:
         try:
             self._client.v1.billing.meter_events.create(params)
         except stripe.InvalidRequestError as exc:
-            if "already exists" in str(exc.user_message or exc):
-                return None  # sent before a crash: Stripe holds it once
-            return _reject(record, f"{exc.http_status}: {exc.user_message or exc}")
+            if exc.http_status in (400, 422):  # about this event
+                if "already exists" in str(exc):
+                    return None  # sent before a crash: Stripe holds it once
+                return _reject(record, f"{exc.http_status}: {exc.user_message or exc}")
+            return SinkUnavailableError(f"Stripe at {self._sink.url}: {exc!r}")  # 404: the URL
         except stripe.StripeError as exc:
             # No answer, 5xx, 429, a refused key: the sink, not the event.
             return SinkUnavailableError(f"Stripe at {self._sink.url}: {exc!r}")

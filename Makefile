@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 SRC := tokentill ingest warehouse api dashboards  # ruff walks the real folders, not the links
 
-.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api bench-cluster bench-chaos sync fake-upstream chromium postgresql redis screenshots bench-dashboard docs
+.PHONY: run demo test lint typecheck pytest bench bench-rollup bench-api bench-cluster bench-chaos bench-sinks sync fake-upstream chromium postgresql redis screenshots bench-dashboard docs
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -69,6 +69,9 @@ bench-chaos: sync  ## kill -9 every 50 s, 8 times, under traffic: billed but unr
 bench-cluster: sync postgresql redis  ## proxies on a DuckLake (1, 2, 3) against the one process on its file
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(RUN) python -m bench.cluster
+
+bench-sinks: sync  ## billing sinks' events/s (CloudEvents, Stripe) against reading and pricing alone
+	$(RUN) python bench/sinks.py
 
 bench-api: sync  ## the admin API's p50/p95 on the 10M-event warehouse, against DuckDB alone
 	$(RUN) python bench/api.py

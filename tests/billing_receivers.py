@@ -81,6 +81,7 @@ class StripeReceiver:
     def __init__(self, key: str) -> None:
         self.key = key
         self.down = False
+        self.fail_after: int | None = None  # take this many more, then go down
         self.events: dict[str, dict[str, Any]] = {}  # identifier: the meter event
         self.deliveries: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -128,6 +129,9 @@ class StripeReceiver:
                 self.key,
             )
             self.events[identifier] = event.to_dict()
+            if self.fail_after is not None:
+                self.fail_after -= 1
+                self.down = self.fail_after <= 0
         return Response(orjson.dumps(event.to_dict()), media_type="application/json")
 
 

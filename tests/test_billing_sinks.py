@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,8 +27,13 @@ from tests.cluster import Instance, wait_for
 from tests.conftest import ledger
 from tests.servers import serve_in_thread
 from tests.traffic import demo_traffic
-from tokentill.billing_targets import meter_value, usage_data
-from tokentill.settings import Settings
+from tokentill.billing_targets import (
+    SinkUnavailableError,
+    StripeTarget,
+    meter_value,
+    usage_data,
+)
+from tokentill.settings import BillingSink, Settings
 from tokentill.warehouse.billing_usage import sink_records
 from tokentill.warehouse.catalog import EPOCH, PriceRow
 from tokentill.warehouse.db import open_warehouse
@@ -425,3 +431,41 @@ def test_a_bad_sink_is_refused_at_start_saying_why(sinks: list[Any], said: str) 
     with pytest.raises(ValidationError) as refused:
         Settings(billing_sinks=sinks)
     assert said in str(refused.value)
+
+
+def test_stripe_holding_an_identifier_counts_as_delivered_and_a_failure_keeps_the_prefix(
+    receivers: tuple[CloudEventsReceiver, str, StripeReceiver, str],
+) -> None:
+    """A page sent again (after a crash) is delivered, not rejected, where Stripe already
+    holds its events; a receiver failing part way reports what it took before."""
+    _, _, stripe, stripe_url = receivers
+    sink = BillingSink.model_validate(
+        {"name": "s", "kind": "stripe", "url": stripe_url, "secret": STRIPE_KEY, "concurrency": 1}
+    )
+    target = StripeTarget(sink)
+    at = datetime.now(UTC)
+    records = [
+        {"event_id": f"resp_{i}", "response_id": f"resp_{i}", "subject": "ana",
+         "created_at": at, "total_tokens": 10 + i}
+        for i in range(4)
+    ]  # fmt: skip
+    stop = threading.Event()
+    try:
+        assert target.deliver(records[:2], stop) == []
+        assert target.deliver(records[:3], stop) == []  # two of them already held
+        assert stripe.deliveries == {
+            "tokentill.usage:resp_0": 2,
+            "tokentill.usage:resp_1": 2,
+            "tokentill.usage:resp_2": 1,
+        }
+        assert len(stripe.events) == 3
+        more = [
+            {**records[0], "event_id": f"resp_{i}", "response_id": f"resp_{i}"} for i in (4, 5, 6)
+        ]
+        stripe.fail_after = 1  # takes one more, then answers 503
+        with pytest.raises(SinkUnavailableError) as failed:
+            target.deliver(more, stop)
+        assert (failed.value.accepted, failed.value.rejects) == (1, [])
+        assert "tokentill.usage:resp_4" in stripe.events and len(stripe.events) == 4
+    finally:
+        target.close()

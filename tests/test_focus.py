@@ -306,6 +306,34 @@ def test_a_closed_months_export_never_changes_and_late_changes_come_as_correctio
         validated.stdout + validated.stderr
     )
 
+    # A month closed before closed_focus existed (as after an upgrade): the next posting
+    # copies it as the events price it now, and posts nothing for it.
+    runtime = running.app.runtime
+    assert runtime is not None
+    conn = runtime.connect()
+    try:
+        for table in ("closed_focus", "focus_copied", "focus_marks", "focus_adjustments"):
+            conn.execute(f"DELETE FROM {table}")
+    finally:
+        conn.close()
+
+    def copied() -> int:
+        conn = runtime.connect()
+        try:
+            row = conn.execute("SELECT count(*) FROM focus_copied").fetchone()
+            return int(row[0]) if row else 0
+        finally:
+            conn.close()
+
+    deadline = time.monotonic() + 30
+    while copied() == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert copied() == 1
+    time.sleep(1.5)  # a few more postings
+    assert corrections().height == 0
+    copy = pl.read_csv(io.BytesIO(export(last_month, this_month)))
+    assert sum(Decimal(str(v)) for v in copy["BilledCost"]) == costs(last_month, this_month)
+
 
 def test_unpriced_usage_never_zeroes_the_priced_usage_beside_it(tmp_path: Path) -> None:
     """Two responses of one day, user, model and tier: one priced, one that reported no

@@ -641,6 +641,7 @@ class Tokentill:
                 alert=runtime.alerts.store_from_thread,
                 metrics=metrics,
                 interval=self.settings.billing_sink_interval,
+                leads=runtime.storage.leads,
             )
             for sink in self.settings.billing_sinks
         ]

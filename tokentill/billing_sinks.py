@@ -19,6 +19,7 @@ it falls behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import duckdb
+import polars as pl
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from tokentill.billing_targets import SinkUnavailableError, Target
@@ -107,6 +109,7 @@ class BillingSinkJob:
         interval: float,
         page_rows: int = 500,
         run_seconds: float = 5.0,
+        leads: Callable[[], bool] | None = None,
     ) -> None:
         self.sink = sink
         self._target = target
@@ -121,6 +124,7 @@ class BillingSinkJob:
         self._failures = 0
         self._retry_at = 0.0
         self._stopping = threading.Event()
+        self._leads = leads  # a lake's: whether this worker is still the active one
 
     def cancel(self) -> None:
         """Stop after the page being sent (shutdown)."""
@@ -165,49 +169,94 @@ class BillingSinkJob:
         prices = price_table(conn)
         started = time.monotonic()
         try:
-            while not self._stopping.is_set():
+            # A worker that lost its lease to a standby stops at the next page.
+            while not self._stopping.is_set() and (self._leads is None or self._leads()):
                 page = read_page(conn, mark, upto, self._page_rows)
                 if page.height == 0:
                     done.caught_up = True
                     mark = replace(mark, caught_up_at=datetime.now(UTC), last_error=None)
                     save_mark(conn, mark)
                     break
-                records, passed = sink_records(
-                    page,
-                    prices,
-                    image_model=self._image_model,
-                    subject=sink.subject,
-                    only=sink.only,
-                    since=sink.since,
-                )
-                rejects = self._target.deliver(records.to_dicts()) if records.height else []
-                sent = records.height - len(rejects)
-                mark = replace(
-                    mark.past(page),
-                    delivered=mark.delivered + sent,
-                    skipped=mark.skipped + passed,
-                    rejected=mark.rejected + len(rejects),
-                    last_error=None,
-                )
-                save_mark(conn, mark, rejects)
-                done.pages += 1
-                done.delivered += sent
-                done.skipped += passed
-                done.rejected += len(rejects)
-                if rejects:
-                    self._say_rejected(rejects)
+                records, passed = self._records(page, prices)
+                try:
+                    rejects = (
+                        self._target.deliver(records.to_dicts(), self._stopping)
+                        if records.height
+                        else []
+                    )
+                except SinkUnavailableError as exc:
+                    # Keep what the receiver took before it failed: never resent, so a
+                    # long outage of part of a page cannot outlast Stripe's 24 hours.
+                    if exc.accepted:
+                        cut = _position(page, records.row(exc.accepted, named=True))
+                        mark = self._moved(conn, mark, page.head(cut), prices, exc, done)
+                    raise
+                mark = self._moved(conn, mark, page, prices, None, done, records, passed, rejects)
                 if time.monotonic() - started > self._run_seconds:
                     break
         except SinkUnavailableError as exc:
-            done.error = str(exc)
-            save_mark(conn, replace(mark, last_error=done.error[:1000]))
-        late = behind(conn, mark)
-        self._metrics.backlog.labels(sink.name).set(late.events)
-        if late.events and late.oldest is not None:
-            done.lag_seconds = max(0.0, (datetime.now(UTC) - late.oldest).total_seconds())
+            if not self._stopping.is_set():
+                done.error = str(exc)
+        except Exception as exc:  # the warehouse, a bug: say so, back off, keep the lag
+            log.exception("billing sink %s failed", sink.name)
+            done.error = f"{type(exc).__name__}: {exc}"
+        if done.error is not None:
+            with contextlib.suppress(Exception):
+                save_mark(conn, replace(mark, last_error=done.error[:1000]))
+        with contextlib.suppress(Exception):
+            late = behind(conn, mark)
+            self._metrics.backlog.labels(sink.name).set(late.events)
+            if late.events and late.oldest is not None:
+                done.lag_seconds = max(0.0, (datetime.now(UTC) - late.oldest).total_seconds())
         if done.lag_seconds > sink.lag_alert:
             self._say_behind(mark, done)
         return done
+
+    def _records(self, page: pl.DataFrame, prices: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+        sink = self.sink
+        return sink_records(
+            page,
+            prices,
+            image_model=self._image_model,
+            subject=sink.subject,
+            only=sink.only,
+            since=sink.since,
+        )
+
+    def _moved(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        mark: Mark,
+        page: pl.DataFrame,
+        prices: pl.DataFrame,
+        failed: SinkUnavailableError | None,
+        done: SinkRun,
+        records: pl.DataFrame | None = None,
+        passed: int = 0,
+        rejects: list[Reject] | None = None,
+    ) -> Mark:
+        """The mark past `page`, saved with the events set aside in it. `failed`: the
+        page is the part of one before the first record the receiver did not take."""
+        if failed is not None:
+            records, passed = self._records(page, prices)
+            rejects = failed.rejects
+        assert records is not None and rejects is not None
+        sent = records.height - len(rejects)
+        moved = replace(
+            mark.past(page),
+            delivered=mark.delivered + sent,
+            skipped=mark.skipped + passed,
+            rejected=mark.rejected + len(rejects),
+            last_error=None,
+        )
+        save_mark(conn, moved, rejects)
+        done.pages += 1
+        done.delivered += sent
+        done.skipped += passed
+        done.rejected += len(rejects)
+        if rejects:
+            self._say_rejected(rejects)
+        return moved
 
     def _say_behind(self, mark: Mark, done: SinkRun) -> None:
         since = mark.caught_up_at.isoformat() if mark.caught_up_at else None
@@ -258,3 +307,11 @@ class BillingSinkJob:
                 )
             ]
         )
+
+
+def _position(page: pl.DataFrame, record: dict[str, object]) -> int:
+    """Where `record` sits in `page` (read in order): the rows before it are passed."""
+    at = page.with_row_index("_at").filter(
+        (pl.col("ingest_seq") == record["ingest_seq"]) & (pl.col("event_id") == record["event_id"])
+    )
+    return int(at["_at"][0])

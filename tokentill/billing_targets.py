@@ -15,6 +15,7 @@ cannot take events now (no answer, 5xx, 429, 401, 403, 404) raises
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -38,11 +39,23 @@ _IDENTIFIER_MAX = 100
 
 
 class SinkUnavailableError(RuntimeError):
-    """The receiver cannot take events now: the page is sent again later."""
+    """The receiver cannot take events now (or the sink is stopping). The first
+    `accepted` records were dealt with (delivered, or set aside: `rejects`); the rest are
+    sent again later."""
+
+    def __init__(
+        self, message: str, *, accepted: int = 0, rejects: list[Reject] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.accepted = accepted
+        self.rejects = rejects or []
 
 
 class Target(Protocol):
-    def deliver(self, records: list[dict[str, Any]]) -> list[Reject]: ...
+    def deliver(self, records: list[dict[str, Any]], stop: threading.Event) -> list[Reject]:
+        """Send `records` (in the events' order); the rejected ones. Stops early, raising
+        SinkUnavailableError with what it got through, when the receiver fails or `stop`
+        is set."""
 
     def close(self) -> None: ...
 
@@ -103,10 +116,15 @@ class CloudEventsTarget:
             data=usage_data(record),
         )
 
-    def deliver(self, records: list[dict[str, Any]]) -> list[Reject]:
+    def deliver(self, records: list[dict[str, Any]], stop: threading.Event) -> list[Reject]:
         rejected: list[Reject] = []
         for start in range(0, len(records), self._batch):
-            rejected += self._send(records[start : start + self._batch])
+            if stop.is_set():
+                raise SinkUnavailableError("stopping", accepted=start, rejects=rejected)
+            try:
+                rejected += self._send(records[start : start + self._batch])
+            except SinkUnavailableError as exc:
+                raise SinkUnavailableError(str(exc), accepted=start, rejects=rejected) from exc
         return rejected
 
     def _send(self, records: list[dict[str, Any]]) -> list[Reject]:
@@ -132,16 +150,16 @@ class StripeTarget:
     response, `identifier` derived from the sink's event name and the event id,
     `timestamp` the response's creation, `payload` the customer and the value."""
 
-    def __init__(self, sink: BillingSink, *, concurrency: int = 8) -> None:
+    def __init__(self, sink: BillingSink) -> None:
         assert sink.secret is not None  # the settings refuse a Stripe sink without one
         self._sink = sink
         self._client = stripe.StripeClient(
             sink.secret.get_secret_value(),
             base_addresses={"api": sink.url},
-            max_network_retries=2,
-            http_client=stripe.HTTPXClient(timeout=sink.timeout, allow_sync_methods=True),
+            max_network_retries=1,  # the sink retries the page itself, backing off
+            http_client=stripe.RequestsClient(timeout=sink.timeout),  # its own default
         )
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="tokentill-stripe")
+        self._pool = ThreadPoolExecutor(sink.concurrency, thread_name_prefix="tokentill-stripe")
 
     def identifier(self, event_id: str) -> str:
         name = f"{self._sink.event_type}:{event_id}"
@@ -149,14 +167,21 @@ class StripeTarget:
             return name
         return "tt_" + hashlib.sha256(name.encode()).hexdigest()
 
-    def deliver(self, records: list[dict[str, Any]]) -> list[Reject]:
-        answers = list(self._pool.map(self._send, records))
-        failed = [a for a in answers if isinstance(a, SinkUnavailableError)]
-        if failed:
-            raise failed[0]
+    def deliver(self, records: list[dict[str, Any]], stop: threading.Event) -> list[Reject]:
+        answers = list(self._pool.map(lambda r: self._send(r, stop), records))
+        for index, answer in enumerate(answers):
+            if isinstance(answer, SinkUnavailableError):
+                # What came before the first failure is done; what came after it and went
+                # through is sent again, and Stripe, holding it, says so.
+                done = [a for a in answers[:index] if isinstance(a, Reject)]
+                raise SinkUnavailableError(str(answer), accepted=index, rejects=done)
         return [a for a in answers if isinstance(a, Reject)]
 
-    def _send(self, record: dict[str, Any]) -> Reject | SinkUnavailableError | None:
+    def _send(
+        self, record: dict[str, Any], stop: threading.Event
+    ) -> Reject | SinkUnavailableError | None:
+        if stop.is_set():
+            return SinkUnavailableError("stopping")
         value = meter_value(record, self._sink.value)
         if value is None:
             return _reject(record, "unpriced: no cost to send")
@@ -174,7 +199,7 @@ class StripeTarget:
             self._client.v1.billing.meter_events.create(params)
         except stripe.InvalidRequestError as exc:
             if exc.http_status in (400, 422):  # about this event
-                if "already exists" in str(exc):
+                if exc.code == "resource_already_exists" or "already exists" in str(exc):
                     return None  # sent before a crash: Stripe holds it once
                 return _reject(record, f"{exc.http_status}: {exc.user_message or exc}")
             return SinkUnavailableError(f"Stripe at {self._sink.url}: {exc!r}")  # 404: the URL

@@ -212,4 +212,6 @@ def sink_records(
         image_model,
         charges=True,
     ).collect()
-    return priced.with_columns(pl.col(c).fill_null(0) for c in TOKEN_COUNTS), passed
+    # In the events' order: a receiver that fails part way keeps what came before.
+    records = priced.with_columns(pl.col(c).fill_null(0) for c in TOKEN_COUNTS)
+    return records.sort("ingest_seq", "event_id"), passed

@@ -182,7 +182,8 @@ def read_focus(
         conn,
         f"""SELECT {", ".join(GRAIN)}, posted_period FROM focus_adjustments
             WHERE posted_day >= ? AND posted_day < ?
-            ORDER BY posted_at, day, model, user_id, tier, tags, charge""",
+            ORDER BY posted_at, day, user_id NULLS LAST, model, tier, tags, charge, unit,
+                     unpriced""",
         [start, end],
     )
     grain = pl.concat(parts, how="vertical").sort(GRAIN_KEYS, nulls_last=True)

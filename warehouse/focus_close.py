@@ -11,9 +11,11 @@ if that month has ended but is not closed). The export shows them on that day as
 `ChargeClass` Correction rows, billed in that month, for the day they correct.
 
 Which days to look at: those of events committed since the last posting (ingest_seq past
-`focus_marks.seq`) that fall in closed months, or every closed day when a price was
-added since (`focus_marks.price_mark`). Posting is idempotent: it compares with the copy
-plus everything posted before.
+`focus_marks.seq`) that fall in closed months, and the closed days on or after the
+earliest `effective_from` of the prices added since (`focus_marks.price_mark`). Posting is
+idempotent: it compares with the copy plus everything posted before. The grain is worked
+out with today's `rollup_tag_keys` and `image_gen_model`: change them and the next
+recomputed closed day posts the old tags out and the new ones in.
 """
 
 from __future__ import annotations
@@ -54,25 +56,38 @@ def post_corrections(
 
 def _copy(conn: duckdb.DuckDBPyConnection, month: date, settings: FocusSettings) -> None:
     _insert(conn, "closed_focus", live_grain(conn, month, next_month(month), settings))
+    conn.execute("INSERT INTO focus_copied VALUES (?)", [month])
 
 
 def _post(conn: duckdb.DuckDBPyConnection, now: datetime, settings: FocusSettings) -> int:
-    for (period,) in conn.execute("SELECT period FROM focus_uncopied").fetchall():
-        _copy(conn, period, settings)  # a month closed before closed_focus existed
-        conn.execute("DELETE FROM focus_uncopied WHERE period = ?", [period])
+    uncopied = conn.execute(
+        "SELECT period FROM closed_periods EXCEPT SELECT period FROM focus_copied"
+    ).fetchall()
+    for (period,) in uncopied:  # closed before closed_focus existed: copied as it is now
+        _copy(conn, period, settings)
     closed = {row[0] for row in conn.execute("SELECT period FROM closed_periods").fetchall()}
     upto = _scalar(conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
     price_mark = _scalar(conn, "SELECT coalesce(max(price_id), 0) FROM prices")
     marks = fetch_one(conn, "SELECT seq, price_mark FROM focus_marks")
+    seen = int(marks[0]) if marks else 0
+    days: set[date] = set()
     if marks is None or int(marks[1]) != price_mark:
-        days = {d for month in closed for d in _days_of(month)}
-    else:
-        changed = conn.execute(
-            """SELECT DISTINCT CAST(timezone('UTC', created_at) AS DATE) FROM usage_events
-               WHERE ingest_seq > ? AND ingest_seq <= ?""",
-            [int(marks[0]), upto],
-        ).fetchall()
-        days = {row[0] for row in changed if month_of(row[0]) in closed}
+        # Prices added since: the closed days they can reach (from their effective_from).
+        row = fetch_one(
+            conn,
+            """SELECT CAST(timezone('UTC', min(effective_from)) AS DATE) FROM prices
+               WHERE price_id > ?""",
+            [int(marks[1]) if marks else 0],
+        )
+        reach = row[0] if row and row[0] is not None else None
+        if reach is not None:
+            days |= {d for month in closed for d in _days_of(month) if d >= reach}
+    changed = conn.execute(
+        """SELECT DISTINCT CAST(timezone('UTC', created_at) AS DATE) FROM usage_events
+           WHERE ingest_seq > ? AND ingest_seq <= ?""",
+        [seen, upto],
+    ).fetchall()
+    days |= {row[0] for row in changed if month_of(row[0]) in closed}
     posted = 0
     for month in sorted({month_of(d) for d in days}):
         wanted = sorted(d for d in days if month_of(d) == month)

@@ -42,6 +42,9 @@ CREATE TABLE focus_marks (
     updated_at  TIMESTAMPTZ NOT NULL
 );
 
--- Months closed before this table existed have no copy: the next posting takes it, from
--- the events as they are then.
-CREATE TABLE focus_uncopied AS SELECT period FROM closed_periods;
+-- The months whose grain is in closed_focus: a month closed before these tables existed
+-- (closed_periods less this) gets its copy at the next posting, from the events as they
+-- are then, before anything is compared with it.
+CREATE TABLE focus_copied (
+    period      DATE NOT NULL
+);

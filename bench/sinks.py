@@ -45,7 +45,7 @@ from tokentill.billing_targets import CloudEventsTarget, StripeTarget
 from tokentill.settings import BillingSink
 from tokentill.warehouse.billing_usage import Mark, head, read_page, sink_records
 from tokentill.warehouse.db import open_warehouse
-from tokentill.warehouse.prices import price_table
+from tokentill.warehouse.prices import CatalogCache
 
 SINCE = "2000-01-01T00:00:00Z"
 
@@ -102,10 +102,10 @@ def floor(db: Path, sink: BillingSink) -> tuple[int, float]:
     target = CloudEventsTarget(sink)
     try:
         started = time.perf_counter()
-        prices = price_table(conn)
+        prices = CatalogCache().read(conn)
         upto, mark, done = head(conn), Mark(sink.name, 0), 0
         while True:
-            page = read_page(conn, mark, upto, 500)
+            page = read_page(conn, mark, upto, 2000)
             if page.height == 0:
                 break
             records, _ = sink_records(
@@ -127,6 +127,7 @@ def run_sink(db: Path, sink: BillingSink) -> float:
         sink,
         StripeTarget(sink) if sink.kind == "stripe" else CloudEventsTarget(sink),
         lambda: open_warehouse(db),
+        CatalogCache(),
         image_model="gpt-image-1",
         alert=lambda alerts: None,
         metrics=SinkMetrics(CollectorRegistry()),

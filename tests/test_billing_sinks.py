@@ -38,7 +38,7 @@ from tokentill.warehouse.billing_usage import sink_records
 from tokentill.warehouse.catalog import EPOCH, PriceRow
 from tokentill.warehouse.db import open_warehouse
 from tokentill.warehouse.lake import LakeConfig
-from tokentill.warehouse.prices import insert_rows, price_table
+from tokentill.warehouse.prices import CatalogCache, insert_rows
 
 TOKEN = "om-token-0123456789"
 STRIPE_KEY = "sk_test_tokentill"
@@ -303,7 +303,7 @@ def test_records_choose_settled_responses_of_the_sinks_subjects_priced_to_the_pi
             )
         ],
     )
-    prices = price_table(conn)
+    prices = CatalogCache().read(conn)
     conn.close()
     day = datetime(2026, 3, 10, 9, tzinfo=UTC)
 

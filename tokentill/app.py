@@ -637,6 +637,7 @@ class Tokentill:
                 sink,
                 target_for(sink),
                 runtime.connect,
+                runtime.catalog,
                 image_model=self.settings.image_gen_model,
                 alert=runtime.alerts.store_from_thread,
                 metrics=metrics,

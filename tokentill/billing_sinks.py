@@ -44,7 +44,7 @@ from tokentill.warehouse.billing_usage import (
     save_mark,
     sink_records,
 )
-from tokentill.warehouse.prices import price_table
+from tokentill.warehouse.prices import Catalog, CatalogCache
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +102,20 @@ class BillingSinkJob:
         sink: BillingSink,
         target: Target,
         connect: Callable[[], duckdb.DuckDBPyConnection],
+        catalog: CatalogCache,
         *,
         image_model: str,
         alert: Callable[[list[Alert]], object],
         metrics: SinkMetrics,
         interval: float,
-        page_rows: int = 500,
+        page_rows: int = 2000,
         run_seconds: float = 5.0,
         leads: Callable[[], bool] | None = None,
     ) -> None:
         self.sink = sink
         self._target = target
         self._connect = connect
+        self._catalog = catalog
         self._image_model = image_model
         self._alert = alert
         self._metrics = metrics
@@ -166,7 +168,7 @@ class BillingSinkJob:
             now = datetime.now(UTC)
             mark = Mark(sink.name, 0 if sink.since is not None else upto, caught_up_at=now)
             save_mark(conn, mark)
-        prices = price_table(conn)
+        prices = self._catalog.read(conn)  # one snapshot of the prices per run
         started = time.monotonic()
         try:
             # A worker that lost its lease to a standby stops at the next page.
@@ -212,7 +214,7 @@ class BillingSinkJob:
             self._say_behind(mark, done)
         return done
 
-    def _records(self, page: pl.DataFrame, prices: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    def _records(self, page: pl.DataFrame, prices: Catalog) -> tuple[pl.DataFrame, int]:
         sink = self.sink
         return sink_records(
             page,
@@ -228,7 +230,7 @@ class BillingSinkJob:
         conn: duckdb.DuckDBPyConnection,
         mark: Mark,
         page: pl.DataFrame,
-        prices: pl.DataFrame,
+        prices: Catalog,
         failed: SinkUnavailableError | None,
         done: SinkRun,
         records: pl.DataFrame | None = None,

@@ -23,6 +23,7 @@ import polars as pl
 from tokentill.warehouse import pricing
 from tokentill.warehouse.db import fetch_one, query_frame, transaction
 from tokentill.warehouse.events import TERMINAL_STATUSES
+from tokentill.warehouse.prices import Catalog
 
 # Settled responses: "error" rows are requests that never had one (nothing was billed).
 BILLABLE_STATUSES = tuple(sorted(TERMINAL_STATUSES - {"error"}))
@@ -131,10 +132,12 @@ def read_page(conn: duckdb.DuckDBPyConnection, mark: Mark, upto: int, limit: int
     columns = ", ".join(_PAGE_COLUMNS)
     return query_frame(
         conn,
+        # `ingest_seq >= $seq` on its own, so that DuckDB skips the row groups before it
+        # (a sink reads a page at a time: each read must not scan the whole table).
         f"""SELECT {columns} FROM usage_events
-            WHERE (ingest_seq > $seq
-                   OR (ingest_seq = $seq AND $after IS NOT NULL AND event_id > $after))
-              AND ingest_seq <= $upto
+            WHERE ingest_seq >= $seq AND ingest_seq <= $upto
+              AND (ingest_seq > $seq
+                   OR ($after IS NOT NULL AND event_id > $after))
             ORDER BY ingest_seq, event_id LIMIT $limit""",
         {"seq": mark.seq, "after": mark.after_event, "upto": upto, "limit": limit},
     )
@@ -151,8 +154,8 @@ def behind(conn: duckdb.DuckDBPyConnection, mark: Mark) -> Behind:
     row = fetch_one(
         conn,
         """SELECT count(*), min(coalesce(settled_at, recorded_at)) FROM usage_events
-           WHERE ingest_seq > $seq
-              OR (ingest_seq = $seq AND $after IS NOT NULL AND event_id > $after)""",
+           WHERE ingest_seq >= $seq
+             AND (ingest_seq > $seq OR ($after IS NOT NULL AND event_id > $after))""",
         {"seq": mark.seq, "after": mark.after_event},
     )
     return Behind(int(row[0]), row[1]) if row else Behind(0, None)
@@ -171,7 +174,7 @@ def sink_states(conn: duckdb.DuckDBPyConnection) -> list[tuple[Mark, Behind]]:
 
 def sink_records(
     page: pl.DataFrame,
-    prices: pl.DataFrame,
+    catalog: Catalog,
     *,
     image_model: str,
     subject: str,
@@ -202,15 +205,9 @@ def sink_records(
     passed = settled.height - chosen.height
     if chosen.height == 0:
         return chosen, passed
-    models = pricing.model_map(
-        chosen["model"].drop_nulls().unique().to_list(), prices["model"].unique().to_list()
-    )
+    models = pricing.model_map(chosen["model"].drop_nulls().unique().to_list(), catalog.names)
     priced = pricing.price_events(
-        chosen.lazy(),
-        models.lazy(),
-        pricing.effective_intervals(prices).lazy(),
-        image_model,
-        charges=True,
+        chosen.lazy(), models.lazy(), catalog.intervals.lazy(), image_model, charges=True
     ).collect()
     # In the events' order: a receiver that fails part way keeps what came before.
     records = priced.with_columns(pl.col(c).fill_null(0) for c in TOKEN_COUNTS)

@@ -30,7 +30,8 @@ from cloudevents.core.v1.event import CloudEvent
 from stripe.params.billing import MeterEventCreateParams
 
 from tokentill.settings import BillingSink, StripeValue
-from tokentill.warehouse.billing_usage import TOKEN_COUNTS, Reject
+from tokentill.warehouse.billing_usage import Reject
+from tokentill.warehouse.rollups import TOKEN_COUNTS
 
 PICO = Decimal(10**12)
 BATCH_TYPE = "application/cloudevents-batch+json"

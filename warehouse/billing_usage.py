@@ -24,6 +24,7 @@ from tokentill.warehouse import pricing
 from tokentill.warehouse.db import fetch_one, query_frame, transaction
 from tokentill.warehouse.events import TERMINAL_STATUSES
 from tokentill.warehouse.prices import Catalog
+from tokentill.warehouse.rollups import TOKEN_COUNTS
 
 # Settled responses: "error" rows are requests that never had one (nothing was billed).
 BILLABLE_STATUSES = tuple(sorted(TERMINAL_STATUSES - {"error"}))
@@ -41,17 +42,6 @@ _PAGE_COLUMNS = (
     "reasoning_tokens",
     "total_tokens",
     *pricing.PRICED_FIELDS,
-)
-# The token counts a record carries, as the Responses API names them: cached tokens are
-# part of input tokens, reasoning tokens part of output tokens.
-TOKEN_COUNTS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "web_search_calls",
 )
 
 

@@ -11,7 +11,9 @@ import polars as pl
 
 _MONEY = pl.Decimal(38, 0)
 HOURLY_KEYS = ("bucket", "user_id", "model", "service_tier", "status", "endpoint")
-_TOKENS = (
+# A response's token counts, as the Responses API names them: cached tokens are part of
+# input tokens, reasoning tokens part of output tokens.
+TOKEN_COUNTS = (
     "input_tokens",
     "cached_input_tokens",
     "cache_write_tokens",
@@ -25,7 +27,7 @@ _TOKENS = (
 def _measures() -> list[pl.Expr]:
     return [
         pl.len().cast(pl.Int64).alias("requests"),
-        *(pl.col(c).fill_null(0).sum().cast(pl.Int64).alias(c) for c in _TOKENS),
+        *(pl.col(c).fill_null(0).sum().cast(pl.Int64).alias(c) for c in TOKEN_COUNTS),
         pl.col("cost_pico").cast(_MONEY).sum().alias("cost_pico"),
         (pl.col("status") == "error").sum().cast(pl.Int64).alias("errors"),
         (pl.col("status") == "incomplete").sum().cast(pl.Int64).alias("incomplete"),
@@ -50,7 +52,7 @@ def daily(hourly_rows: pl.LazyFrame) -> pl.LazyFrame:
         .group_by(HOURLY_KEYS)
         .agg(
             pl.col("requests").sum(),
-            *(pl.col(c).sum() for c in _TOKENS),
+            *(pl.col(c).sum() for c in TOKEN_COUNTS),
             pl.col("cost_pico").sum(),
             *(pl.col(c).sum() for c in ("errors", "incomplete", "failed", "unpriced")),
         )
@@ -253,7 +255,7 @@ def conversations(days: pl.LazyFrame) -> pl.LazyFrame:
 
 USAGE_MEASURES = (
     "requests",
-    *_TOKENS,
+    *TOKEN_COUNTS,
     "cost_pico",
     "errors",
     "incomplete",

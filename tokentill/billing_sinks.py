@@ -49,6 +49,7 @@ from tokentill.warehouse.prices import Catalog, CatalogCache
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 300.0
+_MARKS = threading.Lock()
 
 
 @dataclass
@@ -167,7 +168,7 @@ class BillingSinkJob:
         if mark is None:  # its first run: from the start, or from now
             now = datetime.now(UTC)
             mark = Mark(sink.name, 0 if sink.since is not None else upto, caught_up_at=now)
-            save_mark(conn, mark)
+            self._save(conn, mark)
         prices = self._catalog.read(conn)  # one snapshot of the prices per run
         started = time.monotonic()
         try:
@@ -177,7 +178,7 @@ class BillingSinkJob:
                 if page.height == 0:
                     done.caught_up = True
                     mark = replace(mark, caught_up_at=datetime.now(UTC), last_error=None)
-                    save_mark(conn, mark)
+                    self._save(conn, mark)
                     break
                 records, passed = self._records(page, prices)
                 try:
@@ -204,7 +205,7 @@ class BillingSinkJob:
             done.error = f"{type(exc).__name__}: {exc}"
         if done.error is not None:
             with contextlib.suppress(Exception):
-                save_mark(conn, replace(mark, last_error=done.error[:1000]))
+                self._save(conn, replace(mark, last_error=done.error[:1000]))
         with contextlib.suppress(Exception):
             late = behind(conn, mark)
             self._metrics.backlog.labels(sink.name).set(late.events)
@@ -213,6 +214,15 @@ class BillingSinkJob:
         if done.lag_seconds > sink.lag_alert:
             self._say_behind(mark, done)
         return done
+
+    def _save(
+        self, conn: duckdb.DuckDBPyConnection, mark: Mark, rejects: list[Reject] | None = None
+    ) -> None:
+        # One sink's mark at a time: on a lake, two transactions writing `sink_marks` at
+        # once conflict (DuckLake checks per table), and the loser's page would be sent
+        # again. One process (the active worker) runs every sink.
+        with _MARKS:
+            save_mark(conn, mark, rejects or [])
 
     def _records(self, page: pl.DataFrame, prices: Catalog) -> tuple[pl.DataFrame, int]:
         sink = self.sink
@@ -251,7 +261,7 @@ class BillingSinkJob:
             rejected=mark.rejected + len(rejects),
             last_error=None,
         )
-        save_mark(conn, moved, rejects)
+        self._save(conn, moved, rejects)
         done.pages += 1
         done.delivered += sent
         done.skipped += passed

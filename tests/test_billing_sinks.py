@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ import duckdb
 import httpx
 import polars as pl
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from tests.billing_receivers import CloudEventsReceiver, StripeReceiver
@@ -27,7 +29,9 @@ from tests.cluster import Instance, wait_for
 from tests.conftest import ledger
 from tests.servers import serve_in_thread
 from tests.traffic import demo_traffic
+from tokentill.billing_sinks import BillingSinkJob, SinkMetrics
 from tokentill.billing_targets import (
+    CloudEventsTarget,
     SinkUnavailableError,
     StripeTarget,
     meter_value,
@@ -469,3 +473,60 @@ def test_stripe_holding_an_identifier_counts_as_delivered_and_a_failure_keeps_th
         assert "tokentill.usage:resp_4" in stripe.events and len(stripe.events) == 4
     finally:
         target.close()
+
+
+def test_a_failure_after_a_page_is_saved_never_moves_the_mark_back(
+    tmp_path: Path, receivers: tuple[CloudEventsReceiver, str, StripeReceiver, str]
+) -> None:
+    """The alert for a refused event cannot be stored (the outbox times out): the page's
+    mark stays saved, the error is said, and the next run sends nothing again."""
+    events, events_url, _, _ = receivers
+    events.refuse_subjects = {"poison"}
+    db = tmp_path / "w.duckdb"
+    conn = open_warehouse(db)
+    now = datetime.now(UTC)
+    for i, customer in enumerate(("acme", "poison", "globex")):
+        conn.execute(
+            """INSERT INTO usage_events (event_id, response_id, endpoint, model, status,
+                   user_id, metadata, input_tokens, cached_input_tokens, output_tokens,
+                   reasoning_tokens, total_tokens, created_at, request_started_at,
+                   recorded_at, ingest_seq, updated_at)
+               VALUES (?, ?, '/v1/responses', 'gpt-4o', 'completed', 'ana', ?, 100, 0, 10,
+                       0, 110, ?, ?, ?, ?, ?)""",
+            [f"resp_{i}", f"resp_{i}", json.dumps({"customer": customer}), now, now, now, 1, now],
+        )
+    conn.close()
+
+    def alert(_: object) -> None:
+        raise TimeoutError("the outbox did not answer")
+
+    sink = BillingSink.model_validate(
+        {"name": "om", "kind": "cloudevents", "url": events_url + "/api/v1/events",
+         "secret": TOKEN, "subject": "tag:customer", "since": "2020-01-01T00:00:00Z"}
+    )  # fmt: skip
+    job = BillingSinkJob(
+        sink,
+        CloudEventsTarget(sink),
+        lambda: open_warehouse(db),
+        CatalogCache(),
+        image_model="gpt-image-1",
+        alert=alert,
+        metrics=SinkMetrics(CollectorRegistry()),
+        interval=0.01,
+    )
+    try:
+        first = job.run()
+        assert first is not None and (first.delivered, first.rejected) == (2, 1)
+        time.sleep(0.05)
+        again = job.run()
+        assert again is not None and (again.delivered, again.rejected) == (0, 0)
+    finally:
+        job.close()
+    assert set(events.deliveries.values()) == {1} and len(events.events) == 2
+    conn = open_warehouse(db)
+    try:
+        rejects = conn.execute("SELECT event_id FROM sink_rejects").fetchall()
+        marks = conn.execute("SELECT seq, after_event, delivered FROM sink_marks").fetchall()
+    finally:
+        conn.close()
+    assert rejects == [("resp_1",)] and marks == [(1, "resp_2", 2)]

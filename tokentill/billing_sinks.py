@@ -39,6 +39,7 @@ from tokentill.warehouse.billing_usage import (
     Reject,
     behind,
     head,
+    note_error,
     read_mark,
     read_page,
     save_mark,
@@ -163,15 +164,16 @@ class BillingSinkJob:
     def _run(self, conn: duckdb.DuckDBPyConnection) -> SinkRun:
         sink = self.sink
         done = SinkRun(sink.name)
-        mark = read_mark(conn, sink.name)
-        upto = head(conn)
-        if mark is None:  # its first run: from the start, or from now
-            now = datetime.now(UTC)
-            mark = Mark(sink.name, 0 if sink.since is not None else upto, caught_up_at=now)
-            self._save(conn, mark)
-        prices = self._catalog.read(conn)  # one snapshot of the prices per run
-        started = time.monotonic()
+        mark: Mark | None = None
         try:
+            mark = read_mark(conn, sink.name)
+            upto = head(conn)
+            if mark is None:  # its first run: from the start, or from now
+                now = datetime.now(UTC)
+                mark = Mark(sink.name, 0 if sink.since is not None else upto, caught_up_at=now)
+                self._save(conn, mark)
+            prices = self._catalog.read(conn)  # one snapshot of the prices per run
+            started = time.monotonic()
             # A worker that lost its lease to a standby stops at the next page.
             while not self._stopping.is_set() and (self._leads is None or self._leads()):
                 page = read_page(conn, mark, upto, self._page_rows)
@@ -190,7 +192,7 @@ class BillingSinkJob:
                 except SinkUnavailableError as exc:
                     # Keep what the receiver took before it failed: never resent, so a
                     # long outage of part of a page cannot outlast Stripe's 24 hours.
-                    if exc.accepted:
+                    if 0 < exc.accepted < records.height:
                         cut = _position(page, records.row(exc.accepted, named=True))
                         mark = self._moved(conn, mark, page.head(cut), prices, exc, done)
                     raise
@@ -204,15 +206,18 @@ class BillingSinkJob:
             log.exception("billing sink %s failed", sink.name)
             done.error = f"{type(exc).__name__}: {exc}"
         if done.error is not None:
+            # Only the error: the mark itself is never written from here (it may be older
+            # than the one saved last, should that save have been followed by a failure).
+            with contextlib.suppress(Exception), _MARKS:
+                note_error(conn, sink.name, done.error[:1000])
+        if mark is not None:
             with contextlib.suppress(Exception):
-                self._save(conn, replace(mark, last_error=done.error[:1000]))
-        with contextlib.suppress(Exception):
-            late = behind(conn, mark)
-            self._metrics.backlog.labels(sink.name).set(late.events)
-            if late.events and late.oldest is not None:
-                done.lag_seconds = max(0.0, (datetime.now(UTC) - late.oldest).total_seconds())
-        if done.lag_seconds > sink.lag_alert:
-            self._say_behind(mark, done)
+                late = behind(conn, mark)
+                self._metrics.backlog.labels(sink.name).set(late.events)
+                if late.events and late.oldest is not None:
+                    done.lag_seconds = max(0.0, (datetime.now(UTC) - late.oldest).total_seconds())
+            if done.lag_seconds > sink.lag_alert:
+                self._say_behind(mark, done)
         return done
 
     def _save(
@@ -270,9 +275,15 @@ class BillingSinkJob:
             self._say_rejected(rejects)
         return moved
 
+    def _raise(self, alerts: list[Alert]) -> None:
+        try:
+            self._alert(alerts)
+        except Exception:  # an alert lost is logged; the sink's own work stands
+            log.exception("billing sink %s: could not store its alert", self.sink.name)
+
     def _say_behind(self, mark: Mark, done: SinkRun) -> None:
         since = mark.caught_up_at.isoformat() if mark.caught_up_at else None
-        self._alert(
+        self._raise(
             [
                 Alert(
                     # One alert per time it falls behind: keyed by when it last caught up.
@@ -299,7 +310,7 @@ class BillingSinkJob:
 
     def _say_rejected(self, rejects: list[Reject]) -> None:
         first = rejects[0]
-        self._alert(
+        self._raise(
             [
                 Alert(
                     dedupe_key=f"billing_sink_reject:{self.sink.name}:{first.event_id}",

@@ -169,20 +169,30 @@ class StripeTarget:
         return "tt_" + hashlib.sha256(name.encode()).hexdigest()
 
     def deliver(self, records: list[dict[str, Any]], stop: threading.Event) -> list[Reject]:
-        answers = list(self._pool.map(lambda r: self._send(r, stop), records))
+        # The first failure stops what is not yet sent (taken in order: the prefix before
+        # it stays whole), so a failing Stripe is not sent a whole page of retries.
+        failed = threading.Event()
+
+        def send(record: dict[str, Any]) -> Reject | SinkUnavailableError | None:
+            if stop.is_set() or failed.is_set():
+                return SinkUnavailableError("stopping")
+            answer = self._send(record)
+            if isinstance(answer, SinkUnavailableError):
+                failed.set()
+            return answer
+
+        answers = list(self._pool.map(send, records))
         for index, answer in enumerate(answers):
             if isinstance(answer, SinkUnavailableError):
                 # What came before the first failure is done; what came after it and went
                 # through is sent again, and Stripe, holding it, says so.
                 done = [a for a in answers[:index] if isinstance(a, Reject)]
-                raise SinkUnavailableError(str(answer), accepted=index, rejects=done)
+                failures = [a for a in answers if isinstance(a, SinkUnavailableError)]
+                why = next((str(a) for a in failures if str(a) != "stopping"), "stopping")
+                raise SinkUnavailableError(why, accepted=index, rejects=done)
         return [a for a in answers if isinstance(a, Reject)]
 
-    def _send(
-        self, record: dict[str, Any], stop: threading.Event
-    ) -> Reject | SinkUnavailableError | None:
-        if stop.is_set():
-            return SinkUnavailableError("stopping")
+    def _send(self, record: dict[str, Any]) -> Reject | SinkUnavailableError | None:
         value = meter_value(record, self._sink.value)
         if value is None:
             return _reject(record, "unpriced: no cost to send")

@@ -117,6 +117,14 @@ def save_mark(conn: duckdb.DuckDBPyConnection, mark: Mark, rejects: Sequence[Rej
             )
 
 
+def note_error(conn: duckdb.DuckDBPyConnection, sink: str, error: str) -> None:
+    """Why the sink's last run stopped short, leaving its mark as it is."""
+    conn.execute(
+        "UPDATE sink_marks SET last_error = ?, updated_at = ? WHERE sink = ?",
+        [error, datetime.now(UTC), sink],
+    )
+
+
 def read_page(conn: duckdb.DuckDBPyConnection, mark: Mark, upto: int, limit: int) -> pl.DataFrame:
     """The next `limit` events after `mark`, up to ingest_seq `upto`, in commit order."""
     columns = ", ".join(_PAGE_COLUMNS)

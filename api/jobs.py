@@ -168,9 +168,7 @@ async def freshness(runtime: RuntimeDep) -> Freshness:
                     skipped=mark.skipped,
                     rejected=mark.rejected,
                     events_behind=late.events,
-                    lag_seconds=round((now - late.oldest).total_seconds(), 1)
-                    if late.events and late.oldest is not None
-                    else 0.0,
+                    lag_seconds=round(late.lag_seconds(now), 1),
                     caught_up_at=mark.caught_up_at,
                     last_error=mark.last_error,
                 )

@@ -38,13 +38,13 @@ from tokentill.warehouse.billing_usage import (
     Mark,
     Reject,
     behind,
-    head,
     note_error,
     read_mark,
     read_page,
     save_mark,
     sink_records,
 )
+from tokentill.warehouse.db import newest_seq
 from tokentill.warehouse.prices import Catalog, CatalogCache
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class BillingSinkJob:
         mark: Mark | None = None
         try:
             mark = read_mark(conn, sink.name)
-            upto = head(conn)
+            upto = newest_seq(conn)
             if mark is None:  # its first run: from the start, or from now
                 now = datetime.now(UTC)
                 mark = Mark(sink.name, 0 if sink.since is not None else upto, caught_up_at=now)
@@ -193,10 +193,11 @@ class BillingSinkJob:
                     # Keep what the receiver took before it failed: never resent, so a
                     # long outage of part of a page cannot outlast Stripe's 24 hours.
                     if 0 < exc.accepted < records.height:
-                        cut = _position(page, records.row(exc.accepted, named=True))
-                        mark = self._moved(conn, mark, page.head(cut), prices, exc, done)
+                        taken = page.head(_position(page, records.row(exc.accepted, named=True)))
+                        records, passed = self._records(taken, prices)
+                        mark = self._moved(conn, mark, taken, records, passed, exc.rejects, done)
                     raise
-                mark = self._moved(conn, mark, page, prices, None, done, records, passed, rejects)
+                mark = self._moved(conn, mark, page, records, passed, rejects, done)
                 if time.monotonic() - started > self._run_seconds:
                     break
         except SinkUnavailableError as exc:
@@ -214,8 +215,7 @@ class BillingSinkJob:
             with contextlib.suppress(Exception):
                 late = behind(conn, mark)
                 self._metrics.backlog.labels(sink.name).set(late.events)
-                if late.events and late.oldest is not None:
-                    done.lag_seconds = max(0.0, (datetime.now(UTC) - late.oldest).total_seconds())
+                done.lag_seconds = late.lag_seconds(datetime.now(UTC))
             if done.lag_seconds > sink.lag_alert:
                 self._say_behind(mark, done)
         return done
@@ -245,19 +245,13 @@ class BillingSinkJob:
         conn: duckdb.DuckDBPyConnection,
         mark: Mark,
         page: pl.DataFrame,
-        prices: Catalog,
-        failed: SinkUnavailableError | None,
+        records: pl.DataFrame,
+        passed: int,
+        rejects: list[Reject],
         done: SinkRun,
-        records: pl.DataFrame | None = None,
-        passed: int = 0,
-        rejects: list[Reject] | None = None,
     ) -> Mark:
-        """The mark past `page`, saved with the events set aside in it. `failed`: the
-        page is the part of one before the first record the receiver did not take."""
-        if failed is not None:
-            records, passed = self._records(page, prices)
-            rejects = failed.rejects
-        assert records is not None and rejects is not None
+        """The mark past `page` (all of a page, or the part of one before the first record
+        the receiver did not take), saved with the events set aside in it."""
         sent = records.height - len(rejects)
         moved = replace(
             mark.past(page),

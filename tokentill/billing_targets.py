@@ -19,7 +19,6 @@ import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, Protocol
 
 import httpx
@@ -29,11 +28,11 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from stripe.params.billing import MeterEventCreateParams
 
+from tokentill.api.money import usd  # the admin API's exact USD strings, the same here
 from tokentill.settings import BillingSink, StripeValue
 from tokentill.warehouse.billing_usage import Reject
 from tokentill.warehouse.rollups import TOKEN_COUNTS
 
-PICO = Decimal(10**12)
 BATCH_TYPE = "application/cloudevents-batch+json"
 # A Stripe identifier is at most 100 characters.
 _IDENTIFIER_MAX = 100
@@ -59,11 +58,6 @@ class Target(Protocol):
         is set."""
 
     def close(self) -> None: ...
-
-
-def usd(pico: int) -> str:
-    """Pico-dollars as an exact decimal string of USD (never a float)."""
-    return format((Decimal(pico) / PICO).normalize(), "f")
 
 
 def usage_data(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -73,22 +74,17 @@ class Reject:
     reason: str
 
 
-def head(conn: duckdb.DuckDBPyConnection) -> int:
-    """The newest ingest_seq committed: a run reads up to it and no further."""
-    row = fetch_one(conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
-    return int(row[0]) if row else 0
+_MARK_SQL = """SELECT sink, seq, after_event, delivered, skipped, rejected, caught_up_at,
+                      last_error FROM sink_marks"""
+
+
+def _mark(row: tuple[Any, ...]) -> Mark:
+    return Mark(row[0], int(row[1]), row[2], int(row[3]), int(row[4]), int(row[5]), *row[6:])
 
 
 def read_mark(conn: duckdb.DuckDBPyConnection, sink: str) -> Mark | None:
-    row = fetch_one(
-        conn,
-        """SELECT seq, after_event, delivered, skipped, rejected, caught_up_at, last_error
-           FROM sink_marks WHERE sink = ?""",
-        [sink],
-    )
-    if row is None:
-        return None
-    return Mark(sink, int(row[0]), row[1], int(row[2]), int(row[3]), int(row[4]), row[5], row[6])
+    row = fetch_one(conn, _MARK_SQL + " WHERE sink = ?", [sink])
+    return None if row is None else _mark(row)
 
 
 def save_mark(conn: duckdb.DuckDBPyConnection, mark: Mark, rejects: Sequence[Reject] = ()) -> None:
@@ -146,6 +142,12 @@ class Behind:
     events: int  # committed after the mark (pending ones included)
     oldest: datetime | None  # when the oldest of them was recorded
 
+    def lag_seconds(self, now: datetime) -> float:
+        """The sink's lag: the age of the oldest event it has not passed (0: caught up)."""
+        if not self.events or self.oldest is None:
+            return 0.0
+        return max(0.0, (now - self.oldest).total_seconds())
+
 
 def behind(conn: duckdb.DuckDBPyConnection, mark: Mark) -> Behind:
     """How far the sink is behind the warehouse: its lag is the age of `oldest`."""
@@ -161,13 +163,8 @@ def behind(conn: duckdb.DuckDBPyConnection, mark: Mark) -> Behind:
 
 def sink_states(conn: duckdb.DuckDBPyConnection) -> list[tuple[Mark, Behind]]:
     """Every sink that has run, with how far behind it is (the freshness report)."""
-    names = [r[0] for r in conn.execute("SELECT sink FROM sink_marks ORDER BY sink").fetchall()]
-    found = []
-    for name in names:
-        mark = read_mark(conn, name)
-        if mark is not None:
-            found.append((mark, behind(conn, mark)))
-    return found
+    marks = [_mark(row) for row in conn.execute(_MARK_SQL + " ORDER BY sink").fetchall()]
+    return [(mark, behind(conn, mark)) for mark in marks]
 
 
 def sink_records(

@@ -109,6 +109,24 @@ def query_frame(
     )
 
 
+@contextlib.contextmanager
+def registered(conn: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame) -> Iterator[None]:
+    """`frame` readable by `name` in this connection's SQL, for the block."""
+    conn.register(name, frame)
+    try:
+        yield
+    finally:
+        conn.unregister(name)
+
+
+def newest_seq(conn: duckdb.DuckDBPyConnection) -> int:
+    """The newest `ingest_seq` committed: an incremental reader (the rollup job, a billing
+    sink, the FOCUS corrections) reads up to it and no further. It grows in commit order,
+    on a lake too (its commit lock)."""
+    row = fetch_one(conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
+    return int(row[0]) if row else 0
+
+
 _SEQUENCE = re.compile(r"^[a-z_]+_seq$")
 
 

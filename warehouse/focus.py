@@ -28,6 +28,7 @@ import polars as pl
 
 from tokentill.warehouse import pricing
 from tokentill.warehouse.db import query_frame
+from tokentill.warehouse.periods import closed_periods, next_month
 from tokentill.warehouse.prices import price_table
 
 PICO = 10**12
@@ -169,7 +170,7 @@ def read_focus(
     close (`closed_focus`), an open month's from the events, and the corrections posted
     on those days to months closed before (`ChargeClass` Correction, billed in the month
     they were posted: `warehouse/focus_close.py`). A closed month's export never changes."""
-    closed = {row[0] for row in conn.execute("SELECT period FROM closed_periods").fetchall()}
+    closed = {p.period for p in closed_periods(conn)}
     parts = [live_grain(conn, lo, hi, settings) for lo, hi in _open_spans(start, end, closed)]
     parts.append(
         query_frame(
@@ -215,7 +216,7 @@ def _open_spans(start: date, end: date, closed: set[date]) -> list[tuple[date, d
     day = start
     while day < end:
         month = day.replace(day=1)
-        following = (month + timedelta(days=32)).replace(day=1)
+        following = next_month(month)
         stop = min(end, following)
         if month not in closed:
             if spans and spans[-1][1] == day:
@@ -323,7 +324,7 @@ def _row(r: dict[str, object], account: str, posted: object = None) -> tuple[obj
     assert isinstance(day, date)
     billed = posted if isinstance(posted, date) else day
     month = billed.replace(day=1)
-    following = (month + timedelta(days=32)).replace(day=1)
+    following = next_month(month)
     unpriced = bool(r["unpriced"])
     pico = int(str(r["cost_pico"]))
     cost = Decimal(pico) / PICO

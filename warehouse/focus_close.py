@@ -20,13 +20,12 @@ recomputed closed day posts the old tags out and the new ones in.
 
 from __future__ import annotations
 
-import calendar
 from datetime import UTC, date, datetime, timedelta
 
 import duckdb
 import polars as pl
 
-from tokentill.warehouse.db import fetch_one, query_frame, transaction
+from tokentill.warehouse.db import fetch_one, newest_seq, query_frame, registered, transaction
 from tokentill.warehouse.focus import (
     GRAIN,
     GRAIN_KEYS,
@@ -34,7 +33,7 @@ from tokentill.warehouse.focus import (
     FocusSettings,
     live_grain,
 )
-from tokentill.warehouse.periods import month_of, next_month, open_period_after
+from tokentill.warehouse.periods import closed_periods, month_of, next_month, open_period_after
 
 
 def close_month(
@@ -65,9 +64,10 @@ def _post(conn: duckdb.DuckDBPyConnection, now: datetime, settings: FocusSetting
     ).fetchall()
     for (period,) in uncopied:  # closed before closed_focus existed: copied as it is now
         _copy(conn, period, settings)
-    closed = {row[0] for row in conn.execute("SELECT period FROM closed_periods").fetchall()}
-    upto = _scalar(conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
-    price_mark = _scalar(conn, "SELECT coalesce(max(price_id), 0) FROM prices")
+    closed = {p.period for p in closed_periods(conn)}
+    upto = newest_seq(conn)
+    row = fetch_one(conn, "SELECT coalesce(max(price_id), 0) FROM prices")
+    price_mark = int(row[0]) if row else 0
     marks = fetch_one(conn, "SELECT seq, price_mark FROM focus_marks")
     seen = int(marks[0]) if marks else 0
     days: set[date] = set()
@@ -119,8 +119,7 @@ def _post_month(
     if change.height == 0:
         return 0
     period = open_period_after(closed, month)
-    end_of_period = period.replace(day=calendar.monthrange(period.year, period.month)[1])
-    posted_day = min(now.astimezone(UTC).date(), end_of_period)
+    posted_day = min(now.astimezone(UTC).date(), next_month(period) - timedelta(days=1))
     _insert(
         conn,
         "focus_adjustments",
@@ -162,18 +161,10 @@ def difference(live: pl.DataFrame, held: pl.DataFrame) -> pl.DataFrame:
 def _insert(conn: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame) -> None:
     if frame.height == 0:
         return
-    conn.register("_focus_rows", frame)
-    try:
-        columns = ", ".join(frame.columns)
+    columns = ", ".join(frame.columns)
+    with registered(conn, "_focus_rows", frame):
         conn.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _focus_rows")
-    finally:
-        conn.unregister("_focus_rows")
 
 
 def _days_of(month: date) -> list[date]:
     return [month + timedelta(days=i) for i in range((next_month(month) - month).days)]
-
-
-def _scalar(conn: duckdb.DuckDBPyConnection, sql: str) -> int:
-    row = fetch_one(conn, sql)
-    return int(row[0]) if row else 0

@@ -23,7 +23,7 @@ import duckdb
 import polars as pl
 
 from tokentill.warehouse import rollup_compact
-from tokentill.warehouse.db import fetch_one, query_frame, start_run, transaction
+from tokentill.warehouse.db import fetch_one, newest_seq, query_frame, start_run, transaction
 from tokentill.warehouse.prices import CatalogCache
 from tokentill.warehouse.rollup_merge import increment
 from tokentill.warehouse.rollup_rebuild import rebuild
@@ -33,7 +33,6 @@ from tokentill.warehouse.rollup_run import (
     RollupConfig,
     Run,
     RunResult,
-    scalar,
 )
 
 __all__ = [
@@ -143,7 +142,7 @@ class RollupJob:
     ) -> None:
         # Marks first: whatever lands while this run works is picked up by the next one
         # (every read below stops at the watermark, so nothing is counted twice).
-        watermark = scalar(conn, "SELECT coalesce(max(ingest_seq), 0) FROM usage_events")
+        watermark = newest_seq(conn)
         catalog = self._catalog_cache.read(conn)
         last = fetch_one(conn, _LAST_RUN_SQL, [ROLLUP])
         result.watermark, result.price_mark = watermark, catalog.price_mark

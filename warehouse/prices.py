@@ -24,7 +24,7 @@ from tokentill.warehouse.catalog import (
     published_prices,
     source_version,
 )
-from tokentill.warehouse.db import fetch_one, query_frame, transaction
+from tokentill.warehouse.db import fetch_one, query_frame, registered, transaction
 from tokentill.warehouse.pricing import effective_intervals
 
 TIERS = ("default", "flex", "priority", "batch", "scale")
@@ -52,8 +52,7 @@ def insert_rows(conn: duckdb.DuckDBPyConnection, rows: Sequence[PriceRow]) -> in
     if not rows:
         return 0
     frame = pl.DataFrame([row.as_record() for row in rows], infer_schema_length=None)
-    conn.register("_new_prices", frame)
-    try:
+    with registered(conn, "_new_prices", frame):
         columns = ", ".join(f'"{c}"' for c in _ROW_COLUMNS)
         same = " AND ".join(f'p."{c}" IS NOT DISTINCT FROM n."{c}"' for c in _ROW_COLUMNS)
         before = _count(conn)
@@ -63,8 +62,6 @@ def insert_rows(conn: duckdb.DuckDBPyConnection, rows: Sequence[PriceRow]) -> in
                 WHERE NOT EXISTS (SELECT 1 FROM prices AS p WHERE {same})"""
         )
         return _count(conn) - before
-    finally:
-        conn.unregister("_new_prices")
 
 
 def _count(conn: duckdb.DuckDBPyConnection) -> int:

@@ -23,7 +23,7 @@ import duckdb
 import polars as pl
 
 from tokentill.warehouse import pricing
-from tokentill.warehouse.db import fetch_one, query_frame
+from tokentill.warehouse.db import fetch_one, query_frame, registered
 
 
 class JobCancelledError(RuntimeError):
@@ -201,13 +201,8 @@ class Run:
         """The SELECT list of `usage_events AS e` for `columns`, with the tag values."""
         return select_events(columns, self.config.tag_keys if tags else ())
 
-    @contextlib.contextmanager
-    def registered(self, name: str, frame: pl.DataFrame) -> Iterator[None]:
-        self.conn.register(name, frame)
-        try:
-            yield
-        finally:
-            self.conn.unregister(name)
+    def registered(self, name: str, frame: pl.DataFrame) -> contextlib.AbstractContextManager[None]:
+        return registered(self.conn, name, frame)
 
     # -- computing -----------------------------------------------------------------------
 

@@ -366,7 +366,26 @@ def list_users(
         # A row per user and day: a few hundred thousand rows for 90 days of 10k users.
         source, first, last = "usage_daily_users", "min(first_hour)", "max(last_hour)"
     else:
-        source, first, last = "usage_hourly", "min(bucket)", "max(bucket)"
+        # Rows are partial sums: an hour whose parts net to no request of the filters (a
+        # pending response that settled under another status) is not an hour the user
+        # was seen in, there. Only an hour holding a negative part can: those few are
+        # netted, and the hours left with none are kept out of first and last seen.
+        # (IN, not a join: a semi-join on two keys is the cheap plan; NULL users apart.)
+        negative = f"SELECT user_id, bucket FROM usage_hourly WHERE {where} AND requests < 0"
+        source = f"""(
+            SELECT r.*, g.bucket IS NOT NULL AS gone
+            FROM (SELECT * FROM usage_hourly WHERE {where}) AS r
+            LEFT JOIN (
+                SELECT user_id, bucket FROM usage_hourly
+                WHERE {where} AND ((user_id, bucket) IN ({negative})
+                      OR (user_id IS NULL AND bucket IN (
+                          SELECT bucket FROM ({negative}) WHERE user_id IS NULL)))
+                GROUP BY user_id, bucket HAVING sum(requests) = 0) AS g
+            ON r.user_id IS NOT DISTINCT FROM g.user_id AND r.bucket = g.bucket)"""
+        params = params * 4
+        where = "true"
+        first = "min(bucket) FILTER (WHERE NOT gone)"
+        last = "max(bucket) FILTER (WHERE NOT gone)"
     sql = f"""
         WITH per_user AS (
             SELECT user_id, {_SUMS}, {first} AS first_seen, {last} AS last_seen
